@@ -1,0 +1,102 @@
+"""Checkpoints as safetensors + JSON, written atomically. Never pickle: loading cannot run code.
+
+A model directory holds ``model.safetensors`` (all tensors, flat ``group.name`` keys) and ``config.json`` (the
+resolved config, fitted scalars, package versions). Files are written to a temporary name in the same folder,
+flushed, fsync'ed and renamed, so a crash never leaves a half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+__all__ = ["MODEL_FILE", "CONFIG_FILE", "atomic_write_text", "load_model_dir", "save_model_dir", "versions"]
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages that produced a checkpoint."""
+    from dxmi_ad import __version__
+
+    return {"dxmi_ad": __version__, "torch": torch.__version__}
+
+
+def _atomic_replace(path: Path, write: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write a text file atomically (temp file in the same folder, fsync, rename).
+
+    Args:
+        path: Destination path; parent folders are created.
+        text: UTF-8 content.
+    """
+    _atomic_replace(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def save_model_dir(directory: str | os.PathLike[str], tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Write ``model.safetensors`` and ``config.json`` into ``directory`` atomically (tensors first).
+
+    Args:
+        directory: Target folder (created if missing).
+        tensors: Flat mapping of names to tensors (made contiguous, moved to the CPU).
+        meta: JSON-serialisable metadata; ``versions`` is added.
+
+    Raises:
+        TypeError: If ``meta`` is not JSON-serialisable.
+    """
+    directory = Path(directory)
+    payload = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    text = json.dumps({**meta, "versions": versions()}, indent=2, sort_keys=True)
+    _atomic_replace(directory / MODEL_FILE, lambda tmp: save_file(payload, tmp))
+    atomic_write_text(directory / CONFIG_FILE, text)
+
+
+def load_model_dir(directory: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a model directory written by :func:`save_model_dir`.
+
+    Args:
+        directory: The folder.
+
+    Returns:
+        ``(tensors, meta)``.
+
+    Raises:
+        FileNotFoundError: If the folder or one of its two files is missing (the message names it).
+        ValueError: If ``config.json`` is not valid JSON or the tensor file is corrupt.
+    """
+    directory = Path(directory)
+    for name in (MODEL_FILE, CONFIG_FILE):
+        if not (directory / name).is_file():
+            msg = f"{directory / name} not found: a model directory holds {MODEL_FILE} and {CONFIG_FILE}"
+            raise FileNotFoundError(msg)
+    try:
+        meta = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        msg = f"{directory / CONFIG_FILE} is not valid JSON: {err}"
+        raise ValueError(msg) from err
+    try:
+        tensors = load_file(directory / MODEL_FILE)
+    except Exception as err:  # safetensors raises its own error types
+        msg = f"{directory / MODEL_FILE} is not a valid safetensors file: {err}"
+        raise ValueError(msg) from err
+    return tensors, meta

@@ -1,0 +1,289 @@
+"""The ``dxmi-ad`` command line: ``train`` and ``sample``.
+
+Commands are thin: parse, build the estimator from a recipe, call the library, print a table. Only this layer
+prints; errors go to stderr with a non-zero exit code and no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Anomaly detection with DxMI energy models.")
+console = Console()
+err_console = Console(stderr=True)
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"  # the repository's recipes/ (editable install)
+DATASETS = ("digits", "eight-gaussians", "wbc", "wine", "csv:PATH")
+
+
+class CLIError(Exception):
+    """A user-facing error: printed in one line to stderr, exit code 2."""
+
+
+def _fail(message: str) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code=2)
+
+
+# ---------------------------------------------------------------------- recipes
+def _parse_sets(sets: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in sets:
+        if "=" not in item:
+            msg = f"--set expects KEY=VALUE, got {item!r}"
+            raise CLIError(msg)
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def load_recipe(path: Path | None, dataset: str, sets: list[str]) -> dict[str, Any]:
+    """Read a recipe (YAML mapping of DxMIDetector parameters), defaulting to the dataset's bundled recipe.
+
+    Raises:
+        CLIError: If the file is missing, not a mapping, or names unknown parameters.
+    """
+    from dxmi_ad.estimator import DxMIDetector
+
+    if path is None:
+        stem = "eight_gaussians" if dataset == "eight-gaussians" else "digits"
+        path = RECIPES / f"{stem}.yaml"
+    if not path.is_file():
+        msg = f"recipe {path} not found"
+        raise CLIError(msg)
+    try:
+        recipe = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        msg = f"recipe {path} is not valid YAML: {err}"
+        raise CLIError(msg) from err
+    if not isinstance(recipe, dict):
+        msg = f"recipe {path} must be a mapping of parameter: value"
+        raise CLIError(msg)
+    recipe.update(_parse_sets(sets))
+    known = set(DxMIDetector().get_params())
+    unknown = sorted(set(recipe) - known)
+    if unknown:
+        msg = f"unknown recipe key(s) {unknown} in {path} / --set; known: {sorted(known)}"
+        raise CLIError(msg)
+    return recipe
+
+
+# ---------------------------------------------------------------------- data
+def load_dataset(dataset: str, normal_class: int, seed: int) -> Any:
+    """Return a :class:`~dxmi_ad.data.tabular.OneClassSplit` for a dataset name.
+
+    Raises:
+        CLIError: For an unknown name or unreadable CSV.
+    """
+    import numpy as np
+
+    from dxmi_ad.data import tabular
+    from dxmi_ad.data.synthetic import eight_gaussians, uniform_box
+
+    if dataset == "digits":
+        return tabular.digits_split(normal_class, seed)
+    if dataset in ("wbc", "wine"):
+        return tabular.odds_split(dataset, seed)
+    if dataset == "eight-gaussians":
+        test = np.r_[eight_gaussians(10_000, seed + 123), uniform_box(10_000, seed + 7)]
+        label = np.r_[np.zeros(10_000, int), np.ones(10_000, int)]
+        return tabular.OneClassSplit(eight_gaussians(50_000, seed), test, label, "eight-gaussians")
+    if dataset.startswith("csv:"):
+        try:
+            X, label, _ = tabular.load_csv(dataset[4:])
+        except (FileNotFoundError, ValueError) as err:
+            raise CLIError(str(err)) from err
+        if label is None:
+            return tabular.OneClassSplit(X.astype("float32"), X[:0].astype("float32"), np.zeros(0, int), dataset)
+        return tabular.split_labelled(X, label, 0.7, seed, dataset)
+    msg = f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}"
+    raise CLIError(msg)
+
+
+# ---------------------------------------------------------------------- progress
+class _Progress:
+    """Rich progress bars with live losses, one task per training stage."""
+
+    def __init__(self) -> None:
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[metrics]}"),
+            console=console, transient=False,
+        )
+        self.tasks: dict[str, Any] = {}
+
+    def __call__(self, stage: str, i: int, total: int, metrics: dict[str, Any]) -> None:
+        if stage not in self.tasks:
+            self.tasks[stage] = self.progress.add_task(stage, total=total, metrics="")
+        text = "  ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}=[{', '.join(f'{s:.3g}' for s in v)}]"
+            for k, v in metrics.items() if k != "iteration"
+        )
+        self.progress.update(self.tasks[stage], completed=i, metrics=text)
+
+    def __enter__(self) -> _Progress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)
+
+
+def _evaluate(det: Any, split: Any, dataset: str) -> dict[str, Any]:
+    from dxmi_ad.metrics import auroc, sliced_wasserstein
+
+    metrics: dict[str, Any] = {"dataset": split.name, "n_train": int(len(split.train)), "n_test": int(len(split.test))}
+    if len(split.test_label) and 0 < split.test_label.sum() < len(split.test_label):
+        energy = det.energy(split.test)
+        metrics["AUROC"] = auroc(energy[split.test_label == 0], energy[split.test_label == 1])
+        metrics["n_test_anomalous"] = int(split.test_label.sum())
+    if dataset == "eight-gaussians":
+        normal = split.test[split.test_label == 0]
+        metrics["SW"] = sliced_wasserstein(det.sample(len(normal), random_state=0), normal)
+    return metrics
+
+
+# ---------------------------------------------------------------------- commands
+@app.command()
+def train(
+    dataset: Annotated[str, typer.Option(help="digits | eight-gaussians | wbc | wine | csv:PATH")] = "digits",
+    normal_class: Annotated[int, typer.Option(help="digits: the class taken as normal (0-9)")] = 0,
+    recipe: Annotated[Path | None, typer.Option(help="YAML recipe of DxMIDetector parameters")] = None,
+    out: Annotated[Path | None, typer.Option(help="run directory (default runs/<dataset>-<time>)")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a recipe key: KEY=VALUE")] = None,
+    seed: Annotated[int, typer.Option(help="random seed (fixes results on the CPU)")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing run directory")] = False,
+    dry_run: Annotated[bool, typer.Option(help="print the resolved recipe and exit")] = False,
+) -> None:
+    """Train a DxMI detector and report AUROC on the held-out test split.
+
+    With no arguments: scikit-learn's digits (real), class 0 normal, every other class anomalous.
+    """
+    try:
+        params = load_recipe(recipe, dataset, set_ or [])
+        params.setdefault("random_state", seed)
+        if dry_run:
+            console.print_json(json.dumps(params))
+            return
+        split = load_dataset(dataset, normal_class, seed)
+        out = out or Path("runs") / f"{dataset.replace(':', '_').replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if out.exists() and not overwrite:
+            msg = f"run directory {out} exists; choose another --out or pass --overwrite"
+            raise CLIError(msg)
+    except (CLIError, ValueError) as err:
+        raise _fail(str(err)) from None
+    from dxmi_ad.estimator import DxMIDetector
+
+    console.print(f"[bold]dxmi-ad train[/] dataset={split.name} train={split.train.shape} test={split.test.shape}")
+    t0 = time.perf_counter()
+    try:
+        with _Progress() as progress:
+            det = DxMIDetector(**{**params, "verbose": progress}).fit(split.train)
+    except ValueError as err:
+        raise _fail(f"training failed: {err}") from None
+    seconds = time.perf_counter() - t0
+    metrics = _evaluate(det, split, dataset)
+    metrics.update({"train_seconds": round(seconds, 2), "recipe": params})
+    # Write into a temporary sibling and rename: a failed run never leaves a half-written run directory.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        det.save(tmp)
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    table = Table(title=f"DxMI on {split.name}")
+    for col in ("metric", "value"):
+        table.add_column(col)
+    for key in ("AUROC", "SW", "n_train", "n_test", "n_test_anomalous", "train_seconds"):
+        if key in metrics:
+            v = metrics[key]
+            table.add_row(key, f"{v:.4f}" if isinstance(v, float) else str(v))
+    console.print(table)
+    console.print(f"run directory: {out}")
+
+
+@app.command()
+def sample(
+    model: Annotated[Path, typer.Option(help="run directory written by `dxmi-ad train`")],
+    n: Annotated[int, typer.Option("-n", "--n", help="number of samples", min=1)] = 1000,
+    out: Annotated[Path, typer.Option(help="output file: .npy or .csv")] = Path("samples.npy"),
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+) -> None:
+    """Draw samples from a trained sampler; a 2-D model also gets a scatter plot over energy contours (PNG)."""
+    import numpy as np
+
+    from dxmi_ad.checkpoint import atomic_write_text
+    from dxmi_ad.estimator import DxMIDetector
+
+    if out.suffix not in (".npy", ".csv"):
+        raise _fail(f"--out must end in .npy or .csv, got {out.name}")
+    try:
+        det = DxMIDetector.load(model)
+    except (FileNotFoundError, ValueError) as err:
+        raise _fail(str(err)) from None
+    xs = det.sample(n, random_state=seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".npy":
+        tmp = out.with_name(f".{out.name}.tmp.npy")
+        np.save(tmp, xs)
+        tmp.replace(out)
+    else:
+        header = ",".join(f"x{i}" for i in range(xs.shape[1]))
+        lines = [header] + [",".join(f"{v:.7g}" for v in row) for row in xs]
+        atomic_write_text(out, "\n".join(lines) + "\n")
+    console.print(f"wrote {n} samples of dimension {xs.shape[1]} to {out}")
+    if xs.shape[1] == 2:
+        png = out.with_suffix(".png")
+        _scatter_png(det, xs, png)
+        console.print(f"wrote scatter plot over energy contours to {png}")
+
+
+def _scatter_png(det: Any, xs: Any, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    lim = max(4.0, float(np.abs(xs).max()) * 1.05) if np.isfinite(xs).all() else 4.0
+    lim = min(lim, 8.0)
+    grid = np.linspace(-lim, lim, 200)
+    gx, gy = np.meshgrid(grid, grid)
+    energy = det.energy(np.c_[gx.ravel(), gy.ravel()]).reshape(gx.shape)
+    fig, ax = plt.subplots(figsize=(6, 6), dpi=100)
+    cs = ax.contourf(gx, gy, energy, levels=30, cmap="viridis")
+    fig.colorbar(cs, ax=ax, label="energy (higher = more anomalous)")
+    ax.scatter(xs[:, 0], xs[:, 1], s=2, c="white", alpha=0.5, label="samples x_T")
+    ax.set_xlim(-lim, lim)
+    ax.set_ylim(-lim, lim)
+    ax.set_title("DxMI samples over energy contours")
+    ax.legend(loc="upper right")
+    tmp = png.with_name(f".{png.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(png)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""Configuration of a DxMI model and its training run.
+
+One frozen, keyword-only dataclass holds every setting of the vector-space model (network sizes, objective weights,
+optimisation, schedule). It is stored in every checkpoint (``config.json``) so a model is rebuilt from the file alone.
+Unknown keys are rejected all at once; ranges are checked in ``__post_init__`` (scikit-learn style messages).
+
+Defaults are the paper's anomaly-detection settings (PAPER.md §4.2) where the paper gives them; the CPU recipes in
+``recipes/`` override the sizes and lengths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["DxMIConfig"]
+
+_CHOICES = {
+    "energy": ("autoencoder", "mlp", "shared"),
+    "initial": ("gaussian", "autoencoder"),
+    "parameterization": ("residual", "eps"),
+    "lr_schedule": ("constant", "cosine"),
+    "activation": ("silu", "leaky_relu", "relu", "gelu"),
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class DxMIConfig:
+    """Settings of a vector-space DxMI model (paper symbol in brackets; PAPER.md §4.2 defaults).
+
+    Attributes:
+        dim: Data dimension ``D`` (features per vector). Set from the data by the estimator.
+        n_steps: Number of sampler steps [T] (paper: 5).
+        energy: ``"autoencoder"`` (reconstruction energy, paper AD), ``"mlp"`` (free MLP energy, separate from the
+            value) or ``"shared"`` (``E(x) = V(x, T)``, the paper's 2-D variant).
+        spherical: Data lie on the unit sphere (L2-normalized features): the sampler mean and the autoencoder output
+            are projected onto it.
+        initial: Start distribution pi(x_0): ``"gaussian"`` (N(0, I)) or ``"autoencoder"`` (data perturbed through a
+            frozen copy of the pretrained autoencoder, App. C.3).
+        init_noise_low, init_noise_high: Range of the latent noise std of the autoencoder start.
+        parameterization: Sampler mean, ``"residual"`` or ``"eps"`` (DDPM; needed for sampler pre-training).
+        init_sigma: Initial sigma_t of the residual sampler.
+        last_sigma: Fixed sigma of the last step when ``fix_last_sigma``.
+        fix_last_sigma: Keep the last step's sigma fixed (``fix_last``).
+        sampler_hidden, sampler_layers: Sampler MLP (paper: 3 x 2048).
+        value_hidden, value_layers: Value MLP (paper: 3 x 1024).
+        energy_hidden, energy_layers: Energy MLP / autoencoder encoder and decoder (paper: 3 x 1024).
+        latent_dim: Autoencoder latent width (paper: 128).
+        time_dim: Sinusoidal step-embedding width (paper: 128).
+        activation: Hidden activation of sampler and value nets.
+        entropy_weight: [tau1] weight of ``-log sigma_t`` (entropy) in the running cost.
+        velocity_weight: [tau2] weight of ``||x_{t+1}-x_t||^2 / (2 s_t^2)`` (per-dimension mean) in the running cost.
+        energy_l2_weight: [gamma] energy-magnitude regularizer ``gamma (E_p[E^2] + E_pi[E^2])``.
+        avr_momentum: [alpha] EMA of adaptive velocity regularization (paper: 0.99); ``None`` disables AVR
+            (then ``s_t^2 = 1``).
+        value_resample: Re-sample ``x_{t+1}`` from the current sampler in the TD target (EV trainer: True).
+        batch_size: Data vectors per iteration [B] (paper AD: 784).
+        n_iter: DxMI iterations.
+        warmup_iter: Initial iterations in which the energy is frozen and only value and sampler train
+            (a stabilising deviation, PAPER.md §7; 0 = paper).
+        sampler_lr, value_lr, energy_lr: Adam learning rates (paper AD: 1e-5, 1e-5, 1e-4).
+        sigma_lr: Learning rate of the log-sigmas (paper: 100 x sampler_lr); ``None`` = 100 x sampler_lr.
+        lr_schedule: ``"constant"`` (paper) or ``"cosine"`` decay to 0 over ``n_iter``.
+        energy_grad_clip, sampler_grad_clip, value_grad_clip: Gradient-norm clipping (EV: 0.1, 0.1, none);
+            ``None`` disables.
+        ae_pretrain_iter, ae_lr: Reconstruction pre-training of the autoencoder energy.
+        sampler_pretrain_iter, sampler_pretrain_lr: DDPM pre-training of an ``"eps"`` sampler (0 = none).
+        seed: Random seed.
+    """
+
+    dim: int = 2
+    n_steps: int = 5
+    energy: str = "autoencoder"
+    spherical: bool = False
+    initial: str = "autoencoder"
+    init_noise_low: float = 0.05
+    init_noise_high: float = 0.3
+    parameterization: str = "residual"
+    init_sigma: float = 0.05
+    last_sigma: float = 1e-3
+    fix_last_sigma: bool = False
+    sampler_hidden: int = 2048
+    sampler_layers: int = 3
+    value_hidden: int = 1024
+    value_layers: int = 3
+    energy_hidden: int = 1024
+    energy_layers: int = 3
+    latent_dim: int = 128
+    time_dim: int = 128
+    activation: str = "silu"
+    entropy_weight: float = 0.1
+    velocity_weight: float = 0.1
+    energy_l2_weight: float = 0.0
+    avr_momentum: float | None = 0.99
+    value_resample: bool = True
+    batch_size: int = 784
+    n_iter: int = 1000
+    warmup_iter: int = 0
+    sampler_lr: float = 1e-5
+    value_lr: float = 1e-5
+    energy_lr: float = 1e-4
+    sigma_lr: float | None = None
+    lr_schedule: str = "constant"
+    energy_grad_clip: float | None = 0.1
+    sampler_grad_clip: float | None = 0.1
+    value_grad_clip: float | None = None
+    ae_pretrain_iter: int = 1000
+    ae_lr: float = 1e-4
+    sampler_pretrain_iter: int = 0
+    sampler_pretrain_lr: float = 1e-3
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """Check ranges and choices; raises ``ValueError`` naming the field, the value and what is allowed."""
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                msg = f"{name} must be one of {allowed}, got {getattr(self, name)!r}"
+                raise ValueError(msg)
+        positive_ints = ("dim", "n_steps", "sampler_hidden", "sampler_layers", "value_hidden", "value_layers",
+                         "energy_hidden", "energy_layers", "latent_dim", "time_dim", "batch_size")
+        for name in positive_ints:
+            if int(getattr(self, name)) < 1:
+                msg = f"{name} must be >= 1, got {getattr(self, name)}"
+                raise ValueError(msg)
+        if self.time_dim % 2:
+            msg = f"time_dim must be even, got {self.time_dim}"
+            raise ValueError(msg)
+        for name in ("n_iter", "warmup_iter", "ae_pretrain_iter", "sampler_pretrain_iter"):
+            if int(getattr(self, name)) < 0:
+                msg = f"{name} must be >= 0, got {getattr(self, name)}"
+                raise ValueError(msg)
+        for name in ("entropy_weight", "velocity_weight", "energy_l2_weight"):
+            if getattr(self, name) < 0:
+                msg = f"{name} must be >= 0, got {getattr(self, name)}"
+                raise ValueError(msg)
+        for name in ("sampler_lr", "value_lr", "energy_lr", "ae_lr", "sampler_pretrain_lr", "init_sigma",
+                     "last_sigma"):
+            if not getattr(self, name) > 0:
+                msg = f"{name} must be > 0, got {getattr(self, name)}"
+                raise ValueError(msg)
+        if self.avr_momentum is not None and not 0 <= self.avr_momentum < 1:
+            msg = f"avr_momentum must be in [0, 1) or None, got {self.avr_momentum}"
+            raise ValueError(msg)
+        if not 0 <= self.init_noise_low <= self.init_noise_high:
+            msg = f"need 0 <= init_noise_low <= init_noise_high, got {self.init_noise_low}, {self.init_noise_high}"
+            raise ValueError(msg)
+        if self.initial == "autoencoder" and self.energy != "autoencoder":
+            msg = "initial='autoencoder' needs energy='autoencoder' (the start is perturbed by a frozen copy of it)"
+            raise ValueError(msg)
+        if self.sampler_pretrain_iter and self.parameterization != "eps":
+            msg = "sampler_pretrain_iter > 0 (DDPM pre-training) needs parameterization='eps'"
+            raise ValueError(msg)
+
+    @property
+    def effective_sigma_lr(self) -> float:
+        """Learning rate of the log-sigmas: ``sigma_lr`` or 100 x ``sampler_lr`` (PAPER.md §2.5)."""
+        return self.sigma_lr if self.sigma_lr is not None else 100.0 * self.sampler_lr
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON dict of all fields."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DxMIConfig:
+        """Build from a dict; unknown keys are reported all at once.
+
+        Raises:
+            ValueError: On unknown keys or out-of-range values.
+        """
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            msg = f"unknown config key(s) {unknown}; known keys: {sorted(known)}"
+            raise ValueError(msg)
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> DxMIConfig:
+        """A copy with some fields changed (validated; unknown keys rejected)."""
+        return self.from_dict({**self.to_dict(), **changes})

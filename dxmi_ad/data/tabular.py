@@ -1,0 +1,198 @@
+"""Real vector datasets available offline, and a strict CSV reader.
+
+* ``digits``: scikit-learn's bundled 8x8 digits (UCI optdigits test set, 1797 x 64); one class is normal.
+* ``wbc``, ``wine``: ODDS-style sets rebuilt from scikit-learn's bundled data by the ODDS recipe (DATA.md §2.3):
+  wbc = benign + 21 sampled malignant (378 x 30), wine = classes 1, 2 + 10 sampled class-0 rows (129 x 13).
+* ``csv:PATH``: numeric columns are features; an optional ``label`` column (0 = normal, 1 = anomaly) is used to
+  split and evaluate.
+
+Every split returns ``OneClassSplit(train, test, test_label)``: training rows are normal only; the test set holds the
+held-out normals (label 0) and the anomalies (label 1).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+__all__ = ["OneClassSplit", "digits_split", "load_csv", "odds_split", "split_labelled"]
+
+
+class OneClassSplit(NamedTuple):
+    """A one-class train/test split.
+
+    Attributes:
+        train: Normal training rows, ``(n_train, D)`` float32.
+        test: Test rows, ``(n_test, D)`` float32.
+        test_label: ``(n_test,)`` int, 1 = anomaly; empty when no labels exist.
+        name: Short description.
+    """
+
+    train: np.ndarray
+    test: np.ndarray
+    test_label: np.ndarray
+    name: str
+
+
+def split_labelled(
+    X: np.ndarray, is_anomaly: np.ndarray, train_fraction: float, seed: int, name: str
+) -> OneClassSplit:
+    """Train on ``train_fraction`` of the normal rows; test on the other normals and all anomalies.
+
+    Args:
+        X: Rows of shape ``(N, D)``.
+        is_anomaly: ``(N,)`` bool or {0, 1}.
+        train_fraction: Fraction of normal rows used for training, in (0, 1).
+        seed: Seed of the permutation.
+        name: Description stored in the split.
+
+    Returns:
+        The :class:`OneClassSplit`.
+
+    Raises:
+        ValueError: If fewer than 2 normal rows would be used for training.
+    """
+    rng = np.random.default_rng(seed)
+    is_anomaly = np.asarray(is_anomaly).astype(bool)
+    normal = rng.permutation(np.flatnonzero(~is_anomaly))
+    n_train = int(round(train_fraction * len(normal)))
+    if n_train < 2:
+        msg = f"{name}: need at least 2 normal training rows, got {n_train} (of {len(normal)} normal rows)"
+        raise ValueError(msg)
+    test_idx = np.r_[normal[n_train:], np.flatnonzero(is_anomaly)]
+    return OneClassSplit(
+        X[normal[:n_train]].astype(np.float32), X[test_idx].astype(np.float32),
+        is_anomaly[test_idx].astype(int), name,
+    )
+
+
+def digits_split(normal_class: int, seed: int = 0, train_fraction: float = 0.7) -> OneClassSplit:
+    """scikit-learn digits, one class as normal (70% train, 30% + every other class as test; DATA.md §2.1).
+
+    Args:
+        normal_class: Digit 0-9 taken as normal.
+        seed: Split seed.
+        train_fraction: Fraction of the normal class used for training.
+
+    Returns:
+        The split (64 features, pixel intensities 0-16).
+
+    Raises:
+        ValueError: If ``normal_class`` is not in 0-9.
+    """
+    from sklearn.datasets import load_digits
+
+    if normal_class not in range(10):
+        msg = f"normal_class must be a digit 0-9, got {normal_class!r}"
+        raise ValueError(msg)
+    X, y = load_digits(return_X_y=True)
+    return split_labelled(X, y != normal_class, train_fraction, seed, f"digits-{normal_class}")
+
+
+def odds_split(name: str, seed: int = 0, train_fraction: float = 0.6) -> OneClassSplit:
+    """ODDS-style ``wbc`` or ``wine`` (DATA.md §2.3, §5.1), split one-class.
+
+    The outlier subsample uses ``seed`` (the ODDS recipe draws it at random); 60% of the inliers train.
+
+    Args:
+        name: ``"wbc"`` or ``"wine"``.
+        seed: Seed of the outlier subsample and of the split.
+        train_fraction: Fraction of inliers used for training.
+
+    Returns:
+        The split.
+
+    Raises:
+        ValueError: On an unknown name.
+    """
+    from sklearn.datasets import load_breast_cancer, load_wine
+
+    rng = np.random.default_rng(seed)
+    if name == "wbc":
+        X, y = load_breast_cancer(return_X_y=True)
+        outlier, n_out = y == 0, 21  # malignant
+    elif name == "wine":
+        X, y = load_wine(return_X_y=True)
+        outlier, n_out = y == 0, 10
+    else:
+        msg = f"unknown ODDS set {name!r}; expected 'wbc' or 'wine'"
+        raise ValueError(msg)
+    keep = np.r_[np.flatnonzero(~outlier), rng.choice(np.flatnonzero(outlier), n_out, replace=False)]
+    return split_labelled(X[keep], outlier[keep], train_fraction, seed, name)
+
+
+def load_csv(path: str | Path, label_column: str = "label") -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+    """Read a numeric CSV with a header row; every non-label column is a feature.
+
+    Args:
+        path: CSV file.
+        label_column: Name of the optional label column (0 = normal, 1 = anomaly).
+
+    Returns:
+        ``(X, label, feature_names)``: ``X`` ``(N, D)`` float64, ``label`` ``(N,)`` int or None.
+
+    Raises:
+        FileNotFoundError: If the file does not exist.
+        ValueError: Naming the file, line and column, for an unreadable file, a missing header, a row with the
+            wrong number of fields, a non-numeric or non-finite value, a label outside {0, 1}, no feature column,
+            or fewer than 2 rows.
+    """
+    path = Path(path)
+    if not path.is_file():
+        msg = f"CSV file {path} not found"
+        raise FileNotFoundError(msg)
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            rows = list(csv.reader(fh))
+    except (UnicodeDecodeError, csv.Error, OSError) as err:
+        msg = f"{path}: cannot be read as a UTF-8 CSV file ({err})"
+        raise ValueError(msg) from err
+    if not rows or not any(cell.strip() for cell in rows[0]):
+        msg = f"{path}: empty file or missing header line (line 1 must name the columns)"
+        raise ValueError(msg)
+    header = [h.strip() for h in rows[0]]
+    width = len(header)
+    values = np.empty((len(rows) - 1, width), dtype=np.float64)
+    n = 0
+    for line_no, row in enumerate(rows[1:], start=2):
+        if not row or all(not cell.strip() for cell in row):
+            continue  # blank line
+        if len(row) != width:
+            msg = f"{path}, line {line_no}: expected {width} fields (as in the header), found {len(row)}"
+            raise ValueError(msg)
+        for j, cell in enumerate(row):
+            try:
+                v = float(cell)
+            except ValueError:
+                msg = f"{path}, line {line_no}, column {header[j]!r}: {cell.strip()!r} is not a number"
+                raise ValueError(msg) from None
+            if not math.isfinite(v):
+                msg = f"{path}, line {line_no}, column {header[j]!r}: value {cell.strip()!r} is not finite"
+                raise ValueError(msg)
+            values[n, j] = v
+        n += 1
+    values = values[:n]
+    if n < 2:
+        msg = f"{path}: need at least 2 data rows, found {n}"
+        raise ValueError(msg)
+    label = None
+    features = list(header)
+    if label_column in header:
+        j = header.index(label_column)
+        label = values[:, j]
+        bad = np.flatnonzero(~np.isin(label, (0, 1)))
+        if len(bad):
+            msg = (f"{path}, line {bad[0] + 2}, column {label_column!r}: labels must be 0 (normal) or 1 (anomaly), "
+                   f"got {label[bad[0]]:g}")
+            raise ValueError(msg)
+        label = label.astype(int)
+        values = np.delete(values, j, axis=1)
+        features.pop(j)
+    if not features:
+        msg = f"{path}: no feature columns (only {label_column!r})"
+        raise ValueError(msg)
+    return values, label, features

@@ -1,0 +1,449 @@
+"""``DxMIDetector``: DxMI as a scikit-learn outlier detector, and a pyod-convention adapter.
+
+Polarity (STYLE.md §3.1): :meth:`DxMIDetector.energy` is the anomaly score (higher = more anomalous); the
+scikit-learn contract methods ``score_samples`` / ``decision_function`` are the opposite (higher = more normal,
+negative ``decision_function`` = outlier), as for IsolationForest and LocalOutlierFactor. :class:`PyODDxMIDetector`
+serves tools that expect pyod's convention (``decision_function`` = energy, ``predict`` in {0, 1}).
+
+References:
+    DxMI (Yoon et al., NeurIPS 2024, arXiv:2407.00626), anomaly-detection recipe App. C.3 (PAPER.md §3.3, §4.2).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from numbers import Integral, Real
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, OutlierMixin
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from dxmi_ad.checkpoint import load_model_dir, save_model_dir
+from dxmi_ad.config import DxMIConfig
+from dxmi_ad.nn.model import DxMIModel
+from dxmi_ad.training.fit import ProgressCallback, build_model, train_model
+
+__all__ = ["DxMIDetector", "PyODDxMIDetector"]
+
+_AUTO_QUANTILE = 0.99  # contamination="auto": threshold at the 99th percentile of training energies
+_START_BANK = 2048  # training rows kept (scaled) to start the autoencoder-perturbed sampler at generation time
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        msg = f"device={device!r} was requested but CUDA is not available; use device='cpu' or 'auto'"
+        raise ValueError(msg)
+    return torch.device(device)
+
+
+class DxMIDetector(OutlierMixin, BaseEstimator):
+    """Anomaly detector whose score is the energy of an EBM trained by DxMI (the scikit-learn way).
+
+    ``fit`` standardises the features, pre-trains an autoencoder energy on the normal rows, then runs DxMI: the
+    energy learns low values on data and high values on the outputs of a T-step diffusion sampler that is itself
+    trained by DxDP to reach low energy with maximal entropy (paper §3-4).
+
+    Parameters (all stored unchanged; the model is built in ``fit``):
+        n_steps: Sampler steps T (paper: 5).
+        energy_model: ``"autoencoder"`` (paper AD energy), ``"mlp"`` or ``"shared"`` (``E = V(., T)``, 2-D variant).
+        entropy_weight: tau1, weight of the sampler entropy (paper tau = 0.1).
+        velocity_weight: tau2, weight of the velocity cost.
+        energy_l2_weight: gamma, energy-magnitude regularizer.
+        n_iter: DxMI iterations.
+        ae_pretrain_iter: Autoencoder pre-training steps (``energy="autoencoder"``).
+        sampler_pretrain_iter: DDPM pre-training steps of the sampler (uses the ``"eps"`` parameterization).
+        batch_size: Rows per iteration.
+        hidden: Width of every hidden layer (sampler, value, energy).
+        n_layers: Hidden layers of every network.
+        latent_dim: Autoencoder latent width.
+        energy_lr, value_lr, sampler_lr: Adam learning rates.
+        warmup_iter: DxMI iterations with the energy frozen (a named deviation; 0 = paper).
+        init_noise_low, init_noise_high: Latent noise std range of the autoencoder-perturbed start pi(x_0).
+        spherical: L2-normalise every row onto the unit sphere (as the paper does for image features) instead of
+            standardising.
+        standardize: Scale each feature to zero mean and unit variance (fitted on the training rows).
+        contamination: ``"auto"`` (threshold at the 99th percentile of training energies) or the expected
+            fraction of outliers in the training set, in (0, 0.5]; sets ``offset_``.
+        config_overrides: Extra :class:`~dxmi_ad.config.DxMIConfig` fields (dict) applied last.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda[:i]"``.
+        random_state: Seed (int) or None; fixes every result on the CPU.
+        verbose: Print nothing (False) or pass a progress callback (callable ``(stage, i, total, metrics)``).
+
+    Attributes:
+        model_: The trained :class:`~dxmi_ad.nn.model.DxMIModel`.
+        config_: Its resolved :class:`~dxmi_ad.config.DxMIConfig`.
+        offset_: ``score_samples`` value at the decision boundary (``decision_function = score_samples - offset_``).
+        threshold_: Energy at the decision boundary (``= -offset_``).
+        n_features_in_: Number of features seen in ``fit``.
+        history_: Logged DxMI diagnostics (list of dicts).
+
+    Raises (from ``fit`` / scoring):
+        ValueError: NaN/inf, not 2-D, fewer than 2 rows, a feature count that differs from ``fit``.
+        sklearn.exceptions.NotFittedError: Scoring before ``fit``.
+
+    Example:
+        >>> from sklearn.datasets import load_digits
+        >>> X, y = load_digits(return_X_y=True)
+        >>> det = DxMIDetector(n_iter=20, ae_pretrain_iter=50, hidden=64, random_state=0).fit(X[y == 0])
+        >>> det.energy(X[:3]).shape
+        (3,)
+    """
+
+    _parameter_constraints: dict[str, list[Any]] = {
+        "n_steps": [Interval(Integral, 1, None, closed="left")],
+        "energy_model": [StrOptions({"autoencoder", "mlp", "shared"})],
+        "entropy_weight": [Interval(Real, 0, None, closed="left")],
+        "velocity_weight": [Interval(Real, 0, None, closed="left")],
+        "energy_l2_weight": [Interval(Real, 0, None, closed="left")],
+        "n_iter": [Interval(Integral, 0, None, closed="left")],
+        "ae_pretrain_iter": [Interval(Integral, 0, None, closed="left")],
+        "sampler_pretrain_iter": [Interval(Integral, 0, None, closed="left")],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "hidden": [Interval(Integral, 1, None, closed="left")],
+        "n_layers": [Interval(Integral, 1, None, closed="left")],
+        "latent_dim": [Interval(Integral, 1, None, closed="left")],
+        "energy_lr": [Interval(Real, 0, None, closed="neither")],
+        "value_lr": [Interval(Real, 0, None, closed="neither")],
+        "sampler_lr": [Interval(Real, 0, None, closed="neither")],
+        "warmup_iter": [Interval(Integral, 0, None, closed="left")],
+        "init_noise_low": [Interval(Real, 0, None, closed="left")],
+        "init_noise_high": [Interval(Real, 0, None, closed="left")],
+        "spherical": ["boolean"],
+        "standardize": ["boolean"],
+        "contamination": [StrOptions({"auto"}), Interval(Real, 0, 0.5, closed="right")],
+        "config_overrides": [dict, None],
+        "device": [str],
+        "random_state": ["random_state"],
+        "verbose": ["boolean", callable],
+    }
+
+    def __init__(
+        self,
+        *,
+        n_steps: int = 5,
+        energy_model: str = "autoencoder",
+        entropy_weight: float = 0.1,
+        velocity_weight: float = 0.01,
+        energy_l2_weight: float = 0.0,
+        n_iter: int = 300,
+        ae_pretrain_iter: int = 1500,
+        sampler_pretrain_iter: int = 0,
+        batch_size: int = 128,
+        hidden: int = 256,
+        n_layers: int = 3,
+        latent_dim: int = 32,
+        energy_lr: float = 1e-5,
+        value_lr: float = 1e-4,
+        sampler_lr: float = 1e-4,
+        warmup_iter: int = 100,
+        init_noise_low: float = 0.01,
+        init_noise_high: float = 0.1,
+        spherical: bool = False,
+        standardize: bool = True,
+        contamination: str | float = "auto",
+        config_overrides: dict[str, Any] | None = None,
+        device: str = "auto",
+        random_state: int | np.random.RandomState | None = None,
+        verbose: bool | ProgressCallback = False,
+    ) -> None:
+        self.n_steps = n_steps
+        self.energy_model = energy_model
+        self.entropy_weight = entropy_weight
+        self.velocity_weight = velocity_weight
+        self.energy_l2_weight = energy_l2_weight
+        self.n_iter = n_iter
+        self.ae_pretrain_iter = ae_pretrain_iter
+        self.sampler_pretrain_iter = sampler_pretrain_iter
+        self.batch_size = batch_size
+        self.hidden = hidden
+        self.n_layers = n_layers
+        self.latent_dim = latent_dim
+        self.energy_lr = energy_lr
+        self.value_lr = value_lr
+        self.sampler_lr = sampler_lr
+        self.warmup_iter = warmup_iter
+        self.init_noise_low = init_noise_low
+        self.init_noise_high = init_noise_high
+        self.spherical = spherical
+        self.standardize = standardize
+        self.contamination = contamination
+        self.config_overrides = config_overrides
+        self.device = device
+        self.random_state = random_state
+        self.verbose = verbose
+
+    # ------------------------------------------------------------------ configuration
+    def _seed(self) -> int:
+        rs = self.random_state
+        if rs is None:
+            return int(np.random.default_rng().integers(2**31 - 1))
+        if isinstance(rs, Integral):
+            return int(rs)
+        return int(rs.randint(2**31 - 1))
+
+    def _make_config(self, dim: int, n_rows: int) -> DxMIConfig:
+        """Resolve the constructor parameters into a :class:`DxMIConfig` for ``dim`` features."""
+        is_ae = self.energy_model == "autoencoder"
+        params: dict[str, Any] = {
+            "dim": dim, "n_steps": self.n_steps, "energy": self.energy_model, "spherical": self.spherical,
+            "initial": "autoencoder" if is_ae else "gaussian",
+            "parameterization": "eps" if (self.sampler_pretrain_iter or not is_ae) else "residual",
+            "fix_last_sigma": not is_ae,
+            "init_noise_low": self.init_noise_low, "init_noise_high": max(self.init_noise_high, self.init_noise_low),
+            "sampler_hidden": self.hidden, "value_hidden": self.hidden, "energy_hidden": self.hidden,
+            "sampler_layers": self.n_layers, "value_layers": self.n_layers, "energy_layers": self.n_layers,
+            "latent_dim": self.latent_dim, "time_dim": 32 if dim <= 16 else 128,
+            "entropy_weight": self.entropy_weight, "velocity_weight": self.velocity_weight,
+            "energy_l2_weight": self.energy_l2_weight, "batch_size": min(self.batch_size, max(n_rows, 2)),
+            "n_iter": self.n_iter, "warmup_iter": self.warmup_iter, "ae_pretrain_iter": self.ae_pretrain_iter,
+            "sampler_pretrain_iter": self.sampler_pretrain_iter,
+            "energy_lr": self.energy_lr, "value_lr": self.value_lr, "sampler_lr": self.sampler_lr,
+            "ae_lr": 1e-3, "sigma_lr": 1e-2 * self.sampler_lr / 1e-3,
+            "energy_grad_clip": None if self.energy_model == "shared" else 0.1,
+            "seed": self._seed(),
+        }
+        params.update(self.config_overrides or {})
+        return DxMIConfig.from_dict(params)
+
+    # ------------------------------------------------------------------ preprocessing
+    def _transform(self, X: np.ndarray) -> torch.Tensor:
+        X = np.asarray(X, dtype=np.float32)
+        if self.spherical:
+            norms = np.linalg.norm(X, axis=1, keepdims=True)
+            X = X / np.maximum(norms, 1e-12)
+        elif self.standardize:
+            X = (X - self.mean_) / self.scale_
+        return torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
+
+    def _check(self, X: Any) -> torch.Tensor:
+        check_is_fitted(self, "model_")
+        X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+        return self._transform(X)
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, X: Any, y: Any = None) -> DxMIDetector:
+        """Train on normal rows.
+
+        Args:
+            X: Training data of shape ``(n_samples, n_features)``, finite; ``n_samples >= 2``.
+            y: Ignored (present for API consistency).
+
+        Returns:
+            self.
+
+        Raises:
+            ValueError: On NaN/inf, a non-2-D array, fewer than 2 rows or an invalid parameter.
+        """
+        self._validate_params()
+        X = validate_data(self, X, ensure_min_samples=2, dtype=[np.float64, np.float32])
+        X = X.astype(np.float64)
+        self.mean_ = X.mean(0).astype(np.float32)
+        scale = X.std(0)
+        self.scale_ = np.where(scale > 1e-8 * np.maximum(1.0, np.abs(X).max(0)), scale, 1.0).astype(np.float32)
+        data = self._transform(X)
+        self.config_ = self._make_config(X.shape[1], X.shape[0])
+        device = _resolve_device(self.device)
+        progress = self.verbose if callable(self.verbose) else None
+        self.model_, self.history_ = train_model(data, self.config_, progress=progress, device=device)
+        self.model_.eval()
+        keep = torch.randperm(len(data), generator=torch.Generator().manual_seed(self.config_.seed))[:_START_BANK]
+        self.start_bank_ = data[keep].clone()
+        train_energy = self.energy(X)
+        if not np.isfinite(train_energy).all():
+            msg = "training diverged: non-finite energies on the training data; lower the learning rates"
+            raise FloatingPointError(msg)
+        quantile = _AUTO_QUANTILE if self.contamination == "auto" else 1.0 - float(self.contamination)
+        self.offset_ = float(-np.quantile(train_energy, quantile))
+        return self
+
+    # ------------------------------------------------------------------ scores
+    def energy(self, X: Any) -> np.ndarray:
+        """Energy E(x) of each row: the anomaly score (higher = more anomalous).
+
+        Args:
+            X: Data of shape ``(n_samples, n_features)``.
+
+        Returns:
+            float64 array of shape ``(n_samples,)`` (unitless energy; the model's q(x) ∝ exp(-E/tau)).
+
+        Raises:
+            NotFittedError: Before ``fit``.
+            ValueError: On NaN/inf, wrong dimensionality or a feature count that differs from ``fit``.
+        """
+        data = self._check(X)
+        device = self.model_.velocity_scale_sq.device
+        if device.type != "cpu":
+            return self.model_.score(data.to(device)).cpu().numpy().astype(np.float64)
+        # On the CPU, score with a float64 copy of the energy so that a row's score does not depend on which
+        # other rows share its batch (float32 matrix products round differently with the batch size).
+        scorer = getattr(self, "_scorer", None)
+        if scorer is None or scorer[0] is not self.model_:
+            self._scorer = scorer = (self.model_, copy.deepcopy(self.model_.energy).double().eval())
+        with torch.no_grad():
+            out = torch.cat([scorer[1](chunk) for chunk in data.double().split(65536)]) if len(data) else data[:0, 0]
+        return out.numpy().astype(np.float64)
+
+    def score_samples(self, X: Any) -> np.ndarray:
+        """Opposite of the energy, scikit-learn convention: **the lower, the more abnormal**.
+
+        Args:
+            X: Data of shape ``(n_samples, n_features)``.
+
+        Returns:
+            Array of shape ``(n_samples,)`` equal to ``-energy(X)``.
+        """
+        return -self.energy(X)
+
+    def decision_function(self, X: Any) -> np.ndarray:
+        """``score_samples(X) - offset_``: negative values are outliers, positive are inliers.
+
+        Args:
+            X: Data of shape ``(n_samples, n_features)``.
+
+        Returns:
+            Array of shape ``(n_samples,)``.
+        """
+        return self.score_samples(X) - self.offset_
+
+    def predict(self, X: Any) -> np.ndarray:
+        """+1 for inliers, -1 for outliers (``decision_function < 0``).
+
+        Args:
+            X: Data of shape ``(n_samples, n_features)``.
+
+        Returns:
+            int array of shape ``(n_samples,)`` in {-1, +1}.
+        """
+        return np.where(self.decision_function(X) < 0, -1, 1)
+
+    @property
+    def threshold_(self) -> float:
+        """Energy at the decision boundary (higher energies are outliers); ``-offset_``."""
+        check_is_fitted(self, "offset_")
+        return -self.offset_
+
+    def sample(self, n_samples: int, random_state: int | None = None) -> np.ndarray:
+        """Draw samples from the trained sampler (x_T), in the original feature units.
+
+        Args:
+            n_samples: Number of samples (>= 1).
+            random_state: Seed of the draw (None: from ``random_state`` of the estimator, or fresh).
+
+        Returns:
+            float64 array of shape ``(n_samples, n_features)``.
+
+        Raises:
+            NotFittedError: Before ``fit``.
+            ValueError: If ``n_samples < 1``.
+        """
+        check_is_fitted(self, "model_")
+        if int(n_samples) < 1:
+            msg = f"n_samples must be >= 1, got {n_samples}"
+            raise ValueError(msg)
+        seed = random_state if random_state is not None else self._seed()
+        gen = torch.Generator().manual_seed(int(seed))
+        device = self.model_.velocity_scale_sq.device
+        data = None
+        if self.model_.initial_ae is not None:
+            idx = torch.randint(len(self.start_bank_), (int(n_samples),), generator=gen)
+            data = self.start_bank_[idx].to(device)
+        x0 = self.model_.initial_states(int(n_samples), data, gen)
+        xs = self.model_.sampler.sample(x0, gen)[-1].cpu().numpy().astype(np.float64)
+        if not self.spherical and self.standardize:
+            xs = xs * self.scale_ + self.mean_
+        return xs
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Save the fitted detector to a folder (``model.safetensors`` + ``config.json``), atomically; no pickle.
+
+        Args:
+            path: Folder to write (created; existing files of the same names are replaced).
+
+        Raises:
+            NotFittedError: Before ``fit``.
+        """
+        check_is_fitted(self, "model_")
+        params = {k: v for k, v in self.get_params().items() if k not in ("verbose", "random_state")}
+        tensors = {f"model.{k}": v for k, v in self.model_.checkpoint_tensors().items()}
+        tensors.update({"scaler.mean": torch.from_numpy(self.mean_), "scaler.scale": torch.from_numpy(self.scale_),
+                        "start_bank": self.start_bank_})
+        meta = {"kind": "DxMIDetector", "params": params, "config": self.config_.to_dict(),
+                "offset": self.offset_, "n_features_in": int(self.n_features_in_), "history": self.history_[-1:]}
+        save_model_dir(path, tensors, meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], device: str = "cpu") -> DxMIDetector:
+        """Load a detector written by :meth:`save` (safetensors + JSON only: loading cannot run code).
+
+        Args:
+            path: The folder.
+            device: Where to put the model.
+
+        Returns:
+            The fitted detector.
+
+        Raises:
+            FileNotFoundError: If the folder or its files are missing.
+            ValueError: If the files do not describe a DxMIDetector or do not match its config.
+        """
+        tensors, meta = load_model_dir(path)
+        if meta.get("kind") != "DxMIDetector":
+            msg = f"{Path(path)} does not hold a DxMIDetector (kind={meta.get('kind')!r})"
+            raise ValueError(msg)
+        det = cls(**{**meta["params"], "device": device})
+        det.config_ = DxMIConfig.from_dict(meta["config"])
+        model = build_model(det.config_)
+        model.load_checkpoint_tensors({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        det.model_ = model.to(_resolve_device(device)).eval()
+        det.mean_ = tensors["scaler.mean"].numpy()
+        det.scale_ = tensors["scaler.scale"].numpy()
+        det.start_bank_ = tensors["start_bank"]
+        det.offset_ = float(meta["offset"])
+        det.n_features_in_ = int(meta["n_features_in"])
+        det.history_ = meta.get("history", [])
+        return det
+
+
+class PyODDxMIDetector(DxMIDetector):
+    """:class:`DxMIDetector` with pyod's conventions, for tools that expect a pyod ``BaseDetector``.
+
+    * ``decision_function(X)`` = energy (higher = more anomalous);
+    * ``predict(X)`` in {0 (inlier), 1 (outlier)}, ``energy > threshold_``;
+    * after ``fit``: ``decision_scores_`` (training energies), ``threshold_`` (the ``1 - contamination`` percentile
+      of them), ``labels_`` (training labels in {0, 1});
+    * ``contamination`` defaults to 0.1 as in pyod; ``predict_proba`` is pyod's ``'linear'`` min-max of training
+      scores (not calibrated).
+    """
+
+    def __init__(self, *, contamination: str | float = 0.1, **kwargs: Any) -> None:
+        super().__init__(contamination=contamination, **kwargs)
+
+    def fit(self, X: Any, y: Any = None) -> PyODDxMIDetector:
+        """Train (see :meth:`DxMIDetector.fit`) and set ``decision_scores_``, ``threshold_``, ``labels_``."""
+        super().fit(X, y)
+        self.decision_scores_ = self.energy(X)
+        self.labels_ = (self.decision_scores_ > self.threshold_).astype(int)
+        return self
+
+    def decision_function(self, X: Any) -> np.ndarray:
+        """Energy of each row, shape ``(n_samples,)``; higher = more anomalous (pyod convention)."""
+        return self.energy(X)
+
+    def predict(self, X: Any) -> np.ndarray:
+        """0 = inlier, 1 = outlier (energy above ``threshold_``); int array of shape ``(n_samples,)``."""
+        return (self.energy(X) > self.threshold_).astype(int)
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """``[P(inlier), P(outlier)]`` by min-max scaling of training energies (pyod ``'linear'``), ``(n, 2)``."""
+        check_is_fitted(self, "decision_scores_")
+        lo, hi = float(self.decision_scores_.min()), float(self.decision_scores_.max())
+        p = np.clip((self.energy(X) - lo) / max(hi - lo, 1e-12), 0, 1)
+        return np.stack([1 - p, p], axis=1)

@@ -1,0 +1,132 @@
+"""The DxMI model: energy E, value V, sampler pi and the start distribution pi(x_0), built from a config.
+
+References:
+    DxMI §3-4, App. C.1, C.3; PAPER.md §2.6 (which experiment shares which network), §3.3, §6 item 17.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from dxmi_ad.config import DxMIConfig
+from dxmi_ad.nn.energy import AutoencoderEnergy, MLPEnergy, SharedValueEnergy, ValueNet
+from dxmi_ad.nn.sampler import GaussianSampler
+
+__all__ = ["DxMIModel"]
+
+
+class DxMIModel(nn.Module):
+    """Container of the three DxMI networks plus the frozen start autoencoder.
+
+    Args:
+        config: The model's :class:`~dxmi_ad.config.DxMIConfig`.
+
+    Attributes:
+        sampler: :class:`GaussianSampler` (pi).
+        value: :class:`ValueNet` (V).
+        energy: The energy E: :class:`AutoencoderEnergy`, :class:`MLPEnergy` or :class:`SharedValueEnergy`.
+        initial_ae: Frozen copy of the pretrained autoencoder used for pi(x_0) (``initial="autoencoder"``), else None.
+        velocity_scale_sq: AVR buffer ``s_t^2``, shape ``(T,)``.
+    """
+
+    def __init__(self, config: DxMIConfig) -> None:
+        super().__init__()
+        c = config
+        self.config = config
+        self.sampler = GaussianSampler(
+            c.dim, c.n_steps, c.sampler_hidden, c.sampler_layers, c.time_dim, c.parameterization,
+            c.init_sigma, c.last_sigma, c.fix_last_sigma, c.spherical, c.activation,
+        )
+        self.value = ValueNet(c.dim, c.value_hidden, c.value_layers, c.time_dim, c.activation)
+        if c.energy == "shared":
+            self.energy: nn.Module = SharedValueEnergy(self.value, c.n_steps)
+        elif c.energy == "mlp":
+            self.energy = MLPEnergy(c.dim, c.energy_hidden, c.energy_layers, c.activation)
+        else:
+            self.energy = AutoencoderEnergy(c.dim, c.latent_dim, c.energy_hidden, c.energy_layers, c.spherical)
+        self.initial_ae: AutoencoderEnergy | None = None
+        if c.initial == "autoencoder":
+            self.initial_ae = copy.deepcopy(self.energy)
+            self.initial_ae.requires_grad_(False)
+        # AVR initialised from the sampler's noise levels (s_t^2 <- sigma_t^2), PAPER.md §2.3.
+        self.register_buffer("velocity_scale_sq", self.sampler.sigmas().detach().pow(2).clone())
+
+    def freeze_initial(self) -> None:
+        """Copy the (pretrained) energy autoencoder into the frozen start network (pitfall 17)."""
+        if self.initial_ae is not None:
+            self.initial_ae.load_state_dict(self.energy.state_dict())
+            self.initial_ae.requires_grad_(False)
+
+    def energy_params(self) -> list[nn.Parameter]:
+        """Parameters updated by the energy step (the value net's for the shared variant)."""
+        return list(self.energy.parameters())
+
+    @torch.no_grad()
+    def initial_states(
+        self, n: int, data: torch.Tensor | None = None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Draw ``x_0`` from pi(x_0).
+
+        Args:
+            n: Number of states.
+            data: Data batch of shape ``(n, D)`` to perturb (required for ``initial="autoencoder"``).
+            generator: Optional torch generator.
+
+        Returns:
+            Start states of shape ``(n, D)``.
+
+        Raises:
+            ValueError: If the autoencoder start is used without a data batch of ``n`` rows.
+        """
+        device = self.velocity_scale_sq.device
+        if self.initial_ae is None:
+            return torch.randn((n, self.config.dim), generator=generator, device=device)
+        if data is None or data.shape[0] != n:
+            msg = f"initial='autoencoder' needs a data batch of {n} rows to perturb"
+            raise ValueError(msg)
+        self.initial_ae.eval()
+        return self.initial_ae.perturb(data, self.config.init_noise_low, self.config.init_noise_high, generator)
+
+    @torch.no_grad()
+    def score(self, x: torch.Tensor, batch_size: int = 65536) -> torch.Tensor:
+        """Energy (anomaly score) of ``x`` in batches, in eval mode.
+
+        Args:
+            x: Vectors of shape ``(N, D)``.
+            batch_size: Rows per forward pass (bounds memory).
+
+        Returns:
+            Energies of shape ``(N,)``, higher = more anomalous.
+        """
+        was_training = self.training
+        self.eval()
+        out = torch.cat([self.energy(chunk) for chunk in x.split(batch_size)]) if len(x) else x.new_zeros(0)
+        self.train(was_training)
+        return out
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """State tensors without duplicates (the shared energy's keys alias the value net's), for safetensors."""
+        state = self.state_dict()
+        if self.config.energy == "shared":
+            state = {k: v for k, v in state.items() if not k.startswith("energy.")}
+        return state
+
+    def load_checkpoint_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Load tensors written by :meth:`checkpoint_tensors`; strict on missing and unexpected keys.
+
+        Raises:
+            ValueError: If keys are missing or unexpected (the message lists them) or shapes differ.
+        """
+        expected = set(self.checkpoint_tensors())
+        missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        if missing or unexpected:
+            msg = f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            raise ValueError(msg)
+        try:
+            self.load_state_dict(tensors, strict=False)
+        except RuntimeError as err:
+            msg = f"checkpoint tensors do not fit the model: {err}"
+            raise ValueError(msg) from err

@@ -1,0 +1,238 @@
+"""The T-step Gaussian diffusion sampler (the policy pi of DxMI).
+
+Time runs in the RL direction throughout (PAPER.md §1.1, pitfall 1): ``x_0`` is the start (noise, or perturbed data
+for anomaly detection) and ``x_T`` is the generated sample. Step ``t`` maps ``x_t`` to
+
+    x_{t+1} = mu(x_t, t) + sigma_t * eps_t,   eps_t ~ N(0, I),   t = 0 .. T-1,
+
+with a learnable ``log sigma_t`` per step (PAPER.md §2.5). Two parameterizations of the mean are offered:
+
+* ``"residual"``: ``mu = x_t + g(x_t, t)``, optionally projected to the unit sphere (the anomaly-detection sampler of
+  App. C.3, whose "mean prediction is constrained to the unit sphere").
+* ``"eps"``: the DDPM posterior mean on a T-step cosine noise schedule, ``g`` predicting the noise; this is what DDPM
+  pre-training (the "Pretrain" rows of Table 1) trains, and DxMI then fine-tunes the same network.
+  Deviation (named): the paper does not give the 2-D pretraining schedule; we use the cosine schedule of
+  Nichol & Dhariwal (2021) discretised at T steps, so that ``x_0 ~ N(0, I)`` is the DDPM prior.
+
+References:
+    DxMI Eq. 8-11 and App. B, C.1, C.3; PAPER.md §2.5, §3.3, §6 items 1, 10, 15.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dxmi_ad.nn.layers import TimeMLP
+
+__all__ = ["GaussianSampler", "StepOutput", "cosine_alpha_bar"]
+
+MIN_SIGMA = 1e-4  # sigma is clamped to >= 1e-4 before taking logs (PAPER.md §2.5, pitfall 10)
+
+
+class StepOutput(NamedTuple):
+    """Result of one sampler step.
+
+    Attributes:
+        sample: ``x_{t+1}``, shape ``(B, D)``; reparameterized (differentiable w.r.t. the sampler).
+        mean: ``mu(x_t, t)``, shape ``(B, D)``.
+        sigma: ``sigma_t`` per row, shape ``(B,)``.
+        log_sigma: ``log sigma_t`` per row, shape ``(B,)``; the per-dimension conditional entropy up to a constant.
+    """
+
+    sample: torch.Tensor
+    mean: torch.Tensor
+    sigma: torch.Tensor
+    log_sigma: torch.Tensor
+
+
+def cosine_alpha_bar(n_steps: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
+    """Cumulative signal fractions of a T-step cosine DDPM schedule.
+
+    Args:
+        n_steps: Number of diffusion steps ``T``.
+        s: Offset of Nichol & Dhariwal (2021).
+        max_beta: Upper clip of each ``beta_k``.
+
+    Returns:
+        ``alpha_bar`` of shape ``(T + 1,)`` in diffusion order: index 0 = clean data (1.0), index T = noise.
+    """
+    k = torch.arange(n_steps + 1, dtype=torch.float64)
+    f = torch.cos((k / n_steps + s) / (1 + s) * math.pi / 2) ** 2
+    alpha_bar = f / f[0]
+    betas = (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=max_beta)
+    return torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - betas, 0)]).float()
+
+
+class GaussianSampler(nn.Module):
+    """T-step Gaussian policy ``pi(x_{t+1} | x_t) = N(mu(x_t, t), sigma_t^2 I)``.
+
+    Args:
+        dim: Data dimension ``D``.
+        n_steps: Number of steps ``T`` (paper: 5 for 2-D and anomaly detection).
+        hidden: Hidden width of the mean network (paper AD: 2048).
+        n_layers: Hidden layers of the mean network (paper AD: 3).
+        time_dim: Width of the sinusoidal step embedding (paper: 128).
+        parameterization: ``"residual"`` or ``"eps"`` (see the module docstring).
+        init_sigma: Initial ``sigma_t`` for the residual parameterization (all steps). Ignored for ``"eps"``,
+            which starts from the DDPM posterior standard deviations.
+        last_sigma: Value of the last step's sigma when ``fix_last_sigma`` is set (``"eps"``) and the floor of the
+            DDPM posterior std.
+        fix_last_sigma: Keep ``sigma_{T-1}`` fixed (the reference code's ``trainable_beta='fix_last'``).
+        spherical: Project the mean onto the unit sphere (anomaly-detection features, PAPER.md pitfall 15).
+            Samples ``mean + sigma * eps`` are not re-projected (the paper does not say; see pitfall 15).
+        activation: Hidden activation.
+
+    Raises:
+        ValueError: On a non-positive ``dim``, ``n_steps`` or sigma, or an unknown parameterization.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        n_steps: int = 5,
+        hidden: int = 2048,
+        n_layers: int = 3,
+        time_dim: int = 128,
+        parameterization: str = "residual",
+        init_sigma: float = 0.05,
+        last_sigma: float = 1e-3,
+        fix_last_sigma: bool = False,
+        spherical: bool = False,
+        activation: str = "silu",
+    ) -> None:
+        super().__init__()
+        if dim < 1 or n_steps < 1:
+            msg = f"dim and n_steps must be >= 1, got dim={dim}, n_steps={n_steps}"
+            raise ValueError(msg)
+        if parameterization not in ("residual", "eps"):
+            msg = f"parameterization must be 'residual' or 'eps', got {parameterization!r}"
+            raise ValueError(msg)
+        if init_sigma <= 0 or last_sigma <= 0:
+            msg = f"init_sigma and last_sigma must be > 0, got {init_sigma}, {last_sigma}"
+            raise ValueError(msg)
+        self.dim, self.n_steps = dim, n_steps
+        self.parameterization, self.spherical, self.fix_last_sigma = parameterization, spherical, fix_last_sigma
+        self.net = TimeMLP(dim, hidden, n_layers, dim, time_dim, activation)
+        alpha_bar = cosine_alpha_bar(n_steps)  # diffusion order, (T+1,)
+        self.register_buffer("alpha_bar", alpha_bar)
+        if parameterization == "eps":
+            # DDPM posterior std for diffusion index k = T - t (k = T .. 1), RL order t = 0 .. T-1.
+            k = torch.arange(n_steps, 0, -1)
+            beta = 1 - alpha_bar[k] / alpha_bar[k - 1]
+            post_var = (1 - alpha_bar[k - 1]) / (1 - alpha_bar[k]) * beta
+            init = post_var.sqrt().clamp(min=last_sigma)
+            # Zero-init the output layer so the untrained eps-net predicts 0.
+        else:
+            init = torch.full((n_steps,), float(init_sigma))
+            nn.init.zeros_(self.net.net[-1].weight)  # the untrained sampler starts as the identity map
+        nn.init.zeros_(self.net.net[-1].bias)
+        self.log_sigma = nn.Parameter(init.clamp(min=MIN_SIGMA).log())  # "log_betas" of the reference code
+        self.register_buffer("last_log_sigma", torch.tensor(math.log(max(last_sigma, MIN_SIGMA))))
+
+    # ------------------------------------------------------------------ noise levels
+    def log_sigmas(self) -> torch.Tensor:
+        """``log sigma_t`` for ``t = 0 .. T-1``, shape ``(T,)``; the last one fixed when ``fix_last_sigma``."""
+        log_sigma = self.log_sigma.clamp(min=math.log(MIN_SIGMA))
+        if self.fix_last_sigma:
+            log_sigma = torch.cat([log_sigma[:-1], self.last_log_sigma.view(1)])
+        return log_sigma
+
+    def sigmas(self) -> torch.Tensor:
+        """``sigma_t`` for ``t = 0 .. T-1``, shape ``(T,)``, each >= 1e-4."""
+        return self.log_sigmas().exp()
+
+    def sigma_parameters(self) -> list[nn.Parameter]:
+        """The learnable log-sigmas (their own optimizer group, 100x the sampler lr by default; PAPER.md §2.5)."""
+        return [self.log_sigma]
+
+    def mean_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the mean network."""
+        return list(self.net.parameters())
+
+    # ------------------------------------------------------------------ stepping
+    def mean(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Mean ``mu(x_t, t)`` of the step distribution.
+
+        Args:
+            x: States ``x_t`` of shape ``(B, D)``.
+            t: Step indices of shape ``(B,)``, integers in ``[0, T-1]``.
+
+        Returns:
+            Tensor of shape ``(B, D)``.
+        """
+        out = self.net(x, t)  # (B, D)
+        if self.parameterization == "eps":
+            k = self.n_steps - t.long()  # diffusion index, T .. 1
+            abar_k, abar_prev = self.alpha_bar[k][:, None], self.alpha_bar[k - 1][:, None]
+            alpha_k = abar_k / abar_prev
+            mean = (x - (1 - alpha_k) / (1 - abar_k).sqrt() * out) / alpha_k.sqrt()  # DDPM Eq. 11 (Ho et al.)
+        else:
+            mean = x + out
+        if self.spherical:
+            mean = F.normalize(mean, dim=-1)
+        return mean
+
+    def sample_step(
+        self, x: torch.Tensor, t: torch.Tensor | int, generator: torch.Generator | None = None
+    ) -> StepOutput:
+        """One reparameterized step ``x_{t+1} = mu(x_t, t) + sigma_t * eps`` (gradients flow to the sampler).
+
+        Args:
+            x: States ``x_t`` of shape ``(B, D)``.
+            t: Step index (int) or indices of shape ``(B,)`` in ``[0, T-1]``.
+            generator: Optional torch generator for ``eps``.
+
+        Returns:
+            :class:`StepOutput` with ``sample`` ``(B, D)`` and per-row ``sigma``, ``log_sigma`` ``(B,)``.
+        """
+        if isinstance(t, int):
+            t = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+        mean = self.mean(x, t)
+        log_sigma = self.log_sigmas()[t.long()]  # (B,)
+        sigma = log_sigma.exp()
+        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return StepOutput(mean + sigma[:, None] * eps, mean, sigma, log_sigma)
+
+    @torch.no_grad()
+    def sample(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Run the whole chain from ``x_0`` without gradients.
+
+        Args:
+            x0: Start states of shape ``(B, D)``.
+            generator: Optional torch generator.
+
+        Returns:
+            Trajectory of shape ``(T + 1, B, D)``: index 0 = ``x_0`` (start), index T = ``x_T`` (sample).
+        """
+        states = [x0]
+        for t in range(self.n_steps):
+            states.append(self.sample_step(states[-1], t, generator).sample)
+        return torch.stack(states)  # (T+1, B, D)
+
+    def ddpm_loss(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Standard DDPM epsilon-prediction loss on the T-step schedule (pre-training, "Pretrain" in Table 1).
+
+        Args:
+            x: Clean data of shape ``(B, D)``.
+            generator: Optional torch generator.
+
+        Returns:
+            Scalar mean squared error between true and predicted noise.
+
+        Raises:
+            RuntimeError: If the sampler does not use the ``"eps"`` parameterization.
+        """
+        if self.parameterization != "eps":
+            msg = "DDPM pre-training needs parameterization='eps'"
+            raise RuntimeError(msg)
+        b = x.shape[0]
+        k = torch.randint(1, self.n_steps + 1, (b,), generator=generator, device=x.device)  # diffusion index
+        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        abar = self.alpha_bar[k][:, None]
+        x_k = abar.sqrt() * x + (1 - abar).sqrt() * eps
+        return F.mse_loss(self.net(x_k, self.n_steps - k), eps)

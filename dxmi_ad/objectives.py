@@ -1,0 +1,91 @@
+"""Stateless loss terms of DxMI / DxDP: tensors in, tensors out; no optimizer calls, no ``backward``.
+
+Conventions (PAPER.md §6): time runs in the RL direction (t = 0 start, t = T sample); running costs use
+per-dimension means (pitfall 2): ``velocity = mean_d (x_{t+1} - x_t)^2 / (2 s_t^2)`` and entropy ``= log sigma_t``;
+the energy term is not divided by ``D``.
+
+References:
+    DxMI (Yoon et al., NeurIPS 2024) Eq. 5 (GCD), Eq. 8 (optimal-control form), Eq. 10 (TD target), Eq. 11 (policy
+    improvement), App. A (adaptive velocity regularization); PAPER.md §1.4, §2.2, §2.3, §2.8(b).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["avr_update", "energy_loss", "running_cost", "td_target"]
+
+
+def energy_loss(
+    energy_data: torch.Tensor, energy_samples: torch.Tensor, energy_l2_weight: float = 0.0
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """EBM side of the GCD objective (Eq. 5): ``E_p[E] - E_pi[E] + gamma (E_p[E^2] + E_pi[E^2])``.
+
+    Args:
+        energy_data: Energies of data, shape ``(B,)`` (pushed down).
+        energy_samples: Energies of sampler outputs ``x_T``, shape ``(B',)`` (pushed up).
+        energy_l2_weight: gamma >= 0 (paper default 1 for 2-D / images; 0 in the AD trainer).
+
+    Returns:
+        Scalar loss and detached diagnostics ``energy_data``, ``energy_samples`` (batch means).
+    """
+    loss = energy_data.mean() - energy_samples.mean()
+    if energy_l2_weight:
+        loss = loss + energy_l2_weight * (energy_data.pow(2).mean() + energy_samples.pow(2).mean())
+    return loss, {"energy_data": energy_data.mean().detach(), "energy_samples": energy_samples.mean().detach()}
+
+
+def running_cost(
+    x_t: torch.Tensor,
+    x_next: torch.Tensor,
+    log_sigma_t: torch.Tensor,
+    velocity_scale_sq_t: torch.Tensor,
+    entropy_weight: float,
+    velocity_weight: float,
+) -> torch.Tensor:
+    """Running cost of one transition: ``tau2 * mean_d(x_{t+1} - x_t)^2 / (2 s_t^2) - tau1 * log sigma_t`` (Eq. 8).
+
+    Args:
+        x_t: States of shape ``(B, D)``.
+        x_next: Next states of shape ``(B, D)``.
+        log_sigma_t: ``log sigma_t`` per row, shape ``(B,)`` (negative conditional entropy up to a constant).
+        velocity_scale_sq_t: ``s_t^2`` per row, shape ``(B,)``, > 0.
+        entropy_weight: tau1 >= 0.
+        velocity_weight: tau2 >= 0.
+
+    Returns:
+        Cost per row, shape ``(B,)``.
+    """
+    velocity = (x_next - x_t).pow(2).mean(-1) / (2 * velocity_scale_sq_t)  # (B,)
+    return velocity_weight * velocity - entropy_weight * log_sigma_t
+
+
+def td_target(next_value: torch.Tensor, cost: torch.Tensor) -> torch.Tensor:
+    """TD target of Eq. 10: ``sg[V^{t+1}(x_{t+1})] + running cost`` (``E(x_T)`` at the last step), detached.
+
+    Args:
+        next_value: ``V^{t+1}(x_{t+1})`` or ``E(x_T)``, shape ``(B,)``.
+        cost: Running cost of the transition, shape ``(B,)``.
+
+    Returns:
+        Detached target of shape ``(B,)``.
+    """
+    return (next_value + cost).detach()
+
+
+def avr_update(velocity_scale_sq: torch.Tensor, trajectory: torch.Tensor, momentum: float) -> torch.Tensor:
+    """Adaptive velocity regularization (App. A): ``s_t^2 <- alpha s_t^2 + (1 - alpha) E||x_{t+1} - x_t||^2 / D``.
+
+    Stored in natural step order (index ``t`` = transition ``t -> t+1``); the reference code stores it flipped and
+    reads ``T - t - 1`` (PAPER.md §6 item 9), which is the same quantity.
+
+    Args:
+        velocity_scale_sq: Current ``s_t^2``, shape ``(T,)``.
+        trajectory: Sampled states ``x_0 .. x_T``, shape ``(T + 1, B, D)``.
+        momentum: alpha in [0, 1) (paper: 0.99).
+
+    Returns:
+        Updated ``s_t^2``, shape ``(T,)``, detached.
+    """
+    step_sq = (trajectory[1:] - trajectory[:-1]).pow(2).mean(dim=(1, 2))  # (T,)
+    return (momentum * velocity_scale_sq + (1 - momentum) * step_sq).detach()

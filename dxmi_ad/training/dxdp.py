@@ -1,0 +1,260 @@
+"""DxDP: one DxMI iteration in the order of the official anomaly-detection trainer, and the pre-training stages.
+
+One :meth:`DxDPTrainer.step` is (PAPER.md §2.8(b), pitfalls 1-12, 17-20):
+
+1. sample trajectories ``x_0 .. x_T`` without gradients (``x_0`` from pi(x_0));
+2. AVR EMA of ``s_t^2`` (at the start of the update, as the reference code does);
+3. one energy step on ``E(data) - E(x_T)`` (+ gamma regularizer), gradient clipping;
+4. ``T`` value TD steps in backward time order ``t = T-1 .. 0``, each one Adam step, with the target
+   ``V(x_{t+1}, t+1)`` (``E(x_T)`` at the last step) ``+ tau2 * velocity - tau1 * log sigma_t`` (Eq. 10), the next
+   state re-sampled from the current sampler (``value_resample``, EV trainer) under ``no_grad`` (pitfall 20);
+5. one sampler step on ``B`` states of mixed ``t`` drawn uniformly from the ``B * T`` buffered states (Eq. 11):
+   ``V(x_{t+1}(phi), t+1)`` (``E`` at the last step) ``+ tau2 * velocity - tau1 * log sigma_t``, one reparameterized
+   step, no back-propagation through time, gradient clipping;
+6. the buffer is dropped (no replay, pitfall 18).
+
+Named deviations: ``warmup_iter`` (energy frozen for the first iterations) and ``lr_schedule="cosine"`` are
+options outside the paper, both off by default.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dxmi_ad.config import DxMIConfig
+from dxmi_ad.nn.energy import AutoencoderEnergy
+from dxmi_ad.nn.model import DxMIModel
+from dxmi_ad.objectives import avr_update, energy_loss, running_cost, td_target
+
+__all__ = ["DxDPTrainer", "pretrain_autoencoder", "pretrain_sampler"]
+
+
+def _schedule(config: DxMIConfig, n_iter: int) -> Callable[[int], float]:
+    if config.lr_schedule == "cosine" and n_iter > 0:
+        return lambda i: 0.5 * (1 + math.cos(math.pi * min(i, n_iter) / n_iter))
+    return lambda i: 1.0
+
+
+def _clip(params: list[nn.Parameter], max_norm: float | None) -> None:
+    if max_norm is not None:
+        nn.utils.clip_grad_norm_(params, max_norm)
+
+
+def _batches(data: torch.Tensor, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """A random batch of rows (with replacement across calls, without within a batch when possible)."""
+    n = data.shape[0]
+    if n >= batch_size:
+        idx = torch.randperm(n, generator=generator)[:batch_size]
+    else:
+        idx = torch.randint(n, (batch_size,), generator=generator)
+    return data[idx.to(data.device)]
+
+
+class DxDPTrainer:
+    """Optimizers and the per-iteration update of DxMI (Algorithm 1 with DxDP, AD-trainer order).
+
+    Args:
+        model: The :class:`DxMIModel` to train (modified in place).
+        config: Its config (``model.config`` if omitted).
+        n_iter: Length used by the learning-rate schedule (``config.n_iter`` if omitted).
+    """
+
+    def __init__(self, model: DxMIModel, config: DxMIConfig | None = None, n_iter: int | None = None) -> None:
+        self.model = model
+        self.config = c = config or model.config
+        self.shared = c.energy == "shared"
+        self.opt_sampler = torch.optim.Adam(
+            [{"params": model.sampler.mean_parameters(), "lr": c.sampler_lr},
+             {"params": model.sampler.sigma_parameters(), "lr": c.effective_sigma_lr}]
+        )
+        self.opt_value = torch.optim.Adam(model.value.parameters(), lr=c.value_lr)
+        # Shared variant: the energy *is* V(., T) and is stepped by the value optimizer (DxMI_Trainer).
+        self.opt_energy = self.opt_value if self.shared else torch.optim.Adam(model.energy_params(), lr=c.energy_lr)
+        self._lr_factor = _schedule(c, c.n_iter if n_iter is None else n_iter)
+        opts = [self.opt_sampler, self.opt_value] + ([] if self.shared else [self.opt_energy])
+        self._base_lrs = [(g, g["lr"]) for o in opts for g in o.param_groups]
+        self.iteration = 0
+
+    # ------------------------------------------------------------------ helpers
+    def _next_cost(self, x_next: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``V(x_{t+1}, t+1)``, or ``E(x_{t+1})`` where ``t = T-1`` (pitfall 4). Shapes ``(B, D)``, ``(B,)`` -> ``(B,)``."""
+        T = self.config.n_steps
+        if self.shared:
+            return self.model.value(x_next, t + 1)  # V(., T) is the energy
+        terminal = t == T - 1
+        out = torch.empty(x_next.shape[0], device=x_next.device, dtype=x_next.dtype)
+        if terminal.any():
+            out[terminal] = self.model.energy(x_next[terminal])
+        if (~terminal).any():
+            out[~terminal] = self.model.value(x_next[~terminal], t[~terminal] + 1)
+        return out
+
+    # ------------------------------------------------------------------ one iteration
+    def step(self, x_data: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """One DxMI iteration on a data batch.
+
+        Args:
+            x_data: Data batch of shape ``(B, D)`` (normal samples).
+            generator: Optional torch generator (all sampling noise of the iteration).
+
+        Returns:
+            Detached diagnostics: ``energy_data``, ``energy_samples``, ``value_loss``, ``sampler_loss`` (scalars) and
+            ``sigma`` ``(T,)``.
+        """
+        m, c = self.model, self.config
+        T, B = c.n_steps, x_data.shape[0]
+        sampler, value, energy = m.sampler, m.value, m.energy
+        # 1. Trajectories without gradients.
+        sampler.eval()
+        x0 = m.initial_states(B, x_data, generator)
+        traj = sampler.sample(x0, generator)  # (T+1, B, D); t = 0 start, t = T sample
+        # 2. AVR (start of update_f_v in the reference code).
+        if c.avr_momentum is not None:
+            m.velocity_scale_sq.copy_(avr_update(m.velocity_scale_sq, traj, c.avr_momentum))
+        s2 = m.velocity_scale_sq if c.avr_momentum is not None else torch.ones_like(m.velocity_scale_sq)
+        diag: dict[str, torch.Tensor] = {}
+        # 3. Energy step: push E(data) down and E(x_T) up (Eq. 5).
+        energy.train()
+        self.opt_energy.zero_grad(set_to_none=True)
+        e = energy(torch.cat([x_data, traj[-1]]))
+        loss_e, d = energy_loss(e[:B], e[B:], c.energy_l2_weight)
+        diag.update(d)
+        if self.iteration >= c.warmup_iter:
+            loss_e.backward()
+            _clip(m.energy_params(), c.energy_grad_clip)
+            self.opt_energy.step()
+        self.opt_energy.zero_grad(set_to_none=True)
+        energy.eval()
+        # 4. Value TD steps, backward in time (Eq. 10).
+        value_losses = []
+        for t in range(T - 1, -1, -1):
+            x_t = traj[t]
+            t_vec = torch.full((B,), t, dtype=torch.long, device=x_t.device)
+            with torch.no_grad():
+                value.eval()
+                if c.value_resample:
+                    st = sampler.sample_step(x_t, t_vec, generator)
+                    x_next, log_sigma = st.sample, st.log_sigma
+                else:
+                    x_next, log_sigma = traj[t + 1], sampler.log_sigmas()[t_vec]
+                cost = running_cost(x_t, x_next, log_sigma, s2[t_vec], c.entropy_weight, c.velocity_weight)
+                target = td_target(self._next_cost(x_next, t_vec), cost)
+            value.train()
+            self.opt_value.zero_grad(set_to_none=True)
+            loss_v = F.mse_loss(value(x_t, t_vec), target)
+            loss_v.backward()
+            _clip(list(value.parameters()), c.value_grad_clip)
+            self.opt_value.step()
+            value_losses.append(loss_v.detach())
+        self.opt_value.zero_grad(set_to_none=True)
+        value.eval()
+        # 5. Sampler step on B states of mixed t from the B*T buffer (Eq. 11); one step, no BPTT.
+        sampler.train()
+        states = traj[:-1].reshape(T * B, -1)  # (T*B, D), row r has t = r // B
+        steps = torch.arange(T, device=states.device).repeat_interleave(B)
+        idx = torch.randperm(T * B, generator=generator)[:B].to(states.device)
+        x_t, t_vec = states[idx], steps[idx]
+        self.opt_sampler.zero_grad(set_to_none=True)
+        st = sampler.sample_step(x_t, t_vec, generator)
+        cost = running_cost(x_t, st.sample, st.log_sigma, s2[t_vec], c.entropy_weight, c.velocity_weight)
+        loss_pi = (self._next_cost(st.sample, t_vec) + cost).mean()
+        loss_pi.backward()
+        _clip(list(sampler.parameters()), c.sampler_grad_clip)
+        self.opt_sampler.step()
+        self.opt_sampler.zero_grad(set_to_none=True)
+        # V / E gradients produced by the sampler loss are discarded (pitfall 6).
+        self.opt_value.zero_grad(set_to_none=True)
+        self.opt_energy.zero_grad(set_to_none=True)
+        sampler.eval()
+        self.iteration += 1
+        for group, base_lr in self._base_lrs:
+            group["lr"] = base_lr * self._lr_factor(self.iteration)
+        diag["value_loss"] = torch.stack(value_losses).mean()
+        diag["sampler_loss"] = loss_pi.detach()
+        diag["sigma"] = sampler.sigmas().detach()
+        return diag
+
+
+def pretrain_autoencoder(
+    ae: AutoencoderEnergy,
+    data: torch.Tensor,
+    n_iter: int,
+    lr: float,
+    batch_size: int,
+    generator: torch.Generator,
+    callback: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """Reconstruction pre-training of the autoencoder energy (App. C.3: "pretrained to minimize reconstruction").
+
+    Args:
+        ae: The autoencoder (trained in place).
+        data: Normal training vectors of shape ``(N, D)``.
+        n_iter: Adam steps.
+        lr: Learning rate (MPDR: 1e-4).
+        batch_size: Rows per step.
+        generator: Torch generator for batch selection.
+        callback: Called as ``callback(i, loss)`` after each step.
+
+    Returns:
+        The loss (mean energy of the batch) per step.
+    """
+    opt = torch.optim.Adam(ae.parameters(), lr=lr)
+    losses = []
+    ae.train()
+    for i in range(n_iter):
+        loss = ae(_batches(data, batch_size, generator)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        if callback is not None:
+            callback(i, losses[-1])
+    ae.eval()
+    return losses
+
+
+def pretrain_sampler(
+    model: DxMIModel,
+    data: torch.Tensor,
+    n_iter: int,
+    lr: float,
+    batch_size: int,
+    generator: torch.Generator,
+    callback: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """DDPM pre-training of an ``"eps"`` sampler on its own T-step schedule (Table 1 "Pretrain" rows).
+
+    Args:
+        model: The model whose sampler is trained in place.
+        data: Training vectors of shape ``(N, D)``.
+        n_iter: Adam steps.
+        lr: Learning rate.
+        batch_size: Rows per step.
+        generator: Torch generator.
+        callback: Called as ``callback(i, loss)`` after each step.
+
+    Returns:
+        The DDPM loss per step.
+    """
+    sampler = model.sampler
+    opt = torch.optim.Adam(sampler.mean_parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, n_iter) / n_iter)))
+    losses = []
+    sampler.train()
+    for i in range(n_iter):
+        loss = sampler.ddpm_loss(_batches(data, batch_size, generator), generator)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        if callback is not None:
+            callback(i, losses[-1])
+    sampler.eval()
+    model.velocity_scale_sq.copy_(sampler.sigmas().detach().pow(2))
+    return losses

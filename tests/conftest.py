@@ -1,0 +1,16 @@
+"""Shared fixtures: deterministic CPU torch with the machine's two cores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _torch_cpu_threads() -> None:
+    torch.set_num_threads(2)
+
+
+# Settings small enough for scikit-learn's estimator checks (dozens of fits).
+TINY = dict(n_iter=4, ae_pretrain_iter=8, hidden=16, n_layers=1, latent_dim=4, batch_size=32, warmup_iter=1,
+            device="cpu")

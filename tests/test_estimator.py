@@ -1,0 +1,118 @@
+"""DxMIDetector: scikit-learn contract, polarity, reproducibility, persistence, bad input, pyod adapter."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
+from sklearn.utils.estimator_checks import check_estimator
+
+from dxmi_ad import DxMIDetector, PyODDxMIDetector
+from tests.conftest import TINY
+
+
+@pytest.fixture(scope="module")
+def blobs():
+    rng = np.random.default_rng(0)
+    normal = rng.normal(0, 1, (300, 5))
+    outliers = rng.normal(0, 1, (60, 5)) + 6.0
+    return normal, outliers
+
+
+@pytest.fixture(scope="module")
+def fitted(blobs):
+    params = {**TINY, "n_iter": 30, "ae_pretrain_iter": 300, "hidden": 32, "latent_dim": 3, "warmup_iter": 5}
+    return DxMIDetector(random_state=0, **params).fit(blobs[0])
+
+
+def test_check_estimator():
+    check_estimator(DxMIDetector(random_state=0, **TINY))
+
+
+def test_polarity_and_contract(fitted, blobs):
+    normal, outliers = blobs
+    e_in, e_out = fitted.energy(normal), fitted.energy(outliers)
+    assert e_out.mean() > e_in.max() * 0.5 and np.median(e_out) > np.quantile(e_in, 0.99)
+    X = np.r_[normal, outliers]
+    np.testing.assert_allclose(fitted.score_samples(X), -fitted.energy(X))
+    np.testing.assert_allclose(fitted.decision_function(X), fitted.score_samples(X) - fitted.offset_)
+    assert set(np.unique(fitted.predict(X))) <= {-1, 1}
+    assert (fitted.predict(outliers) == -1).mean() > 0.9
+    # contamination="auto": 1% of the training rows above the threshold
+    assert (fitted.predict(normal) == -1).mean() == pytest.approx(0.01, abs=0.005)
+
+
+def test_fit_is_reproducible_and_leaves_params(blobs):
+    params = {**TINY, "n_iter": 10, "ae_pretrain_iter": 20}
+    a = DxMIDetector(random_state=3, **params)
+    before = a.get_params()
+    ea = a.fit(blobs[0]).energy(blobs[1])
+    eb = clone(a).fit(blobs[0]).energy(blobs[1])
+    np.testing.assert_array_equal(ea, eb)
+    assert a.get_params() == before
+
+
+def test_save_load_roundtrip(fitted, blobs, tmp_path):
+    fitted.save(tmp_path / "m")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+    loaded = DxMIDetector.load(tmp_path / "m")
+    X = np.r_[blobs[0][:20], blobs[1][:20]]
+    np.testing.assert_array_equal(loaded.energy(X), fitted.energy(X))
+    np.testing.assert_array_equal(loaded.predict(X), fitted.predict(X))
+    np.testing.assert_array_equal(loaded.sample(5, random_state=1), fitted.sample(5, random_state=1))
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        DxMIDetector.load(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not a tensor file")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a valid safetensors|does not hold"):
+        DxMIDetector.load(tmp_path)
+
+
+def test_sample_shape_and_units(fitted, blobs):
+    xs = fitted.sample(200, random_state=0)
+    assert xs.shape == (200, 5) and np.isfinite(xs).all()
+    assert abs(xs.mean() - blobs[0].mean()) < 1.0  # original units, not standardised ones
+    with pytest.raises(ValueError, match="n_samples"):
+        fitted.sample(0)
+
+
+@pytest.mark.parametrize(
+    ("X", "match"),
+    [
+        (np.array([[1.0, np.nan], [0.0, 1.0]]), "NaN"),  # NaN
+        (np.array([[1.0, np.inf], [0.0, 1.0]]), "infinity"),  # inf
+        (np.ones(5), "2D array"),  # wrong number of dimensions
+        (np.ones((1, 3)), "minimum of 2"),  # fewer than 2 samples
+    ],
+)
+def test_bad_fit_input(X, match):
+    with pytest.raises(ValueError, match=match):
+        DxMIDetector(**TINY).fit(X)
+
+
+def test_bad_predict_input(fitted):
+    with pytest.raises(ValueError, match="features"):
+        fitted.energy(np.ones((3, 4)))
+    with pytest.raises(NotFittedError):
+        DxMIDetector().predict(np.ones((3, 5)))
+
+
+def test_bad_parameter_names_the_value():
+    with pytest.raises(ValueError, match="energy_model"):
+        DxMIDetector(energy_model="nope", **TINY).fit(np.ones((4, 2)))
+
+
+def test_pyod_adapter(blobs):
+    normal, outliers = blobs
+    det = PyODDxMIDetector(random_state=0, **{**TINY, "ae_pretrain_iter": 200, "hidden": 32, "latent_dim": 3})
+    det.fit(normal)
+    assert det.threshold_ == pytest.approx(np.percentile(det.decision_scores_, 90), rel=1e-6)
+    assert det.labels_.mean() == pytest.approx(0.1, abs=0.01)
+    np.testing.assert_allclose(det.decision_function(outliers), det.energy(outliers))
+    assert set(np.unique(det.predict(np.r_[normal, outliers]))) == {0, 1}
+    proba = det.predict_proba(outliers)
+    assert proba.shape == (60, 2) and np.allclose(proba.sum(1), 1)
