@@ -62,7 +62,8 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
         batch_size: Rows per iteration.
         hidden: Width of every hidden layer (sampler, value, energy).
         n_layers: Hidden layers of every network.
-        latent_dim: Autoencoder latent width.
+        latent_dim: Autoencoder latent width; ``"auto"`` = ``min(32, max(3, n_features // 4))``, a bottleneck
+            narrower than the input (a latent as wide as the input lets the autoencoder learn the identity).
         energy_lr, value_lr, sampler_lr: Adam learning rates.
         warmup_iter: DxMI iterations with the energy frozen (a named deviation; 0 = paper).
         init_noise_low, init_noise_high: Latent noise std range of the autoencoder-perturbed start pi(x_0).
@@ -108,7 +109,7 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "hidden": [Interval(Integral, 1, None, closed="left")],
         "n_layers": [Interval(Integral, 1, None, closed="left")],
-        "latent_dim": [Interval(Integral, 1, None, closed="left")],
+        "latent_dim": [StrOptions({"auto"}), Interval(Integral, 1, None, closed="left")],
         "energy_lr": [Interval(Real, 0, None, closed="neither")],
         "value_lr": [Interval(Real, 0, None, closed="neither")],
         "sampler_lr": [Interval(Real, 0, None, closed="neither")],
@@ -138,7 +139,7 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
         batch_size: int = 128,
         hidden: int = 256,
         n_layers: int = 3,
-        latent_dim: int = 32,
+        latent_dim: int | str = "auto",
         energy_lr: float = 1e-5,
         value_lr: float = 1e-4,
         sampler_lr: float = 1e-4,
@@ -199,7 +200,7 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
             "init_noise_low": self.init_noise_low, "init_noise_high": max(self.init_noise_high, self.init_noise_low),
             "sampler_hidden": self.hidden, "value_hidden": self.hidden, "energy_hidden": self.hidden,
             "sampler_layers": self.n_layers, "value_layers": self.n_layers, "energy_layers": self.n_layers,
-            "latent_dim": self.latent_dim, "time_dim": 32 if dim <= 16 else 128,
+            "latent_dim": min(32, max(3, dim // 4)) if self.latent_dim == "auto" else self.latent_dim, "time_dim": 32 if dim <= 16 else 128,
             "entropy_weight": self.entropy_weight, "velocity_weight": self.velocity_weight,
             "energy_l2_weight": self.energy_l2_weight, "batch_size": min(self.batch_size, max(n_rows, 2)),
             "n_iter": self.n_iter, "warmup_iter": self.warmup_iter, "ae_pretrain_iter": self.ae_pretrain_iter,

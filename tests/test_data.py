@@ -1,0 +1,69 @@
+"""Dataset loaders: real splits and the strict CSV reader (errors name the file, line and column)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dxmi_ad.data.synthetic import eight_gaussians, uniform_box
+from dxmi_ad.data.tabular import digits_split, load_csv, odds_split
+
+
+def test_digits_split_is_one_class():
+    sp = digits_split(3)
+    assert sp.train.shape[1] == 64 and sp.test.shape[1] == 64
+    assert len(sp.train) == round(0.7 * 183)
+    assert sp.test_label.sum() == 1797 - 183  # every other class is anomalous
+    with pytest.raises(ValueError, match="0-9"):
+        digits_split(10)
+
+
+@pytest.mark.parametrize(("name", "n", "d", "n_out"), [("wbc", 378, 30, 21), ("wine", 129, 13, 10)])
+def test_odds_recipes_match_published_sizes(name, n, d, n_out):
+    sp = odds_split(name, seed=0)
+    assert len(sp.train) + len(sp.test) == n and sp.train.shape[1] == d and sp.test_label.sum() == n_out
+
+
+def test_eight_gaussians_scale():
+    x = eight_gaussians(4000, 0)
+    radius = np.linalg.norm(x, axis=1)
+    assert abs(np.median(radius) - 4 / 1.414) < 0.1
+    assert np.abs(uniform_box(100)).max() <= 4
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "t.csv"
+    p.write_text(text)
+    return p
+
+
+def test_csv_ok_with_label(tmp_path):
+    X, y, names = load_csv(_write(tmp_path, "a,b,label\n1,2,0\n3,4,1\n\n5,6,0\n"))
+    assert X.shape == (3, 2) and y.tolist() == [0, 1, 0] and names == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("a,b\n1,2\n3,x\n", r"line 3, column 'b': 'x' is not a number"),  # non-numeric value
+        ("a,b\n1,2\n3,4,5\n", r"line 3: expected 2 fields"),  # ragged row
+        ("a,b\n1,2\n3,inf\n", r"line 3, column 'b'.*not finite"),  # inf
+        ("a,b\n1,nan\n3,4\n", r"line 2, column 'b'.*not finite"),  # NaN
+        ("a,label\n1,0\n2,7\n", r"line 3, column 'label': labels must be 0"),  # bad label
+        ("", "missing header"),  # empty file
+        ("a,b\n1,2\n", "at least 2 data rows"),  # one row
+        ("label\n0\n1\n", "no feature columns"),  # only labels
+    ],
+)
+def test_csv_errors_name_the_line(tmp_path, text, match):
+    with pytest.raises(ValueError, match=match):
+        load_csv(_write(tmp_path, text))
+
+
+def test_csv_missing_and_binary(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_csv(tmp_path / "nope.csv")
+    p = tmp_path / "bin.csv"
+    p.write_bytes(b"\xff\xfe\x00\x01garbage")
+    with pytest.raises(ValueError, match="UTF-8"):
+        load_csv(p)
