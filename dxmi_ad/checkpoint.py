@@ -7,16 +7,19 @@ flushed, fsync'ed and renamed, so a crash never leaves a half-written file under
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["MODEL_FILE", "CONFIG_FILE", "atomic_write_text", "load_model_dir", "save_model_dir", "versions"]
+__all__ = ["MODEL_FILE", "CONFIG_FILE", "atomic_directory", "atomic_write_text", "read_yaml_mapping", "load_model_dir", "save_model_dir", "versions"]
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -100,3 +103,50 @@ def load_model_dir(directory: str | os.PathLike[str]) -> tuple[dict[str, torch.T
         msg = f"{directory / MODEL_FILE} is not a valid safetensors file: {err}"
         raise ValueError(msg) from err
     return tensors, meta
+
+
+@contextlib.contextmanager
+def atomic_directory(final: str | os.PathLike[str]) -> Iterator[Path]:
+    """Build a folder under a temporary sibling name and rename it to ``final`` only if the block succeeds.
+
+    An existing ``final`` is replaced at the end; on an exception the temporary folder is removed and ``final`` is
+    left as it was, so a failed run never leaves a half-written result in place.
+
+    Yields:
+        The temporary folder to write into.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_yaml_mapping(path: str | os.PathLike[str], what: str = "recipe") -> dict[str, Any]:
+    """Read a YAML file that must hold a mapping (recipes).
+
+    Raises:
+        FileNotFoundError: If the file is missing.
+        ValueError: If it is not valid YAML or not a mapping (the message names the file).
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        msg = f"{what} {path} not found"
+        raise FileNotFoundError(msg)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        msg = f"{what} {path} is not valid YAML: {err}"
+        raise ValueError(msg) from err
+    if not isinstance(data, dict):
+        msg = f"{what} {path} must be a mapping of key: value"
+        raise ValueError(msg)
+    return data

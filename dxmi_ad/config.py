@@ -36,6 +36,8 @@ class DxMIConfig:
             value) or ``"shared"`` (``E(x) = V(x, T)``, the paper's 2-D variant).
         spherical: Data lie on the unit sphere (L2-normalized features): the sampler mean and the autoencoder output
             are projected onto it.
+        project_samples: With ``spherical``, project every sampler step's output onto the sphere too (a named
+            deviation; PAPER.md pitfall 15 leaves it open).
         initial: Start distribution pi(x_0): ``"gaussian"`` (N(0, I)) or ``"autoencoder"`` (data perturbed through a
             frozen copy of the pretrained autoencoder, App. C.3).
         init_noise_low, init_noise_high: Range of the latent noise std of the autoencoder start.
@@ -73,6 +75,7 @@ class DxMIConfig:
     n_steps: int = 5
     energy: str = "autoencoder"
     spherical: bool = False
+    project_samples: bool = False
     initial: str = "autoencoder"
     init_noise_low: float = 0.05
     init_noise_high: float = 0.3

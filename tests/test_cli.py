@@ -24,7 +24,7 @@ def test_train_digits_writes_run_dir(tmp_path):
     assert metrics["AUROC"] > 0.9 and metrics["dataset"] == "digits-1"
     # no leftovers from the atomic write
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
-    again = runner.invoke(app, ["train", "--out", str(out), *FAST])
+    again = runner.invoke(app, ["train", "--dataset", "digits", "--out", str(out), *FAST])
     assert again.exit_code == 2 and "exists" in again.output
 
 
@@ -60,7 +60,9 @@ def test_sample_2d_writes_png(tmp_path):
     [
         (["train", "--dataset", "imagenet"], "unknown dataset"),  # unknown dataset name
         (["train", "--dataset", "csv:/no/such.csv"], "not found"),  # missing CSV
-        (["train", "--set", "bogus=1"], "unknown recipe key"),  # unknown recipe key
+        (["train", "--dataset", "digits", "--set", "bogus=1"], "unknown recipe key"),  # unknown vector key
+        (["train", "--set", "bogus=1"], "unknown recipe key"),  # unknown image key
+        (["train", "--dataset", "mvtec"], "--data-root"),  # mvtec without a root
         (["train", "--set", "n_iter"], "KEY=VALUE"),  # malformed --set
         (["sample", "--model", "/no/such/run"], "not found"),  # missing run dir
     ],
@@ -80,5 +82,5 @@ def test_bad_csv_names_line(tmp_path):
 
 
 def test_dry_run_prints_recipe():
-    result = runner.invoke(app, ["train", "--dry-run", "--set", "n_iter=7"])
+    result = runner.invoke(app, ["train", "--dataset", "digits", "--dry-run", "--set", "n_iter=7"])
     assert result.exit_code == 0 and '"n_iter": 7' in result.output

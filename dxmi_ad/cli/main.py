@@ -7,8 +7,6 @@ prints; errors go to stderr with a non-zero exit code and no traceback.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,12 +17,16 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from dxmi_ad.checkpoint import atomic_directory, read_yaml_mapping
+from dxmi_ad.cli.images import IMAGE_DATASETS, ImageCLIError
+
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Anomaly detection with DxMI energy models.")
 console = Console()
 err_console = Console(stderr=True)
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"  # the repository's recipes/ (editable install)
-DATASETS = ("digits", "eight-gaussians", "wbc", "wine", "csv:PATH")
+DATASETS = ("textures", "mvtec", "folder", "digits", "eight-gaussians", "wbc", "wine", "csv:PATH")
+DEFAULT_DATASET = "textures"
 
 
 class CLIError(Exception):
@@ -59,17 +61,10 @@ def load_recipe(path: Path | None, dataset: str, sets: list[str]) -> dict[str, A
     if path is None:
         stem = "eight_gaussians" if dataset == "eight-gaussians" else "digits"
         path = RECIPES / f"{stem}.yaml"
-    if not path.is_file():
-        msg = f"recipe {path} not found"
-        raise CLIError(msg)
     try:
-        recipe = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        msg = f"recipe {path} is not valid YAML: {err}"
-        raise CLIError(msg) from err
-    if not isinstance(recipe, dict):
-        msg = f"recipe {path} must be a mapping of parameter: value"
-        raise CLIError(msg)
+        recipe = read_yaml_mapping(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise CLIError(str(err)) from err
     recipe.update(_parse_sets(sets))
     known = set(DxMIDetector().get_params())
     unknown = sorted(set(recipe) - known)
@@ -157,19 +152,28 @@ def _evaluate(det: Any, split: Any, dataset: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------- commands
 @app.command()
 def train(
-    dataset: Annotated[str, typer.Option(help="digits | eight-gaussians | wbc | wine | csv:PATH")] = "digits",
+    dataset: Annotated[str, typer.Option(help="textures | mvtec | folder | digits | eight-gaussians | wbc | wine | csv:PATH")] = DEFAULT_DATASET,
+    data_root: Annotated[Path | None, typer.Option(help="image datasets: dataset root (textures: cache folder)")] = None,
+    category: Annotated[str, typer.Option(help="mvtec/textures: comma-separated categories, or all")] = "all",
     normal_class: Annotated[int, typer.Option(help="digits: the class taken as normal (0-9)")] = 0,
-    recipe: Annotated[Path | None, typer.Option(help="YAML recipe of DxMIDetector parameters")] = None,
+    recipe: Annotated[Path | None, typer.Option(help="YAML recipe (vector: DxMIDetector parameters; image: features + model)")] = None,
     out: Annotated[Path | None, typer.Option(help="run directory (default runs/<dataset>-<time>)")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="override a recipe key: KEY=VALUE")] = None,
     seed: Annotated[int, typer.Option(help="random seed (fixes results on the CPU)")] = 0,
+    skip_bad_files: Annotated[bool, typer.Option(help="leave unreadable training images out instead of stopping")] = False,
+    pretrained: Annotated[bool, typer.Option(help="ImageNet backbone weights; --no-pretrained = random weights")] = True,
+    weights: Annotated[Path | None, typer.Option(help="backbone weights file (state dict)")] = None,
+    backbone: Annotated[str | None, typer.Option(help="timm backbone name (default from the recipe)")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing run directory")] = False,
     dry_run: Annotated[bool, typer.Option(help="print the resolved recipe and exit")] = False,
 ) -> None:
     """Train a DxMI detector and report AUROC on the held-out test split.
 
-    With no arguments: scikit-learn's digits (real), class 0 normal, every other class anomalous.
+    With no arguments: the embedded textures (real CC0 photos with SYNTHETIC defects), one model for all three.
     """
+    if dataset in IMAGE_DATASETS:
+        _train_images(locals())
+        return
     try:
         params = load_recipe(recipe, dataset, set_ or [])
         params.setdefault("random_state", seed)
@@ -195,18 +199,9 @@ def train(
     seconds = time.perf_counter() - t0
     metrics = _evaluate(det, split, dataset)
     metrics.update({"train_seconds": round(seconds, 2), "recipe": params})
-    # Write into a temporary sibling and rename: a failed run never leaves a half-written run directory.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:  # a failed run never leaves a half-written run directory
         det.save(tmp)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     table = Table(title=f"DxMI on {split.name}")
     for col in ("metric", "value"):
         table.add_column(col)
@@ -278,6 +273,86 @@ def _scatter_png(det: Any, xs: Any, png: Path) -> None:
     fig.savefig(tmp)
     plt.close(fig)
     tmp.replace(png)
+
+
+def _train_images(args: dict[str, Any]) -> None:
+    from dxmi_ad.cli import images
+    from dxmi_ad.features.extractor import PretrainedWeightsError
+    from dxmi_ad.image import BadFilesError
+
+    try:
+        recipe = images.load_image_recipe(args["recipe"], _parse_sets(args["set_"] or []))
+        if args["dry_run"]:
+            console.print_json(json.dumps(recipe))
+            return
+        out = args["out"] or Path("runs") / f"{args['dataset']}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if out.exists() and not args["overwrite"]:
+            msg = f"run directory {out} exists; choose another --out or pass --overwrite"
+            raise CLIError(msg)
+        with _Progress() as progress:
+            images.train_images({**args, "recipe": recipe, "out": out}, console, progress)
+    except (CLIError, ImageCLIError, BadFilesError, PretrainedWeightsError, FileNotFoundError, ValueError) as err:
+        raise _fail(str(err)) from None
+
+
+def _load_image_model(model: Path) -> Any:
+    from dxmi_ad.image import ImageDetector
+
+    try:
+        return ImageDetector.load(model)
+    except (FileNotFoundError, ValueError) as err:
+        raise _fail(str(err)) from None
+
+
+@app.command()
+def evaluate(
+    model: Annotated[Path, typer.Option(help="run directory of an image model")],
+    dataset: Annotated[str | None, typer.Option(help="textures | mvtec | folder (default: the training dataset)")] = None,
+    data_root: Annotated[Path | None, typer.Option(help="dataset root")] = None,
+    category: Annotated[str | None, typer.Option(help="categories, or all")] = None,
+    out: Annotated[Path | None, typer.Option(help="where to write metrics.json/csv and roc.png (default: --model)")] = None,
+) -> None:
+    """Per-category image AUROC, pixel AUROC, AUPRO and F1-max of an image model, plus the mean."""
+    from dxmi_ad.checkpoint import load_model_dir
+    from dxmi_ad.cli import images
+
+    det = _load_image_model(model)
+    _, meta = load_model_dir(model)
+    dataset = dataset or meta.get("dataset") or "textures"
+    root = data_root or (Path(meta["data_root"]) if meta.get("data_root") else None)
+    try:
+        samples, description = images.list_dataset(dataset, root, category or meta.get("category") or "all")
+    except ImageCLIError as err:
+        raise _fail(str(err)) from None
+    console.print(f"[bold]dxmi-ad evaluate[/] {description}")
+    metrics = images.evaluate_and_write(det, samples, out or model, console)
+    if not metrics:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def score(
+    paths: Annotated[list[Path], typer.Argument(help="image files and/or folders (recursive)")],
+    model: Annotated[Path, typer.Option(help="run directory of an image model")],
+    out: Annotated[Path | None, typer.Option(help="CSV file (default: print to the terminal)")] = None,
+    heatmaps: Annotated[Path | None, typer.Option(help="folder for heat-map overlay PNGs")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="images per batch (bounds memory)")] = 32,
+) -> None:
+    """Score images: one CSV row per file (path, score, threshold, is_anomaly, error); exit 1 if a file failed."""
+    from dxmi_ad.cli import images
+
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise _fail(f"not found: {', '.join(missing)}")
+    det = _load_image_model(model)
+    text, n_bad = images.score_paths(det, paths, out, heatmaps, batch_size)
+    if out is None:
+        console.print(text, end="", highlight=False, markup=False, soft_wrap=True)
+    else:
+        console.print(f"wrote {out}")
+    if n_bad:
+        err_console.print(f"{n_bad} file(s) could not be read; see the error column")
+        raise typer.Exit(code=1)
 
 
 def main() -> None:

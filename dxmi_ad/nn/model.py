@@ -38,7 +38,7 @@ class DxMIModel(nn.Module):
         self.config = config
         self.sampler = GaussianSampler(
             c.dim, c.n_steps, c.sampler_hidden, c.sampler_layers, c.time_dim, c.parameterization,
-            c.init_sigma, c.last_sigma, c.fix_last_sigma, c.spherical, c.activation,
+            c.init_sigma, c.last_sigma, c.fix_last_sigma, c.spherical, c.activation, c.project_samples,
         )
         self.value = ValueNet(c.dim, c.value_hidden, c.value_layers, c.time_dim, c.activation)
         if c.energy == "shared":

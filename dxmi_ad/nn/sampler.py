@@ -84,8 +84,12 @@ class GaussianSampler(nn.Module):
             DDPM posterior std.
         fix_last_sigma: Keep ``sigma_{T-1}`` fixed (the reference code's ``trainable_beta='fix_last'``).
         spherical: Project the mean onto the unit sphere (anomaly-detection features, PAPER.md pitfall 15).
-            Samples ``mean + sigma * eps`` are not re-projected (the paper does not say; see pitfall 15).
+            Samples ``mean + sigma * eps`` are not re-projected unless ``project_samples`` (the paper does not say;
+            see pitfall 15).
         activation: Hidden activation.
+        project_samples: With ``spherical``, also project each sample ``x_{t+1}`` onto the unit sphere. Named
+            deviation (off by default): the step is then a projected Gaussian, whose entropy ``log sigma_t`` is
+            used as an approximation; it stops negatives from differing from data by their norm alone.
 
     Raises:
         ValueError: On a non-positive ``dim``, ``n_steps`` or sigma, or an unknown parameterization.
@@ -104,6 +108,7 @@ class GaussianSampler(nn.Module):
         fix_last_sigma: bool = False,
         spherical: bool = False,
         activation: str = "silu",
+        project_samples: bool = False,
     ) -> None:
         super().__init__()
         if dim < 1 or n_steps < 1:
@@ -117,6 +122,7 @@ class GaussianSampler(nn.Module):
             raise ValueError(msg)
         self.dim, self.n_steps = dim, n_steps
         self.parameterization, self.spherical, self.fix_last_sigma = parameterization, spherical, fix_last_sigma
+        self.project_samples = project_samples and spherical
         self.net = TimeMLP(dim, hidden, n_layers, dim, time_dim, activation)
         alpha_bar = cosine_alpha_bar(n_steps)  # diffusion order, (T+1,)
         self.register_buffer("alpha_bar", alpha_bar)
@@ -196,7 +202,10 @@ class GaussianSampler(nn.Module):
         log_sigma = self.log_sigmas()[t.long()]  # (B,)
         sigma = log_sigma.exp()
         eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        return StepOutput(mean + sigma[:, None] * eps, mean, sigma, log_sigma)
+        sample = mean + sigma[:, None] * eps
+        if self.project_samples:
+            sample = F.normalize(sample, dim=-1)
+        return StepOutput(sample, mean, sigma, log_sigma)
 
     @torch.no_grad()
     def sample(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -1,0 +1,129 @@
+"""DxMI beside anomalib's PaDiM and PatchCore on the embedded textures (real photos, SYNTHETIC defects).
+
+One run, same data, same offline EfficientNet-Lite0 ImageNet weights. Rows: the autoencoder energy alone (DxMI's
+starting point), DxMI tau = 0.1, DxMI tau = 0 (the paper's entropy ablation), anomalib PaDiM and PatchCore. Columns:
+image and pixel AUROC per texture and mean, training seconds, end-to-end scoring images/s, and the backbone-only
+images/s. Settings: recipes/textures.yaml; peers use Lite0 blocks 1 + 2 (strides 4, 8: the usual middle layers;
+the full stride-2..16 stack at stride-2 resolution is out of reach for PaDiM's covariances and PatchCore's
+coreset on 2 CPU cores), PatchCore with a 1% coreset (PAPER.md §7: k-center greedy is slow on the CPU).
+
+    python benchmarks/textures.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+
+from dxmi_ad.config import DxMIConfig
+from dxmi_ad.data.mvtec import list_mvtec
+from dxmi_ad.data.textures import write_textures
+from dxmi_ad.evaluation import metrics_table
+from dxmi_ad.features.extractor import lite0_state_dict
+from dxmi_ad.image import FeatureSettings, ImageDetector, iter_batches
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "textures.yaml"
+
+
+def _dxmi(samples: list, test: list, model: dict, feats: dict) -> tuple[pd.DataFrame, float, float]:
+    det = ImageDetector(DxMIConfig.from_dict(model), FeatureSettings(**feats))
+    t0 = time.perf_counter()
+    det.fit(samples)
+    train_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    scored = det.score_samples(test)
+    return metrics_table(test, scored), train_s, len(test) / (time.perf_counter() - t0)
+
+
+def _anomalib(kind: str, samples: list, test: list, size: int) -> tuple[pd.DataFrame, float, float]:
+    from anomalib.models.image.padim.torch_model import PadimModel
+    from anomalib.models.image.patchcore.torch_model import PatchcoreModel
+
+    layers = ["blocks.1", "blocks.2"]
+    if kind == "PaDiM":
+        model = PadimModel(backbone="tf_efficientnet_lite0", layers=layers, pre_trained=False, n_features=64)
+    else:
+        model = PatchcoreModel(layers=layers, backbone="tf_efficientnet_lite0", pre_trained=False, num_neighbors=9)
+    own = model.feature_extractor.feature_extractor.state_dict()
+    model.feature_extractor.feature_extractor.load_state_dict(
+        {k: v for k, v in lite0_state_dict().items() if k in own}, strict=True)
+    mean = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
+    std = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
+    train = [s for s in samples if s.split == "train"]
+    t0 = time.perf_counter()
+    model.train()
+    with torch.no_grad():
+        for _, images, _, _ in iter_batches(train, size, 32):
+            model((images - mean) / std)
+    if kind == "PaDiM":
+        model.fit()
+    else:
+        model.subsample_embedding(0.01)
+    train_s = time.perf_counter() - t0
+    model.eval()
+    n = len(test)
+    scores, maps, masks = np.full(n, np.nan), np.zeros((n, size, size), np.float16), np.zeros((n, size, size), bool)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for idx, images, m, _ in iter_batches(test, size, 32):
+            out = model((images - mean) / std)
+            scores[idx] = out.pred_score.numpy().ravel()
+            maps[idx] = out.anomaly_map[:, 0].numpy().astype(np.float16) if out.anomaly_map.ndim == 4 else \
+                out.anomaly_map.numpy().astype(np.float16)
+            masks[idx] = m.numpy()
+    ips = n / (time.perf_counter() - t0)
+    return metrics_table(test, {"pred_score": scores, "anomaly_map": maps, "gt_mask": masks}), train_s, ips
+
+
+def _backbone_ips(test: list, feats: dict) -> float:
+    fe = FeatureSettings(**feats).build()
+    t0 = time.perf_counter()
+    for _, images, _, _ in iter_batches(test, feats["image_size"], 32):
+        fe(images)
+    return len(test) / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", type=Path, default=RECIPE)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    recipe = yaml.safe_load(args.recipe.read_text())
+    feats = {**recipe["features"], "out_indices": tuple(recipe["features"]["out_indices"])}
+    samples = list_mvtec(write_textures())
+    test = [s for s in samples if s.split == "test"]
+    rows = {}
+    runs = {
+        "autoencoder alone": lambda: _dxmi(samples, test, {**recipe["model"], "n_iter": 0}, feats),
+        "DxMI tau=0.1": lambda: _dxmi(samples, test, recipe["model"], feats),
+        "DxMI tau=0": lambda: _dxmi(samples, test, {**recipe["model"], "entropy_weight": 0.0,
+                                                    "velocity_weight": 0.0}, feats),
+        "PaDiM (anomalib)": lambda: _anomalib("PaDiM", samples, test, feats["image_size"]),
+        "PatchCore 1% (anomalib)": lambda: _anomalib("PatchCore", samples, test, feats["image_size"]),
+    }
+    for name, run in runs.items():
+        table, train_s, ips = run()
+        per = table.set_index("category")
+        row = {f"{c} img": per.loc[c, "image_AUROC"] for c in per.index}
+        row.update({f"{c} pix": per.loc[c, "pixel_AUROC"] for c in per.index})
+        row.update({"train s": train_s, "score img/s": ips})
+        rows[name] = row
+        print(f"{name}: done in {train_s:.0f} s", flush=True)
+    backbone = _backbone_ips(test, feats)
+    table = pd.DataFrame(rows).T
+    order = [c for c in table.columns if c.endswith(" img")] + [c for c in table.columns if c.endswith(" pix")]
+    print(f"\nTextures (real CC0 photos, SYNTHETIC defects); AUROC fractions; recipe={args.recipe.name}; "
+          f"image size {feats['image_size']}; torch threads=2")
+    print(table[[*order, "train s", "score img/s"]].to_string(float_format=lambda v: f"{v:.3f}"))
+    print(f"backbone only ({feats['backbone']}, stages {feats['out_indices']}): {backbone:.1f} images/s")
+
+
+if __name__ == "__main__":
+    main()

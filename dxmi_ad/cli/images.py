@@ -1,0 +1,210 @@
+"""Image commands of the CLI: training on image datasets, ``evaluate``, ``score``, ``extract-features``.
+
+Datasets: ``textures`` (embedded default: real CC0 scikit-image photos, SYNTHETIC defects), ``mvtec`` (MVTec AD
+layout), ``folder`` (one category: train/good, optional test/ and ground_truth/).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dxmi_ad.checkpoint import atomic_directory, atomic_write_text, read_yaml_mapping
+
+IMAGE_DATASETS = ("textures", "mvtec", "folder")
+
+
+class ImageCLIError(Exception):
+    """User-facing error of an image command."""
+
+
+def load_image_recipe(path: Path | None, sets: dict[str, Any]) -> dict[str, Any]:
+    """Read an image recipe (``features:`` and ``model:`` sections) and apply ``--set`` overrides.
+
+    ``--set`` keys are ``model.<field>`` / ``features.<field>``, or a bare DxMIConfig field (taken as ``model.``).
+
+    Raises:
+        ImageCLIError: Missing/invalid file or unknown keys.
+    """
+    from dxmi_ad.config import DxMIConfig
+    from dxmi_ad.image import FeatureSettings
+
+    path = path or Path(__file__).resolve().parents[2] / "recipes" / "textures.yaml"
+    try:
+        recipe = read_yaml_mapping(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise ImageCLIError(str(err)) from err
+    if set(recipe) - {"features", "model"}:
+        msg = f"image recipe {path} must be a mapping with 'features' and 'model' sections"
+        raise ImageCLIError(msg)
+    model, features = dict(recipe.get("model") or {}), dict(recipe.get("features") or {})
+    for key, value in sets.items():
+        section, _, name = key.rpartition(".")
+        (features if section == "features" else model)[name] = value
+    known_model = set(DxMIConfig().to_dict())
+    known_feat = set(FeatureSettings.__dataclass_fields__)
+    unknown = sorted({f"model.{k}" for k in set(model) - known_model} | {f"features.{k}" for k in set(features)
+                                                                           - known_feat})
+    if unknown:
+        msg = f"unknown recipe key(s) {unknown} in {path} / --set"
+        raise ImageCLIError(msg)
+    return {"model": model, "features": features}
+
+
+def list_dataset(dataset: str, data_root: Path | None, category: str) -> tuple[list, str]:
+    """Samples and a description for an image dataset name.
+
+    Raises:
+        ImageCLIError: Unknown name, missing root, bad layout.
+    """
+    from dxmi_ad.data.mvtec import list_folder, list_mvtec
+    from dxmi_ad.data.textures import write_textures
+
+    try:
+        if dataset == "textures":
+            root = write_textures(data_root)
+            return list_mvtec(root, category), f"textures (real CC0 photos, SYNTHETIC defects) at {root}"
+        if data_root is None:
+            msg = f"--dataset {dataset} needs --data-root"
+            raise ImageCLIError(msg)
+        if dataset == "mvtec":
+            return list_mvtec(data_root, category), f"MVTec AD layout at {data_root}"
+        if dataset == "folder":
+            return list_folder(data_root), f"folder {data_root}"
+    except (FileNotFoundError, ValueError) as err:
+        raise ImageCLIError(str(err)) from err
+    msg = f"unknown image dataset {dataset!r}; expected one of {IMAGE_DATASETS}"
+    raise ImageCLIError(msg)
+
+
+def evaluate_and_write(det: Any, samples: list, out: Path, console: Any, progress: Any = None) -> dict[str, Any]:
+    """Score the test samples, print and write ``metrics.json`` / ``metrics.csv`` / ``roc.png`` into ``out``."""
+    from rich.table import Table
+
+    from dxmi_ad.evaluation import METRIC_KEYS, metrics_table, plot_roc
+
+    test = [s for s in samples if s.split == "test"]
+    if not test:
+        console.print("[yellow]no test images (test/ folder missing or empty): evaluation skipped[/]")
+        return {}
+    if not any(s.label == 1 for s in test):
+        console.print("[yellow]test set has no anomalous images: AUROC is undefined, evaluation skipped[/]")
+        return {}
+    t0 = time.perf_counter()
+    scored = det.score_samples(test, on_batch=progress)
+    seconds = time.perf_counter() - t0
+    table = metrics_table(test, scored)
+    rich_table = Table(title="DxMI anomaly detection (fractions in [0, 1]; higher is better)")
+    for col in ("category", *METRIC_KEYS, "n_test", "n_anomalous"):
+        rich_table.add_column(col)
+    for _, row in table.iterrows():
+        rich_table.add_row(str(row["category"]), *[f"{row[k]:.4f}" for k in METRIC_KEYS],
+                           str(int(row["n_test"])), str(int(row["n_anomalous"])))
+    console.print(rich_table)
+    bad = {str(test[i].path): r for i, r in scored["errors"].items()}
+    if bad:
+        console.print(f"[yellow]{len(bad)} unreadable test file(s) left out of the metrics[/]")
+    metrics = {"per_category": table.to_dict(orient="records"), "mean": table.iloc[-1].to_dict(),
+               "score_seconds": round(seconds, 3), "images_per_second": round(len(test) / max(seconds, 1e-9), 2),
+               "unreadable_test_files": bad}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=float))
+    atomic_write_text(out / "metrics.csv", table.to_csv(index=False))
+    plot_roc(test, scored["pred_score"], out / "roc.png")
+    return metrics
+
+
+def train_images(params: dict[str, Any], console: Any, progress: Any) -> Path:
+    """Train an image detector; write the run directory atomically; evaluate when test data exist."""
+    from dxmi_ad.config import DxMIConfig
+    from dxmi_ad.image import FeatureSettings, ImageDetector
+
+    recipe = params["recipe"]
+    feats = {**recipe["features"], "pretrained": params["pretrained"]}
+    if params.get("weights"):
+        feats["weights"] = str(params["weights"])
+    if params.get("backbone"):
+        feats["backbone"] = params["backbone"]
+    feats["out_indices"] = tuple(feats.get("out_indices", (0, 1, 2, 3)))
+    config = DxMIConfig.from_dict({**recipe["model"], "seed": params["seed"]})
+    samples, description = list_dataset(params["dataset"], params["data_root"], params["category"])
+    console.print(f"[bold]dxmi-ad train[/] {description}: {sum(s.split == 'train' for s in samples)} training, "
+                  f"{sum(s.split == 'test' for s in samples)} test images")
+    out: Path = params["out"]
+    det = ImageDetector(config, FeatureSettings(**feats))
+    t0 = time.perf_counter()
+    det.fit(samples, skip_bad_files=params["skip_bad_files"], progress=progress)
+    seconds = time.perf_counter() - t0
+    with atomic_directory(out) as tmp:
+        det.save(tmp, extra={"train_seconds": round(seconds, 2), "dataset": params["dataset"],
+                             "data_root": str(params["data_root"]) if params["data_root"] else None,
+                             "category": params["category"]})
+        evaluate_and_write(det, samples, tmp, console)
+    console.print(f"trained in {seconds:.1f} s; run directory: {out}")
+    return out
+
+
+def score_paths(det: Any, paths: list[Path], out_csv: Path | None, heatmaps: Path | None,
+                batch_size: int = 32) -> tuple[str, int]:
+    """Score files and folders (recursive); returns the CSV text and the number of unreadable files."""
+    from dxmi_ad.data.images import IMAGE_SUFFIXES
+    from dxmi_ad.data.mvtec import ImageSample
+
+    files: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            files.append(p)
+    samples = [ImageSample(f, "input", "test", "unknown", 0, None) for f in files]
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["path", "score", "threshold", "is_anomaly", "error"])
+    n_bad = 0
+    thr = det.threshold
+    if heatmaps is not None:
+        heatmaps.mkdir(parents=True, exist_ok=True)
+    from dxmi_ad.image import iter_batches
+
+    for idx, images, _, errs in iter_batches(samples, det.features.image_size, batch_size):
+        results = {}
+        if idx:
+            out = det.predict(images)
+            for j, i in enumerate(idx):
+                results[i] = (float(out["pred_score"][j]), out["anomaly_map"][j].numpy(), images[j])
+        for i in sorted([*idx, *errs]):
+            if i in errs:
+                n_bad += 1
+                writer.writerow([str(files[i]), "", f"{thr:.6g}", "", errs[i]])
+                continue
+            score, amap, image = results[i]
+            writer.writerow([str(files[i]), f"{score:.6g}", f"{thr:.6g}", int(score > thr), ""])
+            if heatmaps is not None:
+                _write_heatmap(image, amap, score, thr, heatmaps / f"{i:06d}_{files[i].stem}.png")
+    text = buf.getvalue()
+    if out_csv is not None:
+        atomic_write_text(out_csv, text)
+    return text, n_bad
+
+
+def _write_heatmap(image: Any, amap: np.ndarray, score: float, thr: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(3, 3), dpi=100)
+    ax.imshow(image.permute(1, 2, 0).numpy())
+    ax.imshow(amap, cmap="jet", alpha=0.45)
+    ax.set_title(f"score {score:.3g} ({'anomalous' if score > thr else 'normal'})", fontsize=8)
+    ax.axis("off")
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)

@@ -1,0 +1,120 @@
+"""The embedded default image dataset: real CC0 texture photos from scikit-image with SYNTHETIC defects.
+
+For each of ``brick``, ``grass``, ``gravel`` (512x512 grayscale, CC0; DATA.md §1.2, §2.2, §5.2): training tiles of
+64x64 from the top 75% of the photo (stride 32), test tiles from the disjoint bottom strip (stride 16), half of the
+test tiles given a SYNTHETIC defect (a 2-px bright scratch, a darkened disc, a 16x16 cut-paste from another
+texture) with its pixel mask. Defect classes are named ``synthetic_*`` everywhere.
+
+The tiles are written once into an MVTec-layout cache folder and then read by the same MVTec loader as real data,
+so the default exercises the real path. The folder is built in a temporary sibling and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from dxmi_ad.checkpoint import atomic_directory
+
+__all__ = ["TEXTURES", "default_cache_dir", "texture_tiles", "write_textures"]
+
+TEXTURES = ("brick", "grass", "gravel")
+_VERSION = "1"  # bump when the recipe below changes, so old caches are rebuilt
+
+
+def default_cache_dir() -> Path:
+    """``$DXMI_AD_CACHE`` or ``~/.cache/dxmi-ad``."""
+    return Path(os.environ.get("DXMI_AD_CACHE", Path.home() / ".cache" / "dxmi-ad"))
+
+
+def texture_tiles(name: str, patch: int = 64, stride: int = 32, test_frac: float = 0.25, seed: int = 0) -> dict:
+    """Cut one texture into real training tiles and test tiles with SYNTHETIC defects (DATA.md §5.2).
+
+    Args:
+        name: ``brick``, ``grass`` or ``gravel``.
+        patch: Tile side in pixels.
+        stride: Training stride (test tiles use ``stride // 2``).
+        test_frac: Fraction of the photo's height kept for testing (bottom strip).
+        seed: Seed of the defect placement.
+
+    Returns:
+        Dict with ``train`` ``(n, patch, patch)`` uint8, ``test`` ``(m, patch, patch)`` uint8, ``mask`` ``(m, patch,
+        patch)`` bool, ``kind`` ``(m,)`` str (``good`` or ``synthetic_*``).
+
+    Raises:
+        ValueError: On an unknown texture name.
+    """
+    import skimage.data as skd
+
+    if name not in TEXTURES:
+        msg = f"unknown texture {name!r}; expected one of {TEXTURES}"
+        raise ValueError(msg)
+    rng = np.random.default_rng(seed)
+    img = getattr(skd, name)()
+    donor = getattr(skd, "gravel" if name != "gravel" else "brick")()
+    cut = int(img.shape[0] * (1 - test_frac))
+
+    def tiles(a: np.ndarray, s: int) -> np.ndarray:
+        return np.stack([a[i:i + patch, j:j + patch] for i in range(0, a.shape[0] - patch + 1, s)
+                         for j in range(0, a.shape[1] - patch + 1, s)])
+
+    train = tiles(img[:cut], stride)
+    test = tiles(img[cut:], stride // 2).astype(np.float32)
+    masks = np.zeros(test.shape, bool)
+    kind = np.array(["good"] * len(test), dtype=object)
+    kinds = ("scratch", "blob", "cutpaste")
+    for n, i in enumerate(rng.permutation(len(test))[: len(test) // 2]):
+        k, q, m = kinds[n % 3], test[i], masks[i]
+        if k == "scratch":
+            r = rng.integers(4, patch - 4)
+            m[r:r + 2, :] = True
+            q[m] = 255 - 0.3 * q[m]
+        elif k == "blob":
+            yy, xx = np.mgrid[:patch, :patch]
+            cy, cx = rng.integers(8, patch - 8, 2)
+            m |= (yy - cy) ** 2 + (xx - cx) ** 2 < rng.integers(16, 64)
+            q[m] *= 0.4
+        else:
+            s = patch // 4
+            a, b = rng.integers(0, patch - s, 2), rng.integers(0, donor.shape[0] - s, 2)
+            m[a[0]:a[0] + s, a[1]:a[1] + s] = True
+            q[m] = donor[b[0]:b[0] + s, b[1]:b[1] + s].ravel()
+        kind[i] = "synthetic_" + k
+    return {"train": train, "test": np.clip(test, 0, 255).astype(np.uint8), "mask": masks, "kind": kind}
+
+
+def write_textures(cache_dir: str | Path | None = None, seed: int = 0) -> Path:
+    """Write (once) the textures dataset in MVTec layout and return its root.
+
+    Args:
+        cache_dir: Parent folder (default :func:`default_cache_dir`).
+        seed: Defect seed (part of the folder name).
+
+    Returns:
+        ``<cache_dir>/textures-v<version>-seed<seed>`` holding ``brick/``, ``grass/``, ``gravel/``.
+    """
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    root = cache_dir / f"textures-v{_VERSION}-seed{seed}"
+    if (root / ".complete").is_file():
+        return root
+    with atomic_directory(root) as tmp:
+        for name in TEXTURES:
+            t = texture_tiles(name, seed=seed)
+            (tmp / name / "train" / "good").mkdir(parents=True)
+            for i, tile in enumerate(t["train"]):
+                Image.fromarray(tile).save(tmp / name / "train" / "good" / f"{i:03d}.png")
+            for i, (tile, mask, kind) in enumerate(zip(t["test"], t["mask"], t["kind"])):
+                (tmp / name / "test" / kind).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(tile).save(tmp / name / "test" / kind / f"{i:03d}.png")
+                if kind != "good":
+                    (tmp / name / "ground_truth" / kind).mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(mask.astype(np.uint8) * 255).save(
+                        tmp / name / "ground_truth" / kind / f"{i:03d}_mask.png")
+        (tmp / "README.txt").write_text(
+            "Real CC0 texture photos from scikit-image (brick, grass, gravel). Test tiles in synthetic_* folders carry "
+            "SYNTHETIC defects made by dxmi-ad; ground_truth holds their masks.\n")
+        (tmp / ".complete").write_text(_VERSION)
+    return root

