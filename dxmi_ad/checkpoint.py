@@ -32,12 +32,19 @@ def versions() -> dict[str, str]:
     return {"dxmi_ad": __version__, "torch": torch.__version__}
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_replace(path: Path, write: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -118,11 +125,17 @@ def atomic_directory(final: str | os.PathLike[str]) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a run directory gets the usual permissions
     try:
         yield tmp
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        if final.exists():  # keep the old result until the new one is in place
+            backup = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
+            backup.rmdir()
+            final.rename(backup)
+            tmp.rename(final)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            tmp.rename(final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

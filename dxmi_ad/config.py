@@ -116,7 +116,22 @@ class DxMIConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        """Check ranges and choices; raises ``ValueError`` naming the field, the value and what is allowed."""
+        """Check types, ranges and choices; raises ``ValueError`` naming the field, the value and what is allowed."""
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), str(f.type)
+            if kind == "bool" and not isinstance(value, bool):
+                msg = f"{f.name} must be true or false, got {value!r}"
+                raise ValueError(msg)
+            if kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+                msg = f"{f.name} must be an integer, got {value!r}"
+                raise ValueError(msg)
+            if kind.startswith("float") and value is not None and (
+                    isinstance(value, bool) or not isinstance(value, (int, float))):
+                msg = f"{f.name} must be a number, got {value!r}"
+                raise ValueError(msg)
+            if kind == "str" and not isinstance(value, str):
+                msg = f"{f.name} must be a string, got {value!r}"
+                raise ValueError(msg)
         for name, allowed in _CHOICES.items():
             if getattr(self, name) not in allowed:
                 msg = f"{name} must be one of {allowed}, got {getattr(self, name)!r}"
@@ -152,9 +167,15 @@ class DxMIConfig:
         if self.initial == "autoencoder" and self.energy != "autoencoder":
             msg = "initial='autoencoder' needs energy='autoencoder' (the start is perturbed by a frozen copy of it)"
             raise ValueError(msg)
-        if self.sampler_pretrain_iter and self.parameterization != "eps":
-            msg = "sampler_pretrain_iter > 0 (DDPM pre-training) needs parameterization='eps'"
+        if self.sampler_pretrain_iter and (self.parameterization != "eps" or self.initial != "gaussian"):
+            msg = ("sampler_pretrain_iter > 0 (DDPM pre-training) needs parameterization='eps' and initial='gaussian' "
+                   "(a DDPM starts from N(0, I), not from autoencoder-perturbed data)")
             raise ValueError(msg)
+        for name in ("energy_grad_clip", "sampler_grad_clip", "value_grad_clip", "sigma_lr"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                msg = f"{name} must be > 0 or null, got {value}"
+                raise ValueError(msg)
 
     @property
     def effective_sigma_lr(self) -> float:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, OutlierMixin
-from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils._param_validation import Interval, InvalidParameterError, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from dxmi_ad.checkpoint import load_model_dir, save_model_dir
@@ -49,6 +49,11 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
     ``fit`` standardises the features, pre-trains an autoencoder energy on the normal rows, then runs DxMI: the
     energy learns low values on data and high values on the outputs of a T-step diffusion sampler that is itself
     trained by DxDP to reach low energy with maximal entropy (paper §3-4).
+
+    Named deviations from the paper's AD recipe (PAPER.md §4.2), all CPU-motivated: the log-sigma learning rate is
+    10 x ``sampler_lr`` (PAPER.md §7: 100 x was unstable); with the autoencoder energy every sigma_t is learned
+    (the AD sampler of the paper does not say whether the last is fixed); autoencoder pre-training uses lr 1e-3;
+    the step embedding is 32-d for ``n_features <= 16`` (128 otherwise); ``warmup_iter`` freezes the energy first.
 
     Parameters (all stored unchanged; the model is built in ``fit``):
         n_steps: Sampler steps T (paper: 5).
@@ -96,6 +101,8 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
         >>> det.energy(X[:3]).shape
         (3,)
     """
+
+    _auto_quantile = _AUTO_QUANTILE
 
     _parameter_constraints: dict[str, list[Any]] = {
         "n_steps": [Interval(Integral, 1, None, closed="left")],
@@ -260,7 +267,7 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
         if not np.isfinite(train_energy).all():
             msg = "training diverged: non-finite energies on the training data; lower the learning rates"
             raise FloatingPointError(msg)
-        quantile = _AUTO_QUANTILE if self.contamination == "auto" else 1.0 - float(self.contamination)
+        quantile = self._auto_quantile if self.contamination == "auto" else 1.0 - float(self.contamination)
         self.offset_ = float(-np.quantile(train_energy, quantile))
         return self
 
@@ -349,12 +356,12 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
             msg = f"n_samples must be >= 1, got {n_samples}"
             raise ValueError(msg)
         seed = random_state if random_state is not None else self._seed()
-        gen = torch.Generator().manual_seed(int(seed))
         device = self.model_.velocity_scale_sq.device
+        gen = torch.Generator(device=device).manual_seed(int(seed))
         data = None
         if self.model_.initial_ae is not None:
-            idx = torch.randint(len(self.start_bank_), (int(n_samples),), generator=gen)
-            data = self.start_bank_[idx].to(device)
+            idx = torch.randint(len(self.start_bank_), (int(n_samples),), generator=gen, device=device)
+            data = self.start_bank_[idx.cpu()].to(device)
         x0 = self.model_.initial_states(int(n_samples), data, gen)
         xs = self.model_.sampler.sample(x0, gen)[-1].cpu().numpy().astype(np.float64)
         if not self.spherical and self.standardize:
@@ -376,6 +383,8 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
         tensors = {f"model.{k}": v for k, v in self.model_.checkpoint_tensors().items()}
         tensors.update({"scaler.mean": torch.from_numpy(self.mean_), "scaler.scale": torch.from_numpy(self.scale_),
                         "start_bank": self.start_bank_})
+        if hasattr(self, "decision_scores_"):
+            tensors["decision_scores"] = torch.from_numpy(np.asarray(self.decision_scores_, dtype=np.float64))
         meta = {"kind": "DxMIDetector", "params": params, "config": self.config_.to_dict(),
                 "offset": self.offset_, "n_features_in": int(self.n_features_in_), "history": self.history_[-1:]}
         save_model_dir(path, tensors, meta)
@@ -397,19 +406,27 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
         """
         tensors, meta = load_model_dir(path)
         if meta.get("kind") != "DxMIDetector":
-            msg = f"{Path(path)} does not hold a DxMIDetector (kind={meta.get('kind')!r})"
+            msg = f"{Path(path)} does not hold a vector DxMIDetector (kind={meta.get('kind')!r})"
             raise ValueError(msg)
-        det = cls(**{**meta["params"], "device": device})
-        det.config_ = DxMIConfig.from_dict(meta["config"])
-        model = build_model(det.config_)
-        model.load_checkpoint_tensors({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        try:
+            det = cls(**{**meta["params"], "device": device})
+            det._validate_params()
+            det.config_ = DxMIConfig.from_dict(meta["config"])
+            model = build_model(det.config_)
+            model.load_checkpoint_tensors({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+            det.mean_ = tensors["scaler.mean"].numpy()
+            det.scale_ = tensors["scaler.scale"].numpy()
+            det.start_bank_ = tensors["start_bank"]
+            det.offset_ = float(meta["offset"])
+            det.n_features_in_ = int(meta["n_features_in"])
+        except (KeyError, TypeError, ValueError, InvalidParameterError) as err:
+            msg = f"{Path(path)} holds an invalid or tampered model description: {err}"
+            raise ValueError(msg) from err
         det.model_ = model.to(_resolve_device(device)).eval()
-        det.mean_ = tensors["scaler.mean"].numpy()
-        det.scale_ = tensors["scaler.scale"].numpy()
-        det.start_bank_ = tensors["start_bank"]
-        det.offset_ = float(meta["offset"])
-        det.n_features_in_ = int(meta["n_features_in"])
         det.history_ = meta.get("history", [])
+        if "decision_scores" in tensors:
+            det.decision_scores_ = tensors["decision_scores"].numpy()
+            det.labels_ = (det.decision_scores_ > det.threshold_).astype(int)
         return det
 
 
@@ -420,12 +437,11 @@ class PyODDxMIDetector(DxMIDetector):
     * ``predict(X)`` in {0 (inlier), 1 (outlier)}, ``energy > threshold_``;
     * after ``fit``: ``decision_scores_`` (training energies), ``threshold_`` (the ``1 - contamination`` percentile
       of them), ``labels_`` (training labels in {0, 1});
-    * ``contamination`` defaults to 0.1 as in pyod; ``predict_proba`` is pyod's ``'linear'`` min-max of training
+    * ``contamination="auto"`` (the default) means pyod's default 0.1; ``predict_proba`` is pyod's ``'linear'`` min-max of training
       scores (not calibrated).
     """
 
-    def __init__(self, *, contamination: str | float = 0.1, **kwargs: Any) -> None:
-        super().__init__(contamination=contamination, **kwargs)
+    _auto_quantile = 0.9  # contamination="auto" means pyod's default contamination of 0.1
 
     def fit(self, X: Any, y: Any = None) -> PyODDxMIDetector:
         """Train (see :meth:`DxMIDetector.fit`) and set ``decision_scores_``, ``threshold_``, ``labels_``."""

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dxmi_ad.checkpoint import load_model_dir, save_model_dir
+from dxmi_ad.checkpoint import atomic_write_text, load_model_dir, save_model_dir
 from dxmi_ad.config import DxMIConfig
 from dxmi_ad.data.images import ImageReadError, load_image, load_mask
 from dxmi_ad.data.mvtec import ImageSample
@@ -103,6 +103,9 @@ def iter_batches(
 
 def _cache_key(samples: Sequence[ImageSample], settings: FeatureSettings) -> str:
     h = hashlib.sha256(json.dumps(asdict(settings), sort_keys=True).encode())
+    if settings.weights and Path(settings.weights).exists():  # replaced weights must not reuse stale features
+        st = Path(settings.weights).stat()
+        h.update(f"weights|{st.st_size}|{st.st_mtime_ns}".encode())
     for s in samples:
         st = s.path.stat() if s.path.exists() else None
         h.update(f"{s.path.resolve()}|{st.st_size if st else -1}|{st.st_mtime_ns if st else -1}\n".encode())
@@ -140,19 +143,24 @@ def extract_training_features(
     key = _cache_key(samples, settings)
     path, meta_path = cache / f"{key}.npy", cache / f"{key}.json"
     if path.is_file() and meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
+        try:
+            meta = json.loads(meta_path.read_text())
+            cached = np.load(path, mmap_mode="c")
+        except (OSError, ValueError) as err:
+            msg = f"feature cache {path} is damaged ({err}); delete it (and {meta_path.name}) to re-extract"
+            raise ValueError(msg) from err
         bad = {Path(p): r for p, r in meta["errors"].items()}
         if bad and not skip_bad_files:
             raise BadFilesError(bad, "training set")
         kept = [s for s in samples if s.path not in bad]
-        return np.load(path, mmap_mode="c"), kept
+        return cached, kept
     cache.mkdir(parents=True, exist_ok=True)
     n, size = len(samples), settings.image_size
-    grid = size // extractor.grid_stride
+    grid_h, grid_w = extractor(torch.zeros(1, 3, size, size)).shape[-2:]  # exact grid for any input size
     fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".npy", dir=cache)
     os.close(fd)
     try:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, grid, grid, extractor.channels))
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, grid_h, grid_w, extractor.channels))
         ok = np.zeros(n, bool)
         errors: dict[Path, str] = {}
         done = 0
@@ -179,7 +187,8 @@ def extract_training_features(
             out.flush()
             del out
         os.replace(tmp, path)
-        meta_path.write_text(json.dumps({"errors": {str(p): r for p, r in errors.items()}, "settings": asdict(settings)}))
+        atomic_write_text(meta_path, json.dumps({"errors": {str(p): r for p, r in errors.items()},
+                                                 "settings": asdict(settings)}))
     finally:
         for p in (tmp, tmp + ".c.npy"):
             Path(p).unlink(missing_ok=True)
@@ -346,11 +355,15 @@ class ImageDetector:
         if meta.get("kind") != "ImageDetector":
             msg = f"{directory} does not hold an image model (kind={meta.get('kind')!r}); it was trained on vectors"
             raise ValueError(msg)
-        feats = dict(meta["features"])
-        feats["out_indices"] = tuple(feats["out_indices"])
-        det = cls(DxMIConfig.from_dict(meta["config"]), FeatureSettings(**feats))
-        det.model = build_model(det.config)
-        det.model.load_checkpoint_tensors(tensors)
+        try:
+            feats = dict(meta["features"])
+            feats["out_indices"] = tuple(feats["out_indices"])
+            det = cls(DxMIConfig.from_dict(meta["config"]), FeatureSettings(**feats))
+            det.model = build_model(det.config)
+            det.model.load_checkpoint_tensors(tensors)
+        except (KeyError, TypeError, ValueError) as err:
+            msg = f"{directory} holds an invalid or tampered model description: {err}"
+            raise ValueError(msg) from err
         det.model.eval()
         det.threshold = meta.get("threshold")
         det.categories = meta.get("categories", [])

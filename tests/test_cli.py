@@ -81,6 +81,18 @@ def test_bad_csv_names_line(tmp_path):
     assert result.exit_code == 2 and "line 4" in result.output and "oops" in result.output
 
 
+def test_set_reads_scientific_notation():
+    result = runner.invoke(app, ["train", "--dataset", "digits", "--dry-run", "--set", "energy_lr=1e-5"])
+    assert result.exit_code == 0 and '"energy_lr": 1e-05' in result.output
+
+
+def test_out_pointing_at_a_file_is_refused_before_training(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    result = runner.invoke(app, ["train", "--dataset", "digits", "--out", str(f), "--overwrite"])
+    assert result.exit_code == 2 and "existing file" in result.output
+
+
 def test_dry_run_prints_recipe():
     result = runner.invoke(app, ["train", "--dataset", "digits", "--dry-run", "--set", "n_iter=7"])
     assert result.exit_code == 0 and '"n_iter": 7' in result.output

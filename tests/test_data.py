@@ -60,6 +60,13 @@ def test_csv_errors_name_the_line(tmp_path, text, match):
         load_csv(_write(tmp_path, text))
 
 
+def test_csv_with_byte_order_mark_keeps_label(tmp_path):
+    p = tmp_path / "excel.csv"
+    p.write_bytes("label,a\n0,1\n1,2\n".encode("utf-8-sig"))
+    X, y, names = load_csv(p)
+    assert names == ["a"] and y.tolist() == [0, 1]
+
+
 def test_csv_missing_and_binary(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         load_csv(tmp_path / "nope.csv")

@@ -116,3 +116,38 @@ def test_pyod_adapter(blobs):
     assert set(np.unique(det.predict(np.r_[normal, outliers]))) == {0, 1}
     proba = det.predict_proba(outliers)
     assert proba.shape == (60, 2) and np.allclose(proba.sum(1), 1)
+
+
+def test_pyod_adapter_clone_and_reload_keep_everything(blobs, tmp_path):
+    det = PyODDxMIDetector(random_state=0, **{**TINY, "spherical": True})
+    assert clone(det).get_params() == det.get_params()  # every parameter survives (not only contamination)
+    det.fit(blobs[0])
+    det.save(tmp_path / "p")
+    back = PyODDxMIDetector.load(tmp_path / "p")
+    assert back.spherical is True
+    np.testing.assert_array_equal(back.predict_proba(blobs[1]), det.predict_proba(blobs[1]))
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda m: m["config"].update(n_steps="5"), "n_steps must be an integer"),  # wrong type
+        (lambda m: m["params"].update(bogus=1), "invalid or tampered"),  # unknown parameter
+        (lambda m: m.pop("offset"), "invalid or tampered"),  # missing field
+        (lambda m: m["config"].update(spherical="no"), "true or false"),  # string for a bool
+    ],
+)
+def test_tampered_config_is_refused_cleanly(fitted, tmp_path, edit, match):
+    import json
+
+    fitted.save(tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "config.json").read_text())
+    edit(meta)
+    (tmp_path / "m" / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=match):
+        DxMIDetector.load(tmp_path / "m")
+
+
+def test_ddpm_pretraining_with_autoencoder_start_is_refused():
+    with pytest.raises(ValueError, match="initial='gaussian'"):
+        DxMIDetector(sampler_pretrain_iter=5, **TINY).fit(np.random.default_rng(0).normal(size=(20, 3)))

@@ -101,8 +101,8 @@ def evaluate_and_write(det: Any, samples: list, out: Path, console: Any, progres
     seconds = time.perf_counter() - t0
     table = metrics_table(test, scored)
     rich_table = Table(title="DxMI anomaly detection (fractions in [0, 1]; higher is better)")
-    for col in ("category", *METRIC_KEYS, "n_test", "n_anomalous"):
-        rich_table.add_column(col)
+    for col in ("category", "image AUROC", "pixel AUROC", "pixel AUPRO", "image F1max", "n test", "n anom."):
+        rich_table.add_column(col, overflow="fold")
     for _, row in table.iterrows():
         rich_table.add_row(str(row["category"]), *[f"{row[k]:.4f}" for k in METRIC_KEYS],
                            str(int(row["n_test"])), str(int(row["n_anomalous"])))

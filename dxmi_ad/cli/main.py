@@ -46,7 +46,13 @@ def _parse_sets(sets: list[str]) -> dict[str, Any]:
             msg = f"--set expects KEY=VALUE, got {item!r}"
             raise CLIError(msg)
         key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str):  # YAML 1.1 reads 1e-5 as a string
+            try:
+                parsed = float(parsed) if any(c in parsed for c in ".eE") else int(parsed)
+            except ValueError:
+                pass
+        out[key.strip()] = parsed
     return out
 
 
@@ -112,8 +118,9 @@ class _Progress:
 
     def __init__(self) -> None:
         self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[metrics]}"),
+            TextColumn("[bold]{task.description:<11}"), BarColumn(bar_width=20),
+            TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), TextColumn("eta"),
+            TimeRemainingColumn(), TextColumn("{task.fields[metrics]}"),
             console=console, transient=False,
         )
         self.tasks: dict[str, Any] = {}
@@ -121,10 +128,8 @@ class _Progress:
     def __call__(self, stage: str, i: int, total: int, metrics: dict[str, Any]) -> None:
         if stage not in self.tasks:
             self.tasks[stage] = self.progress.add_task(stage, total=total, metrics="")
-        text = "  ".join(
-            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}=[{', '.join(f'{s:.3g}' for s in v)}]"
-            for k, v in metrics.items() if k != "iteration"
-        )
+        shown = {"loss": "loss", "energy_data": "E(data)", "energy_samples": "E(samples)", "value_loss": "V loss"}
+        text = "  ".join(f"{name}={metrics[k]:.4g}" for k, name in shown.items() if isinstance(metrics.get(k), float))
         self.progress.update(self.tasks[stage], completed=i, metrics=text)
 
     def __enter__(self) -> _Progress:
@@ -182,9 +187,7 @@ def train(
             return
         split = load_dataset(dataset, normal_class, seed)
         out = out or Path("runs") / f"{dataset.replace(':', '_').replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if out.exists() and not overwrite:
-            msg = f"run directory {out} exists; choose another --out or pass --overwrite"
-            raise CLIError(msg)
+        _check_out(out, overwrite)
     except (CLIError, ValueError) as err:
         raise _fail(str(err)) from None
     from dxmi_ad.estimator import DxMIDetector
@@ -194,7 +197,7 @@ def train(
     try:
         with _Progress() as progress:
             det = DxMIDetector(**{**params, "verbose": progress}).fit(split.train)
-    except ValueError as err:
+    except (ValueError, FloatingPointError) as err:
         raise _fail(f"training failed: {err}") from None
     seconds = time.perf_counter() - t0
     metrics = _evaluate(det, split, dataset)
@@ -208,7 +211,7 @@ def train(
     for key in ("AUROC", "SW", "n_train", "n_test", "n_test_anomalous", "train_seconds"):
         if key in metrics:
             v = metrics[key]
-            table.add_row(key, f"{v:.4f}" if isinstance(v, float) else str(v))
+            table.add_row(key, f"{v:.1f}" if key == "train_seconds" else f"{v:.4f}" if isinstance(v, float) else str(v))
     console.print(table)
     console.print(f"run directory: {out}")
 
@@ -275,6 +278,16 @@ def _scatter_png(det: Any, xs: Any, png: Path) -> None:
     tmp.replace(png)
 
 
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an existing run directory (unless ``overwrite``) or a file in its place, before any training."""
+    if out.exists() and not out.is_dir():
+        msg = f"--out {out} is an existing file, not a run directory"
+        raise CLIError(msg)
+    if out.exists() and not overwrite:
+        msg = f"run directory {out} exists; choose another --out or pass --overwrite"
+        raise CLIError(msg)
+
+
 def _train_images(args: dict[str, Any]) -> None:
     from dxmi_ad.cli import images
     from dxmi_ad.features.extractor import PretrainedWeightsError
@@ -286,12 +299,11 @@ def _train_images(args: dict[str, Any]) -> None:
             console.print_json(json.dumps(recipe))
             return
         out = args["out"] or Path("runs") / f"{args['dataset']}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if out.exists() and not args["overwrite"]:
-            msg = f"run directory {out} exists; choose another --out or pass --overwrite"
-            raise CLIError(msg)
+        _check_out(out, args["overwrite"])
         with _Progress() as progress:
             images.train_images({**args, "recipe": recipe, "out": out}, console, progress)
-    except (CLIError, ImageCLIError, BadFilesError, PretrainedWeightsError, FileNotFoundError, ValueError) as err:
+    except (CLIError, ImageCLIError, BadFilesError, PretrainedWeightsError, FileNotFoundError, ValueError,
+            FloatingPointError) as err:
         raise _fail(str(err)) from None
 
 
@@ -328,6 +340,7 @@ def evaluate(
     metrics = images.evaluate_and_write(det, samples, out or model, console)
     if not metrics:
         raise typer.Exit(code=1)
+    console.print(f"wrote metrics.json, metrics.csv and roc.png to {out or model}")
 
 
 @app.command()
@@ -338,7 +351,11 @@ def score(
     heatmaps: Annotated[Path | None, typer.Option(help="folder for heat-map overlay PNGs")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="images per batch (bounds memory)")] = 32,
 ) -> None:
-    """Score images: one CSV row per file (path, score, threshold, is_anomaly, error); exit 1 if a file failed."""
+    """Score images: one CSV row per file (path, score, threshold, is_anomaly, error); exit 1 if a file failed.
+
+    score = pred_score (max per-location energy, higher = more anomalous); threshold = the 99th percentile of the
+    training images' scores, all categories pooled (no calibration split yet).
+    """
     from dxmi_ad.cli import images
 
     missing = [str(p) for p in paths if not p.exists()]

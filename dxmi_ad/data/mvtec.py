@@ -45,10 +45,14 @@ class ImageSample:
 
 
 def _mask_for(gt_dir: Path, stem: str) -> Path | None:
+    """``<stem>_mask.<ext>`` or ``<stem>.<ext>`` in ``gt_dir``, case-insensitively (``001.PNG`` / ``001_mask.png``)."""
+    if not gt_dir.is_dir():
+        return None
+    by_name = {p.name.lower(): p for p in gt_dir.iterdir() if p.is_file()}
     for suffix in IMAGE_SUFFIXES:
         for name in (f"{stem}_mask{suffix}", f"{stem}{suffix}"):
-            if (gt_dir / name).is_file():
-                return gt_dir / name
+            if name.lower() in by_name:
+                return by_name[name.lower()]
     return None
 
 

@@ -146,7 +146,7 @@ def load_csv(path: str | Path, label_column: str = "label") -> tuple[np.ndarray,
         msg = f"CSV file {path} not found"
         raise FileNotFoundError(msg)
     try:
-        with path.open(newline="", encoding="utf-8") as fh:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
             rows = list(csv.reader(fh))
     except (UnicodeDecodeError, csv.Error, OSError) as err:
         msg = f"{path}: cannot be read as a UTF-8 CSV file ({err})"

@@ -127,7 +127,9 @@ class FeatureExtractor(nn.Module):
         import timm
 
         self.backbone_name, self.out_indices, self.normalize = backbone, tuple(out_indices), normalize
-        self.body = timm.create_model(backbone, pretrained=False, features_only=True, out_indices=self.out_indices)
+        with torch.random.fork_rng(devices=[]):  # random weights (pretrained=False) are seeded: reloadable
+            torch.manual_seed(0)
+            self.body = timm.create_model(backbone, pretrained=False, features_only=True, out_indices=self.out_indices)
         if weights is not None:
             self._load(_load_weights_file(Path(weights)), str(weights))
         elif pretrained:

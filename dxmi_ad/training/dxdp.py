@@ -49,10 +49,10 @@ def _batches(data: torch.Tensor, batch_size: int, generator: torch.Generator) ->
     """A random batch of rows (with replacement across calls, without within a batch when possible)."""
     n = data.shape[0]
     if n >= batch_size:
-        idx = torch.randperm(n, generator=generator)[:batch_size]
+        idx = torch.randperm(n, generator=generator, device=generator.device)[:batch_size]
     else:
-        idx = torch.randint(n, (batch_size,), generator=generator)
-    return data[idx.to(data.device)]
+        idx = torch.randint(n, (batch_size,), generator=generator, device=generator.device)
+    return data[idx.to(data.device)].to(generator.device)  # e.g. a memory-mapped CPU set feeding a GPU model
 
 
 class DxDPTrainer:
@@ -157,7 +157,8 @@ class DxDPTrainer:
         sampler.train()
         states = traj[:-1].reshape(T * B, -1)  # (T*B, D), row r has t = r // B
         steps = torch.arange(T, device=states.device).repeat_interleave(B)
-        idx = torch.randperm(T * B, generator=generator)[:B].to(states.device)
+        perm_device = generator.device if generator is not None else states.device
+        idx = torch.randperm(T * B, generator=generator, device=perm_device)[:B].to(states.device)
         x_t, t_vec = states[idx], steps[idx]
         self.opt_sampler.zero_grad(set_to_none=True)
         st = sampler.sample_step(x_t, t_vec, generator)

@@ -69,11 +69,13 @@ def train_model(
     if data.ndim != 2 or data.shape[1] != config.dim or data.shape[0] < 2:
         msg = f"training data must have shape (N >= 2, {config.dim}), got {tuple(data.shape)}"
         raise ValueError(msg)
-    generator = torch.Generator().manual_seed(config.seed)
     fresh = model is None
     if model is None:
         model = build_model(config).to(device)
-    data = data.to(model.velocity_scale_sq.device)
+    # One generator on the model's device drives every random draw (a CPU generator cannot drive CUDA sampling).
+    generator = torch.Generator(device=model.velocity_scale_sq.device).manual_seed(config.seed)
+    if data.shape[0] * data.shape[1] <= 50_000_000:  # small sets move to the device; large (memory-mapped) stay
+        data = data.to(model.velocity_scale_sq.device)
 
     def report(stage: str, total: int) -> Callable[[int, float], None]:
         def cb(i: int, loss: float) -> None:
