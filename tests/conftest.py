@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 
 @pytest.fixture(autouse=True, scope="session")
 def _torch_cpu_threads() -> None:
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("DXMI_AD_TEST_THREADS", "2")))
 
 
 # Settings small enough for scikit-learn's estimator checks (dozens of fits).
