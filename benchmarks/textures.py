@@ -93,8 +93,9 @@ def main() -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", type=Path, default=RECIPE)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     recipe = yaml.safe_load(args.recipe.read_text())
     feats = {**recipe["features"], "out_indices": tuple(recipe["features"]["out_indices"])}
     samples = list_mvtec(write_textures())
@@ -120,7 +121,7 @@ def main() -> None:
     table = pd.DataFrame(rows).T
     order = [c for c in table.columns if c.endswith(" img")] + [c for c in table.columns if c.endswith(" pix")]
     print(f"\nTextures (real CC0 photos, SYNTHETIC defects); AUROC fractions; recipe={args.recipe.name}; "
-          f"image size {feats['image_size']}; torch threads=2")
+          f"image size {feats['image_size']}; torch threads={args.threads}")
     print(table[[*order, "train s", "score img/s"]].to_string(float_format=lambda v: f"{v:.3f}"))
     print(f"backbone only ({feats['backbone']}, stages {feats['out_indices']}): {backbone:.1f} images/s")
 

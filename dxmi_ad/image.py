@@ -259,7 +259,27 @@ class ImageDetector:
         if len(kept) < 1:
             msg = "no readable training images"
             raise ValueError(msg)
-        self.categories = sorted({s.category for s in kept})
+        return self.fit_features(feats, sorted({s.category for s in kept}), progress, threshold_quantile)
+
+    def fit_features(
+        self,
+        feats: np.ndarray,
+        categories: list[str],
+        progress: ProgressCallback | None = None,
+        threshold_quantile: float = 0.99,
+    ) -> ImageDetector:
+        """Train the DxMI head on feature maps (the pretrained-feature dataset path; no backbone involved).
+
+        Args:
+            feats: ``(n, h, w, C)`` float32 feature maps (a memory map is not copied).
+            categories: Category names of the training set.
+            progress: Progress callback.
+            threshold_quantile: Quantile of training image scores used as the default threshold.
+
+        Returns:
+            self.
+        """
+        self.categories = list(categories)
         n, h, w, c = feats.shape
         self.config = self.config.replace(dim=c)
         vectors = torch.from_numpy(np.asarray(feats).reshape(n * h * w, c))  # memory-mapped, not copied
@@ -303,6 +323,16 @@ class ImageDetector:
         amap = F.interpolate(emap[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
         thr = self.threshold if self.threshold is not None else float("inf")
         return {"pred_score": pred_score, "anomaly_map": amap, "pred_label": pred_score > thr}
+
+    def score_feature_maps(self, features: torch.Tensor, size: tuple[int, int], batch_size: int = 64) -> dict:
+        """Score stored feature maps ``(N, C, h, w)``: ``pred_score (N,)``, ``anomaly_map (N, H, W)`` float16 numpy."""
+        scores, maps = [], []
+        for chunk in features.split(batch_size):
+            s, emap = self.score_features(chunk.float())
+            scores.append(s.numpy())
+            maps.append(F.interpolate(emap[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+                        .numpy().astype(np.float16))
+        return {"pred_score": np.concatenate(scores), "anomaly_map": np.concatenate(maps)}
 
     def score_samples(
         self, samples: Sequence[ImageSample], batch_size: int = 32, on_batch: Callable[[int, int], None] | None = None

@@ -23,6 +23,10 @@ from tests.helpers import write_mvtec_tree
 runner = CliRunner()
 
 
+class NeedsUnpickling:
+    """An object that torch.load(weights_only=True) refuses."""
+
+
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory):
     return write_mvtec_tree(tmp_path_factory.mktemp("mvtec"))
@@ -149,3 +153,34 @@ def test_folder_without_test_still_trains(tmp_path, tiny_recipe, tree, monkeypat
                                  str(tiny_recipe), "--out", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
     assert "evaluation skipped" in result.output
+
+
+def test_extract_features_then_train_from_them(tree, tiny_recipe, tmp_path, monkeypatch):
+    monkeypatch.setenv("DXMI_AD_CACHE", str(tmp_path / "cache"))
+    feats = tmp_path / "feats"
+    r = runner.invoke(app, ["extract-features", "--dataset", "mvtec", "--data-root", str(tree), "--recipe",
+                            str(tiny_recipe), "--out", str(feats)])
+    assert r.exit_code == 0, r.output
+    assert {p.name for p in feats.iterdir()} == {"train.safetensors", "test.safetensors", "meta.json"}
+    run = tmp_path / "run"
+    r = runner.invoke(app, ["train", "--dataset", "features", "--data-root", str(feats), "--recipe", str(tiny_recipe),
+                            "--out", str(run)])
+    assert r.exit_code == 0, r.output
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {row["category"] for row in metrics["per_category"]} == {"brick", "gravel", "mean"}
+    assert metrics["mean"]["image_AUROC"] > 0.6
+
+
+def test_released_feature_layout_and_pickle_refusal(tmp_path):
+    from dxmi_ad.data.features import read_feature_dir
+
+    n = 6
+    data = {"feature_align": torch.randn(n, 8, 2, 2), "mask": torch.zeros(n, 1, 8, 8), "label": torch.zeros(n),
+            "clsname": ["bottle"] * n}
+    torch.save(data, tmp_path / "train_data.pth")  # plain tensors and strings: weights_only loading works
+    train, test, _ = read_feature_dir(tmp_path)
+    assert train.features.shape == (6, 8, 2, 2) and test is None and train.clsname == ["bottle"] * 6
+
+    torch.save({"feature_align": torch.randn(2, 8, 2, 2), "extra": NeedsUnpickling()}, tmp_path / "val_data.pth")
+    with pytest.raises(ValueError, match="--trust-pickle"):
+        read_feature_dir(tmp_path)

@@ -17,7 +17,7 @@ import numpy as np
 
 from dxmi_ad.checkpoint import atomic_directory, atomic_write_text, read_yaml_mapping
 
-IMAGE_DATASETS = ("textures", "mvtec", "folder")
+IMAGE_DATASETS = ("textures", "mvtec", "folder", "features")
 
 
 class ImageCLIError(Exception):
@@ -120,19 +120,137 @@ def evaluate_and_write(det: Any, samples: list, out: Path, console: Any, progres
     return metrics
 
 
+def _feature_samples(split: Any) -> tuple[list, dict[str, Any]]:
+    """Pseudo samples (category, label, mask known) and scored-style ground truth for a feature split."""
+    from pathlib import Path as _P
+
+    from dxmi_ad.data.mvtec import ImageSample
+
+    samples = [ImageSample(_P(f"row{i}"), c, "test", "good" if lab == 0 else "anomaly", int(lab),
+                           _P("mask") if split.mask is not None else None)
+               for i, (c, lab) in enumerate(zip(split.clsname, split.label))]
+    return samples, {"gt_mask": split.mask}
+
+
+def train_features(params: dict[str, Any], config: Any, console: Any, progress: Any) -> Path:
+    """Train from a feature dataset (``--dataset features``) and evaluate on its test split when present."""
+    from rich.table import Table
+
+    from dxmi_ad.data.features import read_feature_dir
+    from dxmi_ad.evaluation import METRIC_KEYS, metrics_table
+    from dxmi_ad.image import FeatureSettings, ImageDetector
+
+    if params["data_root"] is None:
+        msg = "--dataset features needs --data-root (a folder written by `dxmi-ad extract-features`)"
+        raise ImageCLIError(msg)
+    train, test, meta = read_feature_dir(params["data_root"], params.get("trust_pickle", False))
+    feats = dict(meta.get("features") or {"backbone": "efficientnet_b4", "image_size": 224})
+    feats["out_indices"] = tuple(feats.get("out_indices", (0, 1, 2, 3)))
+    console.print(f"[bold]dxmi-ad train[/] features at {params['data_root']}: {tuple(train.features.shape)} train"
+                  + (f", {tuple(test.features.shape)} test" if test is not None else ""))
+    det = ImageDetector(config, FeatureSettings(**feats))
+    normal = train.label == 0
+    t0 = time.perf_counter()
+    det.fit_features(train.features[torch_mask(normal)].permute(0, 2, 3, 1).contiguous().numpy(),
+                     sorted(set(train.clsname)), progress)
+    seconds = time.perf_counter() - t0
+    out: Path = params["out"]
+    with atomic_directory(out) as tmp:
+        det.save(tmp, extra={"train_seconds": round(seconds, 2), "dataset": "features",
+                             "data_root": str(params["data_root"])})
+        if test is not None and 0 < test.label.sum() < len(test.label):
+            size = tuple(test.mask.shape[-2:]) if test.mask is not None else (feats["image_size"],) * 2
+            scored = det.score_feature_maps(test.features, size)
+            samples, gt = _feature_samples(test)
+            mask = gt["gt_mask"] if gt["gt_mask"] is not None else np.zeros((len(samples), *size), bool)
+            table = metrics_table(samples, {**scored, "gt_mask": mask})
+            rich_table = Table(title="DxMI on feature files (fractions in [0, 1])")
+            for col in ("category", *METRIC_KEYS):
+                rich_table.add_column(col, overflow="fold")
+            for _, row in table.iterrows():
+                rich_table.add_row(str(row["category"]), *[f"{row[k]:.4f}" for k in METRIC_KEYS])
+            console.print(rich_table)
+            atomic_write_text(tmp / "metrics.json", json.dumps({"per_category": table.to_dict(orient="records"),
+                                                                "mean": table.iloc[-1].to_dict()}, default=float))
+            atomic_write_text(tmp / "metrics.csv", table.to_csv(index=False))
+        else:
+            console.print("[yellow]no labelled test split: evaluation skipped[/]")
+    console.print(f"trained in {seconds:.1f} s; run directory: {out}")
+    return out
+
+
+def torch_mask(mask: np.ndarray) -> Any:
+    """A numpy bool mask as a torch bool tensor (for indexing feature tensors)."""
+    import torch
+
+    return torch.from_numpy(np.asarray(mask, bool))
+
+
+def feature_settings(params: dict[str, Any]) -> dict[str, Any]:
+    """The recipe's ``features`` section with the command-line backbone options applied."""
+    feats = {**params["recipe"]["features"], "pretrained": params["pretrained"]}
+    if params.get("weights"):
+        feats["weights"] = str(params["weights"])
+    if params.get("backbone"):
+        feats["backbone"] = params["backbone"]
+    feats["out_indices"] = tuple(feats.get("out_indices", (0, 1, 2, 3)))
+    return feats
+
+
+def extract_features(params: dict[str, Any], console: Any, progress: Any) -> Path:
+    """``dxmi-ad extract-features``: per-image feature maps of an image dataset, with labels, masks, categories."""
+    from dataclasses import asdict
+
+    from dxmi_ad.data.features import FeatureSplit, write_feature_split
+    from dxmi_ad.image import FeatureSettings, iter_batches
+
+    settings = FeatureSettings(**feature_settings(params))
+    extractor = settings.build()
+    samples, description = list_dataset(params["dataset"], params["data_root"], params["category"])
+    console.print(f"[bold]dxmi-ad extract-features[/] {description}")
+    out: Path = params["out"]
+    with atomic_directory(out) as tmp:
+        for split_name in ("train", "test"):
+            subset = [s for s in samples if s.split == split_name]
+            if not subset:
+                continue
+            maps, labels, masks, names, bad = [], [], [], [], {}
+            for idx, images, m, errs in iter_batches(subset, settings.image_size, 32):
+                bad.update({str(subset[i].path): r for i, r in errs.items()})
+                if idx:
+                    maps.append(extractor(images))
+                    masks.append(m.numpy())
+                    labels += [subset[i].label for i in idx]
+                    names += [subset[i].category for i in idx]
+                if progress is not None:
+                    progress(f"features {split_name}", len(labels) + len(bad), len(subset), {})
+            if bad and not params["skip_bad_files"]:
+                from dxmi_ad.image import BadFilesError
+
+                raise BadFilesError({Path(p): r for p, r in bad.items()}, f"{split_name} set")
+            split = FeatureSplit(torch_cat(maps), np.asarray(labels), np.concatenate(masks), names)
+            write_feature_split(tmp, split_name, split, {"features": asdict(settings)})
+    console.print(f"wrote feature files to {out}")
+    return out
+
+
+def torch_cat(maps: list) -> Any:
+    """Concatenate feature batches along the batch dimension."""
+    import torch
+
+    return torch.cat(maps)
+
+
 def train_images(params: dict[str, Any], console: Any, progress: Any) -> Path:
     """Train an image detector; write the run directory atomically; evaluate when test data exist."""
     from dxmi_ad.config import DxMIConfig
     from dxmi_ad.image import FeatureSettings, ImageDetector
 
     recipe = params["recipe"]
-    feats = {**recipe["features"], "pretrained": params["pretrained"]}
-    if params.get("weights"):
-        feats["weights"] = str(params["weights"])
-    if params.get("backbone"):
-        feats["backbone"] = params["backbone"]
-    feats["out_indices"] = tuple(feats.get("out_indices", (0, 1, 2, 3)))
+    feats = feature_settings(params)
     config = DxMIConfig.from_dict({**recipe["model"], "seed": params["seed"]})
+    if params["dataset"] == "features":
+        return train_features(params, config, console, progress)
     samples, description = list_dataset(params["dataset"], params["data_root"], params["category"])
     console.print(f"[bold]dxmi-ad train[/] {description}: {sum(s.split == 'train' for s in samples)} training, "
                   f"{sum(s.split == 'test' for s in samples)} test images")

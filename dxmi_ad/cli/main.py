@@ -157,7 +157,7 @@ def _evaluate(det: Any, split: Any, dataset: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------- commands
 @app.command()
 def train(
-    dataset: Annotated[str, typer.Option(help="textures | mvtec | folder | digits | eight-gaussians | wbc | wine | csv:PATH")] = DEFAULT_DATASET,
+    dataset: Annotated[str, typer.Option(help="textures | mvtec | folder | features | digits | eight-gaussians | wbc | wine | csv:PATH")] = DEFAULT_DATASET,
     data_root: Annotated[Path | None, typer.Option(help="image datasets: dataset root (textures: cache folder)")] = None,
     category: Annotated[str, typer.Option(help="mvtec/textures: comma-separated categories, or all")] = "all",
     normal_class: Annotated[int, typer.Option(help="digits: the class taken as normal (0-9)")] = 0,
@@ -169,6 +169,8 @@ def train(
     pretrained: Annotated[bool, typer.Option(help="ImageNet backbone weights; --no-pretrained = random weights")] = True,
     weights: Annotated[Path | None, typer.Option(help="backbone weights file (state dict)")] = None,
     backbone: Annotated[str | None, typer.Option(help="timm backbone name (default from the recipe)")] = None,
+    trust_pickle: Annotated[bool, typer.Option(help="features: allow unpickling the authors' .pth/.pkl files "
+                                                    "(can run arbitrary code; only for trusted files)")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace an existing run directory")] = False,
     dry_run: Annotated[bool, typer.Option(help="print the resolved recipe and exit")] = False,
 ) -> None:
@@ -307,6 +309,38 @@ def _train_images(args: dict[str, Any]) -> None:
         raise _fail(str(err)) from None
 
 
+@app.command("extract-features")
+def extract_features(
+    out: Annotated[Path, typer.Option(help="folder to write train/test feature files into")],
+    dataset: Annotated[str, typer.Option(help="textures | mvtec | folder")] = "textures",
+    data_root: Annotated[Path | None, typer.Option(help="dataset root")] = None,
+    category: Annotated[str, typer.Option(help="categories, or all")] = "all",
+    recipe: Annotated[Path | None, typer.Option(help="image recipe (its features section is used)")] = None,
+    skip_bad_files: Annotated[bool, typer.Option(help="leave unreadable images out")] = False,
+    pretrained: Annotated[bool, typer.Option(help="ImageNet backbone weights")] = True,
+    weights: Annotated[Path | None, typer.Option(help="backbone weights file")] = None,
+    backbone: Annotated[str | None, typer.Option(help="timm backbone name")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing folder")] = False,
+) -> None:
+    """Write per-image feature maps (with labels, masks, categories) for `train --dataset features`."""
+    from dxmi_ad.cli import images
+    from dxmi_ad.features.extractor import PretrainedWeightsError
+    from dxmi_ad.image import BadFilesError
+
+    try:
+        if dataset not in ("textures", "mvtec", "folder"):
+            msg = f"extract-features reads image datasets (textures, mvtec, folder), got {dataset!r}"
+            raise CLIError(msg)
+        _check_out(out, overwrite)
+        params = {"recipe": images.load_image_recipe(recipe, {}), "dataset": dataset, "data_root": data_root,
+                  "category": category, "skip_bad_files": skip_bad_files, "pretrained": pretrained,
+                  "weights": weights, "backbone": backbone, "out": out}
+        with _Progress() as progress:
+            images.extract_features(params, console, progress)
+    except (CLIError, ImageCLIError, BadFilesError, PretrainedWeightsError, FileNotFoundError, ValueError) as err:
+        raise _fail(str(err)) from None
+
+
 def _load_image_model(model: Path) -> Any:
     from dxmi_ad.image import ImageDetector
 
@@ -331,6 +365,9 @@ def evaluate(
     det = _load_image_model(model)
     _, meta = load_model_dir(model)
     dataset = dataset or meta.get("dataset") or "textures"
+    if dataset == "features":
+        raise _fail("this model was trained on feature files; its metrics.json was written at training time "
+                    "(pass --dataset and --data-root to evaluate it on images)")
     root = data_root or (Path(meta["data_root"]) if meta.get("data_root") else None)
     try:
         samples, description = images.list_dataset(dataset, root, category or meta.get("category") or "all")
