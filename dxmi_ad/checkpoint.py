@@ -19,7 +19,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["MODEL_FILE", "CONFIG_FILE", "atomic_directory", "atomic_write_text", "read_yaml_mapping", "load_model_dir", "save_model_dir", "versions"]
+__all__ = [
+    "CONFIG_FILE", "MODEL_FILE", "atomic_directory", "atomic_replace", "atomic_write_text", "load_model_dir",
+    "read_yaml_mapping", "save_model_dir", "versions",
+]
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -38,7 +41,12 @@ def _umask() -> int:
     return mask
 
 
-def _atomic_replace(path: Path, write: Any) -> None:
+def atomic_replace(path: Path, write: Any) -> None:
+    """Create ``path`` atomically: ``write(tmp_path)`` fills a temp file in the same folder, then fsync and rename.
+
+    Raises:
+        Whatever ``write`` raises; the temp file is removed and ``path`` is left untouched.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -60,7 +68,7 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
         path: Destination path; parent folders are created.
         text: UTF-8 content.
     """
-    _atomic_replace(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_replace(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def save_model_dir(directory: str | os.PathLike[str], tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -77,7 +85,7 @@ def save_model_dir(directory: str | os.PathLike[str], tensors: dict[str, torch.T
     directory = Path(directory)
     payload = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     text = json.dumps({**meta, "versions": versions()}, indent=2, sort_keys=True)
-    _atomic_replace(directory / MODEL_FILE, lambda tmp: save_file(payload, tmp))
+    atomic_replace(directory / MODEL_FILE, lambda tmp: save_file(payload, tmp))
     atomic_write_text(directory / CONFIG_FILE, text)
 
 

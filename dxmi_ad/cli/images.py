@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from dxmi_ad.checkpoint import atomic_directory, atomic_write_text, read_yaml_mapping
 
@@ -83,11 +84,24 @@ def list_dataset(dataset: str, data_root: Path | None, category: str) -> tuple[l
     raise ImageCLIError(msg)
 
 
-def evaluate_and_write(det: Any, samples: list, out: Path, console: Any, progress: Any = None) -> dict[str, Any]:
-    """Score the test samples, print and write ``metrics.json`` / ``metrics.csv`` / ``roc.png`` into ``out``."""
+def print_metrics(table: Any, console: Any, title: str) -> None:
+    """Print a :func:`~dxmi_ad.evaluation.metrics_table` result as a rich table."""
     from rich.table import Table
 
-    from dxmi_ad.evaluation import METRIC_KEYS, metrics_table, plot_roc
+    from dxmi_ad.evaluation import METRIC_KEYS
+
+    rich_table = Table(title=title)
+    for col in ("category", "image AUROC", "pixel AUROC", "pixel AUPRO", "image F1max", "n test", "n anom."):
+        rich_table.add_column(col, overflow="fold")
+    for _, row in table.iterrows():
+        rich_table.add_row(str(row["category"]), *[f"{row[k]:.4f}" for k in METRIC_KEYS],
+                           str(int(row["n_test"])), str(int(row["n_anomalous"])))
+    console.print(rich_table)
+
+
+def evaluate_and_write(det: Any, samples: list, out: Path, console: Any, progress: Any = None) -> dict[str, Any]:
+    """Score the test samples, print and write ``metrics.json`` / ``metrics.csv`` / ``roc.png`` into ``out``."""
+    from dxmi_ad.evaluation import metrics_table, plot_roc
 
     test = [s for s in samples if s.split == "test"]
     if not test:
@@ -100,13 +114,7 @@ def evaluate_and_write(det: Any, samples: list, out: Path, console: Any, progres
     scored = det.score_samples(test, on_batch=progress)
     seconds = time.perf_counter() - t0
     table = metrics_table(test, scored)
-    rich_table = Table(title="DxMI anomaly detection (fractions in [0, 1]; higher is better)")
-    for col in ("category", "image AUROC", "pixel AUROC", "pixel AUPRO", "image F1max", "n test", "n anom."):
-        rich_table.add_column(col, overflow="fold")
-    for _, row in table.iterrows():
-        rich_table.add_row(str(row["category"]), *[f"{row[k]:.4f}" for k in METRIC_KEYS],
-                           str(int(row["n_test"])), str(int(row["n_anomalous"])))
-    console.print(rich_table)
+    print_metrics(table, console, "DxMI anomaly detection (fractions in [0, 1]; higher is better)")
     bad = {str(test[i].path): r for i, r in scored["errors"].items()}
     if bad:
         console.print(f"[yellow]{len(bad)} unreadable test file(s) left out of the metrics[/]")
@@ -120,24 +128,19 @@ def evaluate_and_write(det: Any, samples: list, out: Path, console: Any, progres
     return metrics
 
 
-def _feature_samples(split: Any) -> tuple[list, dict[str, Any]]:
-    """Pseudo samples (category, label, mask known) and scored-style ground truth for a feature split."""
-    from pathlib import Path as _P
-
+def _feature_samples(split: Any) -> list:
+    """Pseudo samples (category, label, whether a mask is known) for the rows of a feature split."""
     from dxmi_ad.data.mvtec import ImageSample
 
-    samples = [ImageSample(_P(f"row{i}"), c, "test", "good" if lab == 0 else "anomaly", int(lab),
-                           _P("mask") if split.mask is not None else None)
-               for i, (c, lab) in enumerate(zip(split.clsname, split.label))]
-    return samples, {"gt_mask": split.mask}
+    mask_path = Path("mask") if split.mask is not None else None
+    return [ImageSample(Path(f"row{i}"), c, "test", "good" if lab == 0 else "anomaly", int(lab), mask_path)
+            for i, (c, lab) in enumerate(zip(split.clsname, split.label))]
 
 
 def train_features(params: dict[str, Any], config: Any, console: Any, progress: Any) -> Path:
     """Train from a feature dataset (``--dataset features``) and evaluate on its test split when present."""
-    from rich.table import Table
-
     from dxmi_ad.data.features import read_feature_dir
-    from dxmi_ad.evaluation import METRIC_KEYS, metrics_table
+    from dxmi_ad.evaluation import metrics_table
     from dxmi_ad.image import FeatureSettings, ImageDetector
 
     if params["data_root"] is None:
@@ -151,7 +154,7 @@ def train_features(params: dict[str, Any], config: Any, console: Any, progress: 
     det = ImageDetector(config, FeatureSettings(**feats))
     normal = train.label == 0
     t0 = time.perf_counter()
-    det.fit_features(train.features[torch_mask(normal)].permute(0, 2, 3, 1).contiguous().numpy(),
+    det.fit_features(train.features[torch.from_numpy(normal)].permute(0, 2, 3, 1).contiguous().numpy(),
                      sorted(set(train.clsname)), progress)
     seconds = time.perf_counter() - t0
     out: Path = params["out"]
@@ -161,15 +164,10 @@ def train_features(params: dict[str, Any], config: Any, console: Any, progress: 
         if test is not None and 0 < test.label.sum() < len(test.label):
             size = tuple(test.mask.shape[-2:]) if test.mask is not None else (feats["image_size"],) * 2
             scored = det.score_feature_maps(test.features, size)
-            samples, gt = _feature_samples(test)
-            mask = gt["gt_mask"] if gt["gt_mask"] is not None else np.zeros((len(samples), *size), bool)
+            samples = _feature_samples(test)
+            mask = test.mask if test.mask is not None else np.zeros((len(samples), *size), bool)
             table = metrics_table(samples, {**scored, "gt_mask": mask})
-            rich_table = Table(title="DxMI on feature files (fractions in [0, 1])")
-            for col in ("category", *METRIC_KEYS):
-                rich_table.add_column(col, overflow="fold")
-            for _, row in table.iterrows():
-                rich_table.add_row(str(row["category"]), *[f"{row[k]:.4f}" for k in METRIC_KEYS])
-            console.print(rich_table)
+            print_metrics(table, console, "DxMI on feature files (fractions in [0, 1]; higher is better)")
             atomic_write_text(tmp / "metrics.json", json.dumps({"per_category": table.to_dict(orient="records"),
                                                                 "mean": table.iloc[-1].to_dict()}, default=float))
             atomic_write_text(tmp / "metrics.csv", table.to_csv(index=False))
@@ -177,13 +175,6 @@ def train_features(params: dict[str, Any], config: Any, console: Any, progress: 
             console.print("[yellow]no labelled test split: evaluation skipped[/]")
     console.print(f"trained in {seconds:.1f} s; run directory: {out}")
     return out
-
-
-def torch_mask(mask: np.ndarray) -> Any:
-    """A numpy bool mask as a torch bool tensor (for indexing feature tensors)."""
-    import torch
-
-    return torch.from_numpy(np.asarray(mask, bool))
 
 
 def feature_settings(params: dict[str, Any]) -> dict[str, Any]:
@@ -228,17 +219,10 @@ def extract_features(params: dict[str, Any], console: Any, progress: Any) -> Pat
                 from dxmi_ad.image import BadFilesError
 
                 raise BadFilesError({Path(p): r for p, r in bad.items()}, f"{split_name} set")
-            split = FeatureSplit(torch_cat(maps), np.asarray(labels), np.concatenate(masks), names)
+            split = FeatureSplit(torch.cat(maps), np.asarray(labels), np.concatenate(masks), names)
             write_feature_split(tmp, split_name, split, {"features": asdict(settings)})
     console.print(f"wrote feature files to {out}")
     return out
-
-
-def torch_cat(maps: list) -> Any:
-    """Concatenate feature batches along the batch dimension."""
-    import torch
-
-    return torch.cat(maps)
 
 
 def train_images(params: dict[str, Any], console: Any, progress: Any) -> Path:

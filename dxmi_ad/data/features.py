@@ -42,14 +42,14 @@ class FeatureSplit:
 
 def write_feature_split(directory: Path, name: str, split: FeatureSplit, meta: dict[str, Any]) -> None:
     """Write ``<name>.safetensors`` and record its categories in ``meta.json`` (both atomically)."""
-    from dxmi_ad.checkpoint import _atomic_replace, atomic_write_text
+    from dxmi_ad.checkpoint import atomic_replace, atomic_write_text
 
     from safetensors.torch import save_file
 
     tensors = {"feature_align": split.features.float().contiguous(), "label": torch.as_tensor(split.label).long()}
     if split.mask is not None:
         tensors["mask"] = torch.from_numpy(split.mask.astype(np.uint8))
-    _atomic_replace(directory / f"{name}.safetensors", lambda tmp: save_file(tensors, tmp))
+    atomic_replace(directory / f"{name}.safetensors", lambda tmp: save_file(tensors, tmp))
     meta_path = directory / "meta.json"
     data = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     data.update(meta)
