@@ -8,7 +8,46 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["DxMIConfig", "DxMIDetector", "PyODDxMIDetector", "__version__"]
+__all__ = ["DxMIConfig", "DxMIDetector", "PyODDxMIDetector", "__version__", "load"]
+
+
+def load(path):
+    """Load a saved model folder (a run directory of `dxmi-ad train`, or ``DxMIDetector.save``).
+
+    Args:
+        path: The folder (``model.safetensors`` + ``config.json`` + ``calibration.json``).
+
+    Returns:
+        An :class:`~dxmi_ad.image.ImageDetector` (image models: ``predict`` returns ``pred_score``, ``anomaly_map``,
+        ``pred_label``, ``p_value``, ``normalized_score``) or a :class:`DxMIDetector` / :class:`PyODDxMIDetector`
+        (vector models: ``energy``, ``p_value``, calibrated ``predict``).
+
+    Raises:
+        FileNotFoundError: Missing folder or files (named).
+        ValueError: Files that do not describe a dxmi-ad model.
+    """
+    import json
+    from pathlib import Path
+
+    from dxmi_ad.checkpoint import CONFIG_FILE
+
+    cfg = Path(path) / CONFIG_FILE
+    if not cfg.is_file():
+        msg = f"{cfg} not found: {path} is not a dxmi-ad model folder"
+        raise FileNotFoundError(msg)
+    try:
+        kind = json.loads(cfg.read_text(encoding="utf-8")).get("kind")
+    except (json.JSONDecodeError, AttributeError) as err:
+        msg = f"{cfg} is not a valid model description: {err}"
+        raise ValueError(msg) from err
+    if kind == "ImageDetector":
+        from dxmi_ad.image import ImageDetector
+
+        return ImageDetector.load(path)
+    from dxmi_ad import estimator
+
+    cls = estimator.PyODDxMIDetector if kind == "PyODDxMIDetector" else estimator.DxMIDetector
+    return cls.load(path)
 
 
 def __getattr__(name: str):  # lazy: importing the package does not import scikit-learn

@@ -23,6 +23,7 @@ from sklearn.base import BaseEstimator, OutlierMixin
 from sklearn.utils._param_validation import Interval, InvalidParameterError, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from dxmi_ad.calibration import Calibration, resolve_fpr
 from dxmi_ad.checkpoint import load_model_dir, save_model_dir
 from dxmi_ad.config import DxMIConfig
 from dxmi_ad.nn.model import DxMIModel
@@ -30,7 +31,6 @@ from dxmi_ad.training.fit import ProgressCallback, build_model, train_model
 
 __all__ = ["DxMIDetector", "PyODDxMIDetector"]
 
-_AUTO_QUANTILE = 0.99  # contamination="auto": threshold at the 99th percentile of training energies
 _START_BANK = 2048  # training rows kept (scaled) to start the autoencoder-perturbed sampler at generation time
 
 
@@ -75,8 +75,17 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
         spherical: L2-normalise every row onto the unit sphere (as the paper does for image features) instead of
             standardising.
         standardize: Scale each feature to zero mean and unit variance (fitted on the training rows).
-        contamination: ``"auto"`` (threshold at the 99th percentile of training energies) or the expected
-            fraction of outliers in the training set, in (0, 0.5]; sets ``offset_``.
+        contamination: ``"auto"`` (the threshold is calibrated: a target false-positive rate of 0.01 on the held-out
+            calibration rows, or the smallest rate they support) or the expected fraction of outliers in the
+            training set, in (0, 0.5] (scikit-learn semantics: that fraction of the rows passed to ``fit`` is
+            flagged). Ignored when ``fpr`` or ``fdr`` is given.
+        calibration_fraction: Fraction of the rows passed to ``fit`` held out from training (seeded draw) as the
+            normal calibration set of ``p_value`` and of the ``fpr``/``fdr`` rules, in [0, 0.9]. With 0, or too few
+            rows to hold any out, the training rows calibrate (p-values then run optimistic).
+        fpr: Target false-positive rate in (0, 1): ``predict`` flags ``energy > threshold_`` with the split-conformal
+            threshold of the calibration set (ECOSYSTEM.md §5.1); a set too small is refused with the minimum size.
+        fdr: Target false discovery rate in (0, 1): ``predict`` applies Benjamini-Hochberg to the conformal p-values
+            of each batch it is given (a row's decision then depends on its batch).
         config_overrides: Extra :class:`~dxmi_ad.config.DxMIConfig` fields (dict) applied last.
         device: ``"auto"``, ``"cpu"`` or ``"cuda[:i]"``.
         random_state: Seed (int) or None; fixes every result on the CPU.
@@ -89,6 +98,7 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
         threshold_: Energy at the decision boundary (``= -offset_``).
         n_features_in_: Number of features seen in ``fit``.
         history_: Logged DxMI diagnostics (list of dicts).
+        calibration_: The :class:`~dxmi_ad.calibration.Calibration` (held-out energies and decision rule).
 
     Raises (from ``fit`` / scoring):
         ValueError: NaN/inf, not 2-D, fewer than 2 rows, a feature count that differs from ``fit``.
@@ -102,7 +112,7 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
         (3,)
     """
 
-    _auto_quantile = _AUTO_QUANTILE
+    _auto_contamination: float | None = None  # contamination="auto": calibrated threshold
 
     _parameter_constraints: dict[str, list[Any]] = {
         "n_steps": [Interval(Integral, 1, None, closed="left")],
@@ -126,6 +136,9 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
         "spherical": ["boolean"],
         "standardize": ["boolean"],
         "contamination": [StrOptions({"auto"}), Interval(Real, 0, 0.5, closed="right")],
+        "calibration_fraction": [Interval(Real, 0, 0.9, closed="both")],
+        "fpr": [Interval(Real, 0, 1, closed="neither"), None],
+        "fdr": [Interval(Real, 0, 1, closed="neither"), None],
         "config_overrides": [dict, None],
         "device": [str],
         "random_state": ["random_state"],
@@ -156,6 +169,9 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
         spherical: bool = False,
         standardize: bool = True,
         contamination: str | float = "auto",
+        calibration_fraction: float = 0.2,
+        fpr: float | None = None,
+        fdr: float | None = None,
         config_overrides: dict[str, Any] | None = None,
         device: str = "auto",
         random_state: int | np.random.RandomState | None = None,
@@ -182,6 +198,9 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
         self.spherical = spherical
         self.standardize = standardize
         self.contamination = contamination
+        self.calibration_fraction = calibration_fraction
+        self.fpr = fpr
+        self.fdr = fdr
         self.config_overrides = config_overrides
         self.device = device
         self.random_state = random_state
@@ -250,26 +269,109 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
             ValueError: On NaN/inf, a non-2-D array, fewer than 2 rows or an invalid parameter.
         """
         self._validate_params()
-        X = validate_data(self, X, ensure_min_samples=2, dtype=[np.float64, np.float32])
-        X = X.astype(np.float64)
+        X_all = validate_data(self, X, ensure_min_samples=2, dtype=[np.float64, np.float32]).astype(np.float64)
+        seed = self._seed()
+        n_cal = int(self.calibration_fraction * len(X_all))
+        if n_cal >= 1 and len(X_all) - n_cal >= 2:
+            order = np.random.default_rng(seed).permutation(len(X_all))
+            X, X_cal = X_all[order[n_cal:]], X_all[order[:n_cal]]
+            source = f"{n_cal} of the {len(X_all)} fit rows held out (seed {seed})"
+        else:
+            X, X_cal = X_all, None
+            source = "the training rows (too few rows to hold out a calibration set; p-values are optimistic)"
         self.mean_ = X.mean(0).astype(np.float32)
         scale = X.std(0)
         self.scale_ = np.where(scale > 1e-8 * np.maximum(1.0, np.abs(X).max(0)), scale, 1.0).astype(np.float32)
         data = self._transform(X)
-        self.config_ = self._make_config(X.shape[1], X.shape[0])
+        self.config_ = self._make_config(X.shape[1], X.shape[0]).replace(seed=seed)
         device = _resolve_device(self.device)
         progress = self.verbose if callable(self.verbose) else None
         self.model_, self.history_ = train_model(data, self.config_, progress=progress, device=device)
         self.model_.eval()
         keep = torch.randperm(len(data), generator=torch.Generator().manual_seed(self.config_.seed))[:_START_BANK]
         self.start_bank_ = data[keep].clone()
-        train_energy = self.energy(X)
-        if not np.isfinite(train_energy).all():
+        all_energy = self.energy(X_all)
+        if not np.isfinite(all_energy).all():
             msg = "training diverged: non-finite energies on the training data; lower the learning rates"
             raise FloatingPointError(msg)
-        quantile = self._auto_quantile if self.contamination == "auto" else 1.0 - float(self.contamination)
-        self.offset_ = float(-np.quantile(train_energy, quantile))
+        self._calibrate(self.energy(X_cal) if X_cal is not None else self.energy(X), source, all_energy)
         return self
+
+    def _calibrate(self, cal_energy: np.ndarray, source: str, fit_energy: np.ndarray | None,
+                   validation: tuple[np.ndarray, np.ndarray] | None = None, fpr: float | None = None,
+                   fdr: float | None = None) -> None:
+        """Set ``calibration_`` and ``offset_`` from calibration energies (see the class docstring)."""
+        fpr = self.fpr if fpr is None else fpr
+        fdr = self.fdr if fdr is None else fdr
+        cal = Calibration.fit(cal_energy, fpr=resolve_fpr(fpr, len(cal_energy)), fdr=fdr, validation=validation,
+                              source=source)
+        explicit = fpr is not None or fdr is not None or validation is not None
+        c = self._auto_contamination if self.contamination == "auto" else float(self.contamination)
+        if not explicit and fit_energy is not None and c is not None:
+            cal.threshold = float(np.quantile(fit_energy, 1.0 - c))
+            cal.note = f"threshold: the {1 - c:g} quantile of the fit rows' energies (contamination {c:g})"
+        self.calibration_ = cal
+        self.offset_ = -float(cal.threshold)
+
+    def calibrate(
+        self,
+        X: Any = None,
+        fpr: float | None = None,
+        fdr: float | None = None,
+        X_validation: Any = None,
+        y_validation: Any = None,
+    ) -> DxMIDetector:
+        """Re-calibrate the decision rule without retraining.
+
+        Args:
+            X: New normal calibration rows ``(n, n_features)`` (never the test set), or None to keep the stored
+                calibration energies.
+            fpr: Target false-positive rate in (0, 1) (default: the estimator's ``fpr``, else 0.01 or the smallest
+                rate the calibration set supports).
+            fdr: Target false discovery rate in (0, 1): Benjamini-Hochberg per ``predict`` batch.
+            X_validation, y_validation: Labelled rows (``y`` 1 = anomalous) for an F1-optimal threshold; without
+                both classes a :class:`UserWarning` is issued and the target-FPR rule kept.
+
+        Returns:
+            self.
+
+        Raises:
+            NotFittedError: Before ``fit``.
+            dxmi_ad.calibration.CalibrationError: A calibration set too small for the rate (minimum size stated).
+            ValueError: Bad rows (see :meth:`energy`), or ``fdr`` together with a validation set.
+        """
+        check_is_fitted(self, "calibration_")
+        if X is not None:
+            energies, source = self.energy(X), f"{len(np.asarray(X))} rows given to calibrate()"
+        else:
+            energies, source = self.calibration_.scores, self.calibration_.source
+        validation = None
+        if X_validation is not None or y_validation is not None:
+            if X_validation is None or y_validation is None:
+                msg = "an F1 threshold needs both X_validation and y_validation"
+                raise ValueError(msg)
+            y = np.asarray(y_validation).astype(int).ravel()
+            if len(y) != len(np.asarray(X_validation)) or not np.isin(y, (0, 1)).all():
+                msg = "y_validation must hold one label in {0, 1} per row of X_validation"
+                raise ValueError(msg)
+            validation = (self.energy(X_validation), y)
+        self._calibrate(energies, source, None, validation, fpr, fdr)
+        return self
+
+    def p_value(self, X: Any) -> np.ndarray:
+        """Split-conformal p-values against the held-out calibration energies.
+
+        ``p = (1 + #{calibration energies >= E(x)}) / (n_cal + 1)``: small = anomalous; for normal rows
+        exchangeable with the calibration set, ``P(p <= a) <= a``; never 0.
+
+        Args:
+            X: Data of shape ``(n_samples, n_features)``.
+
+        Returns:
+            float64 array of shape ``(n_samples,)`` in ``[1/(n_cal+1), 1]``.
+        """
+        check_is_fitted(self, "calibration_")
+        return self.calibration_.p_values(self.energy(X))
 
     # ------------------------------------------------------------------ scores
     def energy(self, X: Any) -> np.ndarray:
@@ -321,7 +423,7 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
         return self.score_samples(X) - self.offset_
 
     def predict(self, X: Any) -> np.ndarray:
-        """+1 for inliers, -1 for outliers (``decision_function < 0``).
+        """+1 for inliers, -1 for outliers: ``energy > threshold_``, or Benjamini-Hochberg over the batch with ``fdr``.
 
         Args:
             X: Data of shape ``(n_samples, n_features)``.
@@ -329,7 +431,14 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
         Returns:
             int array of shape ``(n_samples,)`` in {-1, +1}.
         """
-        return np.where(self.decision_function(X) < 0, -1, 1)
+        return np.where(self._flag(X), -1, 1)
+
+    def _flag(self, X: Any) -> np.ndarray:
+        check_is_fitted(self, "calibration_")
+        energy = self.energy(X)
+        if self.calibration_.rule == "fdr":
+            return self.calibration_.decide(energy)
+        return energy > self.threshold_
 
     @property
     def threshold_(self) -> float:
@@ -385,9 +494,10 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
                         "start_bank": self.start_bank_})
         if hasattr(self, "decision_scores_"):
             tensors["decision_scores"] = torch.from_numpy(np.asarray(self.decision_scores_, dtype=np.float64))
-        meta = {"kind": "DxMIDetector", "params": params, "config": self.config_.to_dict(),
-                "offset": self.offset_, "n_features_in": int(self.n_features_in_), "history": self.history_[-1:]}
+        meta = {"kind": type(self).__name__, "params": params, "config": self.config_.to_dict(),
+                "n_features_in": int(self.n_features_in_), "history": self.history_[-1:]}
         save_model_dir(path, tensors, meta)
+        self.calibration_.save(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], device: str = "cpu") -> DxMIDetector:
@@ -405,7 +515,7 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
             ValueError: If the files do not describe a DxMIDetector or do not match its config.
         """
         tensors, meta = load_model_dir(path)
-        if meta.get("kind") != "DxMIDetector":
+        if meta.get("kind") not in ("DxMIDetector", "PyODDxMIDetector"):
             msg = f"{Path(path)} does not hold a vector DxMIDetector (kind={meta.get('kind')!r})"
             raise ValueError(msg)
         try:
@@ -417,7 +527,8 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
             det.mean_ = tensors["scaler.mean"].numpy()
             det.scale_ = tensors["scaler.scale"].numpy()
             det.start_bank_ = tensors["start_bank"]
-            det.offset_ = float(meta["offset"])
+            det.calibration_ = Calibration.load(path)
+            det.offset_ = -float(det.calibration_.threshold)  # `dxmi-ad calibrate` may have changed it
             det.n_features_in_ = int(meta["n_features_in"])
         except (KeyError, TypeError, ValueError, InvalidParameterError) as err:
             msg = f"{Path(path)} holds an invalid or tampered model description: {err}"
@@ -441,7 +552,7 @@ class PyODDxMIDetector(DxMIDetector):
       scores (not calibrated).
     """
 
-    _auto_quantile = 0.9  # contamination="auto" means pyod's default contamination of 0.1
+    _auto_contamination = 0.1  # contamination="auto" means pyod's default contamination of 0.1
 
     def fit(self, X: Any, y: Any = None) -> PyODDxMIDetector:
         """Train (see :meth:`DxMIDetector.fit`) and set ``decision_scores_``, ``threshold_``, ``labels_``."""

@@ -11,17 +11,16 @@ Keys follow anomalib: ``image_AUROC``, ``pixel_AUROC``, ``pixel_AUPRO``, ``image
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.metrics import roc_auc_score
 
 from dxmi_ad.data.mvtec import ImageSample
 
-__all__ = ["METRIC_KEYS", "category_metrics", "metrics_table", "plot_roc"]
+__all__ = ["METRIC_KEYS", "category_metrics", "metrics_table"]
 
 METRIC_KEYS = ("image_AUROC", "pixel_AUROC", "pixel_AUPRO", "image_F1Score")
 
@@ -87,28 +86,3 @@ def metrics_table(samples: Sequence[ImageSample], scored: dict[str, Any]) -> pd.
                                                  "n_unreadable": int(table["n_unreadable"].sum())}])],
                           ignore_index=True)
     return table
-
-
-def plot_roc(samples: Sequence[ImageSample], scores: np.ndarray, path: Path) -> None:
-    """Write image-level ROC curves (one per category) to a PNG, atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
-    for cat in sorted({s.category for s in samples}):
-        idx = [i for i, s in enumerate(samples) if s.category == cat and np.isfinite(scores[i])]
-        y = np.array([samples[i].label for i in idx])
-        if 0 < y.sum() < len(y):
-            fpr, tpr, _ = roc_curve(y, scores[idx])
-            ax.plot(fpr, tpr, label=f"{cat} (AUROC {roc_auc_score(y, scores[idx]):.3f})")
-    ax.plot([0, 1], [0, 1], "k--", lw=0.5)
-    ax.set_xlabel("false-positive rate")
-    ax.set_ylabel("true-positive rate")
-    ax.set_title("image-level ROC")
-    ax.legend(loc="lower right", fontsize=8)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)

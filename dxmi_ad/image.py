@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dxmi_ad.calibration import Calibration, resolve_fpr
 from dxmi_ad.checkpoint import atomic_write_text, load_model_dir, save_model_dir
 from dxmi_ad.config import DxMIConfig
 from dxmi_ad.data.images import ImageReadError, load_image, load_mask
@@ -35,7 +36,7 @@ from dxmi_ad.features.extractor import FeatureExtractor
 from dxmi_ad.nn.model import DxMIModel
 from dxmi_ad.training.fit import ProgressCallback, build_model, train_model
 
-__all__ = ["BadFilesError", "FeatureSettings", "ImageDetector", "iter_batches"]
+__all__ = ["BadFilesError", "FeatureSettings", "ImageDetector", "iter_batches", "split_calibration"]
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +197,43 @@ def extract_training_features(
     return np.load(path, mmap_mode="c"), kept
 
 
+def _read_error(path: Path) -> str | None:
+    """Why an image cannot be read, or None (a full decode, as training will do)."""
+    try:
+        load_image(path, 8)
+    except ImageReadError as err:
+        return str(err)
+    return None
+
+
+def split_calibration(samples: Sequence[ImageSample], fraction: float, seed: int
+                      ) -> tuple[list[ImageSample], list[ImageSample]]:
+    """Hold out a calibration split of normal training images, per category (seeded; never test images).
+
+    Args:
+        samples: Training samples (``split == "train"``).
+        fraction: Fraction in [0, 0.9] of each category's training images held out (rounded down; a category
+            keeps at least 2 training images).
+        seed: Seed of the draw.
+
+    Returns:
+        ``(fit, calibration)`` lists, each in the input order.
+
+    Raises:
+        ValueError: If ``fraction`` is outside [0, 0.9].
+    """
+    if not 0.0 <= fraction <= 0.9:
+        msg = f"the calibration fraction must be in [0, 0.9], got {fraction}"
+        raise ValueError(msg)
+    rng = np.random.default_rng(seed)
+    held: set[int] = set()
+    for cat in sorted({s.category for s in samples}):
+        idx = [i for i, s in enumerate(samples) if s.category == cat]
+        n = min(int(fraction * len(idx)), max(len(idx) - 2, 0))
+        held.update(int(i) for i in rng.permutation(idx)[:n])
+    return ([s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held])
+
+
 class ImageDetector:
     """Feature extractor + vector DxMI energy head; scores images into ``pred_score`` and ``anomaly_map``.
 
@@ -205,8 +243,8 @@ class ImageDetector:
 
     Attributes:
         model: The trained :class:`DxMIModel` (after :meth:`fit` or :meth:`load`).
-        threshold: Decision threshold on ``pred_score`` (energy units); the ``threshold_quantile`` of training
-            image scores by default.
+        calibration: The :class:`~dxmi_ad.calibration.Calibration` of image scores (held-out normal images and the
+            decision rule); ``threshold`` is its threshold on ``pred_score`` (energy units).
         history: DxMI training diagnostics.
     """
 
@@ -215,7 +253,7 @@ class ImageDetector:
         self.features = features or FeatureSettings()
         self.extractor: FeatureExtractor | None = None
         self.model: DxMIModel | None = None
-        self.threshold: float | None = None
+        self.calibration: Calibration | None = None
         self.history: list[dict[str, Any]] = []
         self.categories: list[str] = []
 
@@ -231,63 +269,179 @@ class ImageDetector:
         skip_bad_files: bool = False,
         cache_dir: Path | None = None,
         progress: ProgressCallback | None = None,
-        threshold_quantile: float = 0.99,
+        calibration: float | Sequence[ImageSample] = 0.2,
+        fpr: float | None = None,
+        fdr: float | None = None,
     ) -> ImageDetector:
-        """Extract (or reuse) training features and train the DxMI head on every location vector.
+        """Extract (or reuse) training features, train the DxMI head on every location vector, then calibrate.
 
         Args:
             samples: Samples; only ``split == "train"`` ones are used.
             skip_bad_files: Leave unreadable training files out instead of stopping.
             cache_dir: Feature cache parent folder.
             progress: Progress callback.
-            threshold_quantile: Quantile of training image scores used as the default threshold.
+            calibration: Fraction of each category's training images held out as the calibration split (see
+                :func:`split_calibration`; 0 = calibrate on the training images, optimistic p-values), or a list
+                of held-out normal images (e.g. ``--calibration-dir``; never the test set).
+            fpr, fdr: Decision rule (see :meth:`calibrate`).
 
         Returns:
             self.
 
         Raises:
-            BadFilesError: Unreadable training files without ``skip_bad_files``.
+            BadFilesError: Unreadable training or calibration files without ``skip_bad_files``.
             ValueError: If there are no training images.
+            dxmi_ad.calibration.CalibrationError: A calibration split too small for a requested rate.
         """
         train = [s for s in samples if s.split == "train"]
         if not train:
             msg = "no training images"
             raise ValueError(msg)
+        if isinstance(calibration, (int, float)):
+            fit_part, cal_part = split_calibration(train, float(calibration), self.config.seed)
+            source = (f"{len(cal_part)} of {len(train)} training images held out ({float(calibration):g} per "
+                      f"category, seed {self.config.seed})")
+        else:
+            fit_part, cal_part = train, list(calibration)
+            source = f"{len(cal_part)} given calibration images"
+        bad = {s.path: str(err) for s in cal_part for err in [_read_error(s.path)] if err is not None}
+        if bad and not skip_bad_files:  # same rule as the training set: stop before any training
+            raise BadFilesError(bad, "calibration set")
+        cal_part = [s for s in cal_part if s.path not in bad]
         extractor = self._extractor()
-        feats, kept = extract_training_features(train, self.features, extractor, skip_bad_files, cache_dir,
+        feats, kept = extract_training_features(fit_part, self.features, extractor, skip_bad_files, cache_dir,
                                                 progress=progress)
         if len(kept) < 1:
             msg = "no readable training images"
             raise ValueError(msg)
-        return self.fit_features(feats, sorted({s.category for s in kept}), progress, threshold_quantile)
+        self.fit_features(feats, sorted({s.category for s in kept}), progress, calibration_fraction=0.0,
+                          calibrate=False)
+        if cal_part:
+            self.calibrate(cal_part, fpr=fpr, fdr=fdr, skip_bad_files=skip_bad_files, source=source)
+        else:
+            self.calibrate(kept, fpr=fpr, fdr=fdr, skip_bad_files=skip_bad_files,
+                           source="the training images (no calibration split: p-values are optimistic)")
+        return self
 
     def fit_features(
         self,
         feats: np.ndarray,
         categories: list[str],
         progress: ProgressCallback | None = None,
-        threshold_quantile: float = 0.99,
+        calibration_fraction: float = 0.2,
+        fpr: float | None = None,
+        fdr: float | None = None,
+        calibrate: bool = True,
     ) -> ImageDetector:
         """Train the DxMI head on feature maps (the pretrained-feature dataset path; no backbone involved).
 
         Args:
-            feats: ``(n, h, w, C)`` float32 feature maps (a memory map is not copied).
+            feats: ``(n, h, w, C)`` float32 feature maps of normal images (a memory map is not copied).
             categories: Category names of the training set.
             progress: Progress callback.
-            threshold_quantile: Quantile of training image scores used as the default threshold.
+            calibration_fraction: Fraction of the maps held out (seeded) as the calibration split; with 0 the
+                training maps calibrate (optimistic p-values) unless :meth:`calibrate` is called afterwards.
+            fpr, fdr: Decision rule (see :meth:`calibrate`).
+            calibrate: False leaves calibration to the caller (``fit`` calibrates on its held-out images).
 
         Returns:
             self.
         """
         self.categories = list(categories)
         n, h, w, c = feats.shape
+        n_cal = min(int(calibration_fraction * n), max(n - 2, 0))
+        order = np.random.default_rng(self.config.seed).permutation(n)
+        fit_rows, cal_rows = np.sort(order[n_cal:]), np.sort(order[:n_cal])
         self.config = self.config.replace(dim=c)
-        vectors = torch.from_numpy(np.asarray(feats).reshape(n * h * w, c))  # memory-mapped, not copied
+        if n_cal:
+            vectors = torch.from_numpy(np.asarray(feats[fit_rows]).reshape(-1, c))
+        else:
+            vectors = torch.from_numpy(np.asarray(feats).reshape(n * h * w, c))  # memory-mapped, not copied
         self.model, self.history = train_model(vectors, self.config, progress=progress, log_every=5)
-        scores = torch.cat([self.score_features(torch.from_numpy(np.array(feats[i:i + 64])).permute(0, 3, 1, 2))[0]
-                            for i in range(0, n, 64)])
-        self.threshold = float(torch.quantile(scores, threshold_quantile))
+        if not calibrate:
+            return self
+        rows = cal_rows if n_cal else fit_rows
+        scores = np.concatenate([
+            self.score_features(torch.from_numpy(np.array(feats[rows[i:i + 64]])).permute(0, 3, 1, 2))[0].numpy()
+            for i in range(0, len(rows), 64)])
+        source = (f"{n_cal} of {n} training feature maps held out (seed {self.config.seed})" if n_cal
+                  else "the training images (no calibration split: p-values are optimistic)")
+        self.calibrate(scores=scores, fpr=fpr, fdr=fdr, source=source)
         return self
+
+    # ------------------------------------------------------------------ calibration
+    def calibrate(
+        self,
+        samples: Sequence[ImageSample] | None = None,
+        fpr: float | None = None,
+        fdr: float | None = None,
+        validation: Sequence[ImageSample] | None = None,
+        skip_bad_files: bool = False,
+        source: str | None = None,
+        scores: np.ndarray | None = None,
+    ) -> Calibration:
+        """Set the decision rule from held-out normal images (never the test set); no retraining.
+
+        Args:
+            samples: Normal calibration images; None with ``scores`` None keeps the stored calibration scores.
+            fpr: Target false-positive rate in (0, 1); default: the stored rate when the stored scores are kept,
+                else 0.01, or the smallest rate the set supports (warned).
+            fdr: Target false discovery rate: Benjamini-Hochberg over each scored batch.
+            validation: Labelled images (``label`` 1 = anomalous) for an F1-optimal threshold (warned and refused
+                without both classes).
+            skip_bad_files: Leave unreadable calibration files out instead of stopping.
+            source: Description recorded in the calibration.
+            scores: Precomputed ``(n,)`` calibration image scores instead of ``samples``.
+
+        Returns:
+            The new :class:`~dxmi_ad.calibration.Calibration` (also stored in ``self.calibration``).
+
+        Raises:
+            BadFilesError: Unreadable calibration/validation files without ``skip_bad_files``.
+            dxmi_ad.calibration.CalibrationError: Too few calibration images for the rate (minimum stated).
+        """
+        files: list[str] = []
+        if scores is None and samples is not None:
+            out = self.score_samples(samples)
+            if out["errors"] and not skip_bad_files:
+                raise BadFilesError({samples[i].path: r for i, r in out["errors"].items()}, "calibration set")
+            ok = np.flatnonzero(np.isfinite(out["pred_score"]))
+            ok = ok[np.argsort(out["pred_score"][ok], kind="stable")]  # files in the order of the sorted scores
+            scores = out["pred_score"][ok]
+            files = [str(samples[i].path) for i in ok]
+            source = source or f"{len(scores)} calibration images"
+        elif scores is None:
+            if self.calibration is None:
+                msg = "no calibration scores: pass calibration images"
+                raise ValueError(msg)
+            scores, files = self.calibration.scores, self.calibration.files
+            source = source or self.calibration.source
+        val = None
+        if validation is not None:
+            out = self.score_samples(validation)
+            if out["errors"] and not skip_bad_files:
+                raise BadFilesError({validation[i].path: r for i, r in out["errors"].items()}, "validation set")
+            ok = np.isfinite(out["pred_score"])
+            val = (out["pred_score"][ok], np.array([s.label for s in validation])[ok])
+        if fpr is None and self.calibration is not None and samples is None:
+            fpr = self.calibration.fpr  # re-calibrating the same scores keeps the stored target rate
+        cal = Calibration.fit(scores, fpr=resolve_fpr(fpr, len(scores)), fdr=fdr, validation=val,
+                              source=source or "")
+        cal.files = files
+        self.calibration = cal
+        return cal
+
+    @property
+    def threshold(self) -> float | None:
+        """Decision threshold on ``pred_score`` (energy units), from the calibration; None before calibration."""
+        return None if self.calibration is None else self.calibration.threshold
+
+    def p_value(self, pred_score: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Split-conformal p-values ``(B,)`` of image scores ``(B,)`` against the calibration images."""
+        if self.calibration is None:
+            msg = "the detector is not calibrated; call fit() or calibrate()"
+            raise RuntimeError(msg)
+        return self.calibration.p_values(np.asarray(pred_score, dtype=np.float64))
 
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()
@@ -315,14 +469,21 @@ class ImageDetector:
 
         Returns:
             ``pred_score`` ``(B,)`` (energy, higher = more anomalous), ``anomaly_map`` ``(B, H, W)`` (bilinear
-            upsampling of the energy map), ``pred_label`` ``(B,)`` bool (``pred_score > threshold``).
+            upsampling of the energy map), and with a calibration: ``pred_label`` ``(B,)`` bool (the stored rule;
+            under ``fdr`` Benjamini-Hochberg over this batch), ``p_value`` ``(B,)`` float64 in (0, 1] and
+            ``normalized_score`` ``(B,)`` in [0, 1] with the threshold at 0.5.
         """
         feats = self._extractor()(images)
         pred_score, emap = self.score_features(feats)
         size = output_size or tuple(images.shape[-2:])
         amap = F.interpolate(emap[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-        thr = self.threshold if self.threshold is not None else float("inf")
-        return {"pred_score": pred_score, "anomaly_map": amap, "pred_label": pred_score > thr}
+        out = {"pred_score": pred_score, "anomaly_map": amap}
+        if self.calibration is not None:
+            s = pred_score.double().numpy()
+            out.update(pred_label=torch.from_numpy(self.calibration.decide(s)),
+                       p_value=torch.from_numpy(self.calibration.p_values(s)),
+                       normalized_score=torch.from_numpy(self.calibration.normalized(s)))
+        return out
 
     def score_feature_maps(self, features: torch.Tensor, size: tuple[int, int], batch_size: int = 64) -> dict:
         """Score stored feature maps ``(N, C, h, w)``: ``pred_score (N,)``, ``anomaly_map (N, H, W)`` float16 numpy."""
@@ -364,14 +525,15 @@ class ImageDetector:
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | Path, extra: dict[str, Any] | None = None) -> None:
-        """Write ``model.safetensors`` + ``config.json`` (atomic per file; no pickle)."""
+        """Write ``model.safetensors`` + ``config.json`` + ``calibration.json`` (atomic per file; no pickle)."""
         if self.model is None:
             msg = "nothing to save: the detector is not trained"
             raise RuntimeError(msg)
         meta = {"kind": "ImageDetector", "config": self.config.to_dict(), "features": asdict(self.features),
-                "threshold": self.threshold, "categories": self.categories, "history": self.history[-1:],
-                **(extra or {})}
+                "categories": self.categories, "history": self.history[-1:], **(extra or {})}
         save_model_dir(directory, self.model.checkpoint_tensors(), meta)
+        if self.calibration is not None:
+            self.calibration.save(directory)
 
     @classmethod
     def load(cls, directory: str | Path) -> ImageDetector:
@@ -395,7 +557,7 @@ class ImageDetector:
             msg = f"{directory} holds an invalid or tampered model description: {err}"
             raise ValueError(msg) from err
         det.model.eval()
-        det.threshold = meta.get("threshold")
+        det.calibration = Calibration.load(directory)
         det.categories = meta.get("categories", [])
         det.history = meta.get("history", [])
         return det

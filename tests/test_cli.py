@@ -19,9 +19,14 @@ def test_train_digits_writes_run_dir(tmp_path):
     result = runner.invoke(app, ["train", "--dataset", "digits", "--normal-class", "1", "--out", str(out), *FAST])
     assert result.exit_code == 0, result.output
     assert "AUROC" in result.output
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["calibration.json", "config.json", "logs", "metrics.json",
+                                                     "model.safetensors"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["AUROC"] > 0.9 and metrics["dataset"] == "digits-1"
+    assert 0 <= metrics["FPR"] < 0.2 and metrics["TPR"] > 0.5
+    # training records through Lightning's CSV logger: one row per logged iteration of every stage
+    log = (out / "logs" / "train" / "metrics.csv").read_text().splitlines()
+    assert "dxmi/energy_data" in log[0] and "autoencoder/loss" in log[0] and len(log) > 10
     # no leftovers from the atomic write
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
     again = runner.invoke(app, ["train", "--dataset", "digits", "--out", str(out), *FAST])

@@ -15,6 +15,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from dxmi_ad.cli.main import app
+from dxmi_ad.report import PLOTS
 from dxmi_ad.data.images import ImageReadError, load_image, load_mask
 from dxmi_ad.data.mvtec import list_folder, list_mvtec
 from dxmi_ad.features.extractor import FeatureExtractor, PretrainedWeightsError
@@ -110,8 +111,12 @@ def test_train_evaluate_score_end_to_end(tree, tiny_recipe, tmp_path, monkeypatc
     # ...and is left out with --skip-bad-files
     result = runner.invoke(app, [*args, "--skip-bad-files"])
     assert result.exit_code == 0, result.output
-    assert {"model.safetensors", "config.json", "metrics.json", "metrics.csv", "roc.png"} <= {
-        p.name for p in run.iterdir()}
+    assert {"model.safetensors", "config.json", "calibration.json", "metrics.json", "metrics.csv", "report.html",
+            *PLOTS} <= {p.name for p in run.iterdir()}
+    _check_report(run / "report.html", n_images=len(PLOTS))
+    cal = json.loads((run / "calibration.json").read_text())
+    assert cal["rule"] == "fpr" and cal["n"] == 4 and len(cal["files"]) == 4  # 20% of 2 x 11 readable train images
+    assert all("/train/good/" in f for f in cal["files"])  # held out from training, never test images
     metrics = json.loads((run / "metrics.json").read_text())
     cats = {r["category"]: r for r in metrics["per_category"]}
     assert set(cats) == {"brick", "gravel", "mean"}
@@ -143,6 +148,62 @@ def test_train_evaluate_score_end_to_end(tree, tiny_recipe, tmp_path, monkeypatc
     ok = [r for r in rows if not r["error"]]
     assert all(np.isfinite(float(r["score"])) and r["is_anomaly"] in ("0", "1") for r in ok)
     assert len(list((tmp_path / "maps").glob("*.png"))) == len(ok)
+    p_values = np.array([float(r["p_value"]) for r in ok])
+    assert ((p_values >= 1 / 5) & (p_values <= 1)).all()  # (1 + #{cal >= s}) / (n + 1) with n = 4: never 0
+    assert all(0 <= float(r["normalized_score"]) <= 1 for r in ok)
+
+    # calibrate: a rate the calibration set cannot support is refused with the minimum size
+    small = runner.invoke(app, ["calibrate", "--model", str(run), "--fpr", "0.001"])
+    assert small.exit_code == 2 and "at least 999" in small.output
+    # a calibration folder with an unreadable file follows the training rule
+    cal_dir = tmp_path / "cal"
+    shutil.copytree(tree / "brick/train/good", cal_dir)
+    (cal_dir / "broken.png").write_bytes(b"nope")
+    bad = runner.invoke(app, ["calibrate", "--model", str(run), "--calibration-dir", str(cal_dir), "--fpr", "0.1"])
+    assert bad.exit_code == 2 and "broken.png" in bad.output
+    okc = runner.invoke(app, ["calibrate", "--model", str(run), "--calibration-dir", str(cal_dir), "--fpr", "0.1",
+                              "--skip-bad-files"])
+    assert okc.exit_code == 0, okc.output
+    cal = json.loads((run / "calibration.json").read_text())
+    assert cal["n"] == 12 and cal["fpr"] == 0.1 and cal["rule"] == "fpr"
+    # a validation folder without anomalies: warned, never "flag everything" (the F1 rule is refused)
+    val = tmp_path / "val"
+    shutil.copytree(tree / "brick/test/good", val / "good")
+    warn = runner.invoke(app, ["calibrate", "--model", str(run), "--validation-dir", str(val)])
+    assert warn.exit_code == 0 and "no anomalies" in warn.output
+    assert json.loads((run / "calibration.json").read_text())["rule"] == "fpr"
+    # with anomalies: the F1-optimal threshold
+    shutil.copytree(tree / "brick/test/synthetic_dark", val / "dark")
+    f1 = runner.invoke(app, ["calibrate", "--model", str(run), "--validation-dir", str(val)])
+    assert f1.exit_code == 0 and json.loads((run / "calibration.json").read_text())["rule"] == "f1"
+    # FDR rule: Benjamini-Hochberg over the scored batch
+    fdr = runner.invoke(app, ["calibrate", "--model", str(run), "--fdr", "0.2"])
+    assert fdr.exit_code == 0, fdr.output
+    sc = runner.invoke(app, ["score", str(mixed), "--model", str(run), "--out", str(out_csv)])
+    rows = [r for r in csv.DictReader(io.StringIO(out_csv.read_text())) if not r["error"]]
+    from dxmi_ad.calibration import bh_reject
+
+    expected = bh_reject(np.array([float(r["p_value"]) for r in rows]), 0.2)
+    assert [r["is_anomaly"] == "1" for r in rows] == list(expected)
+    import dxmi_ad
+
+    assert dxmi_ad.load(run).calibration.rule == "fdr"
+
+
+def _check_report(path, n_images):
+    """report.html is one self-contained page: every embedded PNG decodes, nothing is linked from outside."""
+    import base64
+    import re
+
+    text = path.read_text()
+    blobs = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", text)
+    assert len(blobs) == n_images
+    for blob in blobs:
+        img = Image.open(io.BytesIO(base64.b64decode(blob)))
+        img.load()
+        assert img.size[0] > 100 and img.size[1] > 100
+    assert "http://" not in text and "https://" not in text
+    assert "image_AUROC" in text and "decision rule" in text
 
 
 def test_folder_without_test_still_trains(tmp_path, tiny_recipe, tree, monkeypatch):

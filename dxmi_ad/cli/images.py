@@ -99,9 +99,52 @@ def print_metrics(table: Any, console: Any, title: str) -> None:
     console.print(rich_table)
 
 
-def evaluate_and_write(det: Any, samples: list, out: Path, console: Any, progress: Any = None) -> dict[str, Any]:
-    """Score the test samples, print and write ``metrics.json`` / ``metrics.csv`` / ``roc.png`` into ``out``."""
-    from dxmi_ad.evaluation import metrics_table, plot_roc
+def print_calibration(det: Any, console: Any) -> None:
+    """One line on the decision rule of an image model."""
+    if det.calibration is not None:
+        console.print(f"decisions: {det.calibration.describe()}", highlight=False)
+
+
+def decision_summary(calibration: Any, scores: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """Realised false-positive rate, true-positive rate and false discovery proportion of the stored rule."""
+    ok = np.isfinite(scores)
+    flagged = calibration.decide(np.where(ok, scores, np.nan))
+    normal, anom = ok & (labels == 0), ok & (labels == 1)
+    return {"rule": calibration.rule, "target_fpr": calibration.fpr, "target_fdr": calibration.fdr,
+            "threshold": calibration.threshold, "n_calibration": len(calibration.scores),
+            "realised_fpr": float(flagged[normal].mean()) if normal.any() else None,
+            "tpr": float(flagged[anom].mean()) if anom.any() else None,
+            "false_discovery_proportion": float((flagged & normal).sum() / max(int(flagged.sum()), 1))}
+
+
+def _write_evaluation(out: Path, test: list, scored: dict, table: Any, det: Any, settings: dict,
+                      extra: dict[str, Any], with_images: bool) -> dict[str, Any]:
+    """metrics.json / metrics.csv and the report (plots + report.html) into ``out``."""
+    from dxmi_ad.report import write_report
+
+    labels = np.array([s.label for s in test], int)
+    metrics = {"per_category": table.to_dict(orient="records"), "mean": table.iloc[-1].to_dict(), **extra}
+    if det.calibration is not None:
+        metrics["decisions"] = decision_summary(det.calibration, np.asarray(scored["pred_score"]), labels)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=float))
+    atomic_write_text(out / "metrics.csv", table.to_csv(index=False))
+    write_report(out, test, scored, table, det.calibration, settings, with_images=with_images)
+    return metrics
+
+
+def run_settings(det: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The settings shown in report.html: model config, features, calibration rule, and ``extra``."""
+    from dataclasses import asdict
+
+    return {**(extra or {}), "features": asdict(det.features), "model": det.config.to_dict(),
+            "calibration": det.calibration.describe() if det.calibration is not None else None}
+
+
+def evaluate_and_write(det: Any, samples: list, out: Path, console: Any, progress: Any = None,
+                       settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Score the test samples; print the table; write metrics.json/csv, the plots and report.html into ``out``."""
+    from dxmi_ad.evaluation import metrics_table
 
     test = [s for s in samples if s.split == "test"]
     if not test:
@@ -118,14 +161,20 @@ def evaluate_and_write(det: Any, samples: list, out: Path, console: Any, progres
     bad = {str(test[i].path): r for i, r in scored["errors"].items()}
     if bad:
         console.print(f"[yellow]{len(bad)} unreadable test file(s) left out of the metrics[/]")
-    metrics = {"per_category": table.to_dict(orient="records"), "mean": table.iloc[-1].to_dict(),
-               "score_seconds": round(seconds, 3), "images_per_second": round(len(test) / max(seconds, 1e-9), 2),
-               "unreadable_test_files": bad}
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=float))
-    atomic_write_text(out / "metrics.csv", table.to_csv(index=False))
-    plot_roc(test, scored["pred_score"], out / "roc.png")
+    extra = {"score_seconds": round(seconds, 3), "images_per_second": round(len(test) / max(seconds, 1e-9), 2),
+             "unreadable_test_files": bad}
+    metrics = _write_evaluation(out, test, scored, table, det, run_settings(det, settings), extra, True)
+    _print_decisions(metrics, console)
     return metrics
+
+
+def _print_decisions(metrics: dict[str, Any], console: Any) -> None:
+    d = metrics.get("decisions")
+    if d:
+        fpr = "n/a" if d["realised_fpr"] is None else f"{d['realised_fpr']:.4f}"
+        tpr = "n/a" if d["tpr"] is None else f"{d['tpr']:.4f}"
+        console.print(f"test-set decisions ({d['rule']} rule): false-positive rate {fpr}, true-positive rate {tpr}, "
+                      f"false discovery proportion {d['false_discovery_proportion']:.4f}", highlight=False)
 
 
 def _feature_samples(split: Any) -> list:
@@ -155,22 +204,29 @@ def train_features(params: dict[str, Any], config: Any, console: Any, progress: 
     normal = train.label == 0
     t0 = time.perf_counter()
     det.fit_features(train.features[torch.from_numpy(normal)].permute(0, 2, 3, 1).contiguous().numpy(),
-                     sorted(set(train.clsname)), progress)
+                     sorted(set(train.clsname)), progress, calibration_fraction=params["calibration_fraction"],
+                     fpr=params.get("fpr"), fdr=params.get("fdr"))
+    print_calibration(det, console)
     seconds = time.perf_counter() - t0
     out: Path = params["out"]
     with atomic_directory(out) as tmp:
         det.save(tmp, extra={"train_seconds": round(seconds, 2), "dataset": "features",
                              "data_root": str(params["data_root"])})
+        if hasattr(progress, "write_logs"):
+            progress.write_logs(tmp)
         if test is not None and 0 < test.label.sum() < len(test.label):
             size = tuple(test.mask.shape[-2:]) if test.mask is not None else (feats["image_size"],) * 2
             scored = det.score_feature_maps(test.features, size)
             samples = _feature_samples(test)
             mask = test.mask if test.mask is not None else np.zeros((len(samples), *size), bool)
-            table = metrics_table(samples, {**scored, "gt_mask": mask})
+            scored = {**scored, "gt_mask": mask}
+            table = metrics_table(samples, scored)
             print_metrics(table, console, "DxMI on feature files (fractions in [0, 1]; higher is better)")
-            atomic_write_text(tmp / "metrics.json", json.dumps({"per_category": table.to_dict(orient="records"),
-                                                                "mean": table.iloc[-1].to_dict()}, default=float))
-            atomic_write_text(tmp / "metrics.csv", table.to_csv(index=False))
+            metrics = _write_evaluation(tmp, samples, scored, table, det,
+                                        run_settings(det, {"dataset": "features",
+                                                           "data_root": str(params["data_root"])}),
+                                        {}, with_images=False)
+            _print_decisions(metrics, console)
         else:
             console.print("[yellow]no labelled test split: evaluation skipped[/]")
     console.print(f"trained in {seconds:.1f} s; run directory: {out}")
@@ -225,6 +281,30 @@ def extract_features(params: dict[str, Any], console: Any, progress: Any) -> Pat
     return out
 
 
+def calibration_inputs(params: dict[str, Any]) -> tuple[Any, list | None]:
+    """``(calibration, validation)`` for :meth:`ImageDetector.fit` from ``--calibration-dir`` /
+    ``--calibration-fraction`` / ``--validation-dir``.
+
+    Raises:
+        ImageCLIError: Conflicting rules, or a missing/empty folder.
+    """
+    from dxmi_ad.data.mvtec import list_labelled_dir, list_normal_dir
+
+    if params.get("fpr") is not None and params.get("fdr") is not None:
+        msg = "choose one decision rule: --fpr or --fdr"
+        raise ImageCLIError(msg)
+    if params.get("fdr") is not None and params.get("validation_dir") is not None:
+        msg = "choose one decision rule: --fdr or an F1-optimal threshold from --validation-dir"
+        raise ImageCLIError(msg)
+    try:
+        calibration = (list_normal_dir(params["calibration_dir"]) if params.get("calibration_dir")
+                       else params["calibration_fraction"])
+        validation = list_labelled_dir(params["validation_dir"]) if params.get("validation_dir") else None
+    except (FileNotFoundError, ValueError) as err:
+        raise ImageCLIError(str(err)) from err
+    return calibration, validation
+
+
 def train_images(params: dict[str, Any], console: Any, progress: Any) -> Path:
     """Train an image detector; write the run directory atomically; evaluate when test data exist."""
     from dxmi_ad.config import DxMIConfig
@@ -239,24 +319,37 @@ def train_images(params: dict[str, Any], console: Any, progress: Any) -> Path:
     console.print(f"[bold]dxmi-ad train[/] {description}: {sum(s.split == 'train' for s in samples)} training, "
                   f"{sum(s.split == 'test' for s in samples)} test images")
     out: Path = params["out"]
+    calibration, validation = calibration_inputs(params)
     det = ImageDetector(config, FeatureSettings(**feats))
     t0 = time.perf_counter()
-    det.fit(samples, skip_bad_files=params["skip_bad_files"], progress=progress)
+    det.fit(samples, skip_bad_files=params["skip_bad_files"], progress=progress, calibration=calibration,
+            fpr=params.get("fpr"), fdr=params.get("fdr"))
+    if validation is not None:
+        det.calibrate(fpr=params.get("fpr"), validation=validation, skip_bad_files=params["skip_bad_files"])
     seconds = time.perf_counter() - t0
+    print_calibration(det, console)
+    info = {"train_seconds": round(seconds, 2), "dataset": params["dataset"],
+            "data_root": str(params["data_root"]) if params["data_root"] else None, "category": params["category"]}
     with atomic_directory(out) as tmp:
-        det.save(tmp, extra={"train_seconds": round(seconds, 2), "dataset": params["dataset"],
-                             "data_root": str(params["data_root"]) if params["data_root"] else None,
-                             "category": params["category"]})
-        evaluate_and_write(det, samples, tmp, console)
+        det.save(tmp, extra=info)
+        if hasattr(progress, "write_logs"):
+            progress.write_logs(tmp)
+        evaluate_and_write(det, samples, tmp, console, settings=info)
     console.print(f"trained in {seconds:.1f} s; run directory: {out}")
     return out
 
 
 def score_paths(det: Any, paths: list[Path], out_csv: Path | None, heatmaps: Path | None,
                 batch_size: int = 32) -> tuple[str, int]:
-    """Score files and folders (recursive); returns the CSV text and the number of unreadable files."""
+    """Score files and folders (recursive); returns the CSV text and the number of unreadable files.
+
+    Columns: ``path, score, threshold, is_anomaly, p_value, normalized_score, error``. ``score`` is the raw
+    ``pred_score`` (energy); ``p_value`` the split-conformal p-value against the calibration images; under an
+    ``fdr`` rule ``is_anomaly`` is the Benjamini-Hochberg decision over all files of this call.
+    """
     from dxmi_ad.data.images import IMAGE_SUFFIXES
     from dxmi_ad.data.mvtec import ImageSample
+    from dxmi_ad.image import iter_batches
 
     files: list[Path] = []
     for p in paths:
@@ -265,37 +358,48 @@ def score_paths(det: Any, paths: list[Path], out_csv: Path | None, heatmaps: Pat
         else:
             files.append(p)
     samples = [ImageSample(f, "input", "test", "unknown", 0, None) for f in files]
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["path", "score", "threshold", "is_anomaly", "error"])
-    n_bad = 0
-    thr = det.threshold
+    cal = det.calibration
+    scores = np.full(len(files), np.nan)
+    errors: dict[int, str] = {}
     if heatmaps is not None:
         heatmaps.mkdir(parents=True, exist_ok=True)
-    from dxmi_ad.image import iter_batches
-
     for idx, images, _, errs in iter_batches(samples, det.features.image_size, batch_size):
-        results = {}
-        if idx:
-            out = det.predict(images)
+        errors.update(errs)
+        if not idx:
+            continue
+        out = det.predict(images)
+        scores[idx] = out["pred_score"].double().numpy()
+        if heatmaps is not None:
             for j, i in enumerate(idx):
-                results[i] = (float(out["pred_score"][j]), out["anomaly_map"][j].numpy(), images[j])
-        for i in sorted([*idx, *errs]):
-            if i in errs:
-                n_bad += 1
-                writer.writerow([str(files[i]), "", f"{thr:.6g}", "", errs[i]])
-                continue
-            score, amap, image = results[i]
-            writer.writerow([str(files[i]), f"{score:.6g}", f"{thr:.6g}", int(score > thr), ""])
-            if heatmaps is not None:
-                _write_heatmap(image, amap, score, thr, heatmaps / f"{i:06d}_{files[i].stem}.png")
+                s = float(scores[i])
+                title = f"score {s:.3g}"
+                if cal is not None:
+                    title += f", p={float(cal.p_values(np.array([s]))[0]):.3g}"
+                    if cal.rule != "fdr":
+                        title += " (anomalous)" if s > cal.threshold else " (normal)"
+                _write_heatmap(images[j], out["anomaly_map"][j].numpy(), title,
+                               heatmaps / f"{i:06d}_{files[i].stem}.png")
+    if cal is not None:
+        flags, p_values, norm = cal.decide(scores), cal.p_values(scores), cal.normalized(scores)
+        thr = cal.threshold
+    else:
+        flags, p_values, norm, thr = np.zeros(len(files), bool), scores * np.nan, scores * np.nan, float("nan")
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["path", "score", "threshold", "is_anomaly", "p_value", "normalized_score", "error"])
+    for i, f in enumerate(files):
+        if i in errors:
+            writer.writerow([str(f), "", f"{thr:.6g}", "", "", "", errors[i]])
+        else:
+            writer.writerow([str(f), f"{scores[i]:.6g}", f"{thr:.6g}", int(flags[i]), f"{p_values[i]:.6g}",
+                             f"{norm[i]:.4f}", ""])
     text = buf.getvalue()
     if out_csv is not None:
         atomic_write_text(out_csv, text)
-    return text, n_bad
+    return text, len(errors)
 
 
-def _write_heatmap(image: Any, amap: np.ndarray, score: float, thr: float, path: Path) -> None:
+def _write_heatmap(image: Any, amap: np.ndarray, title: str, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -304,7 +408,7 @@ def _write_heatmap(image: Any, amap: np.ndarray, score: float, thr: float, path:
     fig, ax = plt.subplots(figsize=(3, 3), dpi=100)
     ax.imshow(image.permute(1, 2, 0).numpy())
     ax.imshow(amap, cmap="jet", alpha=0.45)
-    ax.set_title(f"score {score:.3g} ({'anomalous' if score > thr else 'normal'})", fontsize=8)
+    ax.set_title(title, fontsize=8)
     ax.axis("off")
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, bbox_inches="tight")

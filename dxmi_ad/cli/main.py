@@ -29,6 +29,25 @@ DATASETS = ("textures", "mvtec", "folder", "digits", "eight-gaussians", "wbc", "
 DEFAULT_DATASET = "textures"
 
 
+def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    err_console.print(f"[yellow]warning:[/] {message}", highlight=False)
+
+
+def _console_warnings(command: Any) -> Any:
+    """Decorator: Python warnings raised by a command print as one yellow line on stderr (no source context)."""
+    import functools
+    import warnings
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            warnings.showwarning = _show_warning
+            return command(*args, **kwargs)
+
+    return wrapper
+
+
 class CLIError(Exception):
     """A user-facing error: printed in one line to stderr, exit code 2."""
 
@@ -114,7 +133,9 @@ def load_dataset(dataset: str, normal_class: int, seed: int) -> Any:
 
 # ---------------------------------------------------------------------- progress
 class _Progress:
-    """Rich progress bars with live losses, one task per training stage."""
+    """Rich progress bars with live losses (stage, iteration, E(data), E(samples), value loss, sigma_t, ETA), one
+    task per training stage; every reported record is kept and written by :meth:`write_logs` through Lightning's
+    loggers (CSV, and TensorBoard when installed)."""
 
     def __init__(self) -> None:
         self.progress = Progress(
@@ -124,13 +145,45 @@ class _Progress:
             console=console, transient=False,
         )
         self.tasks: dict[str, Any] = {}
+        self.records: list[tuple[str, int, dict[str, float]]] = []
 
     def __call__(self, stage: str, i: int, total: int, metrics: dict[str, Any]) -> None:
         if stage not in self.tasks:
             self.tasks[stage] = self.progress.add_task(stage, total=total, metrics="")
         shown = {"loss": "loss", "energy_data": "E(data)", "energy_samples": "E(samples)", "value_loss": "V loss"}
         text = "  ".join(f"{name}={metrics[k]:.4g}" for k, name in shown.items() if isinstance(metrics.get(k), float))
+        sigma = metrics.get("sigma")
+        if isinstance(sigma, list) and sigma:
+            text += f"  sigma_t={sigma[0]:.3g}..{sigma[-1]:.3g}"
         self.progress.update(self.tasks[stage], completed=i, metrics=text)
+        flat: dict[str, float] = {}
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and k != "iteration":
+                flat[f"{stage}/{k}"] = float(v)
+            elif isinstance(v, list):
+                flat.update({f"{stage}/{k}_{t}": float(x) for t, x in enumerate(v)})
+        self.records.append((stage, i, flat))
+
+    def write_logs(self, directory: Path) -> list[str]:
+        """Write the training records under ``directory/logs`` with Lightning's CSVLogger (``logs/train/metrics.csv``)
+        and, when tensorboard is installed, its TensorBoardLogger; returns the logger names used."""
+        import importlib.util
+
+        from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
+
+        loggers = [CSVLogger(root_dir=directory, name="logs", version="train")]
+        if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+            loggers.append(TensorBoardLogger(root_dir=directory, name="logs", version="tensorboard"))
+        offsets: dict[str, int] = {}
+        step = 0
+        for stage, i, flat in self.records:  # one global step axis across stages
+            offsets.setdefault(stage, step)
+            step = offsets[stage] + i
+            for logger in loggers:
+                logger.log_metrics(flat, step=step)
+        for logger in loggers:
+            logger.finalize("success")
+        return [type(lg).__name__ for lg in loggers]
 
     def __enter__(self) -> _Progress:
         self.progress.__enter__()
@@ -148,6 +201,9 @@ def _evaluate(det: Any, split: Any, dataset: str) -> dict[str, Any]:
         energy = det.energy(split.test)
         metrics["AUROC"] = auroc(energy[split.test_label == 0], energy[split.test_label == 1])
         metrics["n_test_anomalous"] = int(split.test_label.sum())
+        flagged = det.predict(split.test) == -1  # the calibrated rule (FPR threshold or BH over the test set)
+        metrics["FPR"] = float(flagged[split.test_label == 0].mean())
+        metrics["TPR"] = float(flagged[split.test_label == 1].mean())
     if dataset == "eight-gaussians":
         normal = split.test[split.test_label == 0]
         metrics["SW"] = sliced_wasserstein(det.sample(len(normal), random_state=0), normal)
@@ -156,6 +212,7 @@ def _evaluate(det: Any, split: Any, dataset: str) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------- commands
 @app.command()
+@_console_warnings
 def train(
     dataset: Annotated[str, typer.Option(help="textures | mvtec | folder | features | digits | eight-gaussians | wbc | wine | csv:PATH")] = DEFAULT_DATASET,
     data_root: Annotated[Path | None, typer.Option(help="image datasets: dataset root (textures: cache folder)")] = None,
@@ -171,10 +228,19 @@ def train(
     backbone: Annotated[str | None, typer.Option(help="timm backbone name (default from the recipe)")] = None,
     trust_pickle: Annotated[bool, typer.Option(help="features: allow unpickling the authors' .pth/.pkl files "
                                                     "(can run arbitrary code; only for trusted files)")] = False,
+    calibration_fraction: Annotated[float | None, typer.Option(
+        min=0.0, max=0.9, help="fraction of the normal training data held out to calibrate decisions [default: 0.2]")] = None,
+    calibration_dir: Annotated[Path | None, typer.Option(help="image datasets: folder of held-out normal images to "
+                                                              "calibrate on (instead of a training split)")] = None,
+    fpr: Annotated[float | None, typer.Option(help="target false-positive rate of the decision threshold "
+                                                   "[default: 0.01, or the smallest the calibration set supports]")] = None,
+    fdr: Annotated[float | None, typer.Option(help="decide by Benjamini-Hochberg at this false discovery rate")] = None,
+    validation_dir: Annotated[Path | None, typer.Option(help="image datasets: labelled folder (good/, <defect>/) "
+                                                             "for an F1-optimal threshold")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing run directory")] = False,
     dry_run: Annotated[bool, typer.Option(help="print the resolved recipe and exit")] = False,
 ) -> None:
-    """Train a DxMI detector and report AUROC on the held-out test split.
+    """Train a DxMI detector, calibrate its decisions on held-out normal data, report AUROC on the test split.
 
     With no arguments: the embedded textures (real CC0 photos with SYNTHETIC defects), one model for all three.
     """
@@ -184,6 +250,15 @@ def train(
     try:
         params = load_recipe(recipe, dataset, set_ or [])
         params.setdefault("random_state", seed)
+        if calibration_dir is not None or validation_dir is not None:
+            msg = "--calibration-dir and --validation-dir are for image datasets; vector models hold out " \
+                  "--calibration-fraction of the training rows (or use `dxmi-ad calibrate --calibration-csv`)"
+            raise CLIError(msg)
+        if fpr is not None and fdr is not None:
+            raise CLIError("choose one decision rule: --fpr or --fdr")
+        for key, value in (("calibration_fraction", calibration_fraction), ("fpr", fpr), ("fdr", fdr)):
+            if value is not None:
+                params[key] = value
         if dry_run:
             console.print_json(json.dumps(params))
             return
@@ -202,15 +277,17 @@ def train(
     except (ValueError, FloatingPointError) as err:
         raise _fail(f"training failed: {err}") from None
     seconds = time.perf_counter() - t0
+    console.print(f"decisions: {det.calibration_.describe()}", highlight=False)
     metrics = _evaluate(det, split, dataset)
     metrics.update({"train_seconds": round(seconds, 2), "recipe": params})
     with atomic_directory(out) as tmp:  # a failed run never leaves a half-written run directory
         det.save(tmp)
+        progress.write_logs(tmp)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     table = Table(title=f"DxMI on {split.name}")
     for col in ("metric", "value"):
         table.add_column(col)
-    for key in ("AUROC", "SW", "n_train", "n_test", "n_test_anomalous", "train_seconds"):
+    for key in ("AUROC", "FPR", "TPR", "SW", "n_train", "n_test", "n_test_anomalous", "train_seconds"):
         if key in metrics:
             v = metrics[key]
             table.add_row(key, f"{v:.1f}" if key == "train_seconds" else f"{v:.4f}" if isinstance(v, float) else str(v))
@@ -219,6 +296,7 @@ def train(
 
 
 @app.command()
+@_console_warnings
 def sample(
     model: Annotated[Path, typer.Option(help="run directory written by `dxmi-ad train`")],
     n: Annotated[int, typer.Option("-n", "--n", help="number of samples", min=1)] = 1000,
@@ -302,6 +380,8 @@ def _train_images(args: dict[str, Any]) -> None:
             return
         out = args["out"] or Path("runs") / f"{args['dataset']}-{time.strftime('%Y%m%d-%H%M%S')}"
         _check_out(out, args["overwrite"])
+        if args["calibration_fraction"] is None:
+            args = {**args, "calibration_fraction": 0.2}
         with _Progress() as progress:
             images.train_images({**args, "recipe": recipe, "out": out}, console, progress)
     except (CLIError, ImageCLIError, BadFilesError, PretrainedWeightsError, FileNotFoundError, ValueError,
@@ -310,6 +390,7 @@ def _train_images(args: dict[str, Any]) -> None:
 
 
 @app.command("extract-features")
+@_console_warnings
 def extract_features(
     out: Annotated[Path, typer.Option(help="folder to write train/test feature files into")],
     dataset: Annotated[str, typer.Option(help="textures | mvtec | folder")] = "textures",
@@ -351,14 +432,15 @@ def _load_image_model(model: Path) -> Any:
 
 
 @app.command()
+@_console_warnings
 def evaluate(
     model: Annotated[Path, typer.Option(help="run directory of an image model")],
     dataset: Annotated[str | None, typer.Option(help="textures | mvtec | folder (default: the training dataset)")] = None,
     data_root: Annotated[Path | None, typer.Option(help="dataset root")] = None,
     category: Annotated[str | None, typer.Option(help="categories, or all")] = None,
-    out: Annotated[Path | None, typer.Option(help="where to write metrics.json/csv and roc.png (default: --model)")] = None,
+    out: Annotated[Path | None, typer.Option(help="where to write metrics, plots and report.html (default: --model)")] = None,
 ) -> None:
-    """Per-category image AUROC, pixel AUROC, AUPRO and F1-max of an image model, plus the mean."""
+    """Per-category image AUROC, pixel AUROC, AUPRO and F1-max, plus the mean; plots and report.html."""
     from dxmi_ad.checkpoint import load_model_dir
     from dxmi_ad.cli import images
 
@@ -374,13 +456,63 @@ def evaluate(
     except ImageCLIError as err:
         raise _fail(str(err)) from None
     console.print(f"[bold]dxmi-ad evaluate[/] {description}")
-    metrics = images.evaluate_and_write(det, samples, out or model, console)
+    images.print_calibration(det, console)
+    metrics = images.evaluate_and_write(det, samples, out or model, console,
+                                        settings={"dataset": dataset, "data_root": str(root) if root else None})
     if not metrics:
         raise typer.Exit(code=1)
-    console.print(f"wrote metrics.json, metrics.csv and roc.png to {out or model}")
+    console.print(f"wrote metrics.json, metrics.csv, plots and report.html to {out or model}")
 
 
 @app.command()
+@_console_warnings
+def calibrate(
+    model: Annotated[Path, typer.Option(help="run directory written by `dxmi-ad train`")],
+    calibration_dir: Annotated[Path | None, typer.Option(help="image model: folder of held-out normal images "
+                                                              "(default: keep the stored calibration scores)")] = None,
+    calibration_csv: Annotated[Path | None, typer.Option(help="vector model: CSV of held-out normal rows")] = None,
+    fpr: Annotated[float | None, typer.Option(help="target false-positive rate")] = None,
+    fdr: Annotated[float | None, typer.Option(help="Benjamini-Hochberg at this false discovery rate")] = None,
+    validation_dir: Annotated[Path | None, typer.Option(help="image model: labelled folder (good/, <defect>/) "
+                                                             "for an F1-optimal threshold")] = None,
+    skip_bad_files: Annotated[bool, typer.Option(help="leave unreadable calibration images out")] = False,
+) -> None:
+    """Re-calibrate a trained model's decisions without retraining; rewrites RUN_DIR/calibration.json atomically."""
+    import dxmi_ad
+    from dxmi_ad.calibration import CalibrationError
+    from dxmi_ad.cli import images
+    from dxmi_ad.image import BadFilesError, ImageDetector
+
+    try:
+        det = dxmi_ad.load(model)
+        if isinstance(det, ImageDetector):
+            if calibration_csv is not None:
+                raise CLIError("--calibration-csv is for vector models; pass --calibration-dir for an image model")
+            calibration, validation = images.calibration_inputs(
+                {"fpr": fpr, "fdr": fdr, "calibration_dir": calibration_dir, "validation_dir": validation_dir,
+                 "calibration_fraction": None})
+            cal = det.calibrate(calibration or None, fpr=fpr, fdr=fdr, validation=validation,
+                                skip_bad_files=skip_bad_files)
+        else:
+            if calibration_dir is not None or validation_dir is not None:
+                raise CLIError("this is a vector model: pass --calibration-csv (normal rows), not image folders")
+            if fpr is not None and fdr is not None:
+                raise CLIError("choose one decision rule: --fpr or --fdr")
+            X = None
+            if calibration_csv is not None:
+                from dxmi_ad.data.tabular import load_csv
+
+                X, _, _ = load_csv(calibration_csv)
+            det.calibrate(X, fpr=fpr, fdr=fdr)
+            cal = det.calibration_
+        cal.save(model)
+    except (CLIError, ImageCLIError, BadFilesError, CalibrationError, FileNotFoundError, ValueError) as err:
+        raise _fail(str(err)) from None
+    console.print(f"calibrated {model}: {cal.describe()}", highlight=False)
+
+
+@app.command()
+@_console_warnings
 def score(
     paths: Annotated[list[Path], typer.Argument(help="image files and/or folders (recursive)")],
     model: Annotated[Path, typer.Option(help="run directory of an image model")],
@@ -388,10 +520,12 @@ def score(
     heatmaps: Annotated[Path | None, typer.Option(help="folder for heat-map overlay PNGs")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="images per batch (bounds memory)")] = 32,
 ) -> None:
-    """Score images: one CSV row per file (path, score, threshold, is_anomaly, error); exit 1 if a file failed.
+    """Score images: one CSV row per file; exit 1 if a file failed.
 
-    score = pred_score (max per-location energy, higher = more anomalous); threshold = the 99th percentile of the
-    training images' scores, all categories pooled (no calibration split yet).
+    Columns: path, score (pred_score: max per-location energy, higher = more anomalous), threshold (from the
+    calibration: `dxmi-ad calibrate`), is_anomaly (the stored rule; under --fdr Benjamini-Hochberg over all files
+    of this call), p_value (split-conformal, against held-out normal images), normalized_score (0.5 = threshold),
+    error.
     """
     from dxmi_ad.cli import images
 
@@ -407,6 +541,8 @@ def score(
     if n_bad:
         err_console.print(f"{n_bad} file(s) could not be read; see the error column")
         raise typer.Exit(code=1)
+
+
 
 
 def main() -> None:

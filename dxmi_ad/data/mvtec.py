@@ -125,3 +125,47 @@ def list_folder(root: str | Path) -> list[ImageSample]:
         msg = f"{root / 'train' / 'good'} holds no images ({', '.join(IMAGE_SUFFIXES)})"
         raise ValueError(msg)
     return samples
+
+
+def list_normal_dir(root: str | Path, what: str = "calibration") -> list[ImageSample]:
+    """Every image under ``root`` (recursive) as a normal sample: a calibration folder of held-out normal images.
+
+    Args:
+        root: Folder.
+        what: Name used in error messages.
+
+    Raises:
+        FileNotFoundError: If ``root`` is not a folder.
+        ValueError: If it holds no images.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        msg = f"{what} folder {root} not found"
+        raise FileNotFoundError(msg)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        msg = f"{what} folder {root} holds no images ({', '.join(IMAGE_SUFFIXES)})"
+        raise ValueError(msg)
+    return [ImageSample(p, p.parent.name, "calibration", "good", 0, None) for p in files]
+
+
+def list_labelled_dir(root: str | Path) -> list[ImageSample]:
+    """A labelled validation folder: ``ROOT/good/**`` normal (label 0), every other ``ROOT/<defect>/**`` anomalous.
+
+    Raises:
+        FileNotFoundError: If ``root`` is not a folder.
+        ValueError: If it holds no images in sub-folders.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        msg = f"validation folder {root} not found (expected ROOT/good/ and ROOT/<defect>/ sub-folders)"
+        raise FileNotFoundError(msg)
+    samples = []
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        label = 0 if sub.name.lower() == "good" else 1
+        samples += [ImageSample(p, root.name, "validation", sub.name, label, None)
+                    for p in sorted(sub.rglob("*")) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    if not samples:
+        msg = f"validation folder {root} holds no images in sub-folders (expected ROOT/good/ and ROOT/<defect>/)"
+        raise ValueError(msg)
+    return samples

@@ -1,0 +1,431 @@
+"""Calibrated decisions from anomaly scores: target false-positive rate, conformal p-values, FDR control, F1.
+
+Every rule works on raw anomaly scores (energies, higher = more anomalous) of a **calibration set of normal data
+held out from training and never the test set** (ECOSYSTEM.md §5.1):
+
+* **target FPR** ``alpha``: threshold = the ``k``-th smallest calibration score with ``k = ceil((n + 1)(1 - alpha))``
+  (split-conformal quantile); a new normal sample exchangeable with the calibration set is flagged with probability
+  at most ``alpha``. Needs ``n >= ceil(1 / alpha - 1)``.
+* **split-conformal p-value**: ``p(x) = (1 + #{calibration scores >= s(x)}) / (n + 1)`` in ``[1/(n+1), 1]``, never 0;
+  for normal data ``P(p <= a) <= a``. Flagging ``p <= alpha`` is the same decision as the target-FPR threshold.
+* **false discovery rate** ``q``: Benjamini-Hochberg over a batch of p-values (:func:`scipy.stats.false_discovery_control`).
+* **F1-optimal** threshold from a labelled validation set (:func:`sklearn.metrics.precision_recall_curve`); refused,
+  with a warning and the target-FPR rule kept, when the validation set lacks normals or anomalies (anomalib
+  thread 3 of ECOSYSTEM.md §4: never silently flag everything).
+* **normalized score** in ``[0, 1]`` with the decision threshold at 0.5, anomalib's min-max convention:
+  ``clip((s - threshold) / (max - min) + 0.5, 0, 1)`` with min/max of the calibration scores.
+
+Only the glue is ours: the statistics come from scipy and scikit-learn.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["DEFAULT_FPR", "Calibration", "CalibrationError", "bh_reject", "calibration_check", "conformal_p_values",
+           "conformal_threshold", "min_calibration_size", "resolve_fpr", "summarize_checks"]
+
+RULES = ("fpr", "fdr", "f1")
+CALIBRATION_FILE = "calibration.json"
+
+
+class CalibrationError(ValueError):
+    """A calibration set that cannot support the requested rule (too small, empty, non-finite scores)."""
+
+
+def min_calibration_size(alpha: float) -> int:
+    """Smallest calibration set for which a target rate ``alpha`` in (0, 1) can be met: ``ceil(1/alpha - 1)``."""
+    return max(1, math.ceil(1.0 / alpha - 1.0 - 1e-9))
+
+
+DEFAULT_FPR = 0.01
+
+
+def resolve_fpr(requested: float | None, n_calibration: int, default: float = DEFAULT_FPR) -> float:
+    """The target false-positive rate to use: ``requested`` as given, or ``default`` when the calibration set can
+    support it, else the smallest rate it supports (``1 / (n + 1)``) with a :class:`UserWarning`.
+
+    Args:
+        requested: The user's rate, or None for the default.
+        n_calibration: Calibration set size (>= 1).
+        default: The default rate.
+
+    Returns:
+        The rate in (0, 1). A requested rate is returned unchanged (too-small sets are refused later, with the
+        minimum size stated).
+    """
+    if requested is not None:
+        return float(requested)
+    if n_calibration >= min_calibration_size(default):
+        return default
+    rate = 1.0 / (n_calibration + 1)
+    warnings.warn(f"{n_calibration} calibration samples cannot support the default target false-positive rate "
+                  f"{default:g} (needs {min_calibration_size(default)}); using {rate:.3g}", UserWarning, stacklevel=2)
+    return rate
+
+
+def _check_scores(scores: np.ndarray, what: str) -> np.ndarray:
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    if not len(s):
+        msg = f"{what} is empty"
+        raise CalibrationError(msg)
+    bad = np.flatnonzero(~np.isfinite(s))
+    if len(bad):
+        msg = f"{what} has {len(bad)} non-finite score(s) (first at index {bad[0]})"
+        raise CalibrationError(msg)
+    return s
+
+
+def conformal_threshold(calibration_scores: np.ndarray, alpha: float) -> float:
+    """Split-conformal threshold for a target false-positive rate.
+
+    Args:
+        calibration_scores: ``(n,)`` scores of held-out normal samples (higher = more anomalous).
+        alpha: Target false-positive rate in (0, 1).
+
+    Returns:
+        The threshold ``t`` (score units): flag ``s > t``. For a new normal sample exchangeable with the calibration
+        set, ``P(s > t) <= alpha`` (equality in expectation when ``(n + 1) alpha`` is an integer and scores are
+        continuous). ``t`` is the ``k``-th smallest calibration score, ``k = ceil((n + 1)(1 - alpha))``, plus a relative
+        1e-9 (so that rounding in a re-computed calibration score does not flip its decision).
+
+    Raises:
+        CalibrationError: If ``n < ceil(1/alpha - 1)`` (the minimum is stated), or the scores are empty/non-finite.
+        ValueError: If ``alpha`` is not in (0, 1).
+    """
+    if not 0.0 < alpha < 1.0:
+        msg = f"the target false-positive rate must be in (0, 1), got {alpha}"
+        raise ValueError(msg)
+    s = np.sort(_check_scores(calibration_scores, "the calibration set"))
+    n = len(s)
+    need = min_calibration_size(alpha)
+    if n < need:
+        msg = (f"a target rate of {alpha:g} needs at least {need} calibration samples, got {n}: add normal "
+               f"calibration data (--calibration-dir / a larger --calibration-fraction) or ask for a larger rate")
+        raise CalibrationError(msg)
+    k = min(math.ceil((n + 1) * (1.0 - alpha) - 1e-9), n)
+    # s_(k) plus a relative 1e-9: a re-computed calibration score (last-bit rounding) keeps its own decision
+    return float(s[k - 1] + 1e-9 * max(1.0, abs(s[k - 1])))
+
+
+def conformal_p_values(calibration_scores: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Split-conformal p-values ``(1 + #{cal >= s}) / (n + 1)``.
+
+    Args:
+        calibration_scores: ``(n,)`` held-out normal scores.
+        scores: ``(m,)`` scores to test (NaN gives NaN).
+
+    Returns:
+        ``(m,)`` float64 p-values in ``[1/(n+1), 1]`` (never 0).
+    """
+    cal = np.sort(_check_scores(calibration_scores, "the calibration set"))
+    s = np.asarray(scores, dtype=np.float64)
+    n_ge = len(cal) - np.searchsorted(cal, s, side="left")
+    p = (1.0 + n_ge) / (len(cal) + 1.0)
+    return np.where(np.isnan(s), np.nan, p)
+
+
+def bh_reject(p_values: np.ndarray, q: float) -> np.ndarray:
+    """Benjamini-Hochberg decisions at false discovery rate ``q`` (NaN p-values are never rejected).
+
+    Args:
+        p_values: ``(m,)`` p-values.
+        q: Target FDR in (0, 1).
+
+    Returns:
+        ``(m,)`` bool, True = discovery (flagged anomalous).
+    """
+    from scipy.stats import false_discovery_control
+
+    if not 0.0 < q < 1.0:
+        msg = f"the target false discovery rate must be in (0, 1), got {q}"
+        raise ValueError(msg)
+    p = np.asarray(p_values, dtype=np.float64)
+    out = np.zeros(p.shape, bool)
+    ok = np.isfinite(p)
+    if ok.any():
+        out[ok] = false_discovery_control(p[ok], method="bh") <= q
+    return out
+
+
+def _f1_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    from sklearn.metrics import precision_recall_curve
+
+    precision, recall, thr = precision_recall_curve(labels, scores)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(precision),
+                   where=(precision + recall) > 0)[:-1]
+    best = int(np.argmax(f1))
+    # sklearn flags s >= thr; our rule is s > threshold: step just below the chosen score
+    return float(np.nextafter(thr[best], -np.inf)), float(f1[best])
+
+
+@dataclass
+class Calibration:
+    """Calibration scores and the decision rule a model uses (stored in ``calibration.json`` of a run).
+
+    Attributes:
+        scores: ``(n,)`` sorted float64 anomaly scores of the held-out normal calibration set.
+        rule: ``"fpr"`` (threshold at a target false-positive rate), ``"fdr"`` (Benjamini-Hochberg over each scored
+            batch) or ``"f1"`` (F1-optimal threshold on a labelled validation set).
+        fpr: Target false-positive rate of the ``"fpr"`` rule (and of the reported threshold under ``"fdr"``).
+        fdr: Target false discovery rate of the ``"fdr"`` rule.
+        threshold: Decision threshold in score units (``s > threshold`` is anomalous) of the ``"fpr"``/``"f1"``
+            rules; under ``"fdr"`` the target-FPR threshold, reported for reference.
+        source: Where the calibration scores came from (e.g. ``"20% of training normals (seed 0)"``, a folder).
+        validation: Summary of the validation set used by ``"f1"`` (counts, F1), or empty.
+        note: How the threshold was set when a caller replaced it (e.g. a contamination quantile), or empty.
+        files: The calibration files (image models), in the order of ``scores``.
+    """
+
+    scores: np.ndarray
+    rule: str = "fpr"
+    fpr: float = 0.01
+    fdr: float | None = None
+    threshold: float = float("nan")
+    source: str = ""
+    validation: dict[str, Any] = field(default_factory=dict)
+    note: str = ""
+    files: list[str] = field(default_factory=list)
+
+    @classmethod
+    def fit(
+        cls,
+        scores: np.ndarray,
+        fpr: float = 0.01,
+        fdr: float | None = None,
+        validation: tuple[np.ndarray, np.ndarray] | None = None,
+        source: str = "",
+    ) -> Calibration:
+        """Build the rule from calibration scores.
+
+        Args:
+            scores: ``(n,)`` held-out normal scores.
+            fpr: Target false-positive rate in (0, 1) (``"fpr"`` rule, the default).
+            fdr: Target FDR in (0, 1): selects the ``"fdr"`` rule.
+            validation: ``(scores (m,), labels (m,) in {0, 1})``: selects the ``"f1"`` rule when both classes are
+                present (otherwise a :class:`UserWarning` and the ``"fpr"`` rule).
+            source: Description of the calibration data.
+
+        Returns:
+            The calibration.
+
+        Raises:
+            CalibrationError: A calibration set too small for ``fpr``/``fdr`` (the minimum size is stated), or empty.
+            ValueError: ``fpr``/``fdr`` outside (0, 1), or both ``fdr`` and ``validation``.
+        """
+        s = np.sort(_check_scores(scores, "the calibration set"))
+        if fdr is not None and validation is not None:
+            msg = "choose one rule: a target FDR or an F1-optimal threshold from a validation set, not both"
+            raise ValueError(msg)
+        rule, info = "fpr", {}
+        if fdr is None and validation is None:
+            threshold = conformal_threshold(s, fpr)
+        else:  # reported for reference only; not needed by the fdr / f1 rules
+            threshold = conformal_threshold(s, fpr) if len(s) >= min_calibration_size(fpr) else float("nan")
+        if fdr is not None:
+            if len(s) < min_calibration_size(fdr):
+                msg = (f"a target FDR of {fdr:g} needs at least {min_calibration_size(fdr)} calibration samples "
+                       f"(the smallest p-value is 1/(n+1)), got {len(s)}")
+                raise CalibrationError(msg)
+            bh_reject(np.ones(1), fdr)  # validates q
+            rule = "fdr"
+        if validation is not None:
+            vs = _check_scores(validation[0], "the validation set")
+            vl = np.asarray(validation[1]).astype(int).ravel()
+            n_anom, n_norm = int(vl.sum()), int((vl == 0).sum())
+            info = {"n_normal": n_norm, "n_anomalous": n_anom}
+            if n_anom == 0 or n_norm == 0:
+                missing = "anomalies" if n_anom == 0 else "normal samples"
+                warnings.warn(f"the validation set has no {missing}: an F1-optimal threshold is undefined; keeping "
+                              f"the target false-positive-rate threshold (fpr={fpr:g})", UserWarning, stacklevel=2)
+                info["note"] = f"F1 rule refused: no {missing}"
+                threshold = conformal_threshold(s, fpr)
+            else:
+                threshold, best = _f1_threshold(vs, vl)
+                rule = "f1"
+                info["f1"] = best
+        return cls(scores=s, rule=rule, fpr=float(fpr), fdr=None if fdr is None else float(fdr),
+                   threshold=float(threshold), source=source, validation=info)
+
+    # ------------------------------------------------------------------ decisions
+    def p_values(self, scores: np.ndarray) -> np.ndarray:
+        """Conformal p-values ``(m,)`` of scores ``(m,)`` (see :func:`conformal_p_values`)."""
+        return conformal_p_values(self.scores, scores)
+
+    def decide(self, scores: np.ndarray) -> np.ndarray:
+        """Decisions ``(m,)`` bool (True = anomalous) for a batch of scores ``(m,)`` under the stored rule.
+
+        Under ``"fdr"`` the decision of a sample depends on the batch it is scored with (Benjamini-Hochberg).
+        NaN scores are never flagged.
+        """
+        s = np.asarray(scores, dtype=np.float64)
+        if self.rule == "fdr":
+            return bh_reject(self.p_values(s), float(self.fdr))
+        with np.errstate(invalid="ignore"):
+            return s > self.threshold
+
+    def normalized(self, scores: np.ndarray) -> np.ndarray:
+        """Scores mapped to ``[0, 1]`` with the threshold at 0.5 (anomalib's min-max convention), ``(m,)``."""
+        s = np.asarray(scores, dtype=np.float64)
+        span = max(float(self.scores[-1] - self.scores[0]), 1e-12)
+        return np.clip((s - self.threshold) / span + 0.5, 0.0, 1.0)
+
+    def describe(self) -> str:
+        """One line: the rule, its target and the calibration size."""
+        if self.rule == "fdr":
+            target = f"target FDR {self.fdr:g} (Benjamini-Hochberg per scored batch)"
+        elif self.rule == "f1":
+            target = f"F1-optimal on the validation set (F1 {self.validation.get('f1', float('nan')):.3f})"
+        else:
+            target = f"target FPR {self.fpr:g}"
+        return (f"{target}; threshold {self.threshold:.6g}; {len(self.scores)} calibration samples"
+                + (f" ({self.source})" if self.source else "") + (f"; {self.note}" if self.note else ""))
+
+    # ------------------------------------------------------------------ persistence
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (scores as a list of floats)."""
+        return {"rule": self.rule, "fpr": self.fpr, "fdr": self.fdr, "threshold": self.threshold,
+                "source": self.source, "validation": self.validation, "note": self.note, "n": len(self.scores),
+                "scores": [float(v) for v in self.scores], "files": list(self.files)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Calibration:
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            ValueError: A malformed or inconsistent record (unknown rule, non-finite scores, missing keys).
+        """
+        try:
+            rule = str(d["rule"])
+            if rule not in RULES:
+                msg = f"unknown rule {rule!r} (expected one of {RULES})"
+                raise ValueError(msg)
+            scores = np.sort(_check_scores(np.asarray(d["scores"], dtype=np.float64), "the stored calibration"))
+            fdr = d.get("fdr")
+            cal = cls(scores=scores, rule=rule, fpr=float(d["fpr"]), fdr=None if fdr is None else float(fdr),
+                      threshold=float(d["threshold"]), source=str(d.get("source", "")),
+                      validation=dict(d.get("validation") or {}), note=str(d.get("note", "")),
+                      files=[str(f) for f in d.get("files", [])])
+        except (KeyError, TypeError) as err:
+            msg = f"malformed calibration record: {err!r}"
+            raise ValueError(msg) from err
+        if rule == "fdr" and cal.fdr is None:
+            msg = "calibration rule 'fdr' without a target fdr"
+            raise ValueError(msg)
+        return cal
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``calibration.json`` into a model folder, atomically; returns its path."""
+        import json
+
+        from dxmi_ad.checkpoint import atomic_write_text
+
+        path = Path(directory) / CALIBRATION_FILE
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Calibration:
+        """Read ``calibration.json`` of a model folder.
+
+        Raises:
+            FileNotFoundError: No calibration file (the message names it).
+            ValueError: A malformed file.
+        """
+        import json
+
+        path = Path(directory) / CALIBRATION_FILE
+        if not path.is_file():
+            msg = f"{path} is missing: calibrate the model with `dxmi-ad calibrate --model {directory}`"
+            raise FileNotFoundError(msg)
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except (ValueError, json.JSONDecodeError) as err:
+            msg = f"{path}: {err}"
+            raise ValueError(msg) from err
+
+
+def calibration_check(
+    calibration_scores: np.ndarray,
+    normal_scores: np.ndarray,
+    anomaly_scores: np.ndarray,
+    fpr: float = 0.05,
+    fdr: float = 0.1,
+    n_splits: int = 100,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Raw material to show that the calibrated rules keep their promise on unseen data (one normal class).
+
+    Single split: the given calibration set thresholds ``normal_scores`` (unseen normals) at ``fpr``; p-values of
+    both test groups. Repeated splits: the calibration and unseen-normal scores are pooled and re-split ``n_splits``
+    times into a calibration set of the same size and the rest (no retraining: the scorer is fixed); each split
+    gives the realised FPR at ``fpr`` and the false discovery proportion of Benjamini-Hochberg at ``fdr`` on a
+    batch of the remaining normals plus all anomalies.
+
+    Args:
+        calibration_scores: ``(n,)`` held-out normal scores.
+        normal_scores: ``(m,)`` unseen normal scores (never used to calibrate in the single split).
+        anomaly_scores: ``(k,)`` anomalous scores.
+        fpr: Target false-positive rate.
+        fdr: Target false discovery rate.
+        n_splits: Number of random re-splits.
+        seed: Seed of the re-splits.
+
+    Returns:
+        ``flags_normal`` (m,) bool, ``p_normal`` (m,), ``p_anomaly`` (k,), ``fpr_splits`` (n_splits,),
+        ``fdp_splits`` (n_splits,), ``discoveries_splits`` (n_splits,).
+    """
+    cal = _check_scores(calibration_scores, "the calibration set")
+    normal = _check_scores(normal_scores, "the normal test scores")
+    anomaly = np.asarray(anomaly_scores, dtype=np.float64)
+    t = conformal_threshold(cal, fpr)
+    out = {"flags_normal": normal > t, "p_normal": conformal_p_values(cal, normal),
+           "p_anomaly": conformal_p_values(cal, anomaly)}
+    pool = np.r_[cal, normal]
+    rng = np.random.default_rng(seed)
+    fprs, fdps, disc = [], [], []
+    for _ in range(n_splits):
+        perm = rng.permutation(len(pool))
+        c, rest = pool[perm[:len(cal)]], pool[perm[len(cal):]]
+        fprs.append(float((rest > conformal_threshold(c, fpr)).mean()))
+        flagged = bh_reject(conformal_p_values(c, np.r_[rest, anomaly]), fdr)
+        false = int(flagged[:len(rest)].sum())
+        fdps.append(false / max(int(flagged.sum()), 1))
+        disc.append(int(flagged.sum()))
+    out.update(fpr_splits=np.array(fprs), fdp_splits=np.array(fdps), discoveries_splits=np.array(disc))
+    return out
+
+
+def summarize_checks(checks: list[dict[str, np.ndarray]], fpr: float = 0.05, fdr: float = 0.1) -> dict[str, float]:
+    """Pool :func:`calibration_check` results (e.g. one per normal class) into the figures the promises are judged by.
+
+    Returns:
+        ``fpr_single`` (pooled realised FPR of the single splits), ``fpr_low``/``fpr_high`` (binomial 99% interval of
+        ``fpr`` for that many normals), ``n_normal``, ``ks_pvalue`` (Kolmogorov-Smirnov test of the pooled normal
+        p-values against U(0, 1), :func:`scipy.stats.kstest`), ``anomaly_p_median``, ``anomaly_p_below_fpr`` (fraction
+        of anomalies with ``p <= fpr``), ``fpr_resplit_mean`` / ``_se``, ``fdp_mean`` / ``fdp_se`` (over all
+        re-splits), ``mean_discoveries``.
+    """
+    from scipy.stats import binom, kstest
+
+    flags = np.concatenate([c["flags_normal"] for c in checks])
+    p_norm = np.concatenate([c["p_normal"] for c in checks])
+    p_anom = np.concatenate([c["p_anomaly"] for c in checks])
+    fprs = np.concatenate([c["fpr_splits"] for c in checks])
+    fdps = np.concatenate([c["fdp_splits"] for c in checks])
+    m = len(flags)
+    lo, hi = binom.interval(0.99, m, fpr)
+    return {
+        "n_normal": m, "fpr_single": float(flags.mean()), "fpr_low": float(lo / m), "fpr_high": float(hi / m),
+        "ks_pvalue": float(kstest(p_norm, "uniform").pvalue),
+        "anomaly_p_median": float(np.median(p_anom)), "anomaly_p_below_fpr": float((p_anom <= fpr).mean()),
+        "fpr_resplit_mean": float(fprs.mean()), "fpr_resplit_se": float(fprs.std(ddof=1) / np.sqrt(len(fprs))),
+        "fdp_mean": float(fdps.mean()), "fdp_se": float(fdps.std(ddof=1) / np.sqrt(len(fdps))),
+        "mean_discoveries": float(np.concatenate([c["discoveries_splits"] for c in checks]).mean()),
+    }
