@@ -4,7 +4,9 @@ For each normal set, the model is trained on one part of the normal data; a disj
 rest of the normals and the anomalies are never seen before scoring. Printed (dxmi_ad.calibration.summarize_checks):
 
 * realised false-positive rate at target 0.05 on the unseen normals (pooled over classes) beside the binomial 99%
-  interval of 0.05 for that many normals, and its mean over repeated calibration/test re-splits;
+  interval of 0.05 for that many normals (test-sample noise only), the 99% interval that also counts the draw of the
+  calibration set (beta-binomial; the right yardstick for small calibration sets), and its mean over repeated
+  calibration/test re-splits;
 * Kolmogorov-Smirnov p-value of the unseen normals' conformal p-values against U(0, 1); median p-value of anomalies
   and the fraction of anomalies with p <= 0.05;
 * Benjamini-Hochberg at q = 0.1 on batches of unseen normals plus as many anomalies: mean false discovery proportion
@@ -93,7 +95,7 @@ def main() -> None:
     table = pd.DataFrame(rows).T
     print(f"Calibration on unseen data: target FPR {FPR}, BH q = {FDR}; {args.splits} re-splits per normal set; "
           f"torch threads={args.threads}")
-    cols = ["n_normal", "fpr_single", "fpr_low", "fpr_high", "fpr_resplit_mean", "fpr_resplit_se", "ks_pvalue",
+    cols = ["n_normal", "fpr_single", "fpr_low", "fpr_high", "fpr_low_cal", "fpr_high_cal", "fpr_resplit_mean", "fpr_resplit_se", "ks_pvalue",
             "anomaly_p_median", "anomaly_p_below_fpr", "fdp_mean", "fdp_se", "mean_discoveries", "seconds"]
     print(table[cols].to_string(float_format=lambda v: f"{v:.4f}"))
 

@@ -378,15 +378,15 @@ def calibration_check(
         seed: Seed of the re-splits.
 
     Returns:
-        ``flags_normal`` (m,) bool, ``p_normal`` (m,), ``p_anomaly`` (k,), ``fpr_splits`` (n_splits,),
-        ``fdp_splits`` (n_splits,), ``discoveries_splits`` (n_splits,).
+        ``flags_normal`` (m,) bool, ``p_normal`` (m,), ``p_anomaly`` (k,), ``n_calibration`` (1,),
+        ``fpr_splits`` (n_splits,), ``fdp_splits`` (n_splits,), ``discoveries_splits`` (n_splits,).
     """
     cal = _check_scores(calibration_scores, "the calibration set")
     normal = _check_scores(normal_scores, "the normal test scores")
     anomaly = np.asarray(anomaly_scores, dtype=np.float64)
     t = conformal_threshold(cal, fpr)
     out = {"flags_normal": normal > t, "p_normal": conformal_p_values(cal, normal),
-           "p_anomaly": conformal_p_values(cal, anomaly)}
+           "p_anomaly": conformal_p_values(cal, anomaly), "n_calibration": np.array([len(cal)])}
     pool = np.r_[cal, normal]
     rng = np.random.default_rng(seed)
     fprs, fdps, disc = [], [], []
@@ -407,7 +407,10 @@ def summarize_checks(checks: list[dict[str, np.ndarray]], fpr: float = 0.05, fdr
 
     Returns:
         ``fpr_single`` (pooled realised FPR of the single splits), ``fpr_low``/``fpr_high`` (binomial 99% interval of
-        ``fpr`` for that many normals), ``n_normal``, ``ks_pvalue`` (Kolmogorov-Smirnov test of the pooled normal
+        ``fpr`` for that many normals: the test-sample noise only), ``fpr_low_cal``/``fpr_high_cal`` (99% interval
+        that also counts the calibration draw: for continuous exchangeable scores the FPR given a calibration set of
+        ``n`` is Beta(n + 1 - k, k) distributed, ``k = ceil((n + 1)(1 - fpr))``; pooled beta-binomial, simulated),
+        ``n_normal``, ``ks_pvalue`` (Kolmogorov-Smirnov test of the pooled normal
         p-values against U(0, 1), :func:`scipy.stats.kstest`), ``anomaly_p_median``, ``anomaly_p_below_fpr`` (fraction
         of anomalies with ``p <= fpr``), ``fpr_resplit_mean`` / ``_se``, ``fdp_mean`` / ``fdp_se`` (over all
         re-splits), ``mean_discoveries``.
@@ -421,8 +424,16 @@ def summarize_checks(checks: list[dict[str, np.ndarray]], fpr: float = 0.05, fdr
     fdps = np.concatenate([c["fdp_splits"] for c in checks])
     m = len(flags)
     lo, hi = binom.interval(0.99, m, fpr)
+    rng = np.random.default_rng(0)
+    counts = np.zeros(20_000)
+    for c in checks:
+        n = int(c["n_calibration"][0])
+        k = min(math.ceil((n + 1) * (1.0 - fpr) - 1e-9), n)
+        counts += rng.binomial(len(c["flags_normal"]), rng.beta(n + 1 - k, k, size=len(counts)))
+    lo_cal, hi_cal = np.quantile(counts, [0.005, 0.995])
     return {
         "n_normal": m, "fpr_single": float(flags.mean()), "fpr_low": float(lo / m), "fpr_high": float(hi / m),
+        "fpr_low_cal": float(lo_cal / m), "fpr_high_cal": float(hi_cal / m),
         "ks_pvalue": float(kstest(p_norm, "uniform").pvalue),
         "anomaly_p_median": float(np.median(p_anom)), "anomaly_p_below_fpr": float((p_anom <= fpr).mean()),
         "fpr_resplit_mean": float(fprs.mean()), "fpr_resplit_se": float(fprs.std(ddof=1) / np.sqrt(len(fprs))),

@@ -513,6 +513,41 @@ def calibrate(
 
 @app.command()
 @_console_warnings
+def export(
+    model: Annotated[Path, typer.Option(help="run directory of an image model")],
+    format_: Annotated[str, typer.Option("--format", help="onnx | torchscript")] = "onnx",
+    out: Annotated[Path | None, typer.Option(help="output file (default RUN_DIR/model.onnx or model.pt)")] = None,
+    input_dtype: Annotated[str, typer.Option(help="float32 (values in [0, 1]) | uint8 (values in [0, 255])")] = "float32",
+    input_size: Annotated[tuple[int, int] | None, typer.Option(help="H W of the exported input (default: the "
+                                                                    "model input size); the graph resizes")] = None,
+) -> None:
+    """Export the whole scorer (resize, backbone, energy head, map upsampling) with the threshold in its metadata.
+
+    Input `images (B, 3, H, W)` RGB; outputs `pred_score (B,)` and `anomaly_map (B, H, W)`.
+    """
+    from dxmi_ad.export import FORMATS, export_model
+
+    if format_ not in FORMATS:
+        raise _fail(f"--format must be one of {', '.join(FORMATS)}, got {format_!r}")
+    if input_dtype not in ("float32", "uint8"):
+        raise _fail(f"--input-dtype must be float32 or uint8, got {input_dtype!r}")
+    if input_size is not None and min(input_size) < 32:
+        raise _fail(f"--input-size must be at least 32 x 32 pixels, got {input_size[0]} x {input_size[1]}")
+    det = _load_image_model(model)
+    path = out or model / ("model.onnx" if format_ == "onnx" else "model.pt")
+    try:
+        export_model(det, path, format_, input_dtype, tuple(input_size) if input_size else None)
+    except (RuntimeError, ValueError) as err:
+        raise _fail(f"export failed: {err}") from None
+    thr = det.threshold
+    h, w = input_size or (det.features.image_size, det.features.image_size)
+    console.print(f"wrote {format_} scorer to {path}: input {input_dtype} (B, 3, {h}, {w}), outputs pred_score, "
+                  f"anomaly_map" + (f"; threshold {thr:.6g} in its metadata" if thr is not None else ""),
+                  highlight=False)
+
+
+@app.command()
+@_console_warnings
 def score(
     paths: Annotated[list[Path], typer.Argument(help="image files and/or folders (recursive)")],
     model: Annotated[Path, typer.Option(help="run directory of an image model")],

@@ -31,7 +31,7 @@ from dxmi_ad.nn.energy import AutoencoderEnergy
 from dxmi_ad.nn.model import DxMIModel
 from dxmi_ad.objectives import avr_update, energy_loss, running_cost, td_target
 
-__all__ = ["DxDPTrainer", "pretrain_autoencoder", "pretrain_sampler"]
+__all__ = ["AutoencoderPretrainer", "DxDPTrainer", "pretrain_autoencoder", "pretrain_sampler"]
 
 
 def _schedule(config: DxMIConfig, n_iter: int) -> Callable[[int], float]:
@@ -181,6 +181,28 @@ class DxDPTrainer:
         return diag
 
 
+class AutoencoderPretrainer:
+    """Adam steps of reconstruction pre-training of the autoencoder energy (App. C.3), one batch at a time.
+
+    Args:
+        ae: The autoencoder (trained in place).
+        lr: Learning rate (MPDR: 1e-4).
+    """
+
+    def __init__(self, ae: AutoencoderEnergy, lr: float) -> None:
+        self.ae = ae
+        self.opt = torch.optim.Adam(ae.parameters(), lr=lr)
+
+    def step(self, x: torch.Tensor) -> float:
+        """One step on a batch ``(B, D)`` of normal vectors; returns the loss (mean energy of the batch)."""
+        self.ae.train()
+        loss = self.ae(x).mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return float(loss.detach())
+
+
 def pretrain_autoencoder(
     ae: AutoencoderEnergy,
     data: torch.Tensor,
@@ -204,15 +226,10 @@ def pretrain_autoencoder(
     Returns:
         The loss (mean energy of the batch) per step.
     """
-    opt = torch.optim.Adam(ae.parameters(), lr=lr)
+    pre = AutoencoderPretrainer(ae, lr)
     losses = []
-    ae.train()
     for i in range(n_iter):
-        loss = ae(_batches(data, batch_size, generator)).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+        losses.append(pre.step(_batches(data, batch_size, generator)))
         if callback is not None:
             callback(i, losses[-1])
     ae.eval()
