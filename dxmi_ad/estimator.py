@@ -87,6 +87,9 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
         fdr: Target false discovery rate in (0, 1): ``predict`` applies Benjamini-Hochberg to the conformal p-values
             of each batch it is given (a row's decision then depends on its batch).
         config_overrides: Extra :class:`~dxmi_ad.config.DxMIConfig` fields (dict) applied last.
+        runtime: Lightning Fabric execution settings as a dict of :class:`~dxmi_ad.training.runtime.Runtime` fields
+            (``accelerator``, ``devices``, ``strategy``, ``precision``, ``checkpoint_dir``, ...), or None (this
+            process on ``device``).
         device: ``"auto"``, ``"cpu"`` or ``"cuda[:i]"``.
         random_state: Seed (int) or None; fixes every result on the CPU.
         verbose: Print nothing (False) or pass a progress callback (callable ``(stage, i, total, metrics)``).
@@ -140,6 +143,7 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
         "fpr": [Interval(Real, 0, 1, closed="neither"), None],
         "fdr": [Interval(Real, 0, 1, closed="neither"), None],
         "config_overrides": [dict, None],
+        "runtime": [dict, None],
         "device": [str],
         "random_state": ["random_state"],
         "verbose": ["boolean", callable],
@@ -173,6 +177,7 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
         fpr: float | None = None,
         fdr: float | None = None,
         config_overrides: dict[str, Any] | None = None,
+        runtime: dict[str, Any] | None = None,
         device: str = "auto",
         random_state: int | np.random.RandomState | None = None,
         verbose: bool | ProgressCallback = False,
@@ -202,6 +207,7 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
         self.fpr = fpr
         self.fdr = fdr
         self.config_overrides = config_overrides
+        self.runtime = runtime
         self.device = device
         self.random_state = random_state
         self.verbose = verbose
@@ -286,7 +292,14 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
         self.config_ = self._make_config(X.shape[1], X.shape[0]).replace(seed=seed)
         device = _resolve_device(self.device)
         progress = self.verbose if callable(self.verbose) else None
-        self.model_, self.history_ = train_model(data, self.config_, progress=progress, device=device)
+        runtime = None
+        if self.runtime:
+            from dxmi_ad.training.runtime import Runtime
+
+            runtime = Runtime(**{**self.runtime, "checkpoint_dir": Path(self.runtime["checkpoint_dir"])
+                                 if self.runtime.get("checkpoint_dir") else None})
+        self.model_, self.history_ = train_model(data, self.config_, progress=progress, device=device,
+                                                 runtime=runtime)
         self.model_.eval()
         keep = torch.randperm(len(data), generator=torch.Generator().manual_seed(self.config_.seed))[:_START_BANK]
         self.start_bank_ = data[keep].clone()
@@ -488,7 +501,7 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
             NotFittedError: Before ``fit``.
         """
         check_is_fitted(self, "model_")
-        params = {k: v for k, v in self.get_params().items() if k not in ("verbose", "random_state")}
+        params = {k: v for k, v in self.get_params().items() if k not in ("verbose", "random_state", "runtime")}
         tensors = {f"model.{k}": v for k, v in self.model_.checkpoint_tensors().items()}
         tensors.update({"scaler.mean": torch.from_numpy(self.mean_), "scaler.scale": torch.from_numpy(self.scale_),
                         "start_bank": self.start_bank_})

@@ -240,6 +240,8 @@ class ImageDetector:
     Args:
         config: DxMI config of the head (``dim`` is set from the backbone; ``spherical`` should be True).
         features: :class:`FeatureSettings`.
+        runtime: Lightning Fabric execution of the head's training (devices, precision, DDP, checkpoints,
+            resume; :class:`~dxmi_ad.training.runtime.Runtime`), or None (this process, CPU).
 
     Attributes:
         model: The trained :class:`DxMIModel` (after :meth:`fit` or :meth:`load`).
@@ -248,8 +250,9 @@ class ImageDetector:
         history: DxMI training diagnostics.
     """
 
-    def __init__(self, config: DxMIConfig, features: FeatureSettings | None = None) -> None:
+    def __init__(self, config: DxMIConfig, features: FeatureSettings | None = None, runtime: Any = None) -> None:
         self.config = config
+        self.runtime = runtime
         self.features = features or FeatureSettings()
         self.extractor: FeatureExtractor | None = None
         self.model: DxMIModel | None = None
@@ -357,7 +360,8 @@ class ImageDetector:
             vectors = torch.from_numpy(np.asarray(feats[fit_rows]).reshape(-1, c))
         else:
             vectors = torch.from_numpy(np.asarray(feats).reshape(n * h * w, c))  # memory-mapped, not copied
-        self.model, self.history = train_model(vectors, self.config, progress=progress, log_every=5)
+        self.model, self.history = train_model(vectors, self.config, progress=progress, log_every=5,
+                                               runtime=self.runtime)
         if not calibrate:
             return self
         rows = cal_rows if n_cal else fit_rows

@@ -41,8 +41,8 @@ def load_image_recipe(path: Path | None, sets: dict[str, Any]) -> dict[str, Any]
         recipe = read_yaml_mapping(path)
     except (FileNotFoundError, ValueError) as err:
         raise ImageCLIError(str(err)) from err
-    if set(recipe) - {"features", "model"}:
-        msg = f"image recipe {path} must be a mapping with 'features' and 'model' sections"
+    if set(recipe) - {"features", "model", "runtime"}:
+        msg = f"image recipe {path} must be a mapping with 'features', 'model' (and optional 'runtime') sections"
         raise ImageCLIError(msg)
     model, features = dict(recipe.get("model") or {}), dict(recipe.get("features") or {})
     for key, value in sets.items():
@@ -55,7 +55,7 @@ def load_image_recipe(path: Path | None, sets: dict[str, Any]) -> dict[str, Any]
     if unknown:
         msg = f"unknown recipe key(s) {unknown} in {path} / --set"
         raise ImageCLIError(msg)
-    return {"model": model, "features": features}
+    return {"model": model, "features": features, "runtime": dict(recipe.get("runtime") or {}) or None}
 
 
 def list_dataset(dataset: str, data_root: Path | None, category: str) -> tuple[list, str]:
@@ -200,12 +200,16 @@ def train_features(params: dict[str, Any], config: Any, console: Any, progress: 
     feats["out_indices"] = tuple(feats.get("out_indices", (0, 1, 2, 3)))
     console.print(f"[bold]dxmi-ad train[/] features at {params['data_root']}: {tuple(train.features.shape)} train"
                   + (f", {tuple(test.features.shape)} test" if test is not None else ""))
-    det = ImageDetector(config, FeatureSettings(**feats))
+    det = ImageDetector(config, FeatureSettings(**feats), make_runtime(params["recipe"]))
     normal = train.label == 0
     t0 = time.perf_counter()
     det.fit_features(train.features[torch.from_numpy(normal)].permute(0, 2, 3, 1).contiguous().numpy(),
                      sorted(set(train.clsname)), progress, calibration_fraction=params["calibration_fraction"],
                      fpr=params.get("fpr"), fdr=params.get("fdr"))
+    from dxmi_ad.training.runtime import is_global_zero
+
+    if not is_global_zero():
+        return params["out"]
     print_calibration(det, console)
     seconds = time.perf_counter() - t0
     out: Path = params["out"]
@@ -214,6 +218,7 @@ def train_features(params: dict[str, Any], config: Any, console: Any, progress: 
                              "data_root": str(params["data_root"])})
         if hasattr(progress, "write_logs"):
             progress.write_logs(tmp)
+        keep_checkpoints(det.runtime, tmp)
         if test is not None and 0 < test.label.sum() < len(test.label):
             size = tuple(test.mask.shape[-2:]) if test.mask is not None else (feats["image_size"],) * 2
             scored = det.score_feature_maps(test.features, size)
@@ -281,6 +286,24 @@ def extract_features(params: dict[str, Any], console: Any, progress: Any) -> Pat
     return out
 
 
+def make_runtime(recipe: dict[str, Any]) -> Any:
+    """The :class:`~dxmi_ad.training.runtime.Runtime` of a resolved recipe's ``runtime`` section, or None."""
+    from dxmi_ad.training.runtime import Runtime
+
+    rt = recipe.get("runtime")
+    if not rt:
+        return None
+    return Runtime(**{**rt, "checkpoint_dir": Path(rt["checkpoint_dir"]) if rt.get("checkpoint_dir") else None})
+
+
+def keep_checkpoints(runtime: Any, run_tmp: Path) -> None:
+    """Move a finished run's checkpoints (``OUT.checkpoints``) into its run directory as ``checkpoints/``."""
+    import shutil
+
+    if runtime is not None and runtime.checkpoint_dir is not None and Path(runtime.checkpoint_dir).is_dir():
+        shutil.move(str(runtime.checkpoint_dir), run_tmp / "checkpoints")
+
+
 def calibration_inputs(params: dict[str, Any]) -> tuple[Any, list | None]:
     """``(calibration, validation)`` for :meth:`ImageDetector.fit` from ``--calibration-dir`` /
     ``--calibration-fraction`` / ``--validation-dir``.
@@ -310,9 +333,12 @@ def train_images(params: dict[str, Any], console: Any, progress: Any) -> Path:
     from dxmi_ad.config import DxMIConfig
     from dxmi_ad.image import FeatureSettings, ImageDetector
 
+    from dxmi_ad.training.runtime import is_global_zero
+
     recipe = params["recipe"]
     feats = feature_settings(params)
     config = DxMIConfig.from_dict({**recipe["model"], "seed": params["seed"]})
+    runtime = make_runtime(recipe)
     if params["dataset"] == "features":
         return train_features(params, config, console, progress)
     samples, description = list_dataset(params["dataset"], params["data_root"], params["category"])
@@ -320,10 +346,12 @@ def train_images(params: dict[str, Any], console: Any, progress: Any) -> Path:
                   f"{sum(s.split == 'test' for s in samples)} test images")
     out: Path = params["out"]
     calibration, validation = calibration_inputs(params)
-    det = ImageDetector(config, FeatureSettings(**feats))
+    det = ImageDetector(config, FeatureSettings(**feats), runtime)
     t0 = time.perf_counter()
     det.fit(samples, skip_bad_files=params["skip_bad_files"], progress=progress, calibration=calibration,
             fpr=params.get("fpr"), fdr=params.get("fdr"))
+    if not is_global_zero():  # data-parallel run: rank 0 writes the results
+        return out
     if validation is not None:
         det.calibrate(fpr=params.get("fpr"), validation=validation, skip_bad_files=params["skip_bad_files"])
     seconds = time.perf_counter() - t0
@@ -334,6 +362,7 @@ def train_images(params: dict[str, Any], console: Any, progress: Any) -> Path:
         det.save(tmp, extra=info)
         if hasattr(progress, "write_logs"):
             progress.write_logs(tmp)
+        keep_checkpoints(runtime, tmp)
         evaluate_and_write(det, samples, tmp, console, settings=info)
     console.print(f"trained in {seconds:.1f} s; run directory: {out}")
     return out

@@ -237,6 +237,16 @@ def train(
     fdr: Annotated[float | None, typer.Option(help="decide by Benjamini-Hochberg at this false discovery rate")] = None,
     validation_dir: Annotated[Path | None, typer.Option(help="image datasets: labelled folder (good/, <defect>/) "
                                                              "for an F1-optimal threshold")] = None,
+    accelerator: Annotated[str | None, typer.Option(help="Lightning Fabric accelerator: auto | cpu | cuda")] = None,
+    devices: Annotated[int | None, typer.Option(help="devices per node (data-parallel DxMI above 1)")] = None,
+    num_nodes: Annotated[int | None, typer.Option(help="nodes (launch with torchrun on each)")] = None,
+    strategy: Annotated[str | None, typer.Option(help="auto | ddp | ddp_spawn")] = None,
+    precision: Annotated[str | None, typer.Option(help="32-true | bf16-mixed")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help="DxMI iterations between checkpoints (written to "
+                                                              "OUT.checkpoints/ while training)")] = None,
+    keep_checkpoints: Annotated[int | None, typer.Option(help="newest checkpoints kept [default: 3]")] = None,
+    resume: Annotated[Path | None, typer.Option(help="continue an interrupted run (its --out) from its newest "
+                                                     "complete checkpoint, with the settings it started with")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing run directory")] = False,
     dry_run: Annotated[bool, typer.Option(help="print the resolved recipe and exit")] = False,
 ) -> None:
@@ -244,11 +254,102 @@ def train(
 
     With no arguments: the embedded textures (real CC0 photos with SYNTHETIC defects), one model for all three.
     """
-    if dataset in IMAGE_DATASETS:
-        _train_images(locals())
-        return
+    args = dict(locals())
     try:
-        params = load_recipe(recipe, dataset, set_ or [])
+        if resume is not None:
+            args = _resume_args(resume)
+        elif args["out"] is None:
+            stem = args["dataset"].replace(":", "_").replace("/", "_")
+            args["out"] = Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    except (CLIError, ValueError) as err:
+        raise _fail(str(err)) from None
+    if args["dataset"] in IMAGE_DATASETS:
+        _train_images(args)
+        return
+    _train_vectors(args)
+
+
+RUNTIME_KEYS = ("accelerator", "devices", "num_nodes", "strategy", "precision", "checkpoint_every",
+                "keep_checkpoints")
+
+
+def checkpoint_dir(out: Path) -> Path:
+    """Where a run writes its checkpoints while it trains: ``OUT.checkpoints`` beside ``OUT``."""
+    return out.parent / f"{out.name}.checkpoints"
+
+
+def _resume_args(run: Path) -> dict[str, Any]:
+    """The arguments an interrupted run started with (``RUN.checkpoints/run.json``), with ``resume`` set."""
+    ck = checkpoint_dir(run)
+    if run.exists():
+        msg = f"{run} is a finished run; --resume continues an interrupted one (whose {ck.name} folder remains)"
+        raise CLIError(msg)
+    if not (ck / "run.json").is_file():
+        msg = f"nothing to resume: {ck / 'run.json'} not found (was the run started with --checkpoint-every?)"
+        raise CLIError(msg)
+    args = json.loads((ck / "run.json").read_text(encoding="utf-8"))
+    for key in ("data_root", "recipe", "out", "weights", "calibration_dir", "validation_dir"):
+        if args.get(key) is not None:
+            args[key] = Path(args[key])
+    return {**args, "resume": run, "overwrite": False, "dry_run": False}
+
+
+def _runtime(args: dict[str, Any], recipe_runtime: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Fabric runtime settings from the recipe's ``runtime:`` section and the flags (flags win), or None."""
+    from dxmi_ad.training.runtime import Runtime
+
+    merged = {**(recipe_runtime or {}), **{k: args[k] for k in RUNTIME_KEYS if args.get(k) is not None}}
+    if not merged and args.get("resume") is None:
+        return None
+    unknown = sorted(set(merged) - set(RUNTIME_KEYS))
+    if unknown:
+        msg = f"unknown runtime key(s) {unknown}; known: {list(RUNTIME_KEYS)}"
+        raise CLIError(msg)
+    if merged.get("checkpoint_every") or args.get("resume") is not None:
+        merged["checkpoint_dir"] = str(checkpoint_dir(args["out"]))
+    merged["resume"] = args.get("resume") is not None
+    Runtime(**{**merged, "checkpoint_dir": None, "resume": False})  # validates values (clear errors)
+    return merged
+
+
+def _start_checkpoints(args: dict[str, Any], runtime: dict[str, Any] | None) -> None:
+    """Record the run's arguments beside its checkpoints so that `--resume OUT` needs nothing else."""
+    from dxmi_ad.checkpoint import atomic_write_text
+    from dxmi_ad.training.runtime import is_global_zero
+
+    if runtime is None or runtime.get("checkpoint_dir") is None or runtime["resume"] or not is_global_zero():
+        return
+    record = {k: (str(v) if isinstance(v, Path) else v) for k, v in args.items() if k not in ("resume",)}
+    atomic_write_text(Path(runtime["checkpoint_dir"]) / "run.json", json.dumps(record, indent=2))
+
+
+def _train_vectors(args: dict[str, Any]) -> None:
+    from dxmi_ad.cli import images
+    from dxmi_ad.training.runtime import is_global_zero
+
+    dataset, seed, out = args["dataset"], args["seed"], args["out"]
+    try:
+        params = load_recipe(args["recipe"], dataset, args["set_"] or [])
+        params.setdefault("random_state", seed)
+        if args["calibration_dir"] is not None or args["validation_dir"] is not None:
+            msg = "--calibration-dir and --validation-dir are for image datasets; vector models hold out " \
+                  "--calibration-fraction of the training rows (or use `dxmi-ad calibrate --calibration-csv`)"
+            raise CLIError(msg)
+        if args["fpr"] is not None and args["fdr"] is not None:
+            raise CLIError("choose one decision rule: --fpr or --fdr")
+        for key in ("calibration_fraction", "fpr", "fdr"):
+            if args[key] is not None:
+                params[key] = args[key]
+        params["runtime"] = _runtime(args, params.get("runtime"))
+        if args["dry_run"]:
+            console.print_json(json.dumps(params, default=str))
+            return
+        split = load_dataset(dataset, args["normal_class"], seed)
+        if args["resume"] is None:
+            _check_out(out, args["overwrite"])
+        _start_checkpoints(args, params["runtime"])
+    except (CLIError, ValueError) as err:
+        raise _fail(str(err)) from None
         params.setdefault("random_state", seed)
         if calibration_dir is not None or validation_dir is not None:
             msg = "--calibration-dir and --validation-dir are for image datasets; vector models hold out " \
@@ -274,15 +375,18 @@ def train(
     try:
         with _Progress() as progress:
             det = DxMIDetector(**{**params, "verbose": progress}).fit(split.train)
-    except (ValueError, FloatingPointError) as err:
+    except (ValueError, FloatingPointError, FileNotFoundError) as err:
         raise _fail(f"training failed: {err}") from None
     seconds = time.perf_counter() - t0
+    if not is_global_zero():  # data-parallel run: rank 0 writes the results
+        return
     console.print(f"decisions: {det.calibration_.describe()}", highlight=False)
     metrics = _evaluate(det, split, dataset)
     metrics.update({"train_seconds": round(seconds, 2), "recipe": params})
     with atomic_directory(out) as tmp:  # a failed run never leaves a half-written run directory
         det.save(tmp)
         progress.write_logs(tmp)
+        images.keep_checkpoints(images.make_runtime(params), tmp)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     table = Table(title=f"DxMI on {split.name}")
     for col in ("metric", "value"):
@@ -375,11 +479,14 @@ def _train_images(args: dict[str, Any]) -> None:
 
     try:
         recipe = images.load_image_recipe(args["recipe"], _parse_sets(args["set_"] or []))
+        recipe["runtime"] = _runtime(args, recipe.get("runtime"))
         if args["dry_run"]:
-            console.print_json(json.dumps(recipe))
+            console.print_json(json.dumps(recipe, default=str))
             return
-        out = args["out"] or Path("runs") / f"{args['dataset']}-{time.strftime('%Y%m%d-%H%M%S')}"
-        _check_out(out, args["overwrite"])
+        out = args["out"]
+        if args["resume"] is None:
+            _check_out(out, args["overwrite"])
+        _start_checkpoints(args, recipe["runtime"])
         if args["calibration_fraction"] is None:
             args = {**args, "calibration_fraction": 0.2}
         with _Progress() as progress:

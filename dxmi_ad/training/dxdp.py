@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,7 @@ from dxmi_ad.nn.energy import AutoencoderEnergy
 from dxmi_ad.nn.model import DxMIModel
 from dxmi_ad.objectives import avr_update, energy_loss, running_cost, td_target
 
-__all__ = ["AutoencoderPretrainer", "DxDPTrainer", "pretrain_autoencoder", "pretrain_sampler"]
+__all__ = ["AutoencoderPretrainer", "DxDPTrainer", "pretrain_autoencoder", "pretrain_sampler", "sync_grads"]
 
 
 def _schedule(config: DxMIConfig, n_iter: int) -> Callable[[int], float]:
@@ -43,6 +44,21 @@ def _schedule(config: DxMIConfig, n_iter: int) -> Callable[[int], float]:
 def _clip(params: list[nn.Parameter], max_norm: float | None) -> None:
     if max_norm is not None:
         nn.utils.clip_grad_norm_(params, max_norm)
+
+
+def sync_grads(params: list[nn.Parameter], sync: Callable[[torch.Tensor], None] | None) -> None:
+    """Average the gradients of ``params`` over processes with one collective (no-op when ``sync`` is None)."""
+    if sync is None:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    sync(flat)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 def _batches(data: torch.Tensor, batch_size: int, generator: torch.Generator) -> torch.Tensor:
@@ -62,10 +78,15 @@ class DxDPTrainer:
         model: The :class:`DxMIModel` to train (modified in place).
         config: Its config (``model.config`` if omitted).
         n_iter: Length used by the learning-rate schedule (``config.n_iter`` if omitted).
+        sync: Data-parallel hook: ``sync(flat)`` replaces a 1-D tensor in place by its mean over all processes
+            (e.g. Fabric's ``all_reduce``). Called on the gradients of every update (before clipping) and on the AVR
+            statistic, so all ranks apply identical updates to identical parameters. None: single process.
     """
 
-    def __init__(self, model: DxMIModel, config: DxMIConfig | None = None, n_iter: int | None = None) -> None:
+    def __init__(self, model: DxMIModel, config: DxMIConfig | None = None, n_iter: int | None = None,
+                 sync: Callable[[torch.Tensor], None] | None = None) -> None:
         self.model = model
+        self.sync = sync
         self.config = c = config or model.config
         self.shared = c.energy == "shared"
         self.opt_sampler = torch.optim.Adam(
@@ -81,6 +102,53 @@ class DxDPTrainer:
         self.iteration = 0
 
     # ------------------------------------------------------------------ helpers
+    def _sync_grads(self, params: list[nn.Parameter]) -> None:
+        sync_grads(params, self.sync)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Optimizer states as flat tensors (``opt.<name>.<param index>.<key>``), for safetensors checkpoints."""
+        out = {}
+        for name, opt in self._optimizers().items():
+            for idx, st in opt.state_dict()["state"].items():
+                for key, value in st.items():
+                    out[f"opt.{name}.{idx}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+        return out
+
+    def state_meta(self) -> dict[str, Any]:
+        """JSON part of the trainer state: iteration and the optimizers' param groups (learning rates...)."""
+        groups = {name: [{k: v for k, v in g.items() if k != "params"} for g in opt.state_dict()["param_groups"]]
+                  for name, opt in self._optimizers().items()}
+        return {"iteration": self.iteration, "param_groups": groups}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Restore what :meth:`state_tensors` / :meth:`state_meta` wrote (the model's weights are loaded apart).
+
+        Raises:
+            ValueError: A state that does not fit these optimizers.
+        """
+        for name, opt in self._optimizers().items():
+            sd = opt.state_dict()
+            state: dict[int, dict[str, torch.Tensor]] = {}
+            prefix = f"opt.{name}."
+            for key, value in tensors.items():
+                if key.startswith(prefix):
+                    idx, field = key[len(prefix):].split(".", 1)
+                    state.setdefault(int(idx), {})[field] = value
+            groups = meta["param_groups"][name]
+            if len(groups) != len(sd["param_groups"]):
+                msg = f"checkpoint optimizer {name!r} has {len(groups)} parameter groups, expected {len(sd['param_groups'])}"
+                raise ValueError(msg)
+            sd["state"] = state
+            sd["param_groups"] = [{**g, "params": own["params"]} for g, own in zip(groups, sd["param_groups"])]
+            opt.load_state_dict(sd)
+        self.iteration = int(meta["iteration"])
+
+    def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        opts = {"sampler": self.opt_sampler, "value": self.opt_value}
+        if not self.shared:
+            opts["energy"] = self.opt_energy
+        return opts
+
     def _next_cost(self, x_next: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``V(x_{t+1}, t+1)``, or ``E(x_{t+1})`` where ``t = T-1`` (pitfall 4). Shapes ``(B, D)``, ``(B,)`` -> ``(B,)``."""
         T = self.config.n_steps
@@ -89,9 +157,9 @@ class DxDPTrainer:
         terminal = t == T - 1
         out = torch.empty(x_next.shape[0], device=x_next.device, dtype=x_next.dtype)
         if terminal.any():
-            out[terminal] = self.model.energy(x_next[terminal])
+            out[terminal] = self.model.energy(x_next[terminal]).to(out.dtype)  # bf16 under autocast
         if (~terminal).any():
-            out[~terminal] = self.model.value(x_next[~terminal], t[~terminal] + 1)
+            out[~terminal] = self.model.value(x_next[~terminal], t[~terminal] + 1).to(out.dtype)
         return out
 
     # ------------------------------------------------------------------ one iteration
@@ -115,7 +183,10 @@ class DxDPTrainer:
         traj = sampler.sample(x0, generator)  # (T+1, B, D); t = 0 start, t = T sample
         # 2. AVR (start of update_f_v in the reference code).
         if c.avr_momentum is not None:
-            m.velocity_scale_sq.copy_(avr_update(m.velocity_scale_sq, traj, c.avr_momentum))
+            new_s2 = avr_update(m.velocity_scale_sq, traj, c.avr_momentum)
+            if self.sync is not None:  # linear in the batch statistic: every rank ends with the same s_t
+                self.sync(new_s2)
+            m.velocity_scale_sq.copy_(new_s2)
         s2 = m.velocity_scale_sq if c.avr_momentum is not None else torch.ones_like(m.velocity_scale_sq)
         diag: dict[str, torch.Tensor] = {}
         # 3. Energy step: push E(data) down and E(x_T) up (Eq. 5).
@@ -126,6 +197,7 @@ class DxDPTrainer:
         diag.update(d)
         if self.iteration >= c.warmup_iter:
             loss_e.backward()
+            self._sync_grads(m.energy_params())
             _clip(m.energy_params(), c.energy_grad_clip)
             self.opt_energy.step()
         self.opt_energy.zero_grad(set_to_none=True)
@@ -148,6 +220,7 @@ class DxDPTrainer:
             self.opt_value.zero_grad(set_to_none=True)
             loss_v = F.mse_loss(value(x_t, t_vec), target)
             loss_v.backward()
+            self._sync_grads(list(value.parameters()))
             _clip(list(value.parameters()), c.value_grad_clip)
             self.opt_value.step()
             value_losses.append(loss_v.detach())
@@ -165,6 +238,7 @@ class DxDPTrainer:
         cost = running_cost(x_t, st.sample, st.log_sigma, s2[t_vec], c.entropy_weight, c.velocity_weight)
         loss_pi = (self._next_cost(st.sample, t_vec) + cost).mean()
         loss_pi.backward()
+        self._sync_grads(list(sampler.parameters()))
         _clip(list(sampler.parameters()), c.sampler_grad_clip)
         self.opt_sampler.step()
         self.opt_sampler.zero_grad(set_to_none=True)
@@ -187,10 +261,12 @@ class AutoencoderPretrainer:
     Args:
         ae: The autoencoder (trained in place).
         lr: Learning rate (MPDR: 1e-4).
+        sync: Data-parallel gradient averaging hook (see :class:`DxDPTrainer`), or None.
     """
 
-    def __init__(self, ae: AutoencoderEnergy, lr: float) -> None:
+    def __init__(self, ae: AutoencoderEnergy, lr: float, sync: Callable[[torch.Tensor], None] | None = None) -> None:
         self.ae = ae
+        self.sync = sync
         self.opt = torch.optim.Adam(ae.parameters(), lr=lr)
 
     def step(self, x: torch.Tensor) -> float:
@@ -199,6 +275,7 @@ class AutoencoderPretrainer:
         loss = self.ae(x).mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        sync_grads(list(self.ae.parameters()), self.sync)
         self.opt.step()
         return float(loss.detach())
 
@@ -211,6 +288,7 @@ def pretrain_autoencoder(
     batch_size: int,
     generator: torch.Generator,
     callback: Callable[[int, float], None] | None = None,
+    sync: Callable[[torch.Tensor], None] | None = None,
 ) -> list[float]:
     """Reconstruction pre-training of the autoencoder energy (App. C.3: "pretrained to minimize reconstruction").
 
@@ -222,11 +300,12 @@ def pretrain_autoencoder(
         batch_size: Rows per step.
         generator: Torch generator for batch selection.
         callback: Called as ``callback(i, loss)`` after each step.
+        sync: Data-parallel gradient averaging hook, or None.
 
     Returns:
         The loss (mean energy of the batch) per step.
     """
-    pre = AutoencoderPretrainer(ae, lr)
+    pre = AutoencoderPretrainer(ae, lr, sync)
     losses = []
     for i in range(n_iter):
         losses.append(pre.step(_batches(data, batch_size, generator)))
@@ -244,6 +323,7 @@ def pretrain_sampler(
     batch_size: int,
     generator: torch.Generator,
     callback: Callable[[int, float], None] | None = None,
+    sync: Callable[[torch.Tensor], None] | None = None,
 ) -> list[float]:
     """DDPM pre-training of an ``"eps"`` sampler on its own T-step schedule (Table 1 "Pretrain" rows).
 
@@ -255,6 +335,7 @@ def pretrain_sampler(
         batch_size: Rows per step.
         generator: Torch generator.
         callback: Called as ``callback(i, loss)`` after each step.
+        sync: Data-parallel gradient averaging hook, or None.
 
     Returns:
         The DDPM loss per step.
@@ -268,6 +349,7 @@ def pretrain_sampler(
         loss = sampler.ddpm_loss(_batches(data, batch_size, generator), generator)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        sync_grads(list(sampler.mean_parameters()), sync)
         opt.step()
         sched.step()
         losses.append(float(loss.detach()))

@@ -12,15 +12,20 @@ under a forked, seeded global RNG, so a seed fixes the result on the CPU.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from dxmi_ad.checkpoint import load_model_dir, save_model_dir
 from dxmi_ad.config import DxMIConfig
 from dxmi_ad.nn.energy import AutoencoderEnergy
 from dxmi_ad.nn.model import DxMIModel
 from dxmi_ad.training.dxdp import DxDPTrainer, _batches, pretrain_autoencoder, pretrain_sampler
+from dxmi_ad.training.runtime import Runtime, all_reduce_mean, latest_checkpoint, load_checkpoint, save_checkpoint
 
 __all__ = ["ProgressCallback", "build_model", "train_model"]
 
@@ -49,33 +54,87 @@ def train_model(
     log_every: int = 10,
     model: DxMIModel | None = None,
     device: str | torch.device = "cpu",
+    runtime: Runtime | None = None,
 ) -> tuple[DxMIModel, list[dict[str, Any]]]:
     """Train a DxMI model on normal vectors.
 
     Args:
-        data: Normal training vectors of shape ``(N, D)``, float32, ``D == config.dim``.
+        data: Normal training vectors of shape ``(N, D)``, float32, ``D == config.dim`` (a memory-mapped tensor
+            is not copied).
         config: The run's config.
-        progress: Optional progress callback (see :data:`ProgressCallback`).
+        progress: Optional progress callback (see :data:`ProgressCallback`); rank 0 only, and not with
+            ``ddp_spawn`` (callbacks do not cross process boundaries).
         log_every: Iterations between history records / callbacks of the DxMI stage.
         model: Continue from this model instead of building a new one (its pre-training stages are skipped).
-        device: Device of a newly built model (``"cpu"``, ``"cuda"``...).
+        device: Device of a newly built model (``"cpu"``, ``"cuda"``...) when ``runtime`` is None.
+        runtime: Devices, precision, data-parallel strategy, checkpoints and resume through Lightning Fabric
+            (:class:`~dxmi_ad.training.runtime.Runtime`); None = this process on ``device``, no checkpoints.
 
     Returns:
-        The trained model (eval mode) and the history: one dict per logged DxMI iteration (floats).
+        The trained model (eval mode, on the CPU when trained through Fabric) and the history: one dict per logged
+        DxMI iteration (floats). Under DDP every rank returns its (identical) model.
 
     Raises:
-        ValueError: If ``data`` is not ``(N, D)`` with ``D == config.dim`` and ``N >= 2``.
+        ValueError: If ``data`` is not ``(N, D)`` with ``D == config.dim`` and ``N >= 2``, or a checkpoint does not
+            fit the run.
+        FileNotFoundError: ``runtime.resume`` without a complete checkpoint.
     """
     if data.ndim != 2 or data.shape[1] != config.dim or data.shape[0] < 2:
         msg = f"training data must have shape (N >= 2, {config.dim}), got {tuple(data.shape)}"
         raise ValueError(msg)
+    if runtime is None:
+        return _train(None, data, config, progress, log_every, model, torch.device(device), None)
+    if runtime.resume and latest_checkpoint(runtime.checkpoint_dir) is None:
+        msg = f"no complete checkpoint in {runtime.checkpoint_dir} to resume from"
+        raise FileNotFoundError(msg)
+    fabric = runtime.fabric()
+    spawn = "spawn" in str(runtime.strategy)
+    # Fabric walks the launch arguments and refuses frozen dataclasses: configs travel as plain dicts. Spawned
+    # workers hand results back through a pipe that blocks on large payloads: rank 0 writes the trained state to a
+    # safetensors file and returns only its path.
+    with tempfile.TemporaryDirectory(prefix="dxmi-ad-fabric-") as tmp:
+        out_dir = fabric.launch(_fabric_worker, data, config.to_dict(), None if spawn else progress, log_every,
+                                model, dataclasses.asdict(runtime), tmp)
+        tensors, meta = load_model_dir(out_dir)
+    out = model if model is not None else build_model(config)
+    out.load_checkpoint_tensors(tensors)
+    return out.cpu().eval(), meta["history"]
+
+
+def _fabric_worker(fabric: Any, data: torch.Tensor, config: dict[str, Any], progress: ProgressCallback | None,
+                   log_every: int, model: DxMIModel | None, runtime: dict[str, Any], out_dir: str) -> str:
+    model_out, history = _train(fabric, data, DxMIConfig.from_dict(config),
+                                progress if fabric.global_rank == 0 else None, log_every, model, fabric.device,
+                                Runtime(**runtime))
+    if fabric.global_rank == 0:
+        save_model_dir(out_dir, model_out.checkpoint_tensors(), {"history": history})
+    fabric.barrier()
+    return out_dir
+
+
+def _train(
+    fabric: Any,
+    data: torch.Tensor,
+    config: DxMIConfig,
+    progress: ProgressCallback | None,
+    log_every: int,
+    model: DxMIModel | None,
+    device: torch.device,
+    runtime: Runtime | None,
+) -> tuple[DxMIModel, list[dict[str, Any]]]:
+    rank, world = (fabric.global_rank, fabric.world_size) if fabric is not None else (0, 1)
+    sync = all_reduce_mean(fabric)
     fresh = model is None
     if model is None:
-        model = build_model(config).to(device)
-    # One generator on the model's device drives every random draw (a CPU generator cannot drive CUDA sampling).
-    generator = torch.Generator(device=model.velocity_scale_sq.device).manual_seed(config.seed)
+        model = build_model(config)  # the same seeded initialisation on every rank
+    model = model.to(device)
+    dev = model.velocity_scale_sq.device
+    # One generator per rank drives every random draw of that rank (rank 0's stream = the single-process one).
+    generator = torch.Generator(device=dev).manual_seed(config.seed + 1_000_003 * rank)
+    if world > 1:
+        data = data[rank::world]  # this rank's shard (a strided view; memory maps stay on disk)
     if data.shape[0] * data.shape[1] <= 50_000_000:  # small sets move to the device; large (memory-mapped) stay
-        data = data.to(model.velocity_scale_sq.device)
+        data = data.to(dev)
 
     def report(stage: str, total: int) -> Callable[[int, float], None]:
         def cb(i: int, loss: float) -> None:
@@ -84,23 +143,55 @@ def train_model(
 
         return cb
 
-    if fresh and isinstance(model.energy, AutoencoderEnergy) and config.ae_pretrain_iter:
-        pretrain_autoencoder(model.energy, data, config.ae_pretrain_iter, config.ae_lr,
-                             config.batch_size, generator, report("autoencoder", config.ae_pretrain_iter))
-    if fresh:
-        model.freeze_initial()
-    if fresh and config.sampler_pretrain_iter:
-        pretrain_sampler(model, data, config.sampler_pretrain_iter, config.sampler_pretrain_lr,
-                         config.batch_size, generator, report("sampler", config.sampler_pretrain_iter))
-    trainer = DxDPTrainer(model, config)
+    ckdir = runtime.checkpoint_dir if runtime is not None else None
+    resume_from = latest_checkpoint(ckdir) if runtime is not None and runtime.resume else None
+    trainer = DxDPTrainer(model, config, sync=sync)
     history: list[dict[str, Any]] = []
-    for i in range(config.n_iter):
-        diag = trainer.step(_batches(data, config.batch_size, generator), generator)
+    start = 0
+    if resume_from is not None:
+        start, history, _ = load_checkpoint(resume_from, model, trainer, rank, world, generator)
+        if progress is not None:
+            progress("resume", start, config.n_iter, {})
+    else:
+        if fresh and isinstance(model.energy, AutoencoderEnergy) and config.ae_pretrain_iter:
+            pretrain_autoencoder(model.energy, data, config.ae_pretrain_iter, config.ae_lr, config.batch_size,
+                                 generator, report("autoencoder", config.ae_pretrain_iter), sync)
+        if fresh:
+            model.freeze_initial()
+        if fresh and config.sampler_pretrain_iter:
+            pretrain_sampler(model, data, config.sampler_pretrain_iter, config.sampler_pretrain_lr,
+                             config.batch_size, generator, report("sampler", config.sampler_pretrain_iter), sync)
+
+    def checkpoint(iteration: int) -> None:
+        states = [generator.get_state()]
+        if fabric is not None and world > 1:
+            gathered = fabric.all_gather(generator.get_state().to(dev))  # (world, L)
+            states = [g.cpu() for g in gathered]
+        if rank == 0:
+            save_checkpoint(ckdir, iteration, model, trainer, states, history, runtime.keep_checkpoints)
+        if fabric is not None:
+            fabric.barrier()
+
+    if ckdir is not None and resume_from is None:
+        checkpoint(0)  # after pre-training: a crash in the DxMI stage never repeats it
+    stop = config.n_iter if runtime is None or runtime.stop_after is None else min(config.n_iter, runtime.stop_after)
+    bf16 = runtime is not None and runtime.precision == "bf16-mixed" and fabric is not None
+    for i in range(start, stop):
+        with fabric.autocast() if bf16 else contextlib.nullcontext():
+            diag = trainer.step(_batches(data, config.batch_size, generator), generator)
         if i % log_every == 0 or i == config.n_iter - 1:
-            rec = {k: (v.tolist() if v.ndim else float(v)) for k, v in diag.items()}
+            rec = {k: (v.float().tolist() if v.ndim else float(v)) for k, v in diag.items()}
             rec["iteration"] = i + 1
             history.append(rec)
             if progress is not None:
                 progress("dxmi", i + 1, config.n_iter, rec)
+        if ckdir is not None and runtime.checkpoint_every and (i + 1) % runtime.checkpoint_every == 0:
+            checkpoint(i + 1)
+    if fabric is not None and world > 1:  # safety net: every rank must hold the same model
+        flat = torch.cat([t.detach().float().reshape(-1) for t in model.checkpoint_tensors().values()])
+        sums = fabric.all_gather(torch.stack([flat.sum(), flat.abs().sum()]))  # (world, 2)
+        if not bool((sums == sums[0]).all()):
+            msg = f"data-parallel ranks diverged (parameter checksums {sums.tolist()}); please report this"
+            raise RuntimeError(msg)
     model.eval()
     return model, history

@@ -1,0 +1,164 @@
+"""Where and how a DxMI training run executes: Lightning Fabric devices/precision/DDP, checkpoints and resume.
+
+* **Devices** through Lightning Fabric (``accelerator``, ``devices``, ``num_nodes``, ``strategy``, ``precision``);
+  no process management of our own: ``strategy="ddp"`` uses Fabric's launcher (or torchrun's environment),
+  ``"ddp_spawn"`` spawns workers from Python (notebooks, tests).
+* **Data parallel DxMI**: every rank samples its own trajectories from its own shard of the data (rows
+  ``rank::world``) with its own random stream; the gradients of every energy, value and sampler update (and of the
+  pre-training stages) and the adaptive-velocity statistic are averaged over ranks with Fabric's ``all_reduce``
+  before clipping and the optimizer step, so all ranks keep identical parameters and the same s_t. Only rank 0
+  writes checkpoints and results.
+* **Checkpoints**: ``checkpoint_dir/iter-<n>/`` holds ``model.safetensors`` (every network, the AVR buffer, the
+  optimizers' tensors, each rank's generator state) and ``config.json`` (iteration, learning rates, history,
+  world size), written to a temporary folder (files fsynced) and renamed; the last ``keep_checkpoints`` are kept.
+  A run killed while writing leaves only a temporary folder, which resume ignores: it continues from the newest
+  complete checkpoint. On the CPU a resumed run ends with the same weights as an uninterrupted one.
+* **Precision**: ``32-true`` (default) or ``bf16-mixed`` (Fabric autocast). ``16-mixed`` would need loss scaling
+  across the three optimizers and is refused with that reason.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dxmi_ad.checkpoint import atomic_directory, load_model_dir, save_model_dir
+
+__all__ = ["Runtime", "is_global_zero", "latest_checkpoint"]
+
+PRECISIONS = ("32-true", "bf16-mixed")
+_CKPT = re.compile(r"^iter-(\d{8})$")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Execution settings of a training run (the same keys as the CLI flags and the recipes' ``runtime:``).
+
+    Attributes:
+        accelerator: ``"auto"``, ``"cpu"``, ``"cuda"`` (Fabric names).
+        devices: Devices per node.
+        num_nodes: Nodes (multi-node: launch with torchrun or Fabric's launcher on every node).
+        strategy: ``"auto"``, ``"ddp"`` (Fabric's subprocess launcher / torchrun) or ``"ddp_spawn"``.
+        precision: ``"32-true"`` or ``"bf16-mixed"``.
+        checkpoint_dir: Folder of periodic checkpoints (None: none).
+        checkpoint_every: DxMI iterations between checkpoints (0: none; one is always written after pre-training
+            when ``checkpoint_dir`` is set).
+        keep_checkpoints: How many of the newest checkpoints to keep (>= 1).
+        resume: Continue from the newest complete checkpoint in ``checkpoint_dir`` (error if there is none).
+        stop_after: Stop after this many DxMI iterations in total (for tests and time-boxed runs; None: ``n_iter``).
+    """
+
+    accelerator: str = "auto"
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    checkpoint_dir: Path | None = None
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 3
+    resume: bool = False
+    stop_after: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            reason = (" (fp16 needs loss scaling across the energy, value and sampler optimizers, which DxMI's "
+                      "one-step updates do not support here; use bf16-mixed)") if self.precision.startswith("16") else ""
+            msg = f"precision must be one of {PRECISIONS}, got {self.precision!r}{reason}"
+            raise ValueError(msg)
+        if self.devices < 1 or self.num_nodes < 1 or self.keep_checkpoints < 1 or self.checkpoint_every < 0:
+            msg = "devices, num_nodes and keep_checkpoints must be >= 1 and checkpoint_every >= 0"
+            raise ValueError(msg)
+        if self.resume and self.checkpoint_dir is None:
+            msg = "resume needs a checkpoint_dir"
+            raise ValueError(msg)
+
+    def fabric(self) -> Any:
+        """A :class:`lightning.fabric.Fabric` for these settings (not launched)."""
+        from lightning.fabric import Fabric
+
+        return Fabric(accelerator=self.accelerator, devices=self.devices, num_nodes=self.num_nodes,
+                      strategy=self.strategy, precision=self.precision)
+
+
+def latest_checkpoint(directory: Path | None) -> Path | None:
+    """The newest complete checkpoint folder (``iter-<n>``) in ``directory``; temporary folders are ignored."""
+    if directory is None or not Path(directory).is_dir():
+        return None
+    done = sorted(p for p in Path(directory).iterdir() if p.is_dir() and _CKPT.match(p.name)
+                  and (p / "model.safetensors").is_file() and (p / "config.json").is_file())
+    return done[-1] if done else None
+
+
+def save_checkpoint(directory: Path, iteration: int, model: Any, trainer: Any, generator_states: list[torch.Tensor],
+                    history: list[dict], keep: int) -> Path:
+    """Write ``directory/iter-<iteration>`` atomically and prune old ones (rank 0 only)."""
+    final = Path(directory) / f"iter-{iteration:08d}"
+    tensors = {f"model.{k}": v for k, v in model.checkpoint_tensors().items()}
+    meta: dict[str, Any] = {"kind": "DxMITrainingCheckpoint", "iteration": iteration, "history": history,
+                            "config": model.config.to_dict(), "world_size": len(generator_states)}
+    if trainer is not None:
+        tensors.update(trainer.state_tensors())
+        meta["trainer"] = trainer.state_meta()
+    tensors.update({f"rng.rank{r}": s for r, s in enumerate(generator_states)})
+    with atomic_directory(final) as tmp:
+        save_model_dir(tmp, tensors, meta)
+    old = sorted(p for p in Path(directory).iterdir() if p.is_dir() and _CKPT.match(p.name))
+    for p in old[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, model: Any, trainer: Any | None, rank: int, world: int,
+                    generator: torch.Generator) -> tuple[int, list[dict], bool]:
+    """Restore a checkpoint into ``model``/``trainer``/``generator``.
+
+    Returns:
+        ``(iteration, history, has_trainer_state)``.
+
+    Raises:
+        ValueError: A checkpoint of another model config or world size.
+    """
+    tensors, meta = load_model_dir(path)
+    if meta.get("kind") != "DxMITrainingCheckpoint":
+        msg = f"{path} is not a DxMI training checkpoint"
+        raise ValueError(msg)
+    if meta["config"] != model.config.to_dict():
+        diff = sorted(k for k in meta["config"] if meta["config"][k] != model.config.to_dict().get(k))
+        msg = f"{path} was written with other settings ({', '.join(diff)}); resume with the same recipe"
+        raise ValueError(msg)
+    if meta["world_size"] != world:
+        msg = f"{path} was written by {meta['world_size']} processes; resume with the same number ({world} now)"
+        raise ValueError(msg)
+    model.load_checkpoint_tensors({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    generator.set_state(tensors[f"rng.rank{rank}"].cpu() if generator.device.type == "cpu"
+                        else tensors[f"rng.rank{rank}"])
+    has_trainer = "trainer" in meta
+    if has_trainer and trainer is not None:
+        trainer.load_state({k: v.to(model.velocity_scale_sq.device) for k, v in tensors.items()
+                            if k.startswith("opt.")}, meta["trainer"])
+    return int(meta["iteration"]), list(meta.get("history", [])), has_trainer
+
+
+def all_reduce_mean(fabric: Any) -> Callable[[torch.Tensor], None] | None:
+    """The DxDP ``sync`` hook over Fabric's ``all_reduce`` (None in a single process)."""
+    if fabric is None or fabric.world_size == 1:
+        return None
+
+    def sync(flat: torch.Tensor) -> None:
+        flat.copy_(fabric.all_reduce(flat, reduce_op="mean"))
+
+    return sync
+
+
+def is_global_zero() -> bool:
+    """True in a single process and on rank 0 of a torch.distributed group (only rank 0 writes results)."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
