@@ -105,7 +105,9 @@ def main() -> None:
         for name, overrides in variants.items():
             cfg = base_cfg.replace(**overrides)
             t0 = time.perf_counter()
-            model, history = train_model(vectors, cfg, model=copy.deepcopy(base))
+            start = copy.deepcopy(base)
+            start.config = cfg  # the start distribution (init noise) is read from the model's config
+            model, history = train_model(vectors, cfg, model=start)
             evaluate(model, name, time.perf_counter() - t0, history)
     table = pd.DataFrame(rows)
     summary = table.groupby("variant", sort=False)[["image AUROC", "pixel AUROC", "seconds"]].mean()
@@ -114,7 +116,9 @@ def main() -> None:
     summary["d pixel"] = summary["pixel AUROC"] - ae["pixel AUROC"]
     print(f"\nTextures sweep (mean over brick, grass, gravel; SYNTHETIC defects); recipe={args.recipe.name}; "
           f"seeds={args.seeds}; torch threads={args.threads}; DxMI rows start from the same pretrained autoencoder")
-    print(summary.to_string(float_format=lambda v: f"{v:+.3f}" if abs(v) < 1 else f"{v:.1f}"))
+    print(summary.to_string(formatters={"image AUROC": "{:.3f}".format, "pixel AUROC": "{:.3f}".format,
+                                        "seconds": "{:.0f}".format, "d image": "{:+.3f}".format,
+                                        "d pixel": "{:+.3f}".format}))
 
 
 if __name__ == "__main__":

@@ -141,6 +141,7 @@ class Dxmi(AnomalibModule):
         self._generator = torch.Generator().manual_seed(seed)
         self._ae: AutoencoderPretrainer | None = None
         self._dxdp: DxDPTrainer | None = None
+        self._pending_state: tuple[dict, dict] | None = None
         self.register_buffer("updates_done", torch.zeros((), dtype=torch.long))
 
     # ------------------------------------------------------------------ anomalib contract
@@ -188,14 +189,29 @@ class Dxmi(AnomalibModule):
                 out = {"loss": torch.tensor(loss)}
                 self.log("train/ae_loss", loss, prog_bar=True)
             else:
-                if self._dxdp is None:
+                if int(self.updates_done) == cfg.ae_pretrain_iter:  # pre-training just ended (never on resume)
                     dxmi.freeze_initial()  # the start network copies the pretrained autoencoder (pitfall 17)
+                if self._dxdp is None:
                     self._dxdp = DxDPTrainer(dxmi, cfg)
+                    if self._pending_state is not None:  # resumed from a Lightning checkpoint
+                        self._dxdp.load_state(*self._pending_state)
+                        self._pending_state = None
                 diag = self._dxdp.step(x, gen)
                 out = {"loss": diag["energy_data"] - diag["energy_samples"], **diag}
                 self.log_dict({f"train/{k}": v for k, v in diag.items() if v.ndim == 0}, prog_bar=False)
             self.updates_done += 1
         return out
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the DxMI optimizers' state (Lightning checkpoints are anomalib's format; the weights are in it)."""
+        if self._dxdp is not None:
+            checkpoint["dxmi_trainer"] = {"tensors": self._dxdp.state_tensors(), "meta": self._dxdp.state_meta()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the DxMI optimizers' state when training continues from a Lightning checkpoint."""
+        state = checkpoint.get("dxmi_trainer")
+        if state is not None:
+            self._pending_state = (state["tensors"], state["meta"])
 
     def on_train_end(self) -> None:
         """Warn when the run was too short to finish the autoencoder pre-training."""

@@ -47,7 +47,7 @@ def min_calibration_size(alpha: float) -> int:
 DEFAULT_FPR = 0.01
 
 
-def resolve_fpr(requested: float | None, n_calibration: int, default: float = DEFAULT_FPR) -> float:
+def resolve_fpr(requested: float | None, n_calibration: int, default: float = DEFAULT_FPR, warn: bool = True) -> float:
     """The target false-positive rate to use: ``requested`` as given, or ``default`` when the calibration set can
     support it, else the smallest rate it supports (``1 / (n + 1)``) with a :class:`UserWarning`.
 
@@ -55,6 +55,7 @@ def resolve_fpr(requested: float | None, n_calibration: int, default: float = DE
         requested: The user's rate, or None for the default.
         n_calibration: Calibration set size (>= 1).
         default: The default rate.
+        warn: Warn when the default cannot be met (False when the rate is only reported, e.g. under an FDR rule).
 
     Returns:
         The rate in (0, 1). A requested rate is returned unchanged (too-small sets are refused later, with the
@@ -65,8 +66,10 @@ def resolve_fpr(requested: float | None, n_calibration: int, default: float = DE
     if n_calibration >= min_calibration_size(default):
         return default
     rate = 1.0 / (n_calibration + 1)
-    warnings.warn(f"{n_calibration} calibration samples cannot support the default target false-positive rate "
-                  f"{default:g} (needs {min_calibration_size(default)}); using {rate:.3g}", UserWarning, stacklevel=2)
+    if warn:
+        warnings.warn(f"{n_calibration} calibration samples cannot support the default target false-positive rate "
+                      f"{default:g} (needs {min_calibration_size(default)}); using {rate:.3g}", UserWarning,
+                      stacklevel=2)
     return rate
 
 
@@ -271,10 +274,20 @@ class Calibration:
             return s > self.threshold
 
     def normalized(self, scores: np.ndarray) -> np.ndarray:
-        """Scores mapped to ``[0, 1]`` with the threshold at 0.5 (anomalib's min-max convention), ``(m,)``."""
+        """Scores mapped to ``[0, 1]`` with the threshold at 0.5 (anomalib's min-max convention), ``(m,)``.
+
+        NaN under the ``"fdr"`` rule: decisions there depend on the batch, no fixed threshold maps to 0.5.
+        """
         s = np.asarray(scores, dtype=np.float64)
+        if self.rule == "fdr":
+            return np.full(s.shape, np.nan)
         span = max(float(self.scores[-1] - self.scores[0]), 1e-12)
         return np.clip((s - self.threshold) / span + 0.5, 0.0, 1.0)
+
+    @property
+    def decision_threshold(self) -> float | None:
+        """The fixed threshold that decides (``"fpr"``/``"f1"``), or None under ``"fdr"`` (batch-dependent)."""
+        return None if self.rule == "fdr" or not np.isfinite(self.threshold) else float(self.threshold)
 
     def describe(self) -> str:
         """One line: the rule, its target and the calibration size."""
@@ -290,7 +303,8 @@ class Calibration:
     # ------------------------------------------------------------------ persistence
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (scores as a list of floats)."""
-        return {"rule": self.rule, "fpr": self.fpr, "fdr": self.fdr, "threshold": self.threshold,
+        return {"rule": self.rule, "fpr": self.fpr, "fdr": self.fdr,
+                "threshold": self.threshold if np.isfinite(self.threshold) else None,  # strict JSON: no NaN
                 "source": self.source, "validation": self.validation, "note": self.note, "n": len(self.scores),
                 "scores": [float(v) for v in self.scores], "files": list(self.files)}
 
@@ -309,7 +323,8 @@ class Calibration:
             scores = np.sort(_check_scores(np.asarray(d["scores"], dtype=np.float64), "the stored calibration"))
             fdr = d.get("fdr")
             cal = cls(scores=scores, rule=rule, fpr=float(d["fpr"]), fdr=None if fdr is None else float(fdr),
-                      threshold=float(d["threshold"]), source=str(d.get("source", "")),
+                      threshold=float("nan") if d["threshold"] is None else float(d["threshold"]),
+                      source=str(d.get("source", "")),
                       validation=dict(d.get("validation") or {}), note=str(d.get("note", "")),
                       files=[str(f) for f in d.get("files", [])])
         except (KeyError, TypeError) as err:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from sklearn.base import BaseEstimator, OutlierMixin
 from sklearn.utils._param_validation import Interval, InvalidParameterError, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from dxmi_ad.calibration import Calibration, resolve_fpr
+from dxmi_ad.calibration import CALIBRATION_FILE, Calibration, CalibrationError, min_calibration_size, resolve_fpr
 from dxmi_ad.checkpoint import load_model_dir, save_model_dir
 from dxmi_ad.config import DxMIConfig
 from dxmi_ad.nn.model import DxMIModel
@@ -285,6 +286,12 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
         else:
             X, X_cal = X_all, None
             source = "the training rows (too few rows to hold out a calibration set; p-values are optimistic)"
+        n_cal_rows = len(X_cal) if X_cal is not None else len(X)
+        for rate in (self.fpr, self.fdr):  # refuse an unsupported rate before training, not after
+            if rate is not None and n_cal_rows < min_calibration_size(rate):
+                msg = (f"a target rate of {rate:g} needs at least {min_calibration_size(rate)} calibration rows, "
+                       f"got {n_cal_rows}: raise calibration_fraction, add rows, or ask for a larger rate")
+                raise CalibrationError(msg)
         self.mean_ = X.mean(0).astype(np.float32)
         scale = X.std(0)
         self.scale_ = np.where(scale > 1e-8 * np.maximum(1.0, np.abs(X).max(0)), scale, 1.0).astype(np.float32)
@@ -314,10 +321,10 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
                    validation: tuple[np.ndarray, np.ndarray] | None = None, fpr: float | None = None,
                    fdr: float | None = None) -> None:
         """Set ``calibration_`` and ``offset_`` from calibration energies (see the class docstring)."""
-        fpr = self.fpr if fpr is None else fpr
-        fdr = self.fdr if fdr is None else fdr
-        cal = Calibration.fit(cal_energy, fpr=resolve_fpr(fpr, len(cal_energy)), fdr=fdr, validation=validation,
-                              source=source)
+        if fpr is None and fdr is None and validation is None:  # no new rule asked for: the estimator's own
+            fpr, fdr = self.fpr, self.fdr
+        cal = Calibration.fit(cal_energy, fpr=resolve_fpr(fpr, len(cal_energy), warn=fdr is None and validation is None),
+                              fdr=fdr, validation=validation, source=source)
         explicit = fpr is not None or fdr is not None or validation is not None
         c = self._auto_contamination if self.contamination == "auto" else float(self.contamination)
         if not explicit and fit_energy is not None and c is not None:
@@ -353,11 +360,14 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
             dxmi_ad.calibration.CalibrationError: A calibration set too small for the rate (minimum size stated).
             ValueError: Bad rows (see :meth:`energy`), or ``fdr`` together with a validation set.
         """
-        check_is_fitted(self, "calibration_")
+        check_is_fitted(self, "model_")
         if X is not None:
             energies, source = self.energy(X), f"{len(np.asarray(X))} rows given to calibrate()"
-        else:
+        elif getattr(self, "calibration_", None) is not None:
             energies, source = self.calibration_.scores, self.calibration_.source
+        else:
+            msg = "this model has no stored calibration: pass normal calibration rows, calibrate(X)"
+            raise ValueError(msg)
         validation = None
         if X_validation is not None or y_validation is not None:
             if X_validation is None or y_validation is None:
@@ -383,7 +393,10 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
         Returns:
             float64 array of shape ``(n_samples,)`` in ``[1/(n_cal+1), 1]``.
         """
-        check_is_fitted(self, "calibration_")
+        check_is_fitted(self, "model_")
+        if getattr(self, "calibration_", None) is None:
+            msg = "this model has no calibration (saved without calibration.json): call calibrate(X) with normal rows"
+            raise ValueError(msg)
         return self.calibration_.p_values(self.energy(X))
 
     # ------------------------------------------------------------------ scores
@@ -447,7 +460,10 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
         return np.where(self._flag(X), -1, 1)
 
     def _flag(self, X: Any) -> np.ndarray:
-        check_is_fitted(self, "calibration_")
+        check_is_fitted(self, "model_")
+        if getattr(self, "calibration_", None) is None:
+            msg = "this model has no calibration (saved without calibration.json): call calibrate(X) with normal rows"
+            raise ValueError(msg)
         energy = self.energy(X)
         if self.calibration_.rule == "fdr":
             return self.calibration_.decide(energy)
@@ -510,7 +526,10 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
         meta = {"kind": type(self).__name__, "params": params, "config": self.config_.to_dict(),
                 "n_features_in": int(self.n_features_in_), "history": self.history_[-1:]}
         save_model_dir(path, tensors, meta)
-        self.calibration_.save(path)
+        if getattr(self, "calibration_", None) is not None:
+            self.calibration_.save(path)
+        else:
+            (Path(path) / CALIBRATION_FILE).unlink(missing_ok=True)  # never leave a stale rule beside new weights
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], device: str = "cpu") -> DxMIDetector:
@@ -540,8 +559,13 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
             det.mean_ = tensors["scaler.mean"].numpy()
             det.scale_ = tensors["scaler.scale"].numpy()
             det.start_bank_ = tensors["start_bank"]
-            det.calibration_ = Calibration.load(path)
-            det.offset_ = -float(det.calibration_.threshold)  # `dxmi-ad calibrate` may have changed it
+            if (Path(path) / CALIBRATION_FILE).is_file():
+                det.calibration_ = Calibration.load(path)
+                det.offset_ = -float(det.calibration_.threshold)  # `dxmi-ad calibrate` may have changed it
+            else:
+                warnings.warn(f"{path} has no {CALIBRATION_FILE}: scores work, decisions need calibrate()",
+                              UserWarning, stacklevel=2)
+                det.calibration_, det.offset_ = None, float("nan")
             det.n_features_in_ = int(meta["n_features_in"])
         except (KeyError, TypeError, ValueError, InvalidParameterError) as err:
             msg = f"{Path(path)} holds an invalid or tampered model description: {err}"
@@ -550,7 +574,8 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
         det.history_ = meta.get("history", [])
         if "decision_scores" in tensors:
             det.decision_scores_ = tensors["decision_scores"].numpy()
-            det.labels_ = (det.decision_scores_ > det.threshold_).astype(int)
+            if det.calibration_ is not None:
+                det.labels_ = det.calibration_.decide(det.decision_scores_).astype(int)
         return det
 
 
@@ -571,7 +596,7 @@ class PyODDxMIDetector(DxMIDetector):
         """Train (see :meth:`DxMIDetector.fit`) and set ``decision_scores_``, ``threshold_``, ``labels_``."""
         super().fit(X, y)
         self.decision_scores_ = self.energy(X)
-        self.labels_ = (self.decision_scores_ > self.threshold_).astype(int)
+        self.labels_ = self.calibration_.decide(self.decision_scores_).astype(int)
         return self
 
     def decision_function(self, X: Any) -> np.ndarray:
@@ -579,8 +604,15 @@ class PyODDxMIDetector(DxMIDetector):
         return self.energy(X)
 
     def predict(self, X: Any) -> np.ndarray:
-        """0 = inlier, 1 = outlier (energy above ``threshold_``); int array of shape ``(n_samples,)``."""
-        return (self.energy(X) > self.threshold_).astype(int)
+        """0 = inlier, 1 = outlier (the stored rule: energy above ``threshold_``, or BH under ``fdr``), ``(n,)`` int."""
+        return self._flag(X).astype(int)
+
+    def calibrate(self, *args: Any, **kwargs: Any) -> PyODDxMIDetector:
+        """As :meth:`DxMIDetector.calibrate`, then refresh ``labels_`` under the new rule."""
+        super().calibrate(*args, **kwargs)
+        if hasattr(self, "decision_scores_"):
+            self.labels_ = self.calibration_.decide(self.decision_scores_).astype(int)
+        return self
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """``[P(inlier), P(outlier)]`` by min-max scaling of training energies (pyod ``'linear'``), ``(n, 2)``."""

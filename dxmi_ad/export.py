@@ -84,7 +84,7 @@ def export_metadata(detector: Any, input_dtype: str, input_size: tuple[int, int]
         "input_size": list(input_size), "model_input_size": detector.features.image_size,
         "outputs": {"pred_score": "(B,) max per-location energy, higher = more anomalous",
                     "anomaly_map": "(B, H, W) bilinearly upsampled energy map"},
-        "threshold": None if cal is None else cal.threshold,
+        "threshold": None if cal is None else cal.decision_threshold,
         "decision": "pred_score > threshold" if cal is not None and cal.rule != "fdr" else
         "Benjamini-Hochberg on conformal p-values (see calibration_scores)" if cal is not None else None,
         "calibration": None if cal is None else {k: v for k, v in cal.to_dict().items() if k != "files"},

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dxmi_ad.calibration import Calibration, resolve_fpr
+from dxmi_ad.calibration import CALIBRATION_FILE, Calibration, CalibrationError, min_calibration_size, resolve_fpr
 from dxmi_ad.checkpoint import atomic_write_text, load_model_dir, save_model_dir
 from dxmi_ad.config import DxMIConfig
 from dxmi_ad.data.images import ImageReadError, load_image, load_mask
@@ -197,6 +197,16 @@ def extract_training_features(
     return np.load(path, mmap_mode="c"), kept
 
 
+def refuse_overlap(held: Sequence[ImageSample], others: Sequence[ImageSample], what: str, where: str) -> None:
+    """Refuse held-out images that are also training/test images (leakage), naming a few."""
+    seen = {s.path.resolve() for s in others}
+    both = [str(s.path) for s in held if s.path.resolve() in seen]
+    if both:
+        msg = (f"{len(both)} {what} image(s) are also {where} images (e.g. {', '.join(both[:3])}): held-out data "
+               "must not overlap them")
+        raise ValueError(msg)
+
+
 def _read_error(path: Path) -> str | None:
     """Why an image cannot be read, or None (a full decode, as training will do)."""
     try:
@@ -307,10 +317,21 @@ class ImageDetector:
         else:
             fit_part, cal_part = train, list(calibration)
             source = f"{len(cal_part)} given calibration images"
+            refuse_overlap(cal_part, [*train, *(s for s in samples if s.split == "test")], "calibration",
+                            "training or test")
         bad = {s.path: str(err) for s in cal_part for err in [_read_error(s.path)] if err is not None}
         if bad and not skip_bad_files:  # same rule as the training set: stop before any training
             raise BadFilesError(bad, "calibration set")
         cal_part = [s for s in cal_part if s.path not in bad]
+        if bad and not cal_part:
+            msg = "every calibration image is unreadable; pass readable held-out normal images"
+            raise ValueError(msg)
+        n_cal = len(cal_part) or len(fit_part)
+        for rate in (fpr, fdr):  # refuse an unsupported rate before training, not after
+            if rate is not None and n_cal < min_calibration_size(rate):
+                msg = (f"a target rate of {rate:g} needs at least {min_calibration_size(rate)} calibration images, "
+                       f"got {n_cal}: raise the calibration fraction, pass --calibration-dir, or ask for a larger rate")
+                raise CalibrationError(msg)
         extractor = self._extractor()
         feats, kept = extract_training_features(fit_part, self.features, extractor, skip_bad_files, cache_dir,
                                                 progress=progress)
@@ -429,7 +450,8 @@ class ImageDetector:
             val = (out["pred_score"][ok], np.array([s.label for s in validation])[ok])
         if fpr is None and self.calibration is not None and samples is None:
             fpr = self.calibration.fpr  # re-calibrating the same scores keeps the stored target rate
-        cal = Calibration.fit(scores, fpr=resolve_fpr(fpr, len(scores)), fdr=fdr, validation=val,
+        cal = Calibration.fit(scores, fpr=resolve_fpr(fpr, len(scores), warn=fdr is None and val is None), fdr=fdr,
+                              validation=val,
                               source=source or "")
         cal.files = files
         self.calibration = cal
@@ -538,6 +560,8 @@ class ImageDetector:
         save_model_dir(directory, self.model.checkpoint_tensors(), meta)
         if self.calibration is not None:
             self.calibration.save(directory)
+        else:
+            (Path(directory) / CALIBRATION_FILE).unlink(missing_ok=True)  # never a stale rule beside new weights
 
     @classmethod
     def load(cls, directory: str | Path) -> ImageDetector:
@@ -561,7 +585,11 @@ class ImageDetector:
             msg = f"{directory} holds an invalid or tampered model description: {err}"
             raise ValueError(msg) from err
         det.model.eval()
-        det.calibration = Calibration.load(directory)
-        det.categories = meta.get("categories", [])
+        if (Path(directory) / CALIBRATION_FILE).is_file():
+            det.calibration = Calibration.load(directory)
+        else:
+            log.warning("%s has no %s: scores work; decisions and p-values need `dxmi-ad calibrate --model %s "
+                        "--calibration-dir DIR`", directory, CALIBRATION_FILE, directory)
         det.history = meta.get("history", [])
+        det.categories = meta.get("categories", [])
         return det

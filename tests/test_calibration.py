@@ -176,3 +176,32 @@ def test_promises_hold_on_textures(tmp_path_factory):
     assert s["ks_pvalue"] > 0.01, s
     assert s["fdp_mean"] <= FDR + s["fdp_se"], s
     assert s["anomaly_p_median"] < 0.5, s  # textures are harder (image AUROC about 0.77)
+
+
+def test_rule_switches_and_models_without_calibration(tmp_path):
+    from sklearn.datasets import load_digits
+
+    from dxmi_ad import DxMIDetector, PyODDxMIDetector, load
+
+    X, y = load_digits(return_X_y=True)
+    params = dict(n_iter=5, ae_pretrain_iter=100, hidden=32, random_state=0, device="cpu")
+    det = DxMIDetector(**params, fdr=0.2).fit(X[y == 0])
+    assert det.calibration_.rule == "fdr" and det.calibration_.decision_threshold is None
+    det.calibrate(fpr=0.1)  # an explicit rate switches the rule back
+    assert det.calibration_.rule == "fpr" and det.calibration_.fpr == 0.1
+    with pytest.raises(CalibrationError, match="at least 999 calibration rows"):  # refused before training
+        DxMIDetector(**params, fpr=0.001).fit(X[y == 0])
+    pyod = PyODDxMIDetector(**params).fit(X[y == 0])
+    pyod.calibrate(fdr=0.2)
+    batch = np.r_[X[y == 0][:10], X[y != 0][:10]]
+    np.testing.assert_array_equal(pyod.predict(batch), bh_reject(pyod.p_value(batch), 0.2).astype(int))
+    # a model folder without calibration.json: scores work, decisions ask for calibration, calibrate() repairs it
+    det.save(tmp_path / "m")
+    (tmp_path / "m" / "calibration.json").unlink()
+    with pytest.warns(UserWarning, match="no calibration.json"):
+        bare = load(tmp_path / "m")
+    assert np.isfinite(bare.energy(batch)).all()
+    with pytest.raises(ValueError, match="calibrate"):
+        bare.predict(batch)
+    bare.calibrate(X[y == 0][:60], fpr=0.05)
+    assert set(np.unique(bare.predict(batch))) <= {-1, 1}

@@ -57,7 +57,8 @@ def test_fit_is_reproducible_and_leaves_params(blobs):
 
 def test_save_load_roundtrip(fitted, blobs, tmp_path):
     fitted.save(tmp_path / "m")
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["calibration.json", "config.json",
+                                                                  "model.safetensors"]
     loaded = DxMIDetector.load(tmp_path / "m")
     X = np.r_[blobs[0][:20], blobs[1][:20]]
     np.testing.assert_array_equal(loaded.energy(X), fitted.energy(X))
@@ -135,7 +136,7 @@ def test_pyod_adapter_clone_and_reload_keep_everything(blobs, tmp_path):
     [
         (lambda m: m["config"].update(n_steps="5"), "n_steps must be an integer"),  # wrong type
         (lambda m: m["params"].update(bogus=1), "invalid or tampered"),  # unknown parameter
-        (lambda m: m.pop("offset"), "invalid or tampered"),  # missing field
+        (lambda m: m.pop("n_features_in"), "invalid or tampered"),  # missing field
         (lambda m: m["config"].update(spherical="no"), "true or false"),  # string for a bool
     ],
 )

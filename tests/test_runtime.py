@@ -18,7 +18,7 @@ from dxmi_ad.training.fit import _train, train_model
 from dxmi_ad.training.runtime import Runtime, latest_checkpoint
 
 CFG = DxMIConfig(dim=64, n_iter=12, ae_pretrain_iter=20, batch_size=32, sampler_hidden=32, value_hidden=32,
-                 energy_hidden=32, latent_dim=8, time_dim=32, warmup_iter=2)
+                 energy_hidden=32, latent_dim=8, time_dim=32, warmup_iter=2, lr_schedule="cosine")
 
 
 def _digits0() -> torch.Tensor:
@@ -129,3 +129,27 @@ def test_bf16_mixed_stays_finite_and_fp16_is_refused():
     assert all(torch.isfinite(t).all() for t in model.checkpoint_tensors().values())
     with pytest.raises(ValueError, match="loss scaling"):
         Runtime(precision="16-mixed")
+
+
+def test_cli_resume_rules(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from dxmi_ad.cli.main import app
+
+    runner = CliRunner()
+    out = tmp_path / "run"
+    fast = ["--dataset", "digits", "--set", "n_iter=20", "--set", "ae_pretrain_iter=50", "--set", "hidden=32",
+            "--set", "device=cpu", "--checkpoint-every", "10", "--out", str(out)]
+    # leftovers of an interrupted run are never mixed into a new run
+    (tmp_path / "run.checkpoints" / "iter-00000040").mkdir(parents=True)
+    refused = runner.invoke(app, ["train", *fast])
+    assert refused.exit_code == 2 and "--resume" in refused.output and not out.exists()
+    ok = runner.invoke(app, ["train", *fast, "--overwrite"])
+    assert ok.exit_code == 0, ok.output
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["iter-00000000", "iter-00000010",
+                                                                       "iter-00000020", "run.json"]
+    # a finished run has nothing to resume; other flags are not silently dropped
+    done = runner.invoke(app, ["train", "--resume", str(out)])
+    assert done.exit_code == 2 and "nothing to resume" in done.output
+    extra = runner.invoke(app, ["train", "--resume", str(out), "--seed", "3"])
+    assert extra.exit_code == 2 and "--seed" in extra.output

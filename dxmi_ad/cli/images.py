@@ -195,6 +195,13 @@ def train_features(params: dict[str, Any], config: Any, console: Any, progress: 
     if params["data_root"] is None:
         msg = "--dataset features needs --data-root (a folder written by `dxmi-ad extract-features`)"
         raise ImageCLIError(msg)
+    if params.get("calibration_dir") or params.get("validation_dir"):
+        msg = ("--calibration-dir / --validation-dir take image folders; feature files calibrate on "
+               "--calibration-fraction of their training maps")
+        raise ImageCLIError(msg)
+    if params.get("fpr") is not None and params.get("fdr") is not None:
+        msg = "choose one decision rule: --fpr or --fdr"
+        raise ImageCLIError(msg)
     train, test, meta = read_feature_dir(params["data_root"], params.get("trust_pickle", False))
     feats = dict(meta.get("features") or {"backbone": "efficientnet_b4", "image_size": 224})
     feats["out_indices"] = tuple(feats.get("out_indices", (0, 1, 2, 3)))
@@ -218,7 +225,6 @@ def train_features(params: dict[str, Any], config: Any, console: Any, progress: 
                              "data_root": str(params["data_root"])})
         if hasattr(progress, "write_logs"):
             progress.write_logs(tmp)
-        keep_checkpoints(det.runtime, tmp)
         if test is not None and 0 < test.label.sum() < len(test.label):
             size = tuple(test.mask.shape[-2:]) if test.mask is not None else (feats["image_size"],) * 2
             scored = det.score_feature_maps(test.features, size)
@@ -234,6 +240,7 @@ def train_features(params: dict[str, Any], config: Any, console: Any, progress: 
             _print_decisions(metrics, console)
         else:
             console.print("[yellow]no labelled test split: evaluation skipped[/]")
+        keep_checkpoints(det.runtime, tmp)
     console.print(f"trained in {seconds:.1f} s; run directory: {out}")
     return out
 
@@ -346,6 +353,10 @@ def train_images(params: dict[str, Any], console: Any, progress: Any) -> Path:
                   f"{sum(s.split == 'test' for s in samples)} test images")
     out: Path = params["out"]
     calibration, validation = calibration_inputs(params)
+    if validation is not None:  # thresholds tuned on test or training images would be optimistic
+        from dxmi_ad.image import refuse_overlap
+
+        refuse_overlap(validation, samples, "validation", "training or test")
     det = ImageDetector(config, FeatureSettings(**feats), runtime)
     t0 = time.perf_counter()
     det.fit(samples, skip_bad_files=params["skip_bad_files"], progress=progress, calibration=calibration,
@@ -362,8 +373,8 @@ def train_images(params: dict[str, Any], console: Any, progress: Any) -> Path:
         det.save(tmp, extra=info)
         if hasattr(progress, "write_logs"):
             progress.write_logs(tmp)
-        keep_checkpoints(runtime, tmp)
         evaluate_and_write(det, samples, tmp, console, settings=info)
+        keep_checkpoints(runtime, tmp)  # last: a failure above leaves them in place for --resume
     console.print(f"trained in {seconds:.1f} s; run directory: {out}")
     return out
 
@@ -410,18 +421,19 @@ def score_paths(det: Any, paths: list[Path], out_csv: Path | None, heatmaps: Pat
                                heatmaps / f"{i:06d}_{files[i].stem}.png")
     if cal is not None:
         flags, p_values, norm = cal.decide(scores), cal.p_values(scores), cal.normalized(scores)
-        thr = cal.threshold
+        thr = cal.decision_threshold  # None under the fdr rule: decisions are Benjamini-Hochberg over this call
     else:
-        flags, p_values, norm, thr = np.zeros(len(files), bool), scores * np.nan, scores * np.nan, float("nan")
+        flags, p_values, norm, thr = np.zeros(len(files), bool), scores * np.nan, scores * np.nan, None
+    thr_text = "" if thr is None else f"{thr:.6g}"
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["path", "score", "threshold", "is_anomaly", "p_value", "normalized_score", "error"])
     for i, f in enumerate(files):
         if i in errors:
-            writer.writerow([str(f), "", f"{thr:.6g}", "", "", "", errors[i]])
+            writer.writerow([str(f), "", thr_text, "", "", "", errors[i]])
         else:
-            writer.writerow([str(f), f"{scores[i]:.6g}", f"{thr:.6g}", int(flags[i]), f"{p_values[i]:.6g}",
-                             f"{norm[i]:.4f}", ""])
+            writer.writerow([str(f), f"{scores[i]:.6g}", thr_text, int(flags[i]), f"{p_values[i]:.6g}",
+                             "" if np.isnan(norm[i]) else f"{norm[i]:.4f}", ""])
     text = buf.getvalue()
     if out_csv is not None:
         atomic_write_text(out_csv, text)

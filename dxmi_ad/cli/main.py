@@ -257,7 +257,7 @@ def train(
     args = dict(locals())
     try:
         if resume is not None:
-            args = _resume_args(resume)
+            args = _resume_args(resume, args)
         elif args["out"] is None:
             stem = args["dataset"].replace(":", "_").replace("/", "_")
             args["out"] = Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -278,20 +278,31 @@ def checkpoint_dir(out: Path) -> Path:
     return out.parent / f"{out.name}.checkpoints"
 
 
-def _resume_args(run: Path) -> dict[str, Any]:
-    """The arguments an interrupted run started with (``RUN.checkpoints/run.json``), with ``resume`` set."""
-    ck = checkpoint_dir(run)
-    if run.exists():
-        msg = f"{run} is a finished run; --resume continues an interrupted one (whose {ck.name} folder remains)"
+def _resume_args(run: Path, given: dict[str, Any]) -> dict[str, Any]:
+    """The arguments an interrupted run started with (``RUN.checkpoints/run.json``), with ``resume`` set.
+
+    Raises:
+        CLIError: Nothing to resume, or other options given with ``--resume`` (the run's own settings are used).
+    """
+    import inspect
+
+    defaults = {k: p.default for k, p in inspect.signature(train).parameters.items()}
+    extra = sorted(k for k, v in given.items() if k != "resume" and v != defaults.get(k))
+    if extra:
+        flags = ", ".join("--" + k.rstrip("_").replace("_", "-") for k in extra)
+        msg = f"--resume continues a run with the settings it started with; drop {flags}"
         raise CLIError(msg)
+    ck = checkpoint_dir(run)
     if not (ck / "run.json").is_file():
-        msg = f"nothing to resume: {ck / 'run.json'} not found (was the run started with --checkpoint-every?)"
+        why = "it finished" if run.is_dir() else "it was not started with --checkpoint-every"
+        msg = f"nothing to resume: {ck / 'run.json'} not found ({why}?)"
         raise CLIError(msg)
     args = json.loads((ck / "run.json").read_text(encoding="utf-8"))
-    for key in ("data_root", "recipe", "out", "weights", "calibration_dir", "validation_dir"):
+    for key in ("data_root", "recipe", "weights", "calibration_dir", "validation_dir"):
         if args.get(key) is not None:
             args[key] = Path(args[key])
-    return {**args, "resume": run, "overwrite": False, "dry_run": False}
+    # the run directory as given now (run.json may hold a path relative to another working directory)
+    return {**args, "out": run, "resume": run, "overwrite": True, "dry_run": False}
 
 
 def _runtime(args: dict[str, Any], recipe_runtime: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -317,10 +328,19 @@ def _start_checkpoints(args: dict[str, Any], runtime: dict[str, Any] | None) -> 
     from dxmi_ad.checkpoint import atomic_write_text
     from dxmi_ad.training.runtime import is_global_zero
 
+    import shutil
+
     if runtime is None or runtime.get("checkpoint_dir") is None or runtime["resume"] or not is_global_zero():
         return
+    ck = Path(runtime["checkpoint_dir"])
+    if ck.exists() and any(ck.iterdir()):  # an interrupted run's checkpoints: never mix them with a new run's
+        if not args.get("overwrite"):
+            msg = (f"{ck} holds the checkpoints of an interrupted run: continue it with --resume {args['out']}, "
+                   "or pass --overwrite to start over")
+            raise CLIError(msg)
+        shutil.rmtree(ck)
     record = {k: (str(v) if isinstance(v, Path) else v) for k, v in args.items() if k not in ("resume",)}
-    atomic_write_text(Path(runtime["checkpoint_dir"]) / "run.json", json.dumps(record, indent=2))
+    atomic_write_text(ck / "run.json", json.dumps(record, indent=2))
 
 
 def _train_vectors(args: dict[str, Any]) -> None:
@@ -350,24 +370,6 @@ def _train_vectors(args: dict[str, Any]) -> None:
         _start_checkpoints(args, params["runtime"])
     except (CLIError, ValueError) as err:
         raise _fail(str(err)) from None
-        params.setdefault("random_state", seed)
-        if calibration_dir is not None or validation_dir is not None:
-            msg = "--calibration-dir and --validation-dir are for image datasets; vector models hold out " \
-                  "--calibration-fraction of the training rows (or use `dxmi-ad calibrate --calibration-csv`)"
-            raise CLIError(msg)
-        if fpr is not None and fdr is not None:
-            raise CLIError("choose one decision rule: --fpr or --fdr")
-        for key, value in (("calibration_fraction", calibration_fraction), ("fpr", fpr), ("fdr", fdr)):
-            if value is not None:
-                params[key] = value
-        if dry_run:
-            console.print_json(json.dumps(params))
-            return
-        split = load_dataset(dataset, normal_class, seed)
-        out = out or Path("runs") / f"{dataset.replace(':', '_').replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
-        _check_out(out, overwrite)
-    except (CLIError, ValueError) as err:
-        raise _fail(str(err)) from None
     from dxmi_ad.estimator import DxMIDetector
 
     console.print(f"[bold]dxmi-ad train[/] dataset={split.name} train={split.train.shape} test={split.test.shape}")
@@ -386,8 +388,8 @@ def _train_vectors(args: dict[str, Any]) -> None:
     with atomic_directory(out) as tmp:  # a failed run never leaves a half-written run directory
         det.save(tmp)
         progress.write_logs(tmp)
-        images.keep_checkpoints(images.make_runtime(params), tmp)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+        images.keep_checkpoints(images.make_runtime(params), tmp)  # last: a failure above keeps them resumable
     table = Table(title=f"DxMI on {split.name}")
     for col in ("metric", "value"):
         table.add_column(col)
@@ -616,6 +618,10 @@ def calibrate(
     except (CLIError, ImageCLIError, BadFilesError, CalibrationError, FileNotFoundError, ValueError) as err:
         raise _fail(str(err)) from None
     console.print(f"calibrated {model}: {cal.describe()}", highlight=False)
+    stale = [p.name for p in (model / "model.onnx", model / "model.pt", model / "report.html") if p.exists()]
+    if stale:
+        err_console.print(f"[yellow]warning:[/] {', '.join(stale)} in {model} still carry the previous rule; "
+                          "re-run `dxmi-ad export` / `dxmi-ad evaluate`", highlight=False)
 
 
 @app.command()
@@ -642,6 +648,8 @@ def export(
         raise _fail(f"--input-size must be at least 32 x 32 pixels, got {input_size[0]} x {input_size[1]}")
     det = _load_image_model(model)
     path = out or model / ("model.onnx" if format_ == "onnx" else "model.pt")
+    if path.is_dir():
+        raise _fail(f"--out {path} is a folder; give a file name (e.g. {path / 'model.onnx'})")
     try:
         export_model(det, path, format_, input_dtype, tuple(input_size) if input_size else None)
     except (RuntimeError, ValueError) as err:

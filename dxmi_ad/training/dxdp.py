@@ -140,7 +140,11 @@ class DxDPTrainer:
                 raise ValueError(msg)
             sd["state"] = state
             sd["param_groups"] = [{**g, "params": own["params"]} for g, own in zip(groups, sd["param_groups"])]
-            opt.load_state_dict(sd)
+            old_groups = list(opt.param_groups)
+            base = [b for g, b in self._base_lrs if any(g is o for o in old_groups)]
+            opt.load_state_dict(sd)  # replaces the param-group dicts: re-point the schedule at the new ones
+            self._base_lrs = [(g, b) for g, b in self._base_lrs if not any(g is o for o in old_groups)]
+            self._base_lrs += list(zip(opt.param_groups, base))
         self.iteration = int(meta["iteration"])
 
     def _optimizers(self) -> dict[str, torch.optim.Optimizer]:

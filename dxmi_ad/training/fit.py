@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import tempfile
+from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
@@ -87,6 +88,10 @@ def train_model(
     if runtime.resume and latest_checkpoint(runtime.checkpoint_dir) is None:
         msg = f"no complete checkpoint in {runtime.checkpoint_dir} to resume from"
         raise FileNotFoundError(msg)
+    world = runtime.devices * runtime.num_nodes
+    if data.shape[0] < 2 * world:
+        msg = f"{data.shape[0]} training vectors cannot be sharded over {world} processes (need >= 2 each)"
+        raise ValueError(msg)
     fabric = runtime.fabric()
     spawn = "spawn" in str(runtime.strategy)
     # Fabric walks the launch arguments and refuses frozen dataclasses: configs travel as plain dicts. Spawned
@@ -145,6 +150,14 @@ def _train(
 
     ckdir = runtime.checkpoint_dir if runtime is not None else None
     resume_from = latest_checkpoint(ckdir) if runtime is not None and runtime.resume else None
+    if fabric is not None and world > 1 and runtime.resume:
+        # every rank must take the same branch (collectives follow): rank 0's view decides; the checkpoint folder
+        # has to be shared by all nodes
+        name = fabric.broadcast(resume_from.name if resume_from is not None else None, src=0)
+        resume_from = Path(ckdir) / name if name is not None else None
+        if resume_from is not None and not (resume_from / "model.safetensors").is_file():
+            msg = f"rank {rank} cannot read {resume_from}: the checkpoint folder must be shared by every node"
+            raise FileNotFoundError(msg)
     trainer = DxDPTrainer(model, config, sync=sync)
     history: list[dict[str, Any]] = []
     start = 0
@@ -167,10 +180,16 @@ def _train(
         if fabric is not None and world > 1:
             gathered = fabric.all_gather(generator.get_state().to(dev))  # (world, L)
             states = [g.cpu() for g in gathered]
+        error = None
         if rank == 0:
-            save_checkpoint(ckdir, iteration, model, trainer, states, history, runtime.keep_checkpoints)
-        if fabric is not None:
-            fabric.barrier()
+            try:
+                save_checkpoint(ckdir, iteration, model, trainer, states, history, runtime.keep_checkpoints)
+            except OSError as err:  # e.g. a full disk: every rank must stop, not wait at the barrier
+                error = f"writing the checkpoint of iteration {iteration} failed: {err}"
+        if fabric is not None and world > 1:
+            error = fabric.broadcast(error, src=0)
+        if error is not None:
+            raise RuntimeError(error)
 
     if ckdir is not None and resume_from is None:
         checkpoint(0)  # after pre-training: a crash in the DxMI stage never repeats it

@@ -158,7 +158,17 @@ def all_reduce_mean(fabric: Any) -> Callable[[torch.Tensor], None] | None:
 
 
 def is_global_zero() -> bool:
-    """True in a single process and on rank 0 of a torch.distributed group (only rank 0 writes results)."""
+    """True in a single process and on rank 0 (only rank 0 writes results).
+
+    Uses the process group once it exists, else the launcher's environment (torchrun: ``RANK``; Fabric's
+    subprocess launcher: ``NODE_RANK`` / ``LOCAL_RANK``), so it is right before training starts too.
+    """
+    import os
+
     import torch.distributed as dist
 
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"]) == 0
+    return int(os.environ.get("NODE_RANK", 0)) == 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0
