@@ -93,13 +93,15 @@ def train_model(
         msg = f"{data.shape[0]} training vectors cannot be sharded over {world} processes (need >= 2 each)"
         raise ValueError(msg)
     fabric = runtime.fabric()
-    spawn = "spawn" in str(runtime.strategy)
-    # Fabric walks the launch arguments and refuses frozen dataclasses: configs travel as plain dicts. Spawned
-    # workers hand results back through a pipe that blocks on large payloads: rank 0 writes the trained state to a
-    # safetensors file and returns only its path.
+    # Fabric walks the launch arguments and refuses frozen dataclasses: configs travel as plain dicts.
+    if "spawn" not in str(runtime.strategy):  # this process is one of the ranks: it keeps its own result
+        return fabric.launch(_fabric_worker, data, config.to_dict(), progress, log_every, model,
+                             dataclasses.asdict(runtime), None)
+    # Spawned workers hand results back through a pipe that blocks on large payloads: rank 0 writes the trained
+    # state to a safetensors file and returns only its path.
     with tempfile.TemporaryDirectory(prefix="dxmi-ad-fabric-") as tmp:
-        out_dir = fabric.launch(_fabric_worker, data, config.to_dict(), None if spawn else progress, log_every,
-                                model, dataclasses.asdict(runtime), tmp)
+        out_dir = fabric.launch(_fabric_worker, data, config.to_dict(), None, log_every, model,
+                                dataclasses.asdict(runtime), tmp)
         tensors, meta = load_model_dir(out_dir)
     out = model if model is not None else build_model(config)
     out.load_checkpoint_tensors(tensors)
@@ -107,10 +109,12 @@ def train_model(
 
 
 def _fabric_worker(fabric: Any, data: torch.Tensor, config: dict[str, Any], progress: ProgressCallback | None,
-                   log_every: int, model: DxMIModel | None, runtime: dict[str, Any], out_dir: str) -> str:
+                   log_every: int, model: DxMIModel | None, runtime: dict[str, Any], out_dir: str | None) -> Any:
     model_out, history = _train(fabric, data, DxMIConfig.from_dict(config),
                                 progress if fabric.global_rank == 0 else None, log_every, model, fabric.device,
                                 Runtime(**runtime))
+    if out_dir is None:
+        return model_out.cpu().eval(), history
     if fabric.global_rank == 0:
         save_model_dir(out_dir, model_out.checkpoint_tensors(), {"history": history})
     fabric.barrier()
