@@ -109,8 +109,9 @@ def conformal_threshold(calibration_scores: np.ndarray, alpha: float) -> float:
     n = len(s)
     need = min_calibration_size(alpha)
     if n < need:
-        msg = (f"a target rate of {alpha:g} needs at least {need} calibration samples, got {n}: add normal "
-               f"calibration data (--calibration-dir / a larger --calibration-fraction) or ask for a larger rate")
+        msg = (f"a target rate of {alpha:g} needs at least {need} calibration samples, got {n}: add held-out "
+               f"normal data (train: --calibration-fraction or --calibration-dir; calibrate: --calibration-dir) "
+               f"or ask for a larger rate")
         raise CalibrationError(msg)
     k = min(math.ceil((n + 1) * (1.0 - alpha) - 1e-9), n)
     # s_(k) plus a relative 1e-9: a re-computed calibration score (last-bit rounding) keeps its own decision

@@ -62,7 +62,7 @@ class Scorer(nn.Module):
         """``images (B, 3, H, W)`` -> ``pred_score (B,)``, ``anomaly_map (B, H, W)`` (float32)."""
         h, w = images.shape[-2], images.shape[-1]
         x = images.float() / 255.0 if self.uint8 else images.float()
-        if (h, w) != (self.size, self.size):
+        if (h, w) != (self.size, self.size):  # the same resize as file loading and ImageDetector.predict
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
         feats = self.extractor(x)  # (B, C, g, g), L2-normalized per location
         b, c, gh, gw = feats.shape

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from dxmi_ad.calibration import CALIBRATION_FILE, Calibration, CalibrationError, min_calibration_size, resolve_fpr
 from dxmi_ad.checkpoint import atomic_write_text, load_model_dir, save_model_dir
 from dxmi_ad.config import DxMIConfig
-from dxmi_ad.data.images import ImageReadError, load_image, load_mask
+from dxmi_ad.data.images import ImageReadError, load_image, load_mask, resize_images
 from dxmi_ad.data.mvtec import ImageSample
 from dxmi_ad.data.textures import default_cache_dir
 from dxmi_ad.features.extractor import FeatureExtractor
@@ -102,8 +102,11 @@ def iter_batches(
             yield [], torch.zeros(0, 3, size, size), torch.zeros(0, size, size, dtype=torch.bool), errors
 
 
+_LOADER_VERSION = "torch-bilinear-antialias-v2"  # part of the cache key: changing the image resize re-extracts
+
+
 def _cache_key(samples: Sequence[ImageSample], settings: FeatureSettings) -> str:
-    h = hashlib.sha256(json.dumps(asdict(settings), sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps({**asdict(settings), "loader": _LOADER_VERSION}, sort_keys=True).encode())
     if settings.weights and Path(settings.weights).exists():  # replaced weights must not reuse stale features
         st = Path(settings.weights).stat()
         h.update(f"weights|{st.st_size}|{st.st_mtime_ns}".encode())
@@ -490,8 +493,12 @@ class ImageDetector:
         """Score an image batch.
 
         Args:
-            images: float ``(B, 3, S, S)`` in [0, 1] at the model input size ``S``.
-            output_size: ``(H, W)`` of the returned ``anomaly_map`` (default ``(S, S)``).
+            images: RGB batch ``(B, 3, H, W)``: float in [0, 1], or uint8 in [0, 255]; any ``H, W`` (resized to the
+                model input size ``S`` with :func:`~dxmi_ad.data.images.resize_images`, as files are).
+            output_size: ``(H, W)`` of the returned ``anomaly_map`` (default: the input's ``(H, W)``).
+
+        Raises:
+            ValueError: Not ``(B, 3, H, W)``, or float values outside [0, 1] (e.g. 0-255 floats).
 
         Returns:
             ``pred_score`` ``(B,)`` (energy, higher = more anomalous), ``anomaly_map`` ``(B, H, W)`` (bilinear
@@ -499,9 +506,18 @@ class ImageDetector:
             under ``fdr`` Benjamini-Hochberg over this batch), ``p_value`` ``(B,)`` float64 in (0, 1] and
             ``normalized_score`` ``(B,)`` in [0, 1] with the threshold at 0.5.
         """
-        feats = self._extractor()(images)
-        pred_score, emap = self.score_features(feats)
+        if images.ndim != 4 or images.shape[1] != 3:
+            msg = f"images must be (B, 3, H, W) RGB, got {tuple(images.shape)}"
+            raise ValueError(msg)
+        if images.dtype == torch.uint8:
+            images = images.float() / 255.0
+        elif images.numel() and (float(images.min()) < -1e-3 or float(images.max()) > 1 + 1e-3):
+            msg = (f"float images must lie in [0, 1], got [{float(images.min()):.3g}, {float(images.max()):.3g}] "
+                   "(divide 0-255 values by 255, or pass a uint8 tensor)")
+            raise ValueError(msg)
         size = output_size or tuple(images.shape[-2:])
+        feats = self._extractor()(resize_images(images.float(), self.features.image_size))
+        pred_score, emap = self.score_features(feats)
         amap = F.interpolate(emap[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
         out = {"pred_score": pred_score, "anomaly_map": amap}
         if self.calibration is not None:

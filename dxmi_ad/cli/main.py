@@ -620,8 +620,8 @@ def calibrate(
     console.print(f"calibrated {model}: {cal.describe()}", highlight=False)
     stale = [p.name for p in (model / "model.onnx", model / "model.pt", model / "report.html") if p.exists()]
     if stale:
-        err_console.print(f"[yellow]warning:[/] {', '.join(stale)} in {model} still carry the previous rule; "
-                          "re-run `dxmi-ad export` / `dxmi-ad evaluate`", highlight=False)
+        err_console.print(f"[yellow]warning:[/] made with the previous rule, re-run `dxmi-ad export` / "
+                          f"`dxmi-ad evaluate` to update: {', '.join(stale)} in {model}", highlight=False)
 
 
 @app.command()
@@ -673,9 +673,9 @@ def score(
     """Score images: one CSV row per file; exit 1 if a file failed.
 
     Columns: path, score (pred_score: max per-location energy, higher = more anomalous), threshold (from the
-    calibration: `dxmi-ad calibrate`), is_anomaly (the stored rule; under --fdr Benjamini-Hochberg over all files
-    of this call), p_value (split-conformal, against held-out normal images), normalized_score (0.5 = threshold),
-    error.
+    model's calibration; empty when its rule is a false discovery rate, set with `dxmi-ad calibrate --fdr`),
+    is_anomaly (the stored rule; for an FDR rule, Benjamini-Hochberg over all files of this call), p_value
+    (split-conformal, against held-out normal images), normalized_score (0.5 = threshold), error.
     """
     from dxmi_ad.cli import images
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 __all__ = ["IMAGE_SUFFIXES", "ImageReadError", "list_images", "load_image", "load_mask"]
@@ -36,8 +37,9 @@ def list_images(folder: Path) -> list[Path]:
 
 def _open(path: Path) -> Image.Image:
     try:
-        img = Image.open(path)
-        img.load()
+        with Image.open(path) as handle:  # closes the file even when decoding fails
+            handle.load()
+            img = handle.copy()
     except FileNotFoundError as err:
         raise ImageReadError(path, "file not found") from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
@@ -72,11 +74,24 @@ def load_image(path: Path, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
         raise ImageReadError(path, "image has zero size")
     original = (img.height, img.width)
     try:
-        rgb = _to_rgb8(img).resize((size, size), Image.BILINEAR)
+        rgb = _to_rgb8(img)
     except (OSError, ValueError) as err:
         raise ImageReadError(path, f"cannot convert to RGB ({err})") from err
-    arr = np.asarray(rgb, dtype=np.float32) / 255.0  # (size, size, 3)
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous(), original
+    arr = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W)
+    return resize_images(arr[None], size)[0].contiguous(), original
+
+
+def resize_images(images: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Resize a float batch ``(B, C, H, W)`` to ``size`` with bilinear interpolation and antialiasing.
+
+    The one resize of dxmi-ad: file loading, :meth:`~dxmi_ad.image.ImageDetector.predict` on other sizes, the
+    exported scorer and anomalib's ``Resize(antialias=True)`` pre-processor all compute the same values (half-pixel
+    centres, ``align_corners=False``). A batch already at ``size`` is returned unchanged.
+    """
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    if tuple(images.shape[-2:]) == hw:
+        return images
+    return F.interpolate(images, size=hw, mode="bilinear", align_corners=False, antialias=True)
 
 
 def load_mask(path: Path | None, size: int) -> torch.Tensor:
