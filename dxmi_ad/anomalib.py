@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from anomalib import LearningType
 from anomalib.data import Batch, InferenceBatch
 from anomalib.models.components import AnomalibModule
@@ -50,6 +49,7 @@ from torchvision.transforms.v2 import Compose, Resize
 from dxmi_ad.checkpoint import read_yaml_mapping
 from dxmi_ad.config import DxMIConfig
 from dxmi_ad.features.extractor import FeatureExtractor
+from dxmi_ad.image import score_maps
 from dxmi_ad.nn.model import DxMIModel
 from dxmi_ad.training.dxdp import AutoencoderPretrainer, DxDPTrainer, _batches
 from dxmi_ad.training.fit import build_model
@@ -83,11 +83,8 @@ class DxmiTorchModel(nn.Module):
         Raises:
             ValueError: If ``images`` is not ``(B, 3, H, W)`` (e.g. a grayscale batch; convert to 3 channels).
         """
-        feats = self.extractor(images)
-        b, c, h, w = feats.shape
-        emap = self.dxmi.energy(feats.permute(0, 2, 3, 1).reshape(-1, c)).reshape(b, 1, h, w)
-        amap = F.interpolate(emap, size=images.shape[-2:], mode="bilinear", align_corners=False)
-        return InferenceBatch(pred_score=emap.flatten(1).amax(1), anomaly_map=amap)
+        pred_score, amap = score_maps(self.dxmi.energy, self.extractor(images), images.shape[-2:])
+        return InferenceBatch(pred_score=pred_score, anomaly_map=amap[:, None])
 
 
 class Dxmi(AnomalibModule):

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["DEFAULT_FPR", "Calibration", "CalibrationError", "bh_reject", "calibration_check", "conformal_p_values",
+           "decision_summary",
            "conformal_threshold", "min_calibration_size", "resolve_fpr", "summarize_checks"]
 
 RULES = ("fpr", "fdr", "f1")
@@ -416,6 +417,33 @@ def calibration_check(
         disc.append(int(flagged.sum()))
     out.update(fpr_splits=np.array(fprs), fdp_splits=np.array(fdps), discoveries_splits=np.array(disc))
     return out
+
+
+def decision_summary(calibration: Calibration, scores: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """How the stored rule decides on a labelled set: realised FPR, TPR and false discovery proportion.
+
+    Args:
+        calibration: The rule.
+        scores: ``(n,)`` scores (NaN = unreadable, left out).
+        labels: ``(n,)`` 0 = normal, 1 = anomalous.
+
+    Returns:
+        ``rule``, ``target_fpr``, ``target_fdr``, ``threshold``, ``n_calibration``, ``realised_fpr`` and ``tpr``
+        (fractions, None without normals / anomalies), ``false_discovery_proportion`` and ``counts``
+        (``n_normal``, ``fp``, ``n_anomalous``, ``tp``, ``flagged``).
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels)
+    ok = np.isfinite(s)
+    flagged = calibration.decide(np.where(ok, s, np.nan))
+    normal, anom = ok & (y == 0), ok & (y == 1)
+    counts = {"n_normal": int(normal.sum()), "fp": int(flagged[normal].sum()), "n_anomalous": int(anom.sum()),
+              "tp": int(flagged[anom].sum()), "flagged": int(flagged.sum())}
+    return {"rule": calibration.rule, "target_fpr": calibration.fpr, "target_fdr": calibration.fdr,
+            "threshold": calibration.decision_threshold, "n_calibration": len(calibration.scores),
+            "realised_fpr": counts["fp"] / counts["n_normal"] if counts["n_normal"] else None,
+            "tpr": counts["tp"] / counts["n_anomalous"] if counts["n_anomalous"] else None,
+            "false_discovery_proportion": counts["fp"] / max(counts["flagged"], 1), "counts": counts}
 
 
 def summarize_checks(checks: list[dict[str, np.ndarray]], fpr: float = 0.05, fdr: float = 0.1) -> dict[str, float]:

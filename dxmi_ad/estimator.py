@@ -27,7 +27,6 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from dxmi_ad.calibration import CALIBRATION_FILE, Calibration, CalibrationError, min_calibration_size, resolve_fpr
 from dxmi_ad.checkpoint import load_model_dir, save_model_dir
 from dxmi_ad.config import DxMIConfig
-from dxmi_ad.nn.model import DxMIModel
 from dxmi_ad.training.fit import ProgressCallback, build_model, train_model
 
 __all__ = ["DxMIDetector", "PyODDxMIDetector"]

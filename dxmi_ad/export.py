@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dxmi_ad.checkpoint import atomic_replace
+from dxmi_ad.data.images import resize_images
+from dxmi_ad.image import score_maps
 
 __all__ = ["FORMATS", "Scorer", "export_metadata", "export_model", "load_torchscript", "onnx_metadata", "run_onnx"]
 
@@ -62,13 +63,8 @@ class Scorer(nn.Module):
         """``images (B, 3, H, W)`` -> ``pred_score (B,)``, ``anomaly_map (B, H, W)`` (float32)."""
         h, w = images.shape[-2], images.shape[-1]
         x = images.float() / 255.0 if self.uint8 else images.float()
-        if (h, w) != (self.size, self.size):  # the same resize as file loading and ImageDetector.predict
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
-        feats = self.extractor(x)  # (B, C, g, g), L2-normalized per location
-        b, c, gh, gw = feats.shape
-        emap = self.energy(feats.permute(0, 2, 3, 1).reshape(-1, c)).reshape(b, gh, gw)
-        amap = F.interpolate(emap[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
-        return emap.flatten(1).amax(1), amap
+        x = resize_images(x, self.size)  # the same resize as file loading and ImageDetector.predict
+        return score_maps(self.energy, self.extractor(x), (h, w))
 
 
 def export_metadata(detector: Any, input_dtype: str, input_size: tuple[int, int]) -> dict[str, Any]:
@@ -158,7 +154,19 @@ def export_model(
 
 
 def run_onnx(path: str | Path, images: torch.Tensor | Any, threads: int | None = None) -> tuple[Any, Any]:
-    """Score with onnxruntime (CPU): ``(pred_score (B,), anomaly_map (B, H, W))`` numpy arrays."""
+    """Score with an exported ONNX scorer on onnxruntime's CPU provider.
+
+    Args:
+        path: File written by :func:`export_model` with ``fmt="onnx"``.
+        images: ``(B, 3, H, W)`` batch (tensor or array) of the dtype and size the file was exported for.
+        threads: Intra-op threads (None: onnxruntime's default).
+
+    Returns:
+        ``(pred_score (B,), anomaly_map (B, H, W))`` float32 numpy arrays (energy units, higher = more anomalous).
+
+    Raises:
+        onnxruntime.capi.onnxruntime_pybind11_state.InvalidArgument: Input of the wrong dtype or shape.
+    """
     import numpy as np
     import onnxruntime as ort
 
@@ -172,7 +180,15 @@ def run_onnx(path: str | Path, images: torch.Tensor | Any, threads: int | None =
 
 
 def load_torchscript(path: str | Path) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
-    """Load an exported TorchScript scorer and its metadata (TorchScript archives hold no pickled Python code)."""
+    """Load an exported TorchScript scorer and its metadata (TorchScript archives hold no pickled Python code).
+
+    Returns:
+        ``(module, metadata)``: ``module(images (B, 3, H, W)) -> (pred_score (B,), anomaly_map (B, H, W))``, and the
+        dict of :func:`export_metadata`.
+
+    Raises:
+        RuntimeError: Not a TorchScript archive.
+    """
     extra = {METADATA_FILE: ""}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.jit", category=FutureWarning)

@@ -36,7 +36,8 @@ from dxmi_ad.features.extractor import FeatureExtractor
 from dxmi_ad.nn.model import DxMIModel
 from dxmi_ad.training.fit import ProgressCallback, build_model, train_model
 
-__all__ = ["BadFilesError", "FeatureSettings", "ImageDetector", "iter_batches", "split_calibration"]
+__all__ = ["BadFilesError", "FeatureSettings", "ImageDetector", "iter_batches", "refuse_overlap", "score_maps",
+           "split_calibration", "upsample_map"]
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +218,28 @@ def _read_error(path: Path) -> str | None:
     except ImageReadError as err:
         return str(err)
     return None
+
+
+def upsample_map(energy_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Anomaly map ``(B, H, W)`` from an energy map ``(B, h, w)``: bilinear upsampling (PAPER.md §3.3)."""
+    return F.interpolate(energy_map[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+
+
+def score_maps(energy: torch.nn.Module, features: torch.Tensor, size: tuple[int, int]
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The image scorer of PAPER.md §3.3 on location features, as one traceable function.
+
+    Args:
+        energy: The energy network, ``(N, C) -> (N,)`` (eval mode).
+        features: ``(B, C, h, w)`` L2-normalized location vectors.
+        size: ``(H, W)`` of the anomaly map.
+
+    Returns:
+        ``pred_score (B,)`` (max per-location energy, higher = more anomalous) and ``anomaly_map (B, H, W)``.
+    """
+    b, c, h, w = features.shape
+    emap = energy(features.permute(0, 2, 3, 1).reshape(-1, c)).reshape(b, h, w)
+    return emap.flatten(1).amax(1), upsample_map(emap, size)
 
 
 def split_calibration(samples: Sequence[ImageSample], fraction: float, seed: int
@@ -511,14 +534,16 @@ class ImageDetector:
             raise ValueError(msg)
         if images.dtype == torch.uint8:
             images = images.float() / 255.0
-        elif images.numel() and (float(images.min()) < -1e-3 or float(images.max()) > 1 + 1e-3):
-            msg = (f"float images must lie in [0, 1], got [{float(images.min()):.3g}, {float(images.max()):.3g}] "
-                   "(divide 0-255 values by 255, or pass a uint8 tensor)")
-            raise ValueError(msg)
+        elif images.numel():
+            lo, hi = float(images.min()), float(images.max())
+            if lo < -1e-3 or hi > 1 + 1e-3:
+                msg = (f"float images must lie in [0, 1], got [{lo:.3g}, {hi:.3g}] "
+                       "(divide 0-255 values by 255, or pass a uint8 tensor)")
+                raise ValueError(msg)
         size = output_size or tuple(images.shape[-2:])
         feats = self._extractor()(resize_images(images.float(), self.features.image_size))
         pred_score, emap = self.score_features(feats)
-        amap = F.interpolate(emap[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+        amap = upsample_map(emap, size)
         out = {"pred_score": pred_score, "anomaly_map": amap}
         if self.calibration is not None:
             s = pred_score.double().numpy()
@@ -533,8 +558,7 @@ class ImageDetector:
         for chunk in features.split(batch_size):
             s, emap = self.score_features(chunk.float())
             scores.append(s.numpy())
-            maps.append(F.interpolate(emap[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-                        .numpy().astype(np.float16))
+            maps.append(upsample_map(emap, size).numpy().astype(np.float16))
         return {"pred_score": np.concatenate(scores), "anomaly_map": np.concatenate(maps)}
 
     def score_samples(

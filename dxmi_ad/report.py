@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dxmi_ad.calibration import Calibration, conformal_threshold, min_calibration_size
+from dxmi_ad.calibration import Calibration, conformal_threshold, decision_summary, min_calibration_size
 from dxmi_ad.checkpoint import atomic_replace, atomic_write_text
 from dxmi_ad.data.mvtec import ImageSample
 
@@ -222,18 +222,15 @@ def write_report(
         curve = realised_fpr_curve(calibration, scores[labels == 0])
         figures["calibration.png"] = _calibration_plot(curve, out / "calibration.png")
         atomic_write_text(out / "calibration_curve.csv", curve.to_csv(index=False))
-        ok = np.isfinite(scores)
-        flagged = calibration.decide(np.where(ok, scores, np.nan))
-        normal, anom = ok & (labels == 0), ok & (labels == 1)
+        d = decision_summary(calibration, scores, labels)
+        c = d["counts"]
         decision_rows = [
             ("decision rule", calibration.describe()),
             ("realised false-positive rate (normal test images)",
-             f"{flagged[normal].mean():.4f} ({int(flagged[normal].sum())} of {int(normal.sum())})" if normal.any()
-             else "n/a"),
+             "n/a" if d["realised_fpr"] is None else f"{d['realised_fpr']:.4f} ({c['fp']} of {c['n_normal']})"),
             ("true-positive rate (anomalous test images)",
-             f"{flagged[anom].mean():.4f} ({int(flagged[anom].sum())} of {int(anom.sum())})" if anom.any() else "n/a"),
-            ("false discovery proportion",
-             f"{(flagged & normal).sum() / max(int(flagged.sum()), 1):.4f} of {int(flagged.sum())} flagged"),
+             "n/a" if d["tpr"] is None else f"{d['tpr']:.4f} ({c['tp']} of {c['n_anomalous']})"),
+            ("false discovery proportion", f"{d['false_discovery_proportion']:.4f} of {c['flagged']} flagged"),
         ]
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>dxmi-ad report</title>",

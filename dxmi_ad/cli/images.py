@@ -105,21 +105,10 @@ def print_calibration(det: Any, console: Any) -> None:
         console.print(f"decisions: {det.calibration.describe()}", highlight=False)
 
 
-def decision_summary(calibration: Any, scores: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
-    """Realised false-positive rate, true-positive rate and false discovery proportion of the stored rule."""
-    ok = np.isfinite(scores)
-    flagged = calibration.decide(np.where(ok, scores, np.nan))
-    normal, anom = ok & (labels == 0), ok & (labels == 1)
-    return {"rule": calibration.rule, "target_fpr": calibration.fpr, "target_fdr": calibration.fdr,
-            "threshold": calibration.threshold, "n_calibration": len(calibration.scores),
-            "realised_fpr": float(flagged[normal].mean()) if normal.any() else None,
-            "tpr": float(flagged[anom].mean()) if anom.any() else None,
-            "false_discovery_proportion": float((flagged & normal).sum() / max(int(flagged.sum()), 1))}
-
-
 def _write_evaluation(out: Path, test: list, scored: dict, table: Any, det: Any, settings: dict,
                       extra: dict[str, Any], with_images: bool) -> dict[str, Any]:
     """metrics.json / metrics.csv and the report (plots + report.html) into ``out``."""
+    from dxmi_ad.calibration import decision_summary
     from dxmi_ad.report import write_report
 
     labels = np.array([s.label for s in test], int)

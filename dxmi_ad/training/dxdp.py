@@ -97,14 +97,10 @@ class DxDPTrainer:
         # Shared variant: the energy *is* V(., T) and is stepped by the value optimizer (DxMI_Trainer).
         self.opt_energy = self.opt_value if self.shared else torch.optim.Adam(model.energy_params(), lr=c.energy_lr)
         self._lr_factor = _schedule(c, c.n_iter if n_iter is None else n_iter)
-        opts = [self.opt_sampler, self.opt_value] + ([] if self.shared else [self.opt_energy])
-        self._base_lrs = [(g, g["lr"]) for o in opts for g in o.param_groups]
+        self._base_lrs = {name: [g["lr"] for g in o.param_groups] for name, o in self._optimizers().items()}
         self.iteration = 0
 
     # ------------------------------------------------------------------ helpers
-    def _sync_grads(self, params: list[nn.Parameter]) -> None:
-        sync_grads(params, self.sync)
-
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Optimizer states as flat tensors (``opt.<name>.<param index>.<key>``), for safetensors checkpoints."""
         out = {}
@@ -140,11 +136,7 @@ class DxDPTrainer:
                 raise ValueError(msg)
             sd["state"] = state
             sd["param_groups"] = [{**g, "params": own["params"]} for g, own in zip(groups, sd["param_groups"])]
-            old_groups = list(opt.param_groups)
-            base = [b for g, b in self._base_lrs if any(g is o for o in old_groups)]
-            opt.load_state_dict(sd)  # replaces the param-group dicts: re-point the schedule at the new ones
-            self._base_lrs = [(g, b) for g, b in self._base_lrs if not any(g is o for o in old_groups)]
-            self._base_lrs += list(zip(opt.param_groups, base))
+            opt.load_state_dict(sd)
         self.iteration = int(meta["iteration"])
 
     def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
@@ -201,7 +193,7 @@ class DxDPTrainer:
         diag.update(d)
         if self.iteration >= c.warmup_iter:
             loss_e.backward()
-            self._sync_grads(m.energy_params())
+            sync_grads(m.energy_params(), self.sync)
             _clip(m.energy_params(), c.energy_grad_clip)
             self.opt_energy.step()
         self.opt_energy.zero_grad(set_to_none=True)
@@ -224,7 +216,7 @@ class DxDPTrainer:
             self.opt_value.zero_grad(set_to_none=True)
             loss_v = F.mse_loss(value(x_t, t_vec), target)
             loss_v.backward()
-            self._sync_grads(list(value.parameters()))
+            sync_grads(list(value.parameters()), self.sync)
             _clip(list(value.parameters()), c.value_grad_clip)
             self.opt_value.step()
             value_losses.append(loss_v.detach())
@@ -242,7 +234,7 @@ class DxDPTrainer:
         cost = running_cost(x_t, st.sample, st.log_sigma, s2[t_vec], c.entropy_weight, c.velocity_weight)
         loss_pi = (self._next_cost(st.sample, t_vec) + cost).mean()
         loss_pi.backward()
-        self._sync_grads(list(sampler.parameters()))
+        sync_grads(list(sampler.parameters()), self.sync)
         _clip(list(sampler.parameters()), c.sampler_grad_clip)
         self.opt_sampler.step()
         self.opt_sampler.zero_grad(set_to_none=True)
@@ -251,8 +243,10 @@ class DxDPTrainer:
         self.opt_energy.zero_grad(set_to_none=True)
         sampler.eval()
         self.iteration += 1
-        for group, base_lr in self._base_lrs:
-            group["lr"] = base_lr * self._lr_factor(self.iteration)
+        factor = self._lr_factor(self.iteration)
+        for name, opt in self._optimizers().items():  # looked up each time: load_state replaces the group dicts
+            for group, base_lr in zip(opt.param_groups, self._base_lrs[name]):
+                group["lr"] = base_lr * factor
         diag["value_loss"] = torch.stack(value_losses).mean()
         diag["sampler_loss"] = loss_pi.detach()
         diag["sigma"] = sampler.sigmas().detach()

@@ -15,8 +15,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import tempfile
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -166,7 +166,7 @@ def _train(
     history: list[dict[str, Any]] = []
     start = 0
     if resume_from is not None:
-        start, history, _ = load_checkpoint(resume_from, model, trainer, rank, world, generator)
+        start, history = load_checkpoint(resume_from, model, trainer, rank, world, generator)
         if progress is not None:
             progress("resume", start, config.n_iter, {})
     else:

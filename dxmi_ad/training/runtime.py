@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +64,6 @@ class Runtime:
     keep_checkpoints: int = 3
     resume: bool = False
     stop_after: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -98,14 +97,29 @@ def latest_checkpoint(directory: Path | None) -> Path | None:
 
 def save_checkpoint(directory: Path, iteration: int, model: Any, trainer: Any, generator_states: list[torch.Tensor],
                     history: list[dict], keep: int) -> Path:
-    """Write ``directory/iter-<iteration>`` atomically and prune old ones (rank 0 only)."""
+    """Write ``directory/iter-<iteration>`` atomically and prune old ones (rank 0 only).
+
+    Args:
+        directory: Checkpoint folder.
+        iteration: DxMI iterations done (0 = right after pre-training).
+        model: The :class:`~dxmi_ad.nn.model.DxMIModel`.
+        trainer: Its :class:`~dxmi_ad.training.dxdp.DxDPTrainer` (optimizer states, iteration).
+        generator_states: Every rank's ``torch.Generator.get_state()`` (uint8 CPU tensors), in rank order.
+        history: Logged diagnostics so far.
+        keep: How many of the newest checkpoints to keep.
+
+    Returns:
+        The written folder.
+
+    Raises:
+        OSError: The folder cannot be written (nothing half-written is left under the final name).
+    """
     final = Path(directory) / f"iter-{iteration:08d}"
     tensors = {f"model.{k}": v for k, v in model.checkpoint_tensors().items()}
     meta: dict[str, Any] = {"kind": "DxMITrainingCheckpoint", "iteration": iteration, "history": history,
                             "config": model.config.to_dict(), "world_size": len(generator_states)}
-    if trainer is not None:
-        tensors.update(trainer.state_tensors())
-        meta["trainer"] = trainer.state_meta()
+    tensors.update(trainer.state_tensors())
+    meta["trainer"] = trainer.state_meta()
     tensors.update({f"rng.rank{r}": s for r, s in enumerate(generator_states)})
     with atomic_directory(final) as tmp:
         save_model_dir(tmp, tensors, meta)
@@ -115,12 +129,13 @@ def save_checkpoint(directory: Path, iteration: int, model: Any, trainer: Any, g
     return final
 
 
-def load_checkpoint(path: Path, model: Any, trainer: Any | None, rank: int, world: int,
-                    generator: torch.Generator) -> tuple[int, list[dict], bool]:
-    """Restore a checkpoint into ``model``/``trainer``/``generator``.
+def load_checkpoint(path: Path, model: Any, trainer: Any, rank: int, world: int,
+                    generator: torch.Generator) -> tuple[int, list[dict]]:
+    """Restore a checkpoint written by :func:`save_checkpoint` into ``model``, ``trainer`` and this rank's
+    ``generator``.
 
     Returns:
-        ``(iteration, history, has_trainer_state)``.
+        ``(iteration, history)``.
 
     Raises:
         ValueError: A checkpoint of another model config or world size.
@@ -137,13 +152,10 @@ def load_checkpoint(path: Path, model: Any, trainer: Any | None, rank: int, worl
         msg = f"{path} was written by {meta['world_size']} processes; resume with the same number ({world} now)"
         raise ValueError(msg)
     model.load_checkpoint_tensors({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    generator.set_state(tensors[f"rng.rank{rank}"].cpu() if generator.device.type == "cpu"
-                        else tensors[f"rng.rank{rank}"])
-    has_trainer = "trainer" in meta
-    if has_trainer and trainer is not None:
-        trainer.load_state({k: v.to(model.velocity_scale_sq.device) for k, v in tensors.items()
-                            if k.startswith("opt.")}, meta["trainer"])
-    return int(meta["iteration"]), list(meta.get("history", [])), has_trainer
+    generator.set_state(tensors[f"rng.rank{rank}"])  # generator states are CPU byte tensors on every device
+    trainer.load_state({k: v.to(model.velocity_scale_sq.device) for k, v in tensors.items() if k.startswith("opt.")},
+                       meta["trainer"])
+    return int(meta["iteration"]), list(meta.get("history", []))
 
 
 def all_reduce_mean(fabric: Any) -> Callable[[torch.Tensor], None] | None:
