@@ -15,7 +15,7 @@ from sklearn.datasets import load_digits
 
 from dxmi_ad.config import DxMIConfig
 from dxmi_ad.training.fit import _train, train_model
-from dxmi_ad.training.runtime import Runtime, latest_checkpoint
+from dxmi_ad.training.runtime import Runtime, latest_checkpoint, release_process_group
 
 CFG = DxMIConfig(dim=64, n_iter=12, ae_pretrain_iter=20, batch_size=32, sampler_hidden=32, value_hidden=32,
                  energy_hidden=32, latent_dim=8, time_dim=32, warmup_iter=2, lr_schedule="cosine")
@@ -89,6 +89,7 @@ def _ddp_worker(fabric, data, ckdir):
     flat = torch.cat([t.detach().reshape(-1).float() for t in model.checkpoint_tensors().values()])
     gathered = fabric.all_gather(flat)
     avr = fabric.all_gather(model.velocity_scale_sq.detach())
+    release_process_group(fabric)
     return float((gathered[0] - gathered[1]).abs().max()), float((avr[0] - avr[1]).abs().max()), \
         float(model.velocity_scale_sq.sum())
 

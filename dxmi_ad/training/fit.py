@@ -26,7 +26,14 @@ from dxmi_ad.config import DxMIConfig
 from dxmi_ad.nn.energy import AutoencoderEnergy
 from dxmi_ad.nn.model import DxMIModel
 from dxmi_ad.training.dxdp import DxDPTrainer, _batches, pretrain_autoencoder, pretrain_sampler
-from dxmi_ad.training.runtime import Runtime, all_reduce_mean, latest_checkpoint, load_checkpoint, save_checkpoint
+from dxmi_ad.training.runtime import (
+    Runtime,
+    all_reduce_mean,
+    latest_checkpoint,
+    load_checkpoint,
+    release_process_group,
+    save_checkpoint,
+)
 
 __all__ = ["ProgressCallback", "build_model", "train_model"]
 
@@ -113,12 +120,10 @@ def _fabric_worker(fabric: Any, data: torch.Tensor, config: dict[str, Any], prog
     model_out, history = _train(fabric, data, DxMIConfig.from_dict(config),
                                 progress if fabric.global_rank == 0 else None, log_every, model, fabric.device,
                                 Runtime(**runtime))
-    if out_dir is None:
-        return model_out.cpu().eval(), history
-    if fabric.global_rank == 0:
+    if out_dir is not None and fabric.global_rank == 0:
         save_model_dir(out_dir, model_out.checkpoint_tensors(), {"history": history})
-    fabric.barrier()
-    return out_dir
+    release_process_group(fabric)  # after the last collective (the barrier inside waits for rank 0's write)
+    return out_dir if out_dir is not None else (model_out.cpu().eval(), history)
 
 
 def _train(

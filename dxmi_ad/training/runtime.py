@@ -169,6 +169,22 @@ def all_reduce_mean(fabric: Any) -> Callable[[torch.Tensor], None] | None:
     return sync
 
 
+def release_process_group(fabric: Any) -> None:
+    """Wait for every rank, then destroy the default process group (no-op in a single process).
+
+    Call it when a rank has finished its last collective. A process that exits with a live gloo group can
+    abort at interpreter shutdown ("terminate called without an active exception", SIGABRT): gloo's worker
+    threads still hold work objects while Python is torn down (pytorch/pytorch#190489). Destroying the group
+    while the interpreter is alive avoids it.
+    """
+    import torch.distributed as dist
+
+    if fabric is None or fabric.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+        return
+    fabric.barrier()
+    dist.destroy_process_group()
+
+
 def is_global_zero() -> bool:
     """True in a single process and on rank 0 (only rank 0 writes results).
 
