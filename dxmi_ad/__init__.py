@@ -19,7 +19,8 @@ def load(path):
 
     Returns:
         An :class:`~dxmi_ad.image.ImageDetector` (image models: ``predict`` returns ``pred_score``, ``anomaly_map``,
-        ``pred_label``, ``p_value``, ``normalized_score``) or a :class:`DxMIDetector` / :class:`PyODDxMIDetector`
+        ``pred_label``, ``p_value``, ``normalized_score``), a :class:`~dxmi_ad.pixel.PixelDetector` (pixel-mode
+        models: the same outputs, plus ``sample``) or a :class:`DxMIDetector` / :class:`PyODDxMIDetector`
         (vector models: ``energy``, ``p_value``, calibrated ``predict``).
 
     Raises:
@@ -44,6 +45,10 @@ def load(path):
         from dxmi_ad.image import ImageDetector
 
         return ImageDetector.load(path)
+    if kind == "PixelDetector":
+        from dxmi_ad.pixel import PixelDetector
+
+        return PixelDetector.load(path)
     from dxmi_ad import estimator
 
     cls = estimator.PyODDxMIDetector if kind == "PyODDxMIDetector" else estimator.DxMIDetector

@@ -367,6 +367,20 @@ class Calibration:
             msg = f"{path}: {err}"
             raise ValueError(msg) from err
 
+    @classmethod
+    def load_if_present(cls, directory: str | Path, warn: bool = True) -> Calibration | None:
+        """:meth:`load`, or None (with a logged warning unless ``warn`` is False) when the folder has no
+        ``calibration.json``: scores still work; decisions and p-values need `dxmi-ad calibrate`."""
+        if (Path(directory) / CALIBRATION_FILE).is_file():
+            return cls.load(directory)
+        if warn:
+            import logging
+
+            logging.getLogger("dxmi_ad").warning(
+                "%s has no %s: scores work; decisions and p-values need `dxmi-ad calibrate --model %s "
+                "--calibration-dir DIR`", directory, CALIBRATION_FILE, directory)
+        return None
+
 
 def calibration_check(
     calibration_scores: np.ndarray,

@@ -22,6 +22,9 @@ _CHOICES = {
     "parameterization": ("residual", "eps"),
     "lr_schedule": ("constant", "cosine"),
     "activation": ("silu", "leaky_relu", "relu", "gelu"),
+    "mode": ("vector", "pixel"),
+    "reschedule": ("var", "uniform"),
+    "time_cost": ("none", "sigmoid", "linear"),
 }
 
 
@@ -69,6 +72,23 @@ class DxMIConfig:
         ae_pretrain_iter, ae_lr: Reconstruction pre-training of the autoencoder energy.
         sampler_pretrain_iter, sampler_pretrain_lr: DDPM pre-training of an ``"eps"`` sampler (0 = none).
         seed: Random seed.
+        mode: ``"vector"`` (MLPs on ``(N, D)`` vectors) or ``"pixel"`` (images ``(N, C, H, W)`` in [-1, 1]: a U-Net
+            sampler and a normalization-free convolutional ResNet value shared with the energy, the paper's image
+            generation variant, PAPER.md §2.4, §3.2, §4.1). Pixel mode needs ``energy="shared"``,
+            ``parameterization="eps"`` and ``initial="gaussian"``.
+        image_channels, image_size: Image shape ``(C, H, W)`` with ``H = W = image_size`` (pixel mode; ``dim`` must
+            be ``C * H * W``).
+        unet_channels, unet_levels: Base width and number of down-samplings of the U-Net sampler.
+        energy_channels: Base width ``nh`` of the ResNet value / energy (paper: 128).
+        diffusion_steps: Length ``K`` of the DDPM chain the sampler is pre-trained on (linear betas 1e-4 .. 0.02,
+            Ho et al. 2020); the T-step sampler re-uses that network at ``T`` re-scheduled noise levels.
+        reschedule: How the K-step chain is cut to T steps: ``"var"`` (FastDPM's VAR schedule, the DxMI CIFAR-10
+            starting point, PAPER.md §2.5) or ``"uniform"`` (T evenly spaced levels of the K-step chain, DDIM-style
+            skipping with the DDPM posterior).
+        time_cost: Value target of the image variant (Eq. 12): ``"sigmoid"`` or ``"linear"`` time cost R(t) replaces
+            the running costs in the TD target (they stay in the sampler loss); ``"none"`` keeps the running costs
+            in the target (the anomaly-detection trainer).
+        time_cost_scale: Scale of R(t): 1 for ``"sigmoid"`` (``time_cost_sig``), c = 0.05 for ``"linear"``.
     """
 
     dim: int = 2
@@ -113,6 +133,16 @@ class DxMIConfig:
     sampler_pretrain_iter: int = 0
     sampler_pretrain_lr: float = 1e-3
     seed: int = 0
+    mode: str = "vector"
+    image_channels: int = 1
+    image_size: int = 28
+    unet_channels: int = 32
+    unet_levels: int = 2
+    energy_channels: int = 32
+    diffusion_steps: int = 1000
+    reschedule: str = "var"
+    time_cost: str = "none"
+    time_cost_scale: float = 1.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -137,7 +167,8 @@ class DxMIConfig:
                 msg = f"{name} must be one of {allowed}, got {getattr(self, name)!r}"
                 raise ValueError(msg)
         positive_ints = ("dim", "n_steps", "sampler_hidden", "sampler_layers", "value_hidden", "value_layers",
-                         "energy_hidden", "energy_layers", "latent_dim", "time_dim", "batch_size")
+                         "energy_hidden", "energy_layers", "latent_dim", "time_dim", "batch_size", "image_channels",
+                         "image_size", "unet_channels", "unet_levels", "energy_channels", "diffusion_steps")
         for name in positive_ints:
             if int(getattr(self, name)) < 1:
                 msg = f"{name} must be >= 1, got {getattr(self, name)}"
@@ -171,6 +202,27 @@ class DxMIConfig:
             msg = ("sampler_pretrain_iter > 0 (DDPM pre-training) needs parameterization='eps' and initial='gaussian' "
                    "(a DDPM starts from N(0, I), not from autoencoder-perturbed data)")
             raise ValueError(msg)
+        if self.time_cost_scale < 0:
+            msg = f"time_cost_scale must be >= 0, got {self.time_cost_scale}"
+            raise ValueError(msg)
+        if self.mode == "pixel":
+            wrong = {k: getattr(self, k) for k, v in (("energy", "shared"), ("parameterization", "eps"),
+                                                      ("initial", "gaussian")) if getattr(self, k) != v}
+            if wrong:
+                msg = f"mode='pixel' needs energy='shared', parameterization='eps', initial='gaussian'; got {wrong}"
+                raise ValueError(msg)
+            shape = self.image_channels * self.image_size * self.image_size
+            if self.dim != shape:
+                msg = (f"dim must equal image_channels * image_size ** 2 = {shape} in pixel mode, got {self.dim} "
+                       "(leave dim out: it is set from the image shape)")
+                raise ValueError(msg)
+            if not 4 <= self.image_size <= 64 or self.image_size % (2 ** self.unet_levels) and \
+                    self.image_size < 2 ** (self.unet_levels + 1):
+                msg = f"image_size must be in [4, 64] and allow {self.unet_levels} down-samplings, got {self.image_size}"
+                raise ValueError(msg)
+            if self.n_steps > self.diffusion_steps:
+                msg = f"n_steps ({self.n_steps}) cannot exceed diffusion_steps ({self.diffusion_steps})"
+                raise ValueError(msg)
         for name in ("energy_grad_clip", "sampler_grad_clip", "value_grad_clip", "sigma_lr"):
             value = getattr(self, name)
             if value is not None and not value > 0:

@@ -34,7 +34,7 @@ from dxmi_ad.data.mvtec import ImageSample
 from dxmi_ad.data.textures import default_cache_dir
 from dxmi_ad.features.extractor import FeatureExtractor
 from dxmi_ad.nn.model import DxMIModel
-from dxmi_ad.training.fit import ProgressCallback, build_model, train_model
+from dxmi_ad.training.fit import ProgressCallback, restore_model, train_model
 
 __all__ = ["BadFilesError", "FeatureSettings", "ImageDetector", "iter_batches", "refuse_overlap", "score_maps",
            "split_calibration", "upsample_map"]
@@ -618,18 +618,14 @@ class ImageDetector:
         try:
             feats = dict(meta["features"])
             feats["out_indices"] = tuple(feats["out_indices"])
-            det = cls(DxMIConfig.from_dict(meta["config"]), FeatureSettings(**feats))
-            det.model = build_model(det.config)
-            det.model.load_checkpoint_tensors(tensors)
+            features = FeatureSettings(**feats)
         except (KeyError, TypeError, ValueError) as err:
             msg = f"{directory} holds an invalid or tampered model description: {err}"
             raise ValueError(msg) from err
-        det.model.eval()
-        if (Path(directory) / CALIBRATION_FILE).is_file():
-            det.calibration = Calibration.load(directory)
-        else:
-            log.warning("%s has no %s: scores work; decisions and p-values need `dxmi-ad calibrate --model %s "
-                        "--calibration-dir DIR`", directory, CALIBRATION_FILE, directory)
+        model = restore_model(meta.get("config"), tensors, directory)
+        det = cls(model.config, features)
+        det.model = model
+        det.calibration = Calibration.load_if_present(directory)
         det.history = meta.get("history", [])
         det.categories = meta.get("categories", [])
         return det

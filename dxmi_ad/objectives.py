@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["avr_update", "energy_loss", "running_cost", "td_target"]
+__all__ = ["avr_update", "energy_loss", "running_cost", "td_target", "time_cost"]
 
 
 def energy_loss(
@@ -46,8 +46,8 @@ def running_cost(
     """Running cost of one transition: ``tau2 * mean_d(x_{t+1} - x_t)^2 / (2 s_t^2) - tau1 * log sigma_t`` (Eq. 8).
 
     Args:
-        x_t: States of shape ``(B, D)``.
-        x_next: Next states of shape ``(B, D)``.
+        x_t: States of shape ``(B, D)`` or ``(B, C, H, W)`` (the mean runs over every non-batch dimension).
+        x_next: Next states of the same shape.
         log_sigma_t: ``log sigma_t`` per row, shape ``(B,)`` (negative conditional entropy up to a constant).
         velocity_scale_sq_t: ``s_t^2`` per row, shape ``(B,)``, > 0.
         entropy_weight: tau1 >= 0.
@@ -56,7 +56,7 @@ def running_cost(
     Returns:
         Cost per row, shape ``(B,)``.
     """
-    velocity = (x_next - x_t).pow(2).mean(-1) / (2 * velocity_scale_sq_t)  # (B,)
+    velocity = (x_next - x_t).pow(2).flatten(1).mean(1) / (2 * velocity_scale_sq_t)  # (B,)
     return velocity_weight * velocity - entropy_weight * log_sigma_t
 
 
@@ -81,11 +81,39 @@ def avr_update(velocity_scale_sq: torch.Tensor, trajectory: torch.Tensor, moment
 
     Args:
         velocity_scale_sq: Current ``s_t^2``, shape ``(T,)``.
-        trajectory: Sampled states ``x_0 .. x_T``, shape ``(T + 1, B, D)``.
+        trajectory: Sampled states ``x_0 .. x_T``, shape ``(T + 1, B, D)`` or ``(T + 1, B, C, H, W)``.
         momentum: alpha in [0, 1) (paper: 0.99).
 
     Returns:
         Updated ``s_t^2``, shape ``(T,)``, detached.
     """
-    step_sq = (trajectory[1:] - trajectory[:-1]).pow(2).mean(dim=(1, 2))  # (T,)
+    step_sq = (trajectory[1:] - trajectory[:-1]).pow(2).flatten(1).mean(1)  # (T,)
     return (momentum * velocity_scale_sq + (1 - momentum) * step_sq).detach()
+
+
+def time_cost(t: torch.Tensor, n_steps: int, kind: str, scale: float = 1.0) -> torch.Tensor:
+    """Time cost R(t) > 0 of the image variant (Eq. 12, PAPER.md §2.4), replacing the running costs in the TD target.
+
+    ``"sigmoid"``: ``scale * (sigmoid(-t + T // 2) - sigmoid(-t - 1 + T // 2))`` (integer centre as the reference code,
+    pitfall 12; the sum over t telescopes to about ``scale``); ``"linear"``: the constant ``scale`` (paper: c = 0.05).
+
+    Args:
+        t: Step indices of shape ``(B,)`` in ``[0, T-1]``.
+        n_steps: ``T``.
+        kind: ``"sigmoid"`` or ``"linear"``.
+        scale: Scale (``time_cost_sig`` = 1, or c).
+
+    Returns:
+        Cost per row, shape ``(B,)``, float.
+
+    Raises:
+        ValueError: For another ``kind``.
+    """
+    t = t.float()
+    if kind == "sigmoid":
+        centre = n_steps // 2
+        return scale * (torch.sigmoid(-t + centre) - torch.sigmoid(-t - 1 + centre))
+    if kind == "linear":
+        return torch.full_like(t, scale)
+    msg = f"time cost must be 'sigmoid' or 'linear', got {kind!r}"
+    raise ValueError(msg)

