@@ -44,8 +44,8 @@ PIXEL_DEFAULTS: dict[str, Any] = {
     "entropy_weight": 0.1, "velocity_weight": 0.01, "energy_l2_weight": 1.0, "avr_momentum": 0.99,
     "time_cost": "sigmoid", "time_cost_scale": 1.0, "value_resample": False,
     "energy_grad_clip": None, "value_grad_clip": None, "sampler_grad_clip": 0.1,
-    "sampler_lr": 1e-5, "sigma_lr": 1e-3, "value_lr": 1e-4, "energy_lr": 1e-4,
-    "batch_size": 128, "n_iter": 500, "sampler_pretrain_iter": 3000, "sampler_pretrain_lr": 1e-3,
+    "sampler_lr": 1e-6, "sigma_lr": 1e-4, "value_lr": 1e-4, "energy_lr": 1e-4,
+    "batch_size": 128, "n_iter": 1000, "sampler_pretrain_iter": 3000, "sampler_pretrain_lr": 1e-3,
     "ae_pretrain_iter": 0, "unet_channels": 32, "unet_levels": 2, "energy_channels": 32, "time_dim": 64,
     "diffusion_steps": 1000,
 }

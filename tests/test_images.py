@@ -188,6 +188,17 @@ def test_train_evaluate_score_end_to_end(tree, tiny_recipe, tmp_path, monkeypatc
     import dxmi_ad
 
     assert dxmi_ad.load(run).calibration.rule == "fdr"
+    # the sampler of a feature-mode model refines perturbed features of --start images into feature vectors
+    feats = tmp_path / "feats.npy"
+    smp = runner.invoke(app, ["sample", "--model", str(run), "--start", str(tree / "brick/train/good"), "-n", "50",
+                              "--out", str(feats)])
+    assert smp.exit_code == 0, smp.output
+    x = np.load(feats)
+    dim = json.loads((run / "config.json").read_text())["config"]["dim"]
+    assert x.shape == (50, dim) and np.isfinite(x).all()
+    assert np.allclose(np.linalg.norm(x, axis=1), 1, atol=0.2)  # near the unit sphere of the normalized features
+    nostart = runner.invoke(app, ["sample", "--model", str(run), "--out", str(feats)])
+    assert nostart.exit_code == 2 and "--start" in nostart.output
 
 
 def _check_report(path, n_images):

@@ -170,3 +170,42 @@ def test_cli_pretrain_train_sample_cycle(tmp_path):
     assert r.exit_code == 2 and "--steps must be in" in r.output
     r = runner.invoke(app, ["train", "--init-sampler", str(pre), "--dataset", "digits", "--out", str(tmp_path / "z")])
     assert r.exit_code == 2 and "--mode pixel" in r.output
+
+
+def test_pixel_metrics_orientation():
+    """Higher scores on anomalies give AUROC 1 (and pixel AUROC 1 for maps that light up the masks)."""
+    from dxmi_ad.cli.pixel import PixelSplit, pixel_metrics
+
+    label = np.array([0, 0, 1, 1, 1])
+    mask = np.zeros((5, 4, 4), bool)
+    mask[2:, 1, 1] = True
+
+    class Stub:
+        calibration = None
+
+        def predict(self, images):
+            return {"pred_score": label + 0.1 * np.arange(5), "anomaly_map": mask.astype(np.float32)}
+
+    split = PixelSplit(np.zeros((3, 4, 4)), np.zeros((5, 4, 4)), label, mask, "stub")
+    m = pixel_metrics(Stub(), split)
+    assert m["AUROC"] == 1.0 and m["pixel_AUROC"] == 1.0 and m["n_test_anomalous"] == 3
+
+
+def test_dxmi_fine_tuning_improves_a_few_step_sampler_on_digits():
+    """The issue's cycle on real data: DDPM pre-training, re-scheduling to T = 4 (the paper's starting point), DxMI
+    fine-tuning, sampling. The fine-tuned sampler's Frechet distance (digit-classifier features, 500 samples against
+    all 1797 digits) must be clearly below the starting point's. Measured (1 thread): seed 0 71.6 -> 41.8, seed 1
+    76.8 -> 46.7 (recall 0.40 -> 0.75, 0.43 -> 0.66)."""
+    from dxmi_ad.sample_quality import fit_digit_classifier, sample_quality
+
+    d = load_digits()
+    images = (d.images / 16).astype(np.float32)
+    clf = fit_digit_classifier(images, d.target, seed=0)
+    cfg = dict(n_steps=4, unet_channels=16, unet_levels=1, energy_channels=16, time_dim=32, batch_size=64,
+               sampler_pretrain_iter=800, n_iter=600, sampler_lr=3e-6, sigma_lr=3e-4, seed=0)
+    pre = PixelDetector(pixel_config(1, 8, **cfg)).pretrain(images)
+    start = sample_quality(clf, images, pre.sample(500, steps=4, seed=1))
+    det = PixelDetector(pixel_config(1, 8, **cfg)).fit(images, calibration=0.0, init_sampler=pre)
+    tuned = sample_quality(clf, images, det.sample(500, seed=1))
+    assert tuned["frechet"] < 0.8 * start["frechet"], (start, tuned)
+    assert tuned["recall"] > start["recall"], (start, tuned)

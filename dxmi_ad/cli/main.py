@@ -296,7 +296,8 @@ def _train_pixel(args: dict[str, Any], pretrain_only: bool = False) -> None:
         for key in ("calibration_dir", "validation_dir", "weights", "backbone"):
             if args.get(key) is not None:
                 raise CLIError(f"--{key.replace('_', '-')} does not apply to pixel mode")
-        recipe = load_pixel_recipe(args["recipe"], args["dataset"], _parse_sets(args["set_"] or []))
+        recipe = load_pixel_recipe(args["recipe"], args["dataset"], _parse_sets(args["set_"] or []),
+                                   args["normal_class"])
         recipe["runtime"] = _runtime(args, recipe.get("runtime"))
         if args["dry_run"]:
             console.print_json(json.dumps(recipe, default=str))
@@ -331,7 +332,8 @@ def pretrain_sampler(
     normal_class: Annotated[int, typer.Option(help="digits / mnist: class to learn (0-9), -1 = all")] = -1,
     data_root: Annotated[Path | None, typer.Option(help="image-folder datasets: dataset root")] = None,
     category: Annotated[str, typer.Option(help="mvtec/textures: categories, or all")] = "all",
-    recipe: Annotated[Path | None, typer.Option(help="pixel recipe YAML (default: recipes/pixel_<dataset>.yaml)")] = None,
+    recipe: Annotated[Path | None, typer.Option(help="pixel recipe YAML (default: recipes/pixel_<dataset>.yaml for "
+                                                     "all classes, pixel_<dataset>_ad.yaml for one)")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="override a recipe key: KEY=VALUE")] = None,
     out: Annotated[Path | None, typer.Option(help="run directory (default runs/pretrain-<dataset>-<time>)")] = None,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,

@@ -95,17 +95,27 @@ def _image_folder_split(dataset: str, data_root: Path | None, category: str, siz
                       f"{dataset} ({desc})")
 
 
-def load_pixel_recipe(path: Path | None, dataset: str, sets: dict[str, Any]) -> dict[str, Any]:
+def default_pixel_recipe(dataset: str, normal_class: int) -> Path:
+    """``recipes/pixel_<dataset>.yaml`` (generation: all classes, ``normal_class = -1``) or
+    ``recipes/pixel_<dataset>_ad.yaml`` (one class normal: smaller, faster); ``pixel_textures.yaml`` for folders.
+    ``pretrain-sampler`` and ``train --init-sampler`` pick the same file for the same class choice, so their
+    networks fit."""
+    if dataset in ("digits", "mnist"):
+        return RECIPES / (f"pixel_{dataset}.yaml" if normal_class == -1 else f"pixel_{dataset}_ad.yaml")
+    return RECIPES / "pixel_textures.yaml"
+
+
+def load_pixel_recipe(path: Path | None, dataset: str, sets: dict[str, Any], normal_class: int = -1) -> dict[str, Any]:
     """A pixel recipe: flat :class:`~dxmi_ad.config.DxMIConfig` overrides of :data:`~dxmi_ad.pixel.PIXEL_DEFAULTS`
-    (plus ``image_channels`` / ``image_size`` and an optional ``runtime:`` section); ``--set`` wins.
+    (plus ``image_channels`` / ``image_size`` and an optional ``runtime:`` section); ``--set`` wins. Without
+    ``path``: :func:`default_pixel_recipe`.
 
     Raises:
         PixelCLIError: Unreadable file or unknown keys.
     """
     from dxmi_ad.config import DxMIConfig
 
-    default = RECIPES / ("pixel_mnist.yaml" if dataset == "mnist" else "pixel_digits.yaml" if dataset == "digits"
-                         else "pixel_textures.yaml")
+    default = default_pixel_recipe(dataset, normal_class)
     try:
         recipe = dict(read_yaml_mapping(path or default))
     except (FileNotFoundError, ValueError) as err:
@@ -149,6 +159,8 @@ def save_npy(array: np.ndarray, path: Path) -> None:
 
 def pixel_metrics(det: Any, split: PixelSplit) -> dict[str, Any]:
     """Image AUROC (and pixel AUROC where masks exist) of a pixel detector on a split's test set."""
+    from sklearn.metrics import roc_auc_score
+
     from dxmi_ad.metrics import auroc
 
     metrics: dict[str, Any] = {"dataset": split.name, "n_train": int(len(split.train)), "n_test": int(len(split.test))}
@@ -156,7 +168,8 @@ def pixel_metrics(det: Any, split: PixelSplit) -> dict[str, Any]:
         metrics["note"] = "no test split with both normal and anomalous images: AUROC not computed"
         return metrics
     out = det.predict(split.test)
-    metrics["AUROC"] = auroc(split.test_label, out["pred_score"])
+    y = np.asarray(split.test_label).astype(bool)
+    metrics["AUROC"] = auroc(out["pred_score"][~y], out["pred_score"][y])
     metrics["n_test_anomalous"] = int(split.test_label.sum())
     if split.test_mask is not None and split.test_mask.any():
         amap = out["anomaly_map"]
@@ -165,7 +178,7 @@ def pixel_metrics(det: Any, split: PixelSplit) -> dict[str, Any]:
 
             amap = torch.nn.functional.interpolate(torch.from_numpy(amap)[:, None], size=split.test_mask.shape[-2:],
                                                    mode="bilinear", align_corners=False)[:, 0].numpy()
-        metrics["pixel_AUROC"] = auroc(split.test_mask.reshape(-1), amap.reshape(-1))
+        metrics["pixel_AUROC"] = float(roc_auc_score(split.test_mask.reshape(-1), amap.reshape(-1)))
     if det.calibration is not None and "pred_label" in out:
         normal = split.test_label == 0
         metrics["FPR"] = float(out["pred_label"][normal].mean()) if normal.any() else None
