@@ -9,7 +9,7 @@ trains; the rest of it and every other class test). Methods, measured in the sam
   (recipes/digits.yaml, the paper's AD recipe), as in benchmarks/digits.py;
 * IsolationForest, LOF and a Ledoit-Wolf Mahalanobis distance after PCA (benchmarks/digits.py).
 
-    python benchmarks/pixel_ad.py [--datasets digits,mnist] [--classes 0-9] [--threads 2] [--set n_iter=300]
+    python -m benchmarks.pixel_ad [--datasets digits,mnist] [--classes 0-9] [--threads 2] [--set n_iter=300]
 """
 
 from __future__ import annotations

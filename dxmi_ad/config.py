@@ -88,7 +88,8 @@ class DxMIConfig:
         time_cost: Value target of the image variant (Eq. 12): ``"sigmoid"`` or ``"linear"`` time cost R(t) replaces
             the running costs in the TD target (they stay in the sampler loss); ``"none"`` keeps the running costs
             in the target (the anomaly-detection trainer).
-        time_cost_scale: Scale of R(t): 1 for ``"sigmoid"`` (``time_cost_sig``), c = 0.05 for ``"linear"``.
+        time_cost_scale: Scale of R(t); ``None`` = the paper's: 1 for ``"sigmoid"`` (``time_cost_sig``), c = 0.05 for
+            ``"linear"``.
     """
 
     dim: int = 2
@@ -142,7 +143,7 @@ class DxMIConfig:
     diffusion_steps: int = 1000
     reschedule: str = "var"
     time_cost: str = "none"
-    time_cost_scale: float = 1.0
+    time_cost_scale: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -202,8 +203,8 @@ class DxMIConfig:
             msg = ("sampler_pretrain_iter > 0 (DDPM pre-training) needs parameterization='eps' and initial='gaussian' "
                    "(a DDPM starts from N(0, I), not from autoencoder-perturbed data)")
             raise ValueError(msg)
-        if self.time_cost_scale < 0:
-            msg = f"time_cost_scale must be >= 0, got {self.time_cost_scale}"
+        if self.time_cost_scale is not None and self.time_cost_scale < 0:
+            msg = f"time_cost_scale must be >= 0 or null, got {self.time_cost_scale}"
             raise ValueError(msg)
         if self.mode == "pixel":
             wrong = {k: getattr(self, k) for k, v in (("energy", "shared"), ("parameterization", "eps"),
@@ -223,11 +224,24 @@ class DxMIConfig:
             if self.n_steps > self.diffusion_steps:
                 msg = f"n_steps ({self.n_steps}) cannot exceed diffusion_steps ({self.diffusion_steps})"
                 raise ValueError(msg)
+            from dxmi_ad.nn.pixel import VAR_TOTAL_SIGNAL, ddpm_alpha_bar
+
+            if float(ddpm_alpha_bar(self.diffusion_steps)[-1]) > VAR_TOTAL_SIGNAL:
+                msg = (f"diffusion_steps={self.diffusion_steps} is too short for betas 1e-4 .. 0.02: the chain never "
+                       f"reaches noise (its last alpha_bar must be <= {VAR_TOTAL_SIGNAL:.4f}; use >= 400)")
+                raise ValueError(msg)
         for name in ("energy_grad_clip", "sampler_grad_clip", "value_grad_clip", "sigma_lr"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 msg = f"{name} must be > 0 or null, got {value}"
                 raise ValueError(msg)
+
+    @property
+    def effective_time_cost_scale(self) -> float:
+        """Scale of the time cost: ``time_cost_scale`` or the paper's (1 sigmoid, 0.05 linear; PAPER.md §2.4)."""
+        if self.time_cost_scale is not None:
+            return self.time_cost_scale
+        return 0.05 if self.time_cost == "linear" else 1.0
 
     @property
     def effective_sigma_lr(self) -> float:

@@ -42,9 +42,9 @@ PIXEL_DEFAULTS: dict[str, Any] = {
     "mode": "pixel", "energy": "shared", "parameterization": "eps", "initial": "gaussian",
     "n_steps": 10, "reschedule": "var", "fix_last_sigma": True, "last_sigma": 1e-3,
     "entropy_weight": 0.1, "velocity_weight": 0.01, "energy_l2_weight": 1.0, "avr_momentum": 0.99,
-    "time_cost": "sigmoid", "time_cost_scale": 1.0, "value_resample": False,
+    "time_cost": "sigmoid", "time_cost_scale": None, "value_resample": False,
     "energy_grad_clip": None, "value_grad_clip": None, "sampler_grad_clip": 0.1,
-    "sampler_lr": 1e-6, "sigma_lr": 1e-4, "value_lr": 1e-4, "energy_lr": 1e-4,
+    "sampler_lr": 1e-6, "sigma_lr": None, "value_lr": 1e-4, "energy_lr": 1e-4,
     "batch_size": 128, "n_iter": 1000, "sampler_pretrain_iter": 3000, "sampler_pretrain_lr": 1e-3,
     "ae_pretrain_iter": 0, "unet_channels": 32, "unet_levels": 2, "energy_channels": 32, "time_dim": 64,
     "diffusion_steps": 1000,
@@ -110,6 +110,8 @@ class PixelDetector:
         calibration: Decision rule on ``pred_score`` from held-out normal images, or None.
         history: DxMI training diagnostics.
         stage: ``"pretrained"`` (DDPM sampler only, untrained energy) or ``"dxmi"``.
+        data: Where the training images came from (dataset, class, seed), saved with the model so that a later
+            ``--init-sampler`` can warn about a sampler that saw other data.
 
     Raises:
         ValueError: If ``config.mode`` is not ``"pixel"``.
@@ -125,6 +127,7 @@ class PixelDetector:
         self.calibration: Calibration | None = None
         self.history: list[dict[str, Any]] = []
         self.stage = "untrained"
+        self.data: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ training
     def to_model_input(self, images: Any, what: str = "images") -> torch.Tensor:
@@ -190,7 +193,7 @@ class PixelDetector:
         if init_sampler is not None:
             model = build_model(self.config)
             model.sampler.net.load_state_dict(self._sampler_net_state(init_sampler))
-            model.velocity_scale_sq.copy_(model.sampler.sigmas().detach().pow(2))
+            model.velocity_scale_sq.copy_(model.sampler.initial_velocity_scale_sq())
         self.model, self.history = train_model(x, self.config, progress, model=model, runtime=self.runtime)
         self.stage = "dxmi"
         if cal_x is not None and len(cal_x):
@@ -354,7 +357,7 @@ class PixelDetector:
         """
         model = self._trained()
         meta = {"kind": "PixelDetector", "stage": self.stage, "config": self.config.to_dict(),
-                "history": self.history[-1:], **(extra or {})}
+                "history": self.history[-1:], "data": self.data, **(extra or {})}
         save_model_dir(directory, model.checkpoint_tensors(), meta)
         if self.calibration is not None:
             self.calibration.save(directory)
@@ -378,5 +381,6 @@ class PixelDetector:
         det.model = model
         det.stage = meta.get("stage", "dxmi")
         det.history = meta.get("history", [])
+        det.data = dict(meta.get("data") or {})
         det.calibration = Calibration.load_if_present(directory, warn=det.stage == "dxmi")
         return det

@@ -141,9 +141,15 @@ def test_init_sampler_must_fit(tmp_path):
     with pytest.raises(ValueError, match="unet_channels"):
         other.fit(_digits(0), init_sampler=pre)
     # a different T is fine: the pre-trained network is re-scheduled
-    ok = PixelDetector(pixel_config(1, 8, **{**TINY, "n_steps": 6})).fit(_digits(0), calibration=0.0, init_sampler=pre)
+    ok = PixelDetector(pixel_config(1, 8, **{**TINY, "n_steps": 6, "n_iter": 0})).fit(
+        _digits(0), calibration=0.0, init_sampler=pre)
     assert ok.model.sampler.n_steps == 6
-    assert torch.equal(ok.model.sampler.net.inp.weight, ok.model.sampler.net.inp.weight)
+    a, b = ok.model.sampler.net.state_dict(), pre.model.sampler.net.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the weights were transferred
+    # AVR starts from the re-scheduled chain's forward betas (reference image trainer), RL order
+    s2 = ok.model.velocity_scale_sq
+    ab = ok.model.sampler.level_alpha_bar
+    assert torch.allclose(s2, (1 - ab[1:] / ab[:-1]).flip(0))
 
 
 def test_cli_pretrain_train_sample_cycle(tmp_path):
@@ -170,6 +176,20 @@ def test_cli_pretrain_train_sample_cycle(tmp_path):
     assert r.exit_code == 2 and "--steps must be in" in r.output
     r = runner.invoke(app, ["train", "--init-sampler", str(pre), "--dataset", "digits", "--out", str(tmp_path / "z")])
     assert r.exit_code == 2 and "--mode pixel" in r.output
+    # without network keys the pre-trained sampler's shape is used; a sampler that saw every class is warned about
+    r = runner.invoke(app, ["train", "--mode", "pixel", "--dataset", "digits", "--normal-class", "3", "--init-sampler",
+                            str(pre), "--set", "n_iter=3", "--set", "batch_size=32", "--out", str(tmp_path / "w")])
+    assert r.exit_code == 0, r.output
+    assert "saw every class" in " ".join(r.output.split())
+    assert json.loads((tmp_path / "w/config.json").read_text())["config"]["unet_channels"] == TINY["unet_channels"]
+    # a pixel model re-calibrates from its stored scores; image-only commands say what to do instead
+    r = runner.invoke(app, ["calibrate", "--model", str(run), "--fpr", "0.2"])
+    assert r.exit_code == 0 and json.loads((run / "calibration.json").read_text())["fpr"] == 0.2, r.output
+    r = runner.invoke(app, ["evaluate", "--model", str(run)])
+    assert r.exit_code == 2 and "pixel-mode model" in r.output
+    (tmp_path / "a_file.png").write_text("")
+    r = runner.invoke(app, ["sample", "--model", str(run), "--out", str(tmp_path / "a_file.png" / "x.png")])
+    assert r.exit_code == 2 and "sampling failed" in r.output
 
 
 def test_pixel_metrics_orientation():

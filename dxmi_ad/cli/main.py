@@ -227,7 +227,7 @@ def train(
     mode: Annotated[str, typer.Option(help="auto (image datasets: pretrained features; others: vectors) | pixel "
                                            "(DxMI on raw pixels: U-Net sampler + ResNet energy, images up to 64x64)")] = "auto",
     init_sampler: Annotated[Path | None, typer.Option(help="pixel mode: start DxMI from this `dxmi-ad pretrain-sampler` "
-                                                           "run (skips DDPM pre-training)")] = None,
+                                                           "run (skips DDPM pre-training; its network shape is used)")] = None,
     recipe: Annotated[Path | None, typer.Option(help="YAML recipe (vector: DxMIDetector parameters; image: features + model)")] = None,
     out: Annotated[Path | None, typer.Option(help="run directory (default runs/<dataset>-<time>)")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="override a recipe key: KEY=VALUE")] = None,
@@ -305,8 +305,10 @@ def _train_pixel(args: dict[str, Any], pretrain_only: bool = False) -> None:
         if args["resume"] is None:
             _check_out(args["out"], args["overwrite"])
         _start_checkpoints(args, recipe["runtime"])
+        explicit = set(_parse_sets(args["set_"] or [])) | (set(recipe["model"]) if args["recipe"] else set())
         with _Progress() as progress:
-            metrics = train_pixel({**args, "recipe": recipe}, console, progress, pretrain_only)
+            metrics = train_pixel({**args, "recipe": recipe, "explicit_keys": explicit}, console, progress,
+                                  pretrain_only)
     except (CLIError, PixelCLIError, CalibrationError, FileNotFoundError, ModuleNotFoundError, ValueError,
             FloatingPointError) as err:
         raise _fail(str(err)) from None
@@ -489,7 +491,8 @@ def sample(
     out: Annotated[Path | None, typer.Option(help="output file: .npy or .csv (vectors), .png (pixel models: a grid "
                                                   "plus .npy beside it) [default: samples.npy / samples.png]")] = None,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
-    steps_from_model: Annotated[bool, typer.Option(help="pixel models: the model's own T steps and learned sigmas")] = True,
+    steps_from_model: Annotated[bool, typer.Option("--steps-from-model", help="pixel models: the model's own T "
+                                                   "steps and learned sigmas (the default unless --steps)")] = False,
     steps: Annotated[int | None, typer.Option(help="pixel models: re-schedule the sampler network to this many steps "
                                                    "with DDPM posterior sigmas (e.g. 1000: the many-step reference)")] = None,
     guidance: Annotated[float, typer.Option(help="pixel models: value guidance lambda >= 0 (x <- x - lambda sigma_t "
@@ -520,14 +523,16 @@ def sample(
         out = out or Path("samples.png")
         if out.suffix not in (".png", ".npy"):
             raise _fail(f"--out must end in .png (a grid; the .npy goes beside it), got {out.name}")
+        if steps is not None and steps_from_model:
+            raise _fail("choose one: --steps-from-model (the model's T and learned sigmas) or --steps N")
         if steps is not None and not 1 <= steps <= det.config.diffusion_steps:
             raise _fail(f"--steps must be in [1, {det.config.diffusion_steps}], got {steps}")
-        n_steps = steps if steps is not None or steps_from_model else det.config.n_steps
         try:
-            png, npy = sample_pixel(det, n, out, n_steps, guidance, seed)
-        except ValueError as err:
-            raise _fail(str(err)) from None
-        used = f"{steps} re-scheduled steps" if steps is not None else f"the model's T={det.config.n_steps} steps"
+            png, npy = sample_pixel(det, n, out, steps, guidance, seed)
+        except (ValueError, OSError) as err:
+            raise _fail(f"sampling failed: {err}") from None
+        used = (f"{steps} re-scheduled steps, DDPM posterior sigmas" if steps is not None
+                else f"the model's T={det.config.n_steps} steps and learned sigmas")
         console.print(f"wrote {n} images ({used}, guidance {guidance:g}) to {png} and {npy}", highlight=False)
         return
     out = out or Path("samples.npy")
@@ -535,6 +540,8 @@ def sample(
         raise _fail(f"--out must end in .npy or .csv, got {out.name}")
     if steps is not None or guidance:
         raise _fail("--steps and --guidance are for pixel-mode models")
+    if start is not None and not isinstance(det, ImageDetector):
+        raise _fail("--start is for feature-mode image models (their sampler refines perturbed features)")
     if isinstance(det, ImageDetector):
         if start is None:
             raise _fail("a feature-mode image model samples feature vectors by refining perturbed training "
@@ -542,7 +549,10 @@ def sample(
         xs = _sample_feature_vectors(det, start, n, seed)
     else:
         xs = det.sample(n, random_state=seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _fail(f"cannot write {out}: {err}") from None
     if out.suffix == ".npy":
         tmp = out.with_name(f".{out.name}.tmp.npy")
         np.save(tmp, xs)
@@ -569,11 +579,20 @@ def _sample_feature_vectors(det: Any, start: Path, n: int, seed: int) -> Any:
         samples = list_normal_dir(start, "start")
     except (FileNotFoundError, ValueError) as err:
         raise _fail(str(err)) from None
-    feats = []
-    for _, images, _, _ in iter_batches(samples, det.features.image_size, 16):
-        if len(images):
-            f = det._extractor()(images)  # (b, D, h, w)
-            feats.append(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]))
+    from dxmi_ad.features.extractor import PretrainedWeightsError
+
+    feats, skipped = [], []
+    try:
+        for _, images, _, errs in iter_batches(samples, det.features.image_size, 16):
+            skipped += [str(samples[i].path) for i in errs]
+            if len(images):
+                f = det._extractor()(images)  # (b, D, h, w)
+                feats.append(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]))
+    except (FileNotFoundError, PretrainedWeightsError) as err:
+        raise _fail(str(err)) from None
+    if skipped:
+        err_console.print(f"[yellow]warning:[/] {len(skipped)} unreadable file(s) in --start left out: "
+                          f"{', '.join(skipped[:5])}", highlight=False)
     if not feats:
         raise _fail(f"no readable images in {start}")
     bank = torch.cat(feats)
@@ -678,8 +697,16 @@ def extract_features(
 
 
 def _load_image_model(model: Path) -> Any:
+    from dxmi_ad.checkpoint import CONFIG_FILE
     from dxmi_ad.image import ImageDetector
 
+    try:
+        kind = json.loads((model / CONFIG_FILE).read_text(encoding="utf-8")).get("kind")
+    except (OSError, ValueError, AttributeError):
+        kind = None
+    if kind == "PixelDetector":
+        raise _fail(f"{model} is a pixel-mode model: its metrics are in {model / 'metrics.json'}; use `dxmi-ad "
+                    "sample` to generate, `dxmi-ad calibrate` to re-calibrate, or PixelDetector.predict in Python")
     try:
         return ImageDetector.load(model)
     except (FileNotFoundError, ValueError) as err:
@@ -738,16 +765,22 @@ def calibrate(
     from dxmi_ad.cli import images
     from dxmi_ad.image import BadFilesError, ImageDetector
 
+    from dxmi_ad.cli.pixel import PixelCLIError, calibrate_pixel
+    from dxmi_ad.pixel import PixelDetector
+
     try:
         det = dxmi_ad.load(model)
-        if isinstance(det, ImageDetector):
+        if isinstance(det, (ImageDetector, PixelDetector)):
             if calibration_csv is not None:
                 raise CLIError("--calibration-csv is for vector models; pass --calibration-dir for an image model")
             calibration, validation = images.calibration_inputs(
                 {"fpr": fpr, "fdr": fdr, "calibration_dir": calibration_dir, "validation_dir": validation_dir,
                  "calibration_fraction": None})
-            cal = det.calibrate(calibration or None, fpr=fpr, fdr=fdr, validation=validation,
-                                skip_bad_files=skip_bad_files)
+            if isinstance(det, PixelDetector):
+                cal = calibrate_pixel(det, calibration, validation, fpr, fdr, skip_bad_files)
+            else:
+                cal = det.calibrate(calibration or None, fpr=fpr, fdr=fdr, validation=validation,
+                                    skip_bad_files=skip_bad_files)
         else:
             if calibration_dir is not None or validation_dir is not None:
                 raise CLIError("this is a vector model: pass --calibration-csv (normal rows), not image folders")
@@ -761,7 +794,8 @@ def calibrate(
             det.calibrate(X, fpr=fpr, fdr=fdr)
             cal = det.calibration_
         cal.save(model)
-    except (CLIError, ImageCLIError, BadFilesError, CalibrationError, FileNotFoundError, ValueError) as err:
+    except (CLIError, ImageCLIError, PixelCLIError, BadFilesError, CalibrationError, FileNotFoundError,
+            ValueError) as err:
         raise _fail(str(err)) from None
     console.print(f"calibrated {model}: {cal.describe()}", highlight=False)
     stale = [p.name for p in (model / "model.onnx", model / "model.pt", model / "report.html") if p.exists()]

@@ -67,32 +67,51 @@ def load_pixel_split(dataset: str, normal_class: int, seed: int, data_root: Path
     raise PixelCLIError(msg)
 
 
+def read_samples(samples: list, size: int, skip_bad_files: bool = False, what: str = "images"
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Read listed image files as ``(images (n, 3, S, S) float32 in [0, 1], labels (n,), masks (n, S, S) bool)``.
+
+    Raises:
+        PixelCLIError: Unreadable files (all named) unless ``skip_bad_files``.
+    """
+    from dxmi_ad.image import BadFilesError, iter_batches
+
+    imgs, labels, masks, errors = [], [], [], {}
+    for idx, images, m, errs in iter_batches(samples, size, 64):
+        errors.update({samples[i].path: r for i, r in errs.items()})
+        imgs.append(images.numpy())
+        masks.append(m.numpy())
+        labels.extend(samples[i].label for i in idx)
+    if errors and not skip_bad_files:
+        raise PixelCLIError(str(BadFilesError(errors, what)))
+    cat = lambda xs, shape: np.concatenate(xs) if xs else np.zeros(shape, np.float32)  # noqa: E731
+    return (cat(imgs, (0, 3, size, size)).astype(np.float32), np.asarray(labels, int),
+            cat(masks, (0, size, size)).astype(bool))
+
+
 def _image_folder_split(dataset: str, data_root: Path | None, category: str, size: int) -> PixelSplit:
     from dxmi_ad.cli.images import ImageCLIError, list_dataset
-    from dxmi_ad.image import BadFilesError, iter_batches
 
     try:
         samples, desc = list_dataset(dataset, data_root, category)
     except ImageCLIError as err:
         raise PixelCLIError(str(err)) from err
-    out: dict[str, list] = {"train": [], "test": []}
-    labels, masks = [], []
-    for split in ("train", "test"):
-        chosen = [s for s in samples if s.split == split]
-        errors: dict = {}
-        for idx, images, m, errs in iter_batches(chosen, size, 64):
-            errors.update({chosen[i].path: r for i, r in errs.items()})
-            out[split].append(images.numpy())
-            if split == "test":
-                labels.extend(chosen[i].label for i in idx)
-                masks.append(m.numpy())
-        if errors:
-            raise PixelCLIError(str(BadFilesError(errors, f"{split} set")))
-    cat = lambda xs, shape: np.concatenate(xs) if xs else np.zeros(shape, np.float32)  # noqa: E731
-    test = cat(out["test"], (0, 3, size, size))
-    mask = cat(masks, (0, size, size)).astype(bool)
-    return PixelSplit(cat(out["train"], (0, 3, size, size)), test, np.asarray(labels, int), mask,
-                      f"{dataset} ({desc})")
+    train, _, _ = read_samples([s for s in samples if s.split == "train"], size, what="train set")
+    test, label, mask = read_samples([s for s in samples if s.split == "test"], size, what="test set")
+    return PixelSplit(train, test, label, mask, f"{dataset} ({desc})")
+
+
+def calibrate_pixel(det: Any, calibration: list | None, validation: list | None, fpr: float | None,
+                    fdr: float | None, skip_bad_files: bool) -> Any:
+    """Re-calibrate a :class:`~dxmi_ad.pixel.PixelDetector` from listed normal images (or its stored scores) and an
+    optional labelled validation list; returns the new calibration."""
+    size = det.config.image_size
+    images = read_samples(calibration, size, skip_bad_files, "calibration set")[0] if calibration else None
+    val = None
+    if validation:
+        v_images, v_labels, _ = read_samples(validation, size, skip_bad_files, "validation set")
+        val = (v_images, v_labels)
+    return det.calibrate(images, fpr=fpr, fdr=fdr, validation=val)
 
 
 def default_pixel_recipe(dataset: str, normal_class: int) -> Path:
@@ -212,18 +231,31 @@ def train_pixel(args: dict[str, Any], console: Any, progress: Any, pretrain_only
     model_cfg.setdefault("image_size", shape[-1])
     model_cfg.setdefault("image_channels", channels)
     model_cfg["seed"] = args["seed"]
+    data = {"dataset": args["dataset"], "normal_class": args["normal_class"], "seed": args["seed"],
+            "category": args.get("category", "all"), "data_root": str(args.get("data_root") or "")}
     try:
         config = pixel_config(model_cfg.pop("image_channels"), model_cfg.pop("image_size"), **model_cfg)
     except ValueError as err:
         raise PixelCLIError(f"invalid pixel recipe: {err}") from err
-    runtime = Runtime(**recipe["runtime"]) if recipe.get("runtime") else None
-    det = PixelDetector(config, runtime)
     init = None
     if args.get("init_sampler") is not None:
         try:
             init = PixelDetector.load(args["init_sampler"])
         except (FileNotFoundError, ValueError) as err:
             raise PixelCLIError(f"--init-sampler: {err}") from err
+        # the network's shape comes from the pre-trained sampler unless --set says otherwise
+        explicit = set(args.get("explicit_keys") or ())
+        shape = {k: getattr(init.config, k) for k in NETWORK_KEYS if k not in explicit}
+        try:
+            config = config.replace(**shape, dim=shape.get("image_channels", config.image_channels)
+                                    * shape.get("image_size", config.image_size) ** 2)
+        except ValueError as err:
+            raise PixelCLIError(f"--init-sampler: {err}") from err
+        for warning in provenance_warnings(init.data, data):
+            console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    runtime = Runtime(**recipe["runtime"]) if recipe.get("runtime") else None
+    det = PixelDetector(config, runtime)
+    det.data = data
     console.print(f"[bold]dxmi-ad {'pretrain-sampler' if pretrain_only else 'train'}[/] pixel mode, "
                   f"dataset={split.name} train={tuple(split.train.shape)} test={tuple(split.test.shape)} "
                   f"T={config.n_steps}" + (f" init-sampler={args['init_sampler']}" if init is not None else ""))
@@ -234,7 +266,9 @@ def train_pixel(args: dict[str, Any], console: Any, progress: Any, pretrain_only
                 det.pretrain(split.train, progress)
             else:
                 frac = args.get("calibration_fraction")
-                det.fit(split.train, calibration=0.2 if frac is None else frac, fpr=args.get("fpr"),
+                if frac is None:  # generation runs (all classes, no test split) keep every image for training
+                    frac = 0.0 if not len(split.test) else 0.2
+                det.fit(split.train, calibration=frac, fpr=args.get("fpr"),
                         fdr=args.get("fdr"), init_sampler=init, progress=progress)
     except ValueError as err:
         raise PixelCLIError(str(err)) from err
@@ -242,7 +276,12 @@ def train_pixel(args: dict[str, Any], console: Any, progress: Any, pretrain_only
     if not is_global_zero():
         return {}
     metrics = {"mode": "pixel", "stage": det.stage, "train_seconds": round(seconds, 2), "recipe": recipe,
-               **({} if pretrain_only else pixel_metrics(det, split))}
+               "config": det.config.to_dict()}
+    if not pretrain_only:
+        try:
+            metrics.update(pixel_metrics(det, split))
+        except ValueError as err:  # e.g. non-finite energies: keep the trained model, say what failed
+            metrics["error"] = f"evaluation failed: {err}"
     if pretrain_only:
         metrics.update(dataset=split.name, n_train=int(len(split.train)))
     grid = det.sample(64, seed=args["seed"])
@@ -255,12 +294,35 @@ def train_pixel(args: dict[str, Any], console: Any, progress: Any, pretrain_only
     return metrics
 
 
+NETWORK_KEYS = ("image_channels", "image_size", "unet_channels", "unet_levels", "time_dim", "diffusion_steps")
+
+
+def provenance_warnings(pretrained: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """Warnings about a pre-trained sampler that saw other data than this run (test leakage, other split)."""
+    if not pretrained:
+        return ["the pre-trained sampler does not record its training data; make sure it saw no test images"]
+    out = []
+    if pretrained.get("dataset") != now["dataset"]:
+        out.append(f"the pre-trained sampler was trained on {pretrained.get('dataset')!r}, this run uses "
+                   f"{now['dataset']!r}")
+    elif now["normal_class"] != -1 and pretrained.get("normal_class") == -1:
+        out.append("the pre-trained sampler saw every class, including this run's test anomalies: the AUROC is "
+                   "optimistic; pre-train with the same --normal-class for an honest anomaly-detection run")
+    elif pretrained.get("normal_class") != now["normal_class"]:
+        out.append(f"the pre-trained sampler learned class {pretrained.get('normal_class')}, this run's normal "
+                   f"class is {now['normal_class']}")
+    elif now["normal_class"] != -1 and pretrained.get("seed") != now["seed"]:
+        out.append(f"the pre-trained sampler used --seed {pretrained.get('seed')} (another train/test split); "
+                   f"this run uses --seed {now['seed']}: its test images may have been seen")
+    return out
+
+
 def sample_pixel(det: Any, n: int, out: Path, steps: int | None, guidance: float, seed: int) -> tuple[Path, Path]:
     """Generate ``n`` images, write ``out`` (a PNG grid) and ``out`` with ``.npy`` (``(n, C, S, S)`` float32 in
     [0, 1]); returns both paths."""
-    images = det.sample(n, steps=steps, guidance=guidance, seed=seed)
     png, npy = out.with_suffix(".png"), out.with_suffix(".npy")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)  # before sampling: a bad path fails fast
+    images = det.sample(n, steps=steps, guidance=guidance, seed=seed)
     write_grid(images, png)
     save_npy(images, npy)
     return png, npy

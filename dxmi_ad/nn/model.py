@@ -61,8 +61,8 @@ class DxMIModel(nn.Module):
         if c.initial == "autoencoder":
             self.initial_ae = copy.deepcopy(self.energy)
             self.initial_ae.requires_grad_(False)
-        # AVR initialised from the sampler's noise levels (s_t^2 <- sigma_t^2), PAPER.md §2.3.
-        self.register_buffer("velocity_scale_sq", self.sampler.sigmas().detach().pow(2).clone())
+        # AVR initialised from the sampler's noise levels (PAPER.md §2.3; the pixel sampler: its forward betas).
+        self.register_buffer("velocity_scale_sq", self.sampler.initial_velocity_scale_sq())
 
     def freeze_initial(self) -> None:
         """Copy the (pretrained) energy autoencoder into the frozen start network (pitfall 17)."""

@@ -102,6 +102,11 @@ class StepSampler(nn.Module):
         """The learnable log-sigmas (their own optimizer group, 100x the sampler lr by default; PAPER.md §2.5)."""
         return [self.log_sigma]
 
+    def initial_velocity_scale_sq(self) -> torch.Tensor:
+        """Initial AVR ``s_t^2``, shape ``(T,)``: the sampler's noise levels ``sigma_t^2`` ("s_t <- sigma_t",
+        PAPER.md §2.3)."""
+        return self.sigmas().detach().pow(2).clone()
+
     def mean_parameters(self) -> list[nn.Parameter]:
         """Parameters of the mean network."""
         return list(self.net.parameters())
@@ -318,6 +323,12 @@ class PixelSampler(StepSampler):
         ab, ab_prev = self.level_alpha_bar[i], self.level_alpha_bar[i - 1]
         beta = 1 - ab / ab_prev
         return ((1 - ab_prev) / (1 - ab) * beta).clamp(min=0).sqrt().clamp(min=self.last_sigma)
+
+    def initial_velocity_scale_sq(self) -> torch.Tensor:
+        """Initial AVR ``s_t^2``, shape ``(T,)``: the re-scheduled chain's forward betas in RL order (the reference
+        image trainer's ``betas_for_q = user_defined_eta``, PAPER.md §2.3), not the smaller posterior variances."""
+        i = torch.arange(self.n_steps, 0, -1)
+        return (1 - self.level_alpha_bar[i] / self.level_alpha_bar[i - 1]).detach().clone()
 
     def mean(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Mean ``mu(x_t, t)``: ``(B, C, H, W)`` states and ``(B,)`` integer steps in ``[0, T-1]`` -> ``(B, C, H, W)``."""

@@ -215,7 +215,7 @@ class DxDPTrainer:
                 if c.time_cost == "none":  # EV trainer: running costs in the target (Eq. 10)
                     cost = running_cost(x_t, x_next, log_sigma, s2[t_vec], c.entropy_weight, c.velocity_weight)
                 else:  # image variant: the time cost R(t) replaces them in the target only (Eq. 12)
-                    cost = time_cost(t_vec, T, c.time_cost, c.time_cost_scale).to(x_t.dtype)
+                    cost = time_cost(t_vec, T, c.time_cost, c.effective_time_cost_scale).to(x_t.dtype)
                 target = td_target(self._next_cost(x_next, t_vec), cost)
             value.train()
             self.opt_value.zero_grad(set_to_none=True)
@@ -359,5 +359,5 @@ def pretrain_sampler(
         if callback is not None:
             callback(i, losses[-1])
     sampler.eval()
-    model.velocity_scale_sq.copy_(sampler.sigmas().detach().pow(2))
+    model.velocity_scale_sq.copy_(sampler.initial_velocity_scale_sq())
     return losses
