@@ -382,5 +382,7 @@ class PixelDetector:
         det.stage = meta.get("stage", "dxmi")
         det.history = meta.get("history", [])
         det.data = dict(meta.get("data") or {})
-        det.calibration = Calibration.load_if_present(directory, warn=det.stage == "dxmi")
+        # generation runs (all classes, no held-out images) are not calibrated on purpose: no warning for them
+        det.calibration = Calibration.load_if_present(
+            directory, warn=det.stage == "dxmi" and det.data.get("normal_class") != -1)
         return det

@@ -174,6 +174,9 @@ def test_cli_pretrain_train_sample_cycle(tmp_path):
     assert r.exit_code == 0 and "50 re-scheduled steps" in r.output, r.output
     r = runner.invoke(app, ["sample", "--model", str(run), "--steps", "5000", "--out", str(tmp_path / "x.png")])
     assert r.exit_code == 2 and "--steps must be in" in r.output
+    r = runner.invoke(app, ["train", "--mode", "pixel", "--init-sampler", str(pre), "--dataset", "mnist",
+                            "--out", str(tmp_path / "m")])
+    assert r.exit_code == 2 and "pre-trained on 'digits'" in " ".join(r.output.split())
     r = runner.invoke(app, ["train", "--init-sampler", str(pre), "--dataset", "digits", "--out", str(tmp_path / "z")])
     assert r.exit_code == 2 and "--mode pixel" in r.output
     # without network keys the pre-trained sampler's shape is used; a sampler that saw every class is warned about

@@ -251,6 +251,11 @@ def train_pixel(args: dict[str, Any], console: Any, progress: Any, pretrain_only
                                     * shape.get("image_size", config.image_size) ** 2)
         except ValueError as err:
             raise PixelCLIError(f"--init-sampler: {err}") from err
+        if init.data and init.data.get("dataset") != data["dataset"]:
+            msg = (f"--init-sampler: {args['init_sampler']} was pre-trained on {init.data.get('dataset')!r} "
+                   f"({init.config.image_channels}x{init.config.image_size}x{init.config.image_size}), this run "
+                   f"uses {data['dataset']!r}: pre-train on the same dataset")
+            raise PixelCLIError(msg)
         for warning in provenance_warnings(init.data, data):
             console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     runtime = Runtime(**recipe["runtime"]) if recipe.get("runtime") else None
