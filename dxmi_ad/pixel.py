@@ -18,7 +18,6 @@ images are scaled to [-1, 1] as in the reference code.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,7 +33,6 @@ from dxmi_ad.training.fit import build_model, restore_model, train_model
 
 __all__ = ["PIXEL_DEFAULTS", "PixelDetector", "pixel_config"]
 
-log = logging.getLogger(__name__)
 
 #: The image-generation settings of the paper (PAPER.md §4.1, CIFAR-10 T10 column) with CPU-sized networks and
 #: learning rates (the paper fine-tunes a large pre-trained DDPM at sampler lr 1e-7 for 200 epochs on GPUs).
@@ -278,26 +276,33 @@ class PixelDetector:
         x = self.to_model_input(images)
         return self._trained().score(x, batch_size).double().numpy()
 
-    def anomaly_map(self, images: Any, batch_size: int = 256) -> np.ndarray:
-        """Input-gradient anomaly maps ``(N, S, S)`` float32: ``sum_c |dE/dx_c|`` (see the module docstring)."""
+    def _energy_and_map(self, x: torch.Tensor, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """One forward/backward pass over model inputs ``(N, C, S, S)``: energies ``(N,)`` float64 and input-gradient
+        maps ``(N, S, S)`` float32."""
         model = self._trained()
-        x = self.to_model_input(images)
         model.eval()
-        maps = []
+        energies, maps = [], []
         for chunk in x.split(batch_size):
             chunk = chunk.clone().requires_grad_(True)
             with torch.enable_grad():
-                (grad,) = torch.autograd.grad(model.energy(chunk).sum(), chunk)
+                e = model.energy(chunk)
+                (grad,) = torch.autograd.grad(e.sum(), chunk)
+            energies.append(e.detach().double())
             maps.append(grad.abs().sum(1))
-        return torch.cat(maps).numpy() if maps else np.zeros((0, self.config.image_size, self.config.image_size),
-                                                                np.float32)
+        if not maps:
+            return np.zeros(0), np.zeros((0, self.config.image_size, self.config.image_size), np.float32)
+        return torch.cat(energies).numpy(), torch.cat(maps).numpy()
 
-    def predict(self, images: Any) -> dict[str, np.ndarray]:
+    def anomaly_map(self, images: Any, batch_size: int = 256) -> np.ndarray:
+        """Input-gradient anomaly maps ``(N, S, S)`` float32: ``sum_c |dE/dx_c|`` (see the module docstring)."""
+        return self._energy_and_map(self.to_model_input(images), batch_size)[1]
+
+    def predict(self, images: Any, batch_size: int = 256) -> dict[str, np.ndarray]:
         """Score a batch: ``pred_score`` ``(N,)``, ``anomaly_map`` ``(N, S, S)`` and, once calibrated,
         ``pred_label`` ``(N,)`` bool, ``p_value`` ``(N,)`` in (0, 1], ``normalized_score`` ``(N,)`` in [0, 1]
-        (threshold at 0.5)."""
-        s = self.energy(images)
-        out: dict[str, np.ndarray] = {"pred_score": s, "anomaly_map": self.anomaly_map(images)}
+        (threshold at 0.5). Raises ``ValueError`` for bad images (see :meth:`to_model_input`)."""
+        s, amap = self._energy_and_map(self.to_model_input(images), batch_size)
+        out: dict[str, np.ndarray] = {"pred_score": s, "anomaly_map": amap}
         if self.calibration is not None:
             out.update(pred_label=self.calibration.decide(s), p_value=self.calibration.p_values(s),
                        normalized_score=self.calibration.normalized(s))
