@@ -85,11 +85,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = {}
-    digits_params = yaml.safe_load((ROOT / "recipes" / "digits.yaml").read_text())
+    digits_params = yaml.safe_load((ROOT / "dxmi_ad" / "recipes" / "digits.yaml").read_text())
     checks, seconds = digits_checks(digits_params, args.splits)
     rows["digits (10 classes, recipes/digits.yaml)"] = {**summarize_checks(checks, FPR, FDR), "seconds": seconds}
     if not args.skip_textures:
-        recipe = yaml.safe_load((ROOT / "recipes" / "textures.yaml").read_text())
+        recipe = yaml.safe_load((ROOT / "dxmi_ad" / "recipes" / "textures.yaml").read_text())
         checks, seconds = texture_checks(recipe, args.splits)
         rows["textures (pooled, recipes/textures.yaml)"] = {**summarize_checks(checks, FPR, FDR), "seconds": seconds}
     table = pd.DataFrame(rows).T

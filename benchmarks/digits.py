@@ -29,7 +29,7 @@ from dxmi_ad import DxMIDetector
 from dxmi_ad.data.tabular import OneClassSplit, digits_split, odds_split
 from dxmi_ad.metrics import auroc
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "digits.yaml"
+RECIPE = Path(__file__).resolve().parents[1] / "dxmi_ad" / "recipes" / "digits.yaml"
 
 
 def mahalanobis_scores(train: np.ndarray, test: np.ndarray) -> np.ndarray:

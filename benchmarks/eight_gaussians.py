@@ -22,7 +22,7 @@ from dxmi_ad import DxMIDetector
 from dxmi_ad.data.synthetic import eight_gaussians, uniform_box
 from dxmi_ad.metrics import auroc, sliced_wasserstein
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "eight_gaussians.yaml"
+RECIPE = Path(__file__).resolve().parents[1] / "dxmi_ad" / "recipes" / "eight_gaussians.yaml"
 # (label, pretrain, tau, paper SW, paper AUC) -- PAPER.md §3.1 Table 1
 ROWS = [
     ("DDPM T=5 (pretrained sampler alone)", True, None, 0.967, None),

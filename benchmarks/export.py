@@ -51,7 +51,7 @@ def main() -> None:
     if args.model:
         det = dxmi_ad.load(args.model)
     else:
-        recipe = yaml.safe_load((ROOT / "recipes" / "textures.yaml").read_text())
+        recipe = yaml.safe_load((ROOT / "dxmi_ad" / "recipes" / "textures.yaml").read_text())
         feats = FeatureSettings(**{**recipe["features"], "out_indices": tuple(recipe["features"]["out_indices"])})
         det = ImageDetector(DxMIConfig.from_dict(recipe["model"]), feats).fit(samples)
     size = det.features.image_size

@@ -29,7 +29,7 @@ from dxmi_ad.evaluation import metrics_table
 from dxmi_ad.features.extractor import lite0_state_dict
 from dxmi_ad.image import FeatureSettings, ImageDetector, iter_batches
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "textures.yaml"
+RECIPE = Path(__file__).resolve().parents[1] / "dxmi_ad" / "recipes" / "textures.yaml"
 
 
 def _dxmi(samples: list, test: list, model: dict, feats: dict) -> tuple[pd.DataFrame, float, float]:

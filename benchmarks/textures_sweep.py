@@ -32,7 +32,7 @@ from dxmi_ad.evaluation import metrics_table
 from dxmi_ad.image import FeatureSettings, ImageDetector, extract_training_features, iter_batches
 from dxmi_ad.training.fit import train_model
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "textures.yaml"
+RECIPE = Path(__file__).resolve().parents[1] / "dxmi_ad" / "recipes" / "textures.yaml"
 
 # name -> overrides of the recipe's model section for the DxMI stage
 VARIANTS: dict[str, dict] = {

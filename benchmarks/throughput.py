@@ -80,7 +80,7 @@ import resource, numpy as np, torch, yaml, tempfile, os
 from dxmi_ad.config import DxMIConfig
 from dxmi_ad.training.fit import train_model
 torch.set_num_threads(1)
-recipe = yaml.safe_load(open({str(ROOT / 'recipes' / 'textures.yaml')!r}))
+recipe = yaml.safe_load(open({str(ROOT / "dxmi_ad" / "recipes" / "textures.yaml")!r}))
 n = 495 * 196 * {scale}
 with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, "f.npy")
@@ -113,7 +113,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    recipe = yaml.safe_load((ROOT / "recipes" / "textures.yaml").read_text())
+    recipe = yaml.safe_load((ROOT / "dxmi_ad" / "recipes" / "textures.yaml").read_text())
     cpu_default = {**recipe["model"], "dim": 192, "spherical": True, "ae_pretrain_iter": 0, "n_iter": 0}
     bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported() or device.type == "cpu"
     rows = {}

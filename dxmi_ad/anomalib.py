@@ -52,11 +52,12 @@ from dxmi_ad.features.extractor import FeatureExtractor
 from dxmi_ad.image import score_maps
 from dxmi_ad.nn.model import DxMIModel
 from dxmi_ad.training.dxdp import AutoencoderPretrainer, DxDPTrainer, _batches
+from dxmi_ad import recipes
 from dxmi_ad.training.fit import build_model
 
 __all__ = ["Dxmi", "DxmiTorchModel"]
 
-DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "textures.yaml"
+DEFAULT_RECIPE = recipes.path("textures")
 
 
 class DxmiTorchModel(nn.Module):
@@ -96,7 +97,7 @@ class Dxmi(AnomalibModule):
         image_size: Side of the square model input (the pre-processor resizes to it).
         pretrained: ImageNet weights (False: random, only on purpose).
         weights: Backbone weights file.
-        recipe: Image recipe YAML whose ``model`` section sets the DxMI config (default ``recipes/textures.yaml``).
+        recipe: Image recipe YAML whose ``model`` section sets the DxMI config (a path or a shipped recipe name; default ``textures``, :mod:`dxmi_ad.recipes`).
         model_overrides: DxMIConfig fields applied over the recipe (e.g. ``{"ae_pretrain_iter": 500}``).
         updates_per_batch: Optimizer updates per training batch (default: the batch's vectors / ``batch_size``,
             i.e. about one pass over them).
@@ -128,7 +129,7 @@ class Dxmi(AnomalibModule):
                          visualizer=visualizer)
         self.automatic_optimization = False
         extractor = FeatureExtractor(backbone, tuple(out_indices), pretrained, weights)
-        params = dict(read_yaml_mapping(Path(recipe) if recipe else DEFAULT_RECIPE).get("model") or {})
+        params = dict(read_yaml_mapping(recipes.resolve(recipe) if recipe else DEFAULT_RECIPE).get("model") or {})
         params.update(model_overrides or {})
         self.dxmi_config = DxMIConfig.from_dict({**params, "dim": extractor.channels, "seed": seed})
         self.model = DxmiTorchModel(extractor, build_model(self.dxmi_config))

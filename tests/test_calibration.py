@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from scipy.stats import false_discovery_control
 
+from dxmi_ad import recipes
 from dxmi_ad.calibration import (
     Calibration,
     CalibrationError,
@@ -159,7 +160,7 @@ def test_promises_hold_on_textures(tmp_path_factory):
     from dxmi_ad.data.textures import write_textures
     from dxmi_ad.image import FeatureSettings, ImageDetector
 
-    recipe = yaml.safe_load(open("recipes/textures.yaml"))
+    recipe = yaml.safe_load(open(recipes.path("textures")))
     recipe["model"].update(ae_pretrain_iter=300, n_iter=0)  # the calibration argument holds for any fixed scorer
     feats = FeatureSettings(**{**recipe["features"], "out_indices": tuple(recipe["features"]["out_indices"])})
     samples = list_mvtec(write_textures())

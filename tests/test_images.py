@@ -14,6 +14,7 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
+from dxmi_ad import recipes
 from dxmi_ad.cli.main import app
 from dxmi_ad.report import PLOTS
 from dxmi_ad.data.images import ImageReadError, load_image, load_mask
@@ -36,7 +37,7 @@ def tree(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_recipe(tmp_path_factory):
     path = tmp_path_factory.mktemp("recipe") / "tiny.yaml"
-    recipe = yaml.safe_load(open("recipes/textures.yaml"))
+    recipe = yaml.safe_load(open(recipes.path("textures")))
     recipe["features"]["image_size"] = 96
     recipe["model"].update(sampler_hidden=32, value_hidden=32, energy_hidden=64, latent_dim=16, batch_size=128,
                            ae_pretrain_iter=150, n_iter=10, warmup_iter=2)

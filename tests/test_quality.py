@@ -18,7 +18,7 @@ from dxmi_ad.data.synthetic import eight_gaussians, uniform_box
 from dxmi_ad.data.tabular import digits_split
 from dxmi_ad.metrics import auroc
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = Path(__file__).resolve().parents[1] / "dxmi_ad" / "recipes"
 
 
 def _eight_gaussians_auc(tau: float, n_iter: int) -> float:

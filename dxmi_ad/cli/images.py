@@ -36,8 +36,10 @@ def load_image_recipe(path: Path | None, sets: dict[str, Any]) -> dict[str, Any]
     from dxmi_ad.config import DxMIConfig
     from dxmi_ad.image import FeatureSettings
 
-    path = path or Path(__file__).resolve().parents[2] / "recipes" / "textures.yaml"
+    from dxmi_ad import recipes
+
     try:
+        path = recipes.resolve(path) if path is not None else recipes.path("textures")
         recipe = read_yaml_mapping(path)
     except (FileNotFoundError, ValueError) as err:
         raise ImageCLIError(str(err)) from err

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from dxmi_ad import recipes
 from dxmi_ad.checkpoint import atomic_directory, read_yaml_mapping
 from dxmi_ad.cli.images import IMAGE_DATASETS, ImageCLIError
 
@@ -24,7 +25,6 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="Anomaly dete
 console = Console()
 err_console = Console(stderr=True)
 
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"  # the repository's recipes/ (editable install)
 DATASETS = ("textures", "mvtec", "folder", "digits", "mnist", "eight-gaussians", "wbc", "wine", "csv:PATH")
 DEFAULT_DATASET = "textures"
 
@@ -85,8 +85,9 @@ def load_recipe(path: Path | None, dataset: str, sets: list[str]) -> dict[str, A
 
     if path is None:
         stem = "eight_gaussians" if dataset == "eight-gaussians" else "digits"
-        path = RECIPES / f"{stem}.yaml"
+        path = recipes.path(stem)
     try:
+        path = recipes.resolve(path)
         recipe = read_yaml_mapping(path)
     except (FileNotFoundError, ValueError) as err:
         raise CLIError(str(err)) from err

@@ -14,10 +14,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from dxmi_ad import recipes
 from dxmi_ad.checkpoint import atomic_directory, atomic_replace, read_yaml_mapping
 
 PIXEL_DATASETS = ("digits", "mnist", "textures", "mvtec", "folder")
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 
 class PixelCLIError(Exception):
@@ -120,8 +120,8 @@ def default_pixel_recipe(dataset: str, normal_class: int) -> Path:
     ``pretrain-sampler`` and ``train --init-sampler`` pick the same file for the same class choice, so their
     networks fit."""
     if dataset in ("digits", "mnist"):
-        return RECIPES / (f"pixel_{dataset}.yaml" if normal_class == -1 else f"pixel_{dataset}_ad.yaml")
-    return RECIPES / "pixel_textures.yaml"
+        return recipes.path(f"pixel_{dataset}" if normal_class == -1 else f"pixel_{dataset}_ad")
+    return recipes.path("pixel_textures")
 
 
 def load_pixel_recipe(path: Path | None, dataset: str, sets: dict[str, Any], normal_class: int = -1) -> dict[str, Any]:
@@ -136,7 +136,7 @@ def load_pixel_recipe(path: Path | None, dataset: str, sets: dict[str, Any], nor
 
     default = default_pixel_recipe(dataset, normal_class)
     try:
-        recipe = dict(read_yaml_mapping(path or default))
+        recipe = dict(read_yaml_mapping(recipes.resolve(path) if path is not None else default))
     except (FileNotFoundError, ValueError) as err:
         raise PixelCLIError(str(err)) from err
     runtime = recipe.pop("runtime", None)
