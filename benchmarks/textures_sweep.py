@@ -29,7 +29,7 @@ from dxmi_ad.config import DxMIConfig
 from dxmi_ad.data.mvtec import list_mvtec
 from dxmi_ad.data.textures import write_textures
 from dxmi_ad.evaluation import metrics_table
-from dxmi_ad.image import FeatureSettings, ImageDetector, extract_training_features, iter_batches
+from dxmi_ad.image import FeatureSettings, ImageDetector, extract_training_features, features_and_masks
 from dxmi_ad.training.fit import train_model
 
 RECIPE = Path(__file__).resolve().parents[1] / "dxmi_ad" / "recipes" / "textures.yaml"
@@ -51,16 +51,6 @@ VARIANTS: dict[str, dict] = {
 }
 
 
-def _test_features(test: list, det: ImageDetector) -> tuple[torch.Tensor, np.ndarray]:
-    extractor = det._extractor()
-    size = det.features.image_size
-    feats, masks = [], np.zeros((len(test), size, size), bool)
-    for idx, images, m, _ in iter_batches(test, size, 32):
-        feats.append(extractor(images))
-        masks[idx] = m.numpy()
-    return torch.cat(feats), masks
-
-
 def main() -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -77,7 +67,7 @@ def main() -> None:
     test = [s for s in samples if s.split == "test"]
     probe = ImageDetector(DxMIConfig.from_dict(recipe["model"]), feats)
     train_feats, _ = extract_training_features(train, feats, probe._extractor())
-    test_feats, masks = _test_features(test, probe)
+    test_feats, masks = features_and_masks(test, probe._extractor(), feats.image_size)
     n, h, w, c = train_feats.shape
     vectors = torch.from_numpy(np.asarray(train_feats).reshape(n * h * w, c))
     size = (feats.image_size, feats.image_size)

@@ -37,10 +37,14 @@ def load(path):
         msg = f"{cfg} not found: {path} is not a dxmi-ad model folder"
         raise FileNotFoundError(msg)
     try:
-        kind = json.loads(cfg.read_text(encoding="utf-8")).get("kind")
-    except (json.JSONDecodeError, AttributeError) as err:
+        meta = json.loads(cfg.read_text(encoding="utf-8"))
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
         msg = f"{cfg} is not a valid model description: {err}"
         raise ValueError(msg) from err
+    if not isinstance(meta, dict):
+        msg = f"{cfg} must hold a JSON object (a model description), got a JSON {type(meta).__name__}"
+        raise ValueError(msg)
+    kind = meta.get("kind")
     if kind == "ImageDetector":
         from dxmi_ad.image import ImageDetector
 

@@ -49,11 +49,11 @@ from torchvision.transforms.v2 import Compose, Resize
 from dxmi_ad.checkpoint import read_yaml_mapping
 from dxmi_ad.config import DxMIConfig
 from dxmi_ad.features.extractor import FeatureExtractor
-from dxmi_ad.image import score_maps
+from dxmi_ad.scoring import MapScorer, ScoringSettings
 from dxmi_ad.nn.model import DxMIModel
 from dxmi_ad.training.dxdp import AutoencoderPretrainer, DxDPTrainer, _batches
 from dxmi_ad import recipes
-from dxmi_ad.training.fit import build_model
+from dxmi_ad.training.fit import StageSchedule, build_model, count_updates, plan_stages, scale_schedule
 
 __all__ = ["Dxmi", "DxmiTorchModel"]
 
@@ -66,12 +66,14 @@ class DxmiTorchModel(nn.Module):
     Args:
         extractor: The frozen feature extractor (input ``(B, 3, H, W)`` in [0, 1]; it applies ImageNet normalization).
         dxmi: The DxMI model on the extractor's ``C``-dimensional location vectors.
+        scoring: Energy-map blur before the maximum (:class:`~dxmi_ad.scoring.ScoringSettings`); default none.
     """
 
-    def __init__(self, extractor: FeatureExtractor, dxmi: DxMIModel) -> None:
+    def __init__(self, extractor: FeatureExtractor, dxmi: DxMIModel, scoring: ScoringSettings | None = None) -> None:
         super().__init__()
         self.extractor = extractor
         self.dxmi = dxmi
+        self.scoring = scoring or ScoringSettings()
 
     def vectors(self, images: torch.Tensor) -> torch.Tensor:
         """Location vectors ``(B * h * w, C)`` of images ``(B, 3, H, W)`` (no gradient: the backbone is frozen)."""
@@ -84,7 +86,8 @@ class DxmiTorchModel(nn.Module):
         Raises:
             ValueError: If ``images`` is not ``(B, 3, H, W)`` (e.g. a grayscale batch; convert to 3 channels).
         """
-        pred_score, amap = score_maps(self.dxmi.energy, self.extractor(images), images.shape[-2:])
+        scorer = MapScorer(self.dxmi.energy, self.scoring)  # the scorer of ImageDetector and the exported graph
+        pred_score, amap = scorer(self.extractor(images), images.shape[-2:])
         return InferenceBatch(pred_score=pred_score, anomaly_map=amap[:, None])
 
 
@@ -99,6 +102,8 @@ class Dxmi(AnomalibModule):
         weights: Backbone weights file.
         recipe: Image recipe YAML whose ``model`` section sets the DxMI config (a path or a shipped recipe name; default ``textures``, :mod:`dxmi_ad.recipes`).
         model_overrides: DxMIConfig fields applied over the recipe (e.g. ``{"ae_pretrain_iter": 500}``).
+        blur_sigma: Gaussian blur of the energy map before the maximum, in grid cells
+            (:class:`~dxmi_ad.scoring.ScoringSettings`); None = the recipe's ``scoring`` section (default 0).
         updates_per_batch: Optimizer updates per training batch (default: the batch's vectors / ``batch_size``,
             i.e. about one pass over them).
         seed: Seed of the networks and of every draw during training.
@@ -117,6 +122,7 @@ class Dxmi(AnomalibModule):
         weights: str | None = None,
         recipe: str | None = None,
         model_overrides: dict[str, Any] | None = None,
+        blur_sigma: float | None = None,
         updates_per_batch: int | None = None,
         seed: int = 0,
         pre_processor: nn.Module | bool = True,
@@ -129,10 +135,21 @@ class Dxmi(AnomalibModule):
                          visualizer=visualizer)
         self.automatic_optimization = False
         extractor = FeatureExtractor(backbone, tuple(out_indices), pretrained, weights)
-        params = dict(read_yaml_mapping(recipes.resolve(recipe) if recipe else DEFAULT_RECIPE).get("model") or {})
+        recipe_map = read_yaml_mapping(recipes.resolve(recipe) if recipe else DEFAULT_RECIPE)
+        params = dict(recipe_map.get("model") or {})
+        scoring = dict(recipe_map.get("scoring") or {})
+        if blur_sigma is not None:
+            scoring["blur_sigma"] = blur_sigma
+        self.scoring = ScoringSettings.from_dict(scoring)
+        self._recipe_params = {**DxMIConfig().to_dict(), **params}  # the schedule scales from these (training_step)
+        self._overrides = dict(model_overrides or {})
         params.update(model_overrides or {})
         self.dxmi_config = DxMIConfig.from_dict({**params, "dim": extractor.channels, "seed": seed})
-        self.model = DxmiTorchModel(extractor, build_model(self.dxmi_config))
+        if self.dxmi_config.energy == "autoencoder":  # bottleneck < feature channels, refused before any training
+            from dxmi_ad.nn.energy import autoencoder_latent_dim
+
+            autoencoder_latent_dim(self.dxmi_config.dim, self.dxmi_config.latent_dim, self.dxmi_config.spherical)
+        self.model = DxmiTorchModel(extractor, build_model(self.dxmi_config), self.scoring)
         self.updates_per_batch = updates_per_batch
         self.features = {"backbone": backbone, "out_indices": tuple(out_indices), "image_size": self.image_size,
                          "pretrained": pretrained, "weights": weights}
@@ -140,6 +157,8 @@ class Dxmi(AnomalibModule):
         self._ae: AutoencoderPretrainer | None = None
         self._dxdp: DxDPTrainer | None = None
         self._pending_state: tuple[dict, dict] | None = None
+        self._sampler_opt: tuple[torch.optim.Optimizer, Any] | None = None
+        self.schedule: StageSchedule | None = None  # set from the trainer at the first training step
         self.register_buffer("updates_done", torch.zeros((), dtype=torch.long))
 
     # ------------------------------------------------------------------ anomalib contract
@@ -163,8 +182,65 @@ class Dxmi(AnomalibModule):
         return
 
     # ------------------------------------------------------------------ training
+    def plan_schedule(self, n_images: int, images_per_batch: int, locations_per_image: int, epochs: int,
+                      drop_last: bool = False, batches_per_epoch: int | None = None) -> StageSchedule:
+        """Fit the recipe's stages into the updates this run will make (:func:`~dxmi_ad.training.fit.scale_schedule`).
+
+        A run makes :func:`~dxmi_ad.training.fit.count_updates` updates (e.g. 100 images in batches of 32 at 224 px
+        for 30 epochs: 750). When that is fewer than the recipe's ``ae_pretrain_iter + sampler_pretrain_iter +
+        n_iter`` (textures: 1000 + 0 + 300), the pre-training stages keep their share of it and DxMI runs the rest
+        (576 + 174 updates, the warm-up scaled to 58); lengths given in ``model_overrides`` are kept as given. An
+        info line says what was scaled. Called by the first :meth:`training_step`; ``dxmi_config`` is updated.
+
+        Args:
+            n_images: Training images per epoch.
+            images_per_batch: The training loader's batch size.
+            locations_per_image: Feature vectors per image (``h x w`` of the backbone grid).
+            epochs: ``max_epochs`` of the trainer.
+            drop_last: Whether the loader drops its last incomplete batch.
+            batches_per_epoch: Batches run per epoch (Lightning's ``num_training_batches``), None = all.
+
+        Returns:
+            The stages the run goes through.
+
+        Raises:
+            ValueError: Pre-training fixed in ``model_overrides`` takes every update of the run, or a warm-up fixed
+                there is not shorter than the DxMI stage (the message gives the arithmetic).
+        """
+        total = count_updates(n_images, images_per_batch, locations_per_image, self.dxmi_config.batch_size, epochs,
+                              self.updates_per_batch, drop_last, batches_per_epoch)
+        changes, notes = scale_schedule(self._recipe_params, self._overrides, total)
+        if changes:
+            self.dxmi_config = self.dxmi_config.replace(**changes)
+        from lightning.pytorch.utilities import rank_zero_info
+
+        for note in notes:
+            rank_zero_info(f"Dxmi: {note}")
+        self.schedule = plan_stages(self.dxmi_config)
+        return self.schedule
+
+    def _plan_from_trainer(self, locations_per_image: int) -> None:
+        """:meth:`plan_schedule` from the attached trainer; an unbounded run (no ``max_epochs``) keeps the recipe."""
+        self.schedule = plan_stages(self.dxmi_config)
+        try:
+            trainer = self.trainer
+            epochs = trainer.max_epochs
+            loader = trainer.train_dataloader
+            n_images, per_batch = len(loader.dataset), int(loader.batch_size)
+            drop_last = bool(getattr(loader, "drop_last", False))
+            batches = trainer.num_training_batches
+        except (AttributeError, RuntimeError, TypeError):  # no trainer / an iterable loader without a length
+            return
+        if epochs is None or epochs < 0:
+            return
+        batches = int(batches) if isinstance(batches, int) or (isinstance(batches, float) and math.isfinite(batches)) \
+            else None
+        self.plan_schedule(n_images, per_batch, locations_per_image, int(epochs), drop_last, batches)
+
     def training_step(self, batch: Batch, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
-        """``updates_per_batch`` updates on the batch's location vectors: autoencoder pre-training first, then DxMI.
+        """``updates_per_batch`` updates on the batch's location vectors, through the stages of the CLI's training run:
+        autoencoder pre-training, DDPM pre-training of the sampler (``sampler_pretrain_iter``), then DxMI; the stage
+        lengths are fitted to the run's length at the first step (:meth:`plan_schedule`).
 
         Returns:
             The last update's diagnostics (``loss`` = autoencoder loss or ``energy_data - energy_samples``).
@@ -176,19 +252,28 @@ class Dxmi(AnomalibModule):
         if gen.device != self.device:
             self._generator = gen = torch.Generator(device=self.device).manual_seed(cfg.seed + int(self.updates_done))
         vectors = self.model.vectors(batch.image)
+        if self.schedule is None:
+            self._plan_from_trainer(max(1, len(vectors) // max(1, len(batch.image))))
+            cfg = self.dxmi_config
         n_updates = self.updates_per_batch or max(1, math.ceil(len(vectors) / cfg.batch_size))
+        ae_end = self.schedule.ae_pretrain  # 0 unless the energy is an autoencoder (as in the CLI's run)
+        sampler_end = ae_end + self.schedule.sampler_pretrain
         out: dict[str, torch.Tensor] = {}
         for _ in range(n_updates):
             x = _batches(vectors, cfg.batch_size, gen)
-            if int(self.updates_done) < cfg.ae_pretrain_iter:
+            done = int(self.updates_done)
+            if done == ae_end:  # autoencoder pre-training just ended (never on resume)
+                dxmi.freeze_initial()  # the start network copies the pretrained autoencoder (pitfall 17)
+            if done < ae_end:
                 if self._ae is None:
                     self._ae = AutoencoderPretrainer(dxmi.energy, cfg.ae_lr)
                 loss = self._ae.step(x)
                 out = {"loss": torch.tensor(loss)}
                 self.log("train/ae_loss", loss, prog_bar=True)
+            elif done < sampler_end:
+                out = {"loss": self._sampler_pretrain_step(x, gen, done + 1 == sampler_end)}
+                self.log("train/sampler_ddpm_loss", out["loss"], prog_bar=True)
             else:
-                if int(self.updates_done) == cfg.ae_pretrain_iter:  # pre-training just ended (never on resume)
-                    dxmi.freeze_initial()  # the start network copies the pretrained autoencoder (pitfall 17)
                 if self._dxdp is None:
                     self._dxdp = DxDPTrainer(dxmi, cfg)
                     if self._pending_state is not None:  # resumed from a Lightning checkpoint
@@ -199,6 +284,26 @@ class Dxmi(AnomalibModule):
                 self.log_dict({f"train/{k}": v for k, v in diag.items() if v.ndim == 0}, prog_bar=False)
             self.updates_done += 1
         return out
+
+    def _sampler_pretrain_step(self, x: torch.Tensor, gen: torch.Generator, last: bool) -> torch.Tensor:
+        """One DDPM step of the sampler (as :func:`~dxmi_ad.training.dxdp.pretrain_sampler`: Adam, cosine decay)."""
+        cfg, dxmi = self.dxmi_config, self.model.dxmi
+        n = cfg.sampler_pretrain_iter
+        if self._sampler_opt is None:
+            opt = torch.optim.Adam(dxmi.sampler.mean_parameters(), lr=cfg.sampler_pretrain_lr)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, n) / n)))
+            self._sampler_opt = (opt, sched)
+        opt, sched = self._sampler_opt
+        dxmi.sampler.train()
+        loss = dxmi.sampler.ddpm_loss(x, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        dxmi.sampler.eval()
+        if last:  # as the CLI's run: AVR starts from the pre-trained sampler's velocity scales
+            dxmi.velocity_scale_sq.copy_(dxmi.sampler.initial_velocity_scale_sq())
+        return loss.detach()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the DxMI optimizers' state (Lightning checkpoints are anomalib's format; the weights are in it)."""
@@ -213,10 +318,11 @@ class Dxmi(AnomalibModule):
 
     def on_train_end(self) -> None:
         """Warn when the run was too short to finish the autoencoder pre-training."""
-        if int(self.updates_done) < self.dxmi_config.ae_pretrain_iter:
-            warnings.warn(f"training stopped after {int(self.updates_done)} updates, before the autoencoder "
-                          f"pre-training ({self.dxmi_config.ae_pretrain_iter} updates) finished and before any DxMI update; "
-                          "raise max_epochs / updates_per_batch", UserWarning, stacklevel=1)
+        stages = self.schedule or plan_stages(self.dxmi_config)
+        if int(self.updates_done) <= stages.ae_pretrain + stages.sampler_pretrain:
+            warnings.warn(f"training stopped after {int(self.updates_done)} updates, before the pre-training "
+                          f"({stages.ae_pretrain + stages.sampler_pretrain} updates) finished and before any DxMI "
+                          "update; raise max_epochs / updates_per_batch", UserWarning, stacklevel=1)
         self.model.dxmi.eval()
 
     def validation_step(self, batch: Batch, *args: Any, **kwargs: Any) -> Batch:
@@ -225,14 +331,56 @@ class Dxmi(AnomalibModule):
         return batch.update(**self.model(batch.image)._asdict())
 
     # ------------------------------------------------------------------ interop
-    def to_detector(self) -> Any:
+    def to_detector(self, calibration_images: Any = None, fpr: float | None = None, fdr: float | None = None,
+                    batch_size: int = 32) -> Any:
         """The trained model as a dxmi-ad :class:`~dxmi_ad.image.ImageDetector` (shares the networks).
 
-        Its calibration is unset: call ``calibrate(samples)`` on held-out normal images before using decisions.
+        Args:
+            calibration_images: Normal images the model did **not** train on (never the test set), to carry a
+                decision rule: a folder (its images, recursively, hidden names skipped), a list of files, or an
+                image batch / list accepted by :meth:`ImageDetector.predict` (tensor, numpy, PIL). None: no rule.
+            fpr, fdr: The decision rule (see :meth:`ImageDetector.calibrate`; default: target FPR 0.01, or the
+                smallest rate the calibration set supports, warned).
+            batch_size: Images per forward pass while scoring the calibration images.
+
+        Returns:
+            The detector. Without ``calibration_images`` it has no calibration, so it makes no decisions: a
+            :class:`UserWarning` says so, ``predict`` returns no ``pred_label``, and after ``save`` ``dxmi-ad score``
+            leaves ``is_anomaly`` empty until ``dxmi-ad calibrate --model RUN --calibration-dir DIR`` is run.
+
+        Raises:
+            ValueError: Unreadable calibration files (named), NaN pixels, or no images in the folder.
+            dxmi_ad.calibration.CalibrationError: Too few calibration images for the rate (minimum stated).
         """
+        import numpy as np
+
         from dxmi_ad.image import FeatureSettings, ImageDetector
 
-        det = ImageDetector(self.dxmi_config, FeatureSettings(**self.features))
+        det = ImageDetector(self.dxmi_config, FeatureSettings(**self.features), scoring=self.scoring)
         det.extractor = self.model.extractor
         det.model = self.model.dxmi.eval()
+        if calibration_images is None:
+            warnings.warn("to_detector() without calibration_images: the detector has no decision rule (no "
+                          "pred_label, empty is_anomaly); pass normal images the model did not train on, or run "
+                          "`dxmi-ad calibrate --model RUN --calibration-dir DIR` after saving", UserWarning,
+                          stacklevel=2)
+            return det
+        if isinstance(calibration_images, (str, Path)) and Path(calibration_images).is_dir():
+            from dxmi_ad.data.images import find_images
+
+            source = f"{calibration_images} (normal images held out from anomalib training)"
+            calibration_images = find_images([calibration_images], require=True).files
+        else:
+            source = "normal images held out from anomalib training"
+        items = (list(calibration_images) if isinstance(calibration_images, (list, tuple))
+                 else calibration_images)
+        scores = []
+        with torch.no_grad():
+            if isinstance(items, list):
+                for i in range(0, len(items), batch_size):
+                    scores.append(det.predict(items[i:i + batch_size])["pred_score"].double().numpy())
+            else:
+                scores.append(det.predict(items)["pred_score"].double().numpy())
+        scores = np.concatenate(scores)
+        det.calibrate(scores=scores, fpr=fpr, fdr=fdr, source=f"{len(scores)} {source}")
         return det

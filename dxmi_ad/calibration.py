@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DEFAULT_FPR", "Calibration", "CalibrationError", "bh_reject", "calibration_check", "conformal_p_values",
+__all__ = ["DEFAULT_FPR", "Calibration", "CalibrationError", "bh_reject", "calibration_check", "check_rate",
+           "conformal_p_values",
            "decision_summary",
            "conformal_threshold", "min_calibration_size", "resolve_fpr", "summarize_checks"]
 
@@ -40,8 +41,36 @@ class CalibrationError(ValueError):
     """A calibration set that cannot support the requested rule (too small, empty, non-finite scores)."""
 
 
+def check_rate(name: str, value: Any) -> float:
+    """Validate a target rate before any work: ``fpr`` / ``fdr`` must be a number in the open interval (0, 1).
+
+    (``fdr = 1`` is refused too: Benjamini-Hochberg at q = 1 flags every file, since every p-value is <= 1.)
+
+    Args:
+        name: ``"fpr"`` or ``"fdr"`` (named in the message).
+        value: The rate.
+
+    Returns:
+        The rate as a float.
+
+    Raises:
+        ValueError: Not a number, NaN, or outside (0, 1).
+    """
+    what = {"fpr": "target false-positive rate", "fdr": "target false discovery rate"}.get(name, "rate")
+    ok = not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, float, np.integer, np.floating))
+    if not ok or not 0.0 < float(value) < 1.0:
+        msg = f"{name}={value!r}: the {what} must be a number strictly between 0 and 1 (e.g. {name}=0.05)"
+        raise ValueError(msg)
+    return float(value)
+
+
 def min_calibration_size(alpha: float) -> int:
-    """Smallest calibration set for which a target rate ``alpha`` in (0, 1) can be met: ``ceil(1/alpha - 1)``."""
+    """Smallest calibration set for which a target rate ``alpha`` in (0, 1) can be met: ``ceil(1/alpha - 1)``.
+
+    Raises:
+        ValueError: ``alpha`` outside (0, 1) (see :func:`check_rate`).
+    """
+    alpha = check_rate("alpha", alpha) if not 0.0 < alpha < 1.0 else float(alpha)
     return max(1, math.ceil(1.0 / alpha - 1.0 - 1e-9))
 
 
@@ -224,6 +253,9 @@ class Calibration:
             CalibrationError: A calibration set too small for ``fpr``/``fdr`` (the minimum size is stated), or empty.
             ValueError: ``fpr``/``fdr`` outside (0, 1), or both ``fdr`` and ``validation``.
         """
+        fpr = check_rate("fpr", fpr)  # ranges first: fdr=0 must not reach a division
+        if fdr is not None:
+            fdr = check_rate("fdr", fdr)
         s = np.sort(_check_scores(scores, "the calibration set"))
         if fdr is not None and validation is not None:
             msg = "choose one rule: a target FDR or an F1-optimal threshold from a validation set, not both"
@@ -292,15 +324,68 @@ class Calibration:
         return None if self.rule == "fdr" or not np.isfinite(self.threshold) else float(self.threshold)
 
     def describe(self) -> str:
-        """One line: the rule, its target and the calibration size."""
+        """One line: the rule, its target, its threshold (none under ``"fdr"``: decisions depend on the batch) and
+        the calibration size."""
         if self.rule == "fdr":
-            target = f"target FDR {self.fdr:g} (Benjamini-Hochberg per scored batch)"
+            target = f"target FDR {self.fdr:g} (Benjamini-Hochberg per scored batch); no fixed threshold"
         elif self.rule == "f1":
-            target = f"F1-optimal on the validation set (F1 {self.validation.get('f1', float('nan')):.3f})"
+            target = (f"F1-optimal on the validation set (F1 {self.validation.get('f1', float('nan')):.3f}); "
+                      f"threshold {self.threshold:.6g}")
         else:
-            target = f"target FPR {self.fpr:g}"
-        return (f"{target}; threshold {self.threshold:.6g}; {len(self.scores)} calibration samples"
+            target = f"target FPR {self.fpr:g}; threshold {self.threshold:.6g}"
+        return (f"{target}; {len(self.scores)} calibration samples"
                 + (f" ({self.source})" if self.source else "") + (f"; {self.note}" if self.note else ""))
+
+    def support(self) -> list[str]:
+        """What this calibration set can and cannot support under the stored rule, in numbers.
+
+        With ``n`` calibration scores, p-values move in steps of ``1/(n+1)`` and the smallest is ``1/(n+1)``:
+
+        * ``"fpr"``: the threshold is the ``k``-th smallest score, ``k = ceil((n+1)(1-fpr))``; every target in
+          ``[(n+1-k)/(n+1), (n+2-k)/(n+1))`` gives the same threshold, and the expected FPR on new normal data is
+          ``(n+1-k)/(n+1)``.
+        * ``"fdr"``: Benjamini-Hochberg flags ``k`` of ``m`` files only if ``p_(k) <= q k / m``; as no p-value is
+          below ``1/(n+1)``, a batch of ``m`` files flags nothing unless at least ``ceil(m / (q (n+1)))`` files are
+          flagged together (a file can be flagged alone only in batches of ``m <= q (n+1)``).
+        * ``"f1"``: the p-value floor only.
+
+        Returns:
+            One or more sentences (plain text, no trailing newline each).
+        """
+        n = len(self.scores)
+        step = 1.0 / (n + 1)
+        head = f"{n} calibration scores: p-values move in steps of 1/{n + 1} = {step:.3g} (the smallest p-value)"
+        if self.rule == "fdr":
+            q = float(self.fdr)
+            per = q * (n + 1)
+            alone = math.floor(per + 1e-9)
+            examples = ", ".join(f"{math.ceil(m / per - 1e-9)} of {m}" for m in (10, 100, 1000))
+            return [head + ".",
+                    f"fdr={q:g}: Benjamini-Hochberg flags k of the m files in one batch only if "
+                    f"{step:.3g} <= {q:g}*k/m, i.e. k >= m/{per:.3g}: a file can be flagged alone only in batches "
+                    f"of at most {alone} file(s); otherwise at least {examples} files must stand out together, "
+                    "or nothing is flagged.",
+                    f"to let one file in a batch of m be flagged alone, use at least m/{q:g} - 1 calibration "
+                    f"samples (m = 100: {math.ceil(100 / q - 1 - 1e-9)}).",
+                    "there is no fixed threshold: a file's decision depends on the other files in its batch."]
+        if self.rule == "f1":
+            return [head + "; the threshold comes from the validation set (F1), not from this set."]
+        k = min(math.ceil((n + 1) * (1.0 - self.fpr) - 1e-9), n)
+        lo, hi = (n + 1 - k) / (n + 1), (n + 2 - k) / (n + 1)
+        which = "the maximum" if k == n else f"rank {k} of the {n} (ascending)"
+        lines = [head + ".",
+                 f"fpr={self.fpr:g} sets the threshold at {which} calibration score{'s' if k != n else ''}, as does "
+                 f"every target in [{n + 1 - k}/{n + 1}, {n + 2 - k}/{n + 1}) = [{lo:.3g}, {hi:.3g}); expected "
+                 f"false-positive rate on new normal data {n + 1 - k}/{n + 1} = {lo:.3g}."]
+        if k == n:
+            lines.append(f"no smaller rate is resolvable: a target below 1/{n + 1} = {step:.3g} is refused (fpr=a "
+                         f"needs at least ceil(1/a - 1) calibration samples: fpr=0.01 needs "
+                         f"{min_calibration_size(0.01)}).")
+        return lines
+
+    def summary(self) -> str:
+        """:meth:`describe` followed by :meth:`support`, one sentence per line: what the CLI prints."""
+        return "\n".join([self.describe(), *("  " + line for line in self.support())])
 
     # ------------------------------------------------------------------ persistence
     def to_dict(self) -> dict[str, Any]:
@@ -312,30 +397,79 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Calibration:
-        """Inverse of :meth:`to_dict`.
+        """Inverse of :meth:`to_dict`; every field is checked, since a record read from a run directory is untrusted.
 
         Raises:
-            ValueError: A malformed or inconsistent record (unknown rule, non-finite scores, missing keys).
+            ValueError: A malformed or inconsistent record, naming the field: not a JSON object; ``rule`` not one of
+                ``fpr``/``fdr``/``f1``; ``scores`` not a non-empty list of finite numbers (or ``n`` not its length);
+                ``fpr`` not in (0, 1); ``fdr`` not null or in (0, 1) (required by the ``fdr`` rule); ``threshold``
+                not a finite number (null only under the ``fdr`` rule, whose decisions do not use it: a NaN
+                threshold would silently call every score normal); ``source``/``note`` not strings;
+                ``validation`` not an object; ``files`` not a list of strings.
         """
-        try:
-            rule = str(d["rule"])
-            if rule not in RULES:
-                msg = f"unknown rule {rule!r} (expected one of {RULES})"
-                raise ValueError(msg)
-            scores = np.sort(_check_scores(np.asarray(d["scores"], dtype=np.float64), "the stored calibration"))
-            fdr = d.get("fdr")
-            cal = cls(scores=scores, rule=rule, fpr=float(d["fpr"]), fdr=None if fdr is None else float(fdr),
-                      threshold=float("nan") if d["threshold"] is None else float(d["threshold"]),
-                      source=str(d.get("source", "")),
-                      validation=dict(d.get("validation") or {}), note=str(d.get("note", "")),
-                      files=[str(f) for f in d.get("files", [])])
-        except (KeyError, TypeError) as err:
-            msg = f"malformed calibration record: {err!r}"
-            raise ValueError(msg) from err
-        if rule == "fdr" and cal.fdr is None:
-            msg = "calibration rule 'fdr' without a target fdr"
+        if not isinstance(d, dict):
+            msg = f"a calibration record must be a JSON object, got a JSON {type(d).__name__}"
             raise ValueError(msg)
-        return cal
+        missing = [k for k in ("rule", "scores", "fpr", "threshold") if k not in d]
+        if missing:
+            msg = f"missing field(s) {missing}"
+            raise ValueError(msg)
+
+        def number(key: str, low: float = -math.inf, high: float = math.inf, closed: bool = True) -> float | None:
+            v = d.get(key)
+            if v is None:
+                return None
+            numeric = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+            if not numeric or not ((low <= v <= high) if closed else (low < v < high)):
+                what = "a finite number" if closed else f"a number in ({low:g}, {high:g})"
+                msg = f"field {key!r} must be {what}, got {v!r}"
+                raise ValueError(msg)
+            return float(v)
+
+        rule = d["rule"]
+        if rule not in RULES:
+            msg = f"field 'rule': unknown rule {rule!r} (expected one of {RULES})"
+            raise ValueError(msg)
+        raw = d["scores"]
+        if (not isinstance(raw, list) or not raw
+                or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in raw)):
+            msg = f"field 'scores' must be a non-empty list of numbers, got {raw!r:.80}"
+            raise ValueError(msg)
+        try:
+            scores = np.sort(_check_scores(np.asarray(raw, dtype=np.float64), "field 'scores'"))
+        except CalibrationError as err:
+            raise ValueError(str(err)) from err
+        if "n" in d and d["n"] != len(scores):
+            msg = f"field 'n' ({d['n']!r}) is not the number of stored scores ({len(scores)})"
+            raise ValueError(msg)
+        fpr = number("fpr", 0.0, 1.0, closed=False)
+        if fpr is None:
+            msg = "field 'fpr' must be a number in (0, 1), got null"
+            raise ValueError(msg)
+        fdr = number("fdr", 0.0, 1.0, closed=False)
+        if rule == "fdr" and fdr is None:
+            msg = "field 'fdr' is required by rule 'fdr' (a number in (0, 1)), got null"
+            raise ValueError(msg)
+        threshold = number("threshold")
+        if threshold is None and rule != "fdr":
+            msg = f"field 'threshold' must be a finite number under rule {rule!r} (it decides), got null"
+            raise ValueError(msg)
+        for key in ("source", "note"):
+            if not isinstance(d.get(key, ""), str):
+                msg = f"field {key!r} must be a string, got {d[key]!r:.80}"
+                raise ValueError(msg)
+        validation = d.get("validation") or {}
+        if not isinstance(validation, dict):
+            msg = f"field 'validation' must be a JSON object, got {validation!r:.80}"
+            raise ValueError(msg)
+        files = d.get("files", [])
+        if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+            msg = f"field 'files' must be a list of file names, got {files!r:.80}"
+            raise ValueError(msg)
+        return cls(scores=scores, rule=rule, fpr=fpr, fdr=fdr,
+                   threshold=float("nan") if threshold is None else threshold,
+                   source=d.get("source", ""), validation=dict(validation), note=d.get("note", ""),
+                   files=list(files))
 
     def save(self, directory: str | Path) -> Path:
         """Write ``calibration.json`` into a model folder, atomically; returns its path."""
@@ -353,7 +487,7 @@ class Calibration:
 
         Raises:
             FileNotFoundError: No calibration file (the message names it).
-            ValueError: A malformed file.
+            ValueError: A malformed file or field (the message names the file and the field).
         """
         import json
 
@@ -362,8 +496,8 @@ class Calibration:
             msg = f"{path} is missing: calibrate the model with `dxmi-ad calibrate --model {directory}`"
             raise FileNotFoundError(msg)
         try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except (ValueError, json.JSONDecodeError) as err:
+            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except ValueError as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             msg = f"{path}: {err}"
             raise ValueError(msg) from err
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -20,8 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 __all__ = [
-    "CONFIG_FILE", "MODEL_FILE", "atomic_directory", "atomic_replace", "atomic_write_text", "load_model_dir",
-    "read_yaml_mapping", "save_model_dir", "versions",
+    "CONFIG_FILE", "MODEL_FILE", "atomic_directory", "atomic_replace", "atomic_write_text", "check_model_meta",
+    "load_model_dir", "read_yaml_mapping", "remove_stale_temporaries", "save_model_dir", "versions",
 ]
 
 MODEL_FILE = "model.safetensors"
@@ -84,7 +85,9 @@ def save_model_dir(directory: str | os.PathLike[str], tensors: dict[str, torch.T
     """
     directory = Path(directory)
     payload = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    text = json.dumps({**meta, "versions": versions()}, indent=2, sort_keys=True)
+    from dxmi_ad.metrics import dumps_json  # strict JSON: a NaN loss in the history is written as null
+
+    text = dumps_json({**meta, "versions": versions()}, indent=2, sort_keys=True)
     atomic_replace(directory / MODEL_FILE, lambda tmp: save_file(payload, tmp))
     atomic_write_text(directory / CONFIG_FILE, text)
 
@@ -100,7 +103,9 @@ def load_model_dir(directory: str | os.PathLike[str]) -> tuple[dict[str, torch.T
 
     Raises:
         FileNotFoundError: If the folder or one of its two files is missing (the message names it).
-        ValueError: If ``config.json`` is not valid JSON or the tensor file is corrupt.
+        ValueError: If ``config.json`` is not valid JSON, not a JSON object, or holds an invalid ``config`` /
+            ``features`` section (see :func:`check_model_meta`; the message names the file and the field), or the
+            tensor file is corrupt.
     """
     directory = Path(directory)
     for name in (MODEL_FILE, CONFIG_FILE):
@@ -109,9 +114,10 @@ def load_model_dir(directory: str | os.PathLike[str]) -> tuple[dict[str, torch.T
             raise FileNotFoundError(msg)
     try:
         meta = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         msg = f"{directory / CONFIG_FILE} is not valid JSON: {err}"
         raise ValueError(msg) from err
+    check_model_meta(meta, directory / CONFIG_FILE)
     try:
         tensors = load_file(directory / MODEL_FILE)
     except Exception as err:  # safetensors raises its own error types
@@ -120,24 +126,124 @@ def load_model_dir(directory: str | os.PathLike[str]) -> tuple[dict[str, torch.T
     return tensors, meta
 
 
+# kinds of model description whose ``config`` section is a DxMIConfig (and image models: a ``features`` section)
+_CONFIG_KINDS = ("ImageDetector", "PixelDetector", "DxMIDetector", "PyODDxMIDetector", "DxMITrainingCheckpoint")
+
+
+def check_model_meta(meta: Any, path: str | os.PathLike[str]) -> None:
+    """Validate a model description read from a run directory before anything is built from it.
+
+    Values read from a file are untrusted: a tampered or damaged ``config.json`` must give one clear error naming the
+    file and the field, never a traceback from deep inside torch or timm, nor a silently wrong model.
+
+    Args:
+        meta: The parsed JSON.
+        path: The file it came from (named in errors).
+
+    Raises:
+        ValueError: ``meta`` is not a JSON object; a model kind without its ``config`` object; an invalid
+            ``config`` (any :class:`~dxmi_ad.config.DxMIConfig` field: type, range, finiteness) or ``features``
+            section (backbone name, stages, image size, pretrained, weights path); the message names ``path``.
+    """
+    if not isinstance(meta, dict):
+        msg = f"{path} must hold a JSON object (a model description), got a JSON {type(meta).__name__}"
+        raise ValueError(msg)
+    kind = meta.get("kind")
+    if kind is not None and not isinstance(kind, str):
+        msg = f"{path}: field 'kind' must be a string, got {kind!r}"
+        raise ValueError(msg)
+    if kind in _CONFIG_KINDS or "config" in meta:
+        from dxmi_ad.config import DxMIConfig
+
+        config = meta.get("config")
+        if not isinstance(config, dict):
+            msg = f"{path}: field 'config' must be a JSON object of model settings, got {config!r:.80}"
+            raise ValueError(msg)
+        try:
+            DxMIConfig.from_dict(config)
+        except (TypeError, ValueError) as err:
+            msg = f"{path}: field 'config': {err}"
+            raise ValueError(msg) from err
+    if kind == "ImageDetector" or "features" in meta:
+        from dxmi_ad.features.extractor import check_feature_settings
+
+        feats = meta.get("features")
+        if not isinstance(feats, dict):
+            msg = f"{path}: field 'features' must be a JSON object of feature settings, got {feats!r:.80}"
+            raise ValueError(msg)
+        try:
+            check_feature_settings(feats)
+        except ValueError as err:
+            msg = f"{path}: {err}"
+            raise ValueError(msg) from err
+    for key in ("history", "categories"):
+        if key in meta and not isinstance(meta[key], list):
+            msg = f"{path}: field {key!r} must be a JSON list, got {meta[key]!r:.80}"
+            raise ValueError(msg)
+
+
+def remove_stale_temporaries(directory: str | os.PathLike[str], final_name: str) -> list[Path]:
+    """Remove the temporary folders that killed writers left in ``directory`` for final names matching
+    ``final_name`` (a regular expression; the folders :func:`atomic_directory` makes: ``.<final>.[old.]pid<N>.<8>``).
+
+    The temporary name carries the writer's process id: a folder of a live process on this machine is kept (a
+    concurrent writer); one of a dead process, or without a process id (older versions), is removed.
+
+    Args:
+        directory: The folder to clean.
+        final_name: Regular expression of the final folder names (e.g. ``re.escape("run")`` or ``r"iter-\\d{8}"``).
+
+    Returns:
+        The removed paths.
+    """
+    removed: list[Path] = []
+    directory = Path(directory)
+    if not directory.is_dir():
+        return removed
+    pattern = re.compile(rf"^\.(?:{final_name})\.(?:old\.)?(?:pid(\d+)\.)?[a-z0-9_]{{8}}$")
+    for p in directory.iterdir():
+        m = pattern.match(p.name)
+        if m is None or not p.is_dir():
+            continue
+        if m.group(1) is not None and _alive(int(m.group(1))):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, owned by another user
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_directory(final: str | os.PathLike[str]) -> Iterator[Path]:
     """Build a folder under a temporary sibling name and rename it to ``final`` only if the block succeeds.
 
     An existing ``final`` is replaced at the end; on an exception the temporary folder is removed and ``final`` is
-    left as it was, so a failed run never leaves a half-written result in place.
+    left as it was, so a failed run never leaves a half-written result in place. The temporary name holds this
+    process id; temporary folders of ``final`` left by killed processes are removed first
+    (:func:`remove_stale_temporaries`).
 
     Yields:
         The temporary folder to write into.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    remove_stale_temporaries(final.parent, re.escape(final.name))  # left by a killed earlier attempt
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.pid{os.getpid()}.", dir=final.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a run directory gets the usual permissions
     try:
         yield tmp
         if final.exists():  # keep the old result until the new one is in place
-            backup = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
+            backup = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.pid{os.getpid()}.", dir=final.parent))
             backup.rmdir()
             final.rename(backup)
             tmp.rename(final)

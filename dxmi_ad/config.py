@@ -11,6 +11,7 @@ Defaults are the paper's anomaly-detection settings (PAPER.md §4.2) where the p
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +19,7 @@ __all__ = ["DxMIConfig"]
 
 _CHOICES = {
     "energy": ("autoencoder", "mlp", "shared"),
-    "initial": ("gaussian", "autoencoder"),
+    "initial": ("gaussian", "autoencoder", "feature_noise"),
     "parameterization": ("residual", "eps"),
     "lr_schedule": ("constant", "cosine"),
     "activation": ("silu", "leaky_relu", "relu", "gelu"),
@@ -39,15 +40,32 @@ class DxMIConfig:
             value) or ``"shared"`` (``E(x) = V(x, T)``, the paper's 2-D variant).
         spherical: Data lie on the unit sphere (L2-normalized features): the sampler mean and the autoencoder output
             are projected onto it.
-        project_samples: With ``spherical``, project every sampler step's output onto the sphere too (a named
-            deviation; PAPER.md pitfall 15 leaves it open).
-        initial: Start distribution pi(x_0): ``"gaussian"`` (N(0, I)) or ``"autoencoder"`` (data perturbed through a
-            frozen copy of the pretrained autoencoder, App. C.3).
-        init_noise_low, init_noise_high: Range of the latent noise std of the autoencoder start.
+        project_samples: Guard (named deviation; PAPER.md pitfall 15 leaves it open): project every sampler step's
+            output ``x_{t+1}`` (so also ``x_T``) onto the unit sphere, so every input of the energy (energy step,
+            terminal value target, terminal sampler loss) lies on the data's manifold and negatives cannot differ
+            from data by their norm alone. Needs ``spherical``. Off by default (today's behaviour).
+        initial: Start distribution pi(x_0): ``"gaussian"`` (N(0, I)); ``"autoencoder"`` (data perturbed through a
+            frozen copy of the pretrained autoencoder, ``decode(normalize(enc(x) + s eps))``, App. C.3: on the decoder
+            manifold); ``"feature_noise"`` (named deviation: ``x + s eps`` in feature space, re-projected to the
+            sphere when ``spherical``: off the decoder manifold). ``s`` is drawn per row uniformly from
+            ``[init_noise_low, init_noise_high]``.
+        init_noise_low, init_noise_high: Range of the noise std ``s`` of the start: latent noise of the autoencoder
+            start (MPDR: 0.05-0.3), feature-space noise of ``"feature_noise"``.
+        init_input_steps: MPDR-style input-space steps after the start (named deviation; MPDR ``mcmc_n_step_x``: 10):
+            ``x <- x - init_input_step_size * grad_x U(x) + init_input_noise * eps``, re-projected to the sphere when
+            ``spherical``, with ``U(x) = E(x) + init_recovery_weight * ||x - x_data||^2 / 2`` on the *current*
+            energy (as MPDR's ``net_x``); no gradient reaches the energy's parameters. 0 = off (paper).
+        init_input_step_size: Step size of those steps (MPDR ``mcmc_stepsize_x``: 0.1).
+        init_input_noise: Noise std of those steps (MPDR ``mcmc_noise_x``: 0.005).
+        init_recovery_weight: Weight of the recovery term tying the steps to the data row they started from
+            (MPDR's ``proj_const`` = 1e-4 weighs a latent geodesic term instead; here input space, a named
+            deviation). 0 = none.
         parameterization: Sampler mean, ``"residual"`` or ``"eps"`` (DDPM; needed for sampler pre-training).
         init_sigma: Initial sigma_t of the residual sampler.
         last_sigma: Fixed sigma of the last step when ``fix_last_sigma``.
-        fix_last_sigma: Keep the last step's sigma fixed (``fix_last``).
+        fix_last_sigma: Guard: keep the last step's sigma fixed at ``last_sigma`` (``fix_last`` of the authors'
+            released samplers, 1e-3 in the CIFAR sampler); it is then not trained. Off by default for the vector
+            sampler (today's behaviour; the paper's AD sampler is not released).
         sampler_hidden, sampler_layers: Sampler MLP (paper: 3 x 2048).
         value_hidden, value_layers: Value MLP (paper: 3 x 1024).
         energy_hidden, energy_layers: Energy MLP / autoencoder encoder and decoder (paper: 3 x 1024).
@@ -57,13 +75,24 @@ class DxMIConfig:
         entropy_weight: [tau1] weight of ``-log sigma_t`` (entropy) in the running cost.
         velocity_weight: [tau2] weight of ``||x_{t+1}-x_t||^2 / (2 s_t^2)`` (per-dimension mean) in the running cost.
         energy_l2_weight: [gamma] energy-magnitude regularizer ``gamma (E_p[E^2] + E_pi[E^2])``.
+        negative_l2_weight: Guard (named deviation from the EV trainer, which has no regularizer): MPDR / NAE's
+            ``gamma_neg`` (weight 1 there), adding ``negative_l2_weight * E_pi[E(x_T)^2]`` to the energy loss, on the
+            negatives only (separate from gamma, which also penalizes the data). 0 = off.
+        health_window: Training-health check: iterations per window; a ``TrainingHealthWarning`` is issued once
+            per run when ``E(samples) / E_max`` exceeds ``saturation_threshold`` at every iteration of a window
+            (the energy separates samples by a trivial cue; :class:`~dxmi_ad.training.dxdp.DxDPTrainer`).
+            0 disables the warning (the diagnostics are still returned).
+        saturation_threshold: Fraction of the energy's maximum ``E_max`` counted as saturated, in (0, 1]. For the
+            spherical-output autoencoder energy ``E_max = (|x| + 1)^2`` per sample (4 for unit-norm inputs).
         avr_momentum: [alpha] EMA of adaptive velocity regularization (paper: 0.99); ``None`` disables AVR
             (then ``s_t^2 = 1``).
         value_resample: Re-sample ``x_{t+1}`` from the current sampler in the TD target (EV trainer: True).
         batch_size: Data vectors per iteration [B] (paper AD: 784).
         n_iter: DxMI iterations.
         warmup_iter: Initial iterations in which the energy is frozen and only value and sampler train
-            (a stabilising deviation, PAPER.md §7; 0 = paper).
+            (a stabilising deviation, PAPER.md §7; 0 = paper). One that covers every DxMI iteration
+            (``warmup_iter >= n_iter``) is cut to a third of them when training (with a warning), and a shorter
+            ``n_iter`` given on the command line scales it (:func:`dxmi_ad.training.fit.scale_schedule`).
         sampler_lr, value_lr, energy_lr: Adam learning rates (paper AD: 1e-5, 1e-5, 1e-4).
         sigma_lr: Learning rate of the log-sigmas (paper: 100 x sampler_lr); ``None`` = 100 x sampler_lr.
         lr_schedule: ``"constant"`` (paper) or ``"cosine"`` decay to 0 over ``n_iter``.
@@ -88,6 +117,12 @@ class DxMIConfig:
         time_cost: Value target of the image variant (Eq. 12): ``"sigmoid"`` or ``"linear"`` time cost R(t) replaces
             the running costs in the TD target (they stay in the sampler loss); ``"none"`` keeps the running costs
             in the target (the anomaly-detection trainer).
+        validate_every: Model selection (a deviation, ``docs/paper_map.md``): every this many DxMI iterations (and
+            after pre-training and the last iteration) the model is scored on a validation split of held-out normal
+            training data plus synthetic anomalies made from other normal training data; the best state is kept.
+            0 = off (the paper: the last iterate). The test set is never read.
+        validation_fraction: Fraction of each category's training images held out as that validation split
+            (image models; in (0, 0.5]).
         time_cost_scale: Scale of R(t); ``None`` = the paper's: 1 for ``"sigmoid"`` (``time_cost_sig``), c = 0.05 for
             ``"linear"``.
     """
@@ -104,6 +139,10 @@ class DxMIConfig:
     init_sigma: float = 0.05
     last_sigma: float = 1e-3
     fix_last_sigma: bool = False
+    init_input_steps: int = 0
+    init_input_step_size: float = 0.1
+    init_input_noise: float = 0.005
+    init_recovery_weight: float = 0.0
     sampler_hidden: int = 2048
     sampler_layers: int = 3
     value_hidden: int = 1024
@@ -116,6 +155,9 @@ class DxMIConfig:
     entropy_weight: float = 0.1
     velocity_weight: float = 0.1
     energy_l2_weight: float = 0.0
+    negative_l2_weight: float = 0.0
+    health_window: int = 20
+    saturation_threshold: float = 0.95
     avr_momentum: float | None = 0.99
     value_resample: bool = True
     batch_size: int = 784
@@ -144,6 +186,8 @@ class DxMIConfig:
     reschedule: str = "var"
     time_cost: str = "none"
     time_cost_scale: float | None = None
+    validate_every: int = 0
+    validation_fraction: float = 0.1
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -160,8 +204,14 @@ class DxMIConfig:
                     isinstance(value, bool) or not isinstance(value, (int, float))):
                 msg = f"{f.name} must be a number, got {value!r}"
                 raise ValueError(msg)
+            if kind.startswith("float") and value is not None and not math.isfinite(value):
+                msg = f"{f.name} must be a finite number, got {value!r}"  # NaN passes every range test below
+                raise ValueError(msg)
             if kind == "str" and not isinstance(value, str):
                 msg = f"{f.name} must be a string, got {value!r}"
+                raise ValueError(msg)
+            if f.name == "extra" and not isinstance(value, dict):
+                msg = f"extra must be a mapping, got {value!r}"
                 raise ValueError(msg)
         for name, allowed in _CHOICES.items():
             if getattr(self, name) not in allowed:
@@ -177,16 +227,21 @@ class DxMIConfig:
         if self.time_dim % 2:
             msg = f"time_dim must be even, got {self.time_dim}"
             raise ValueError(msg)
-        for name in ("n_iter", "warmup_iter", "ae_pretrain_iter", "sampler_pretrain_iter"):
+        if not 0 < self.validation_fraction <= 0.5:
+            msg = f"validation_fraction must be in (0, 0.5], got {self.validation_fraction}"
+            raise ValueError(msg)
+        for name in ("n_iter", "warmup_iter", "ae_pretrain_iter", "sampler_pretrain_iter", "validate_every", "init_input_steps",
+                     "health_window"):
             if int(getattr(self, name)) < 0:
                 msg = f"{name} must be >= 0, got {getattr(self, name)}"
                 raise ValueError(msg)
-        for name in ("entropy_weight", "velocity_weight", "energy_l2_weight"):
+        for name in ("entropy_weight", "velocity_weight", "energy_l2_weight", "negative_l2_weight",
+                     "init_input_noise", "init_recovery_weight"):
             if getattr(self, name) < 0:
                 msg = f"{name} must be >= 0, got {getattr(self, name)}"
                 raise ValueError(msg)
         for name in ("sampler_lr", "value_lr", "energy_lr", "ae_lr", "sampler_pretrain_lr", "init_sigma",
-                     "last_sigma"):
+                     "last_sigma", "init_input_step_size"):
             if not getattr(self, name) > 0:
                 msg = f"{name} must be > 0, got {getattr(self, name)}"
                 raise ValueError(msg)
@@ -195,6 +250,16 @@ class DxMIConfig:
             raise ValueError(msg)
         if not 0 <= self.init_noise_low <= self.init_noise_high:
             msg = f"need 0 <= init_noise_low <= init_noise_high, got {self.init_noise_low}, {self.init_noise_high}"
+            raise ValueError(msg)
+        if not 0 < self.saturation_threshold <= 1:
+            msg = f"saturation_threshold must be in (0, 1], got {self.saturation_threshold}"
+            raise ValueError(msg)
+        if self.project_samples and not self.spherical:
+            msg = ("project_samples=true needs spherical=true (samples are projected onto the unit sphere of "
+                   "L2-normalized features)")
+            raise ValueError(msg)
+        if self.init_input_steps and self.mode != "vector":
+            msg = f"init_input_steps > 0 needs mode='vector', got mode={self.mode!r}"
             raise ValueError(msg)
         if self.initial == "autoencoder" and self.energy != "autoencoder":
             msg = "initial='autoencoder' needs energy='autoencoder' (the start is perturbed by a frozen copy of it)"
@@ -257,10 +322,13 @@ class DxMIConfig:
         """Build from a dict; unknown keys are reported all at once.
 
         Raises:
-            ValueError: On unknown keys or out-of-range values.
+            ValueError: Not a mapping, unknown keys, or out-of-range values.
         """
+        if not isinstance(data, dict):
+            msg = f"model settings must be a mapping of field: value, got {type(data).__name__} {data!r:.80}"
+            raise ValueError(msg)
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known, key=str)
         if unknown:
             msg = f"unknown config key(s) {unknown}; known keys: {sorted(known)}"
             raise ValueError(msg)

@@ -24,13 +24,16 @@ from sklearn.base import BaseEstimator, OutlierMixin
 from sklearn.utils._param_validation import Interval, InvalidParameterError, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from dxmi_ad.calibration import CALIBRATION_FILE, Calibration, CalibrationError, min_calibration_size, resolve_fpr
+from dxmi_ad.calibration import (CALIBRATION_FILE, Calibration, CalibrationError, check_rate, min_calibration_size,
+                                 resolve_fpr)
 from dxmi_ad.checkpoint import load_model_dir, save_model_dir
 from dxmi_ad.config import DxMIConfig
+from dxmi_ad.nn.energy import autoencoder_latent_dim
 from dxmi_ad.training.fit import ProgressCallback, build_model, train_model
 
 __all__ = ["DxMIDetector", "PyODDxMIDetector"]
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)  # the model computes in float32
 _START_BANK = 2048  # training rows kept (scaled) to start the autoencoder-perturbed sampler at generation time
 
 
@@ -67,8 +70,11 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
         batch_size: Rows per iteration.
         hidden: Width of every hidden layer (sampler, value, energy).
         n_layers: Hidden layers of every network.
-        latent_dim: Autoencoder latent width; ``"auto"`` = ``min(32, max(3, n_features // 4))``, a bottleneck
-            narrower than the input (a latent as wide as the input lets the autoencoder learn the identity).
+        latent_dim: Autoencoder latent width; ``"auto"`` = ``min(32, max(3, n_features // 4), n_features - 1)``
+            (at least 1). The bottleneck is always narrower than the input (a latent as wide as the input lets the
+            autoencoder learn the identity): an explicit ``latent_dim >= n_features`` is refused. With one feature
+            the width is 1, whose spherical code is the two points {-1, +1} (see
+            :func:`~dxmi_ad.nn.energy.autoencoder_latent_dim`); one feature with ``spherical=True`` is refused.
         energy_lr, value_lr, sampler_lr: Adam learning rates.
         warmup_iter: DxMI iterations with the energy frozen (a named deviation; 0 = paper).
         init_noise_low, init_noise_high: Latent noise std range of the autoencoder-perturbed start pi(x_0).
@@ -232,7 +238,8 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
             "init_noise_low": self.init_noise_low, "init_noise_high": max(self.init_noise_high, self.init_noise_low),
             "sampler_hidden": self.hidden, "value_hidden": self.hidden, "energy_hidden": self.hidden,
             "sampler_layers": self.n_layers, "value_layers": self.n_layers, "energy_layers": self.n_layers,
-            "latent_dim": min(32, max(3, dim // 4)) if self.latent_dim == "auto" else self.latent_dim, "time_dim": 32 if dim <= 16 else 128,
+            "latent_dim": autoencoder_latent_dim(dim, "auto") if self.latent_dim == "auto" else self.latent_dim,
+            "time_dim": 32 if dim <= 16 else 128,
             "entropy_weight": self.entropy_weight, "velocity_weight": self.velocity_weight,
             "energy_l2_weight": self.energy_l2_weight, "batch_size": min(self.batch_size, max(n_rows, 2)),
             "n_iter": self.n_iter, "warmup_iter": self.warmup_iter, "ae_pretrain_iter": self.ae_pretrain_iter,
@@ -243,17 +250,53 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
             "seed": self._seed(),
         }
         params.update(self.config_overrides or {})
-        return DxMIConfig.from_dict(params)
+        config = DxMIConfig.from_dict(params)
+        if config.energy == "autoencoder":  # the bottleneck must be narrower than the input (refused otherwise)
+            autoencoder_latent_dim(config.dim, config.latent_dim, config.spherical)
+        return config
 
     # ------------------------------------------------------------------ preprocessing
+    def _column_names(self, cols: np.ndarray) -> str:
+        names = getattr(self, "feature_names_in_", None)
+        shown = [repr(str(names[c])) if names is not None else str(int(c)) for c in np.unique(cols)[:5]]
+        return ", ".join(shown) + (", ..." if len(np.unique(cols)) > 5 else "")
+
+    def _refuse_rows(self, bad: np.ndarray, what: str) -> None:
+        """Raise ``ValueError`` naming the rows and columns where ``bad`` ``(n, D)`` bool is True (if any)."""
+        if not bad.any():
+            return
+        rows, cols = np.nonzero(bad)
+        urows = np.unique(rows)
+        shown = ", ".join(str(int(r)) for r in urows[:5]) + (", ..." if len(urows) > 5 else "")
+        msg = (f"{what} in {len(urows)} row(s) (row indices {shown}; column(s) {self._column_names(cols)}): "
+               "rescale these features (e.g. divide by a constant or take logs) or remove the rows")
+        raise ValueError(msg)
+
     def _transform(self, X: np.ndarray) -> torch.Tensor:
-        X = np.asarray(X, dtype=np.float32)
-        if self.spherical:
-            norms = np.linalg.norm(X, axis=1, keepdims=True)
-            X = X / np.maximum(norms, 1e-12)
-        elif self.standardize:
-            X = (X - self.mean_) / self.scale_
-        return torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
+        """Rows ``(n, D)`` -> the float32 tensor the model sees (L2-normalized or standardized).
+
+        Computed in float64, then cast; values the float32 model cannot hold are refused.
+
+        Raises:
+            ValueError: Naming rows and columns: a value beyond the float32 range (``|x| > 3.4e38``) that reaches
+                the model unnormalized, or a standardized value that overflows float32 (a row far outside the
+                training range).
+        """
+        X = np.asarray(X, dtype=np.float64)
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            if self.spherical:  # scale each row by its largest entry first: the norm of 1e200-sized rows is finite
+                peak = np.abs(X).max(axis=1, keepdims=True) if X.shape[1] else np.ones((len(X), 1))
+                X = X / np.where(peak > 0, peak, 1.0)
+                X = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+            else:
+                self._refuse_rows(np.abs(X) > _FLOAT32_MAX, "values beyond the float32 range the model computes "
+                                  f"in (|x| > {_FLOAT32_MAX:.3g})")
+                if self.standardize:
+                    X = (X - self.mean_) / self.scale_
+            out = X.astype(np.float32)
+        self._refuse_rows(~np.isfinite(out), "standardization overflows float32 (|x - mean| / scale > "
+                          f"{_FLOAT32_MAX:.3g}, far outside the training range)")
+        return torch.from_numpy(np.ascontiguousarray(out))
 
     def _check(self, X: Any) -> torch.Tensor:
         check_is_fitted(self, "model_")
@@ -272,10 +315,17 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
             self.
 
         Raises:
-            ValueError: On NaN/inf, a non-2-D array, fewer than 2 rows or an invalid parameter.
+            ValueError: On NaN/inf, a non-2-D array, fewer than 2 rows, an invalid parameter (an explicit
+                ``latent_dim >= n_features``: see the class docstring), values beyond the float32 range or a
+                standardization that overflows float32 (the rows and columns are named).
         """
         self._validate_params()
         X_all = validate_data(self, X, ensure_min_samples=2, dtype=[np.float64, np.float32]).astype(np.float64)
+        if self.spherical and X_all.shape[1] == 1:
+            autoencoder_latent_dim(1, "auto", spherical=True)  # refused: one L2-normalized feature is only its sign
+        if not self.spherical:  # before any statistic: 1e300 would overflow the scaler and blame the training
+            self._refuse_rows(np.abs(X_all) > _FLOAT32_MAX, "values beyond the float32 range the model computes "
+                              f"in (|x| > {_FLOAT32_MAX:.3g})")
         seed = self._seed()
         n_cal = int(self.calibration_fraction * len(X_all))
         if n_cal >= 1 and len(X_all) - n_cal >= 2:
@@ -291,9 +341,12 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
                 msg = (f"a target rate of {rate:g} needs at least {min_calibration_size(rate)} calibration rows, "
                        f"got {n_cal_rows}: raise calibration_fraction, add rows, or ask for a larger rate")
                 raise CalibrationError(msg)
-        self.mean_ = X.mean(0).astype(np.float32)
-        scale = X.std(0)
-        self.scale_ = np.where(scale > 1e-8 * np.maximum(1.0, np.abs(X).max(0)), scale, 1.0).astype(np.float32)
+        if self.spherical:  # rows are L2-normalized, not standardized (and may be too large for moments)
+            self.mean_, self.scale_ = np.zeros(X.shape[1], np.float32), np.ones(X.shape[1], np.float32)
+        else:
+            self.mean_ = X.mean(0).astype(np.float32)
+            scale = X.std(0)
+            self.scale_ = np.where(scale > 1e-8 * np.maximum(1.0, np.abs(X).max(0)), scale, 1.0).astype(np.float32)
         data = self._transform(X)
         self.config_ = self._make_config(X.shape[1], X.shape[0]).replace(seed=seed)
         device = _resolve_device(self.device)
@@ -357,9 +410,14 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
         Raises:
             NotFittedError: Before ``fit``.
             dxmi_ad.calibration.CalibrationError: A calibration set too small for the rate (minimum size stated).
-            ValueError: Bad rows (see :meth:`energy`), or ``fdr`` together with a validation set.
+            ValueError: ``fpr``/``fdr`` outside (0, 1) (checked first), bad rows (see :meth:`energy`), or ``fdr``
+                together with a validation set.
         """
         check_is_fitted(self, "model_")
+        if fpr is not None:  # ranges before any scoring (fdr=0 used to divide by zero)
+            check_rate("fpr", fpr)
+        if fdr is not None:
+            check_rate("fdr", fdr)
         if X is not None:
             energies, source = self.energy(X), f"{len(np.asarray(X))} rows given to calibrate()"
         elif getattr(self, "calibration_", None) is not None:
@@ -496,7 +554,7 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
         device = self.model_.velocity_scale_sq.device
         gen = torch.Generator(device=device).manual_seed(int(seed))
         data = None
-        if self.model_.initial_ae is not None:
+        if self.model_.needs_start_data:  # the autoencoder and feature-noise starts perturb data rows
             idx = torch.randint(len(self.start_bank_), (int(n_samples),), generator=gen, device=device)
             data = self.start_bank_[idx.cpu()].to(device)
         x0 = self.model_.initial_states(int(n_samples), data, gen)

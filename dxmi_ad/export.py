@@ -26,7 +26,7 @@ from torch import nn
 
 from dxmi_ad.checkpoint import atomic_replace
 from dxmi_ad.data.images import resize_images
-from dxmi_ad.image import score_maps
+from dxmi_ad.metrics import dumps_json
 
 __all__ = ["FORMATS", "Scorer", "export_metadata", "export_model", "load_torchscript", "onnx_metadata", "run_onnx"]
 
@@ -54,7 +54,7 @@ class Scorer(nn.Module):
             msg = f"input_dtype must be 'float32' or 'uint8', got {input_dtype!r}"
             raise ValueError(msg)
         self.extractor = detector._extractor()
-        self.energy = detector.model.energy
+        self.scorer = detector.scorer()  # the same MapScorer (energy + blur) as ImageDetector.predict
         self.size = int(detector.features.image_size)
         self.uint8 = input_dtype == "uint8"
         self.eval()
@@ -64,7 +64,7 @@ class Scorer(nn.Module):
         h, w = images.shape[-2], images.shape[-1]
         x = images.float() / 255.0 if self.uint8 else images.float()
         x = resize_images(x, self.size)  # the same resize as file loading and ImageDetector.predict
-        return score_maps(self.energy, self.extractor(x), (h, w))
+        return self.scorer(self.extractor(x), (h, w))
 
 
 def export_metadata(detector: Any, input_dtype: str, input_size: tuple[int, int]) -> dict[str, Any]:
@@ -78,8 +78,9 @@ def export_metadata(detector: Any, input_dtype: str, input_size: tuple[int, int]
         "producer": f"dxmi-ad {dxmi_ad.__version__}", "input": "images (B, 3, H, W) RGB",
         "input_dtype": input_dtype, "input_range": "[0, 255]" if input_dtype == "uint8" else "[0, 1]",
         "input_size": list(input_size), "model_input_size": detector.features.image_size,
-        "outputs": {"pred_score": "(B,) max per-location energy, higher = more anomalous",
-                    "anomaly_map": "(B, H, W) bilinearly upsampled energy map"},
+        "outputs": {"pred_score": "(B,) max of the (blurred) per-location energy map, higher = more anomalous",
+                    "anomaly_map": "(B, H, W) bilinearly upsampled (blurred) energy map"},
+        "scoring": detector.scoring.to_dict(),
         "threshold": None if cal is None else cal.decision_threshold,
         "decision": "pred_score > threshold" if cal is not None and cal.rule != "fdr" else
         "Benjamini-Hochberg on conformal p-values (see calibration_scores)" if cal is not None else None,
@@ -102,7 +103,8 @@ def export_model(
         path: Output file (``.onnx`` / ``.pt`` recommended).
         fmt: ``"onnx"`` or ``"torchscript"``.
         input_dtype: ``"float32"`` ([0, 1]) or ``"uint8"`` ([0, 255]).
-        input_size: ``(H, W)`` of the exported input (default: the model input size, no resize in the graph).
+        input_size: ``(H, W)`` of the exported input in pixels (default: the model input size it was trained at,
+            ``features.image_size`` of its config.json; no resize in the graph).
 
     Returns:
         The written path.
@@ -115,8 +117,13 @@ def export_model(
     if fmt not in FORMATS:
         msg = f"unknown export format {fmt!r}; expected one of {FORMATS}"
         raise ValueError(msg)
+    from dxmi_ad.image import check_output_size
+
     scorer = Scorer(detector, input_dtype)
-    size = tuple(input_size or (scorer.size, scorer.size))
+    try:
+        size = check_output_size(input_size) or (scorer.size, scorer.size)  # default: the size it was trained at
+    except ValueError as err:
+        raise ValueError(str(err).replace("output_size", "input_size")) from None
     example = (torch.rand(2, 3, *size) * (255 if input_dtype == "uint8" else 1)).to(
         torch.uint8 if input_dtype == "uint8" else torch.float32)
     meta = export_metadata(detector, input_dtype, size)
@@ -130,7 +137,7 @@ def export_model(
             warnings.filterwarnings("ignore", message=".*torch.jit", category=FutureWarning)
             traced = torch.jit.trace(scorer, (example,), check_trace=False)
             atomic_replace(path, lambda tmp: torch.jit.save(traced, str(tmp),
-                                                            _extra_files={METADATA_FILE: json.dumps(meta)}))
+                                                            _extra_files={METADATA_FILE: dumps_json(meta)}))
         return path
     try:
         import onnx
@@ -146,7 +153,7 @@ def export_model(
                               output_names=["pred_score", "anomaly_map"], verbose=False,
                               dynamic_shapes={"images": {0: batch}}, external_data=False)
         proto = onnx.load(str(raw))
-    for key, value in (("dxmi_ad", json.dumps(meta)), ("threshold", json.dumps(meta["threshold"]))):
+    for key, value in (("dxmi_ad", dumps_json(meta)), ("threshold", dumps_json(meta["threshold"]))):
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     atomic_replace(path, lambda tmp: onnx.save(proto, str(tmp)))

@@ -33,11 +33,12 @@ from dxmi_ad.data.images import ImageReadError, load_image, load_mask, resize_im
 from dxmi_ad.data.mvtec import ImageSample
 from dxmi_ad.data.textures import default_cache_dir
 from dxmi_ad.features.extractor import FeatureExtractor
+from dxmi_ad.scoring import MapScorer, ScoringSettings
 from dxmi_ad.nn.model import DxMIModel
 from dxmi_ad.training.fit import ProgressCallback, restore_model, train_model
 
-__all__ = ["BadFilesError", "FeatureSettings", "ImageDetector", "iter_batches", "refuse_overlap", "score_maps",
-           "split_calibration", "upsample_map"]
+__all__ = ["BadFilesError", "FeatureSettings", "ImageDetector", "check_output_size", "iter_batches",
+           "features_and_masks", "nonfinite_images", "refuse_overlap", "split_calibration", "to_image_batch"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,13 @@ class FeatureSettings:
     pretrained: bool = True
     weights: str | None = None
 
+    def __post_init__(self) -> None:
+        """Validate every field (``ValueError`` naming ``features.<field>``); ``out_indices`` becomes a tuple."""
+        from dxmi_ad.features.extractor import check_feature_settings
+
+        check_feature_settings(asdict(self))
+        object.__setattr__(self, "out_indices", tuple(self.out_indices))
+
     def build(self) -> FeatureExtractor:
         """The frozen :class:`FeatureExtractor` these settings describe."""
         return FeatureExtractor(self.backbone, self.out_indices, self.pretrained, self.weights)
@@ -92,7 +100,7 @@ def iter_batches(
                 img, _ = load_image(s.path, size)
                 mask = load_mask(s.mask_path, size)
             except ImageReadError as err:
-                errors[i] = err.reason
+                errors[i] = err.reason if err.path == s.path else f"its mask {err.path}: {err.reason}"
                 continue
             idx.append(i)
             imgs.append(img)
@@ -103,7 +111,29 @@ def iter_batches(
             yield [], torch.zeros(0, 3, size, size), torch.zeros(0, size, size, dtype=torch.bool), errors
 
 
-_LOADER_VERSION = "torch-bilinear-antialias-v2"  # part of the cache key: changing the image resize re-extracts
+@torch.no_grad()
+def features_and_masks(samples: Sequence[ImageSample], extractor: FeatureExtractor, size: int, batch_size: int = 32
+                       ) -> tuple[torch.Tensor, np.ndarray]:
+    """Backbone features and ground-truth masks of listed samples (benchmarks and sweeps score them many times).
+
+    Returns:
+        ``features (n, C, h, w)`` of the readable samples in order, and ``masks (len(samples), size, size)`` bool.
+
+    Raises:
+        BadFilesError: If any file is unreadable.
+    """
+    feats, masks, bad = [], np.zeros((len(samples), size, size), bool), {}
+    for idx, images, m, errors in iter_batches(samples, size, batch_size):
+        if len(images):
+            feats.append(extractor(images))
+        masks[idx] = m.numpy()
+        bad.update({samples[i].path: r for i, r in errors.items()})
+    if bad:
+        raise BadFilesError(bad, "listed samples")
+    return torch.cat(feats), masks
+
+
+_LOADER_VERSION = "torch-bilinear-antialias-v3-exif-16bit-alpha"  # cache key part: a decoding change re-extracts
 
 
 def _cache_key(samples: Sequence[ImageSample], settings: FeatureSettings) -> str:
@@ -220,26 +250,143 @@ def _read_error(path: Path) -> str | None:
     return None
 
 
-def upsample_map(energy_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Anomaly map ``(B, H, W)`` from an energy map ``(B, h, w)``: bilinear upsampling (PAPER.md §3.3)."""
-    return F.interpolate(energy_map[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+def check_output_size(output_size: Any) -> tuple[int, int] | None:
+    """Validate an ``output_size`` argument: None, or ``(H, W)`` of two positive whole numbers of pixels.
 
-
-def score_maps(energy: torch.nn.Module, features: torch.Tensor, size: tuple[int, int]
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The image scorer of PAPER.md §3.3 on location features, as one traceable function.
-
-    Args:
-        energy: The energy network, ``(N, C) -> (N,)`` (eval mode).
-        features: ``(B, C, h, w)`` L2-normalized location vectors.
-        size: ``(H, W)`` of the anomaly map.
-
-    Returns:
-        ``pred_score (B,)`` (max per-location energy, higher = more anomalous) and ``anomaly_map (B, H, W)``.
+    Raises:
+        ValueError: Anything else (e.g. ``(0, 0)``, a single number, negative or fractional sizes).
     """
-    b, c, h, w = features.shape
-    emap = energy(features.permute(0, 2, 3, 1).reshape(-1, c)).reshape(b, h, w)
-    return emap.flatten(1).amax(1), upsample_map(emap, size)
+    if output_size is None:
+        return None
+    try:
+        h, w = output_size
+        ok = all(float(v) == int(v) and int(v) >= 1 for v in (h, w))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        msg = f"output_size must be (H, W) with two positive whole numbers of pixels, got {output_size!r}"
+        raise ValueError(msg)
+    return int(h), int(w)
+
+
+def nonfinite_images(images: torch.Tensor) -> dict[int, int]:
+    """``{batch index: number of NaN / infinite values}`` of an image batch ``(B, ...)`` (empty when all finite)."""
+    if not images.is_floating_point() or not images.numel():
+        return {}
+    counts = (~torch.isfinite(images)).flatten(1).sum(1)
+    return {int(i): int(counts[i]) for i in torch.nonzero(counts).flatten()}
+
+
+def _refuse_nonfinite(images: torch.Tensor, what: str = "image") -> None:
+    bad = nonfinite_images(images)
+    if bad:
+        i, n = next(iter(bad.items()))
+        msg = (f"{what} {i} of the batch holds {n} NaN or infinite pixel value(s)"
+               + (f" ({len(bad)} images in all: {sorted(bad)[:10]})" if len(bad) > 1 else "")
+               + ": a non-finite image has no anomaly score; repair or drop it")
+        raise ValueError(msg)
+
+
+def _array_to_chw(a: np.ndarray, what: str) -> torch.Tensor:
+    """One image array ``(H, W)``, ``(H, W, C)`` or ``(C, H, W)`` (C in 1, 3) -> float ``(3, H, W)`` in [0, 1]."""
+    if a.ndim == 2:
+        a = a[None]
+    elif a.ndim == 3:
+        if a.shape[-1] in (1, 3) and a.shape[0] not in (1, 3):
+            a = np.moveaxis(a, -1, 0)  # HWC -> CHW
+        elif a.shape[0] not in (1, 3):
+            msg = (f"{what}: expected (H, W), (H, W, 3) or (3, H, W) (1 channel for grayscale), got shape "
+                   f"{a.shape}" + (" (RGBA: convert to RGB first)" if 4 in (a.shape[0], a.shape[-1]) else ""))
+            raise ValueError(msg)
+    else:
+        msg = f"{what}: expected (H, W), (H, W, 3) or (3, H, W), got shape {a.shape}"
+        raise ValueError(msg)
+    return _scale(torch.from_numpy(np.ascontiguousarray(a)), what).expand(3, -1, -1)
+
+
+def _scale(x: torch.Tensor, what: str) -> torch.Tensor:
+    """uint8 -> float in [0, 1]; float checked to lie in [0, 1] (non-finite values named); other dtypes refused."""
+    if x.dtype == torch.uint8:
+        return x.float() / 255.0
+    if not x.is_floating_point():
+        msg = (f"{what}: unsupported dtype {x.dtype}; pass uint8 (0-255) or float values in [0, 1] "
+               "(e.g. divide 16-bit data by 65535)")
+        raise ValueError(msg)
+    x = x.float()
+    finite = x[torch.isfinite(x)]
+    if finite.numel():
+        lo, hi = float(finite.min()), float(finite.max())
+        if lo < -1e-3 or hi > 1 + 1e-3:
+            msg = (f"{what}: float images must lie in [0, 1], got [{lo:.3g}, {hi:.3g}] "
+                   "(divide 0-255 values by 255, or pass uint8)")
+            raise ValueError(msg)
+    return x
+
+
+def _one_image(item: Any, size: int, index: int) -> tuple[torch.Tensor, bool]:
+    """One list element -> ``((3, H, W) float, decoded_from_file)``; files are read as ``dxmi-ad score`` reads them."""
+    from PIL import Image
+
+    what = f"image {index}"
+    if isinstance(item, (str, os.PathLike)):
+        return load_image(Path(item), size)[0], True  # ImageReadError (a ValueError) names the file
+    if isinstance(item, Image.Image):
+        from dxmi_ad.data.images import decode_pil  # the file decoder (EXIF, 16-bit, palette, alpha, float)
+
+        return _array_to_chw(decode_pil(item, what), what), False
+    if isinstance(item, np.ndarray):
+        return _array_to_chw(item, what), False
+    if torch.is_tensor(item):
+        x = item.detach().cpu()
+        if x.ndim != 3 or x.shape[0] not in (1, 3):
+            msg = f"{what}: a tensor image must be (3, H, W) (or (1, H, W)), got {tuple(x.shape)}"
+            raise ValueError(msg)
+        return _scale(x, what).expand(3, -1, -1), False
+    msg = (f"{what}: unsupported type {type(item).__name__}; pass a file path, a PIL image, a numpy array or a "
+           "torch tensor")
+    raise TypeError(msg)
+
+
+def to_image_batch(images: Any, size: int) -> torch.Tensor:
+    """Anything a user passes as images -> an RGB float batch ``(B, 3, H, W)`` in [0, 1].
+
+    Accepted: a torch tensor ``(B, 3, H, W)`` / ``(3, H, W)``; a numpy array ``(B, H, W, 3)``, ``(B, 3, H, W)``,
+    ``(H, W, 3)``, ``(3, H, W)`` or ``(H, W)`` (grayscale); a PIL image; a file path (``str`` / ``Path``, decoded
+    as ``dxmi-ad score`` decodes files); or a list of these. Values are uint8 in [0, 255] or float in [0, 1]. A
+    list of images of different sizes, and every file, is resized to the model input ``size x size`` (the
+    anomaly map is then at that size unless ``output_size`` is given).
+
+    Raises:
+        ValueError: Wrong shape, dtype or value range, NaN / infinite pixels (the batch index is named), an
+            unreadable file (:class:`~dxmi_ad.data.images.ImageReadError`, naming it), an empty list.
+        TypeError: An unsupported type.
+    """
+    if torch.is_tensor(images) and images.ndim == 4:
+        if images.shape[1] != 3:
+            msg = f"images must be (B, 3, H, W) RGB, got {tuple(images.shape)}"
+            raise ValueError(msg)
+        x = _scale(images.detach().cpu(), "images")
+    elif isinstance(images, np.ndarray) and images.ndim == 4:
+        a = images
+        if a.shape[-1] == 3 and a.shape[1] != 3:
+            a = np.moveaxis(a, -1, 1)  # (B, H, W, 3) -> (B, 3, H, W)
+        if a.shape[1] != 3:
+            msg = f"image arrays must be (B, H, W, 3) or (B, 3, H, W) RGB, got {images.shape}"
+            raise ValueError(msg)
+        x = _scale(torch.from_numpy(np.ascontiguousarray(a)), "images")
+    else:
+        items = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not items:
+            msg = "no images given (an empty list)"
+            raise ValueError(msg)
+        decoded = [_one_image(item, size, i) for i, item in enumerate(items)]
+        shapes = {tuple(t.shape) for t, _ in decoded}
+        if len(shapes) > 1:
+            x = torch.stack([resize_images(t[None], size)[0] for t, _ in decoded])
+        else:
+            x = torch.stack([t for t, _ in decoded])
+    _refuse_nonfinite(x)
+    return x
 
 
 def split_calibration(samples: Sequence[ImageSample], fraction: float, seed: int
@@ -270,6 +417,15 @@ def split_calibration(samples: Sequence[ImageSample], fraction: float, seed: int
     return ([s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held])
 
 
+def _check_rates(fpr: float | None, fdr: float | None) -> None:
+    """``fpr`` / ``fdr`` in (0, 1) when given (:func:`dxmi_ad.calibration.check_rate`), before any work."""
+    from dxmi_ad.calibration import check_rate
+
+    for name, value in (("fpr", fpr), ("fdr", fdr)):
+        if value is not None:
+            check_rate(name, value)
+
+
 class ImageDetector:
     """Feature extractor + vector DxMI energy head; scores images into ``pred_score`` and ``anomaly_map``.
 
@@ -278,6 +434,8 @@ class ImageDetector:
         features: :class:`FeatureSettings`.
         runtime: Lightning Fabric execution of the head's training (devices, precision, DDP, checkpoints,
             resume; :class:`~dxmi_ad.training.runtime.Runtime`), or None (this process, CPU).
+        scoring: :class:`~dxmi_ad.scoring.ScoringSettings` (blur of the energy map before the maximum); default:
+            the paper's plain maximum.
 
     Attributes:
         model: The trained :class:`DxMIModel` (after :meth:`fit` or :meth:`load`).
@@ -286,10 +444,12 @@ class ImageDetector:
         history: DxMI training diagnostics.
     """
 
-    def __init__(self, config: DxMIConfig, features: FeatureSettings | None = None, runtime: Any = None) -> None:
+    def __init__(self, config: DxMIConfig, features: FeatureSettings | None = None, runtime: Any = None,
+                 scoring: ScoringSettings | None = None) -> None:
         self.config = config
         self.runtime = runtime
         self.features = features or FeatureSettings()
+        self.scoring = scoring or ScoringSettings()
         self.extractor: FeatureExtractor | None = None
         self.model: DxMIModel | None = None
         self.calibration: Calibration | None = None
@@ -300,6 +460,17 @@ class ImageDetector:
         if self.extractor is None:
             self.extractor = self.features.build()
         return self.extractor
+
+    def scorer(self) -> MapScorer:
+        """The :class:`~dxmi_ad.scoring.MapScorer` of the trained energy (the one scorer of every front end).
+
+        Raises:
+            RuntimeError: If the detector is not trained.
+        """
+        if self.model is None:
+            msg = "the detector is not trained; call fit() or load()"
+            raise RuntimeError(msg)
+        return MapScorer(self.model.energy, self.scoring).eval()
 
     # ------------------------------------------------------------------ training
     def fit(
@@ -332,6 +503,7 @@ class ImageDetector:
             ValueError: If there are no training images.
             dxmi_ad.calibration.CalibrationError: A calibration split too small for a requested rate.
         """
+        _check_rates(fpr, fdr)  # ranges before any feature extraction or training
         train = [s for s in samples if s.split == "train"]
         if not train:
             msg = "no training images"
@@ -359,13 +531,17 @@ class ImageDetector:
                        f"got {n_cal}: raise the calibration fraction, pass --calibration-dir, or ask for a larger rate")
                 raise CalibrationError(msg)
         extractor = self._extractor()
+        validate = None
+        if self.config.validate_every:  # honest model selection: held-out normals + synthetic anomalies
+            fit_part, val_part = split_calibration(fit_part, self.config.validation_fraction, self.config.seed + 1)
+            validate = self._validation(val_part, fit_part, skip_bad_files)
         feats, kept = extract_training_features(fit_part, self.features, extractor, skip_bad_files, cache_dir,
                                                 progress=progress)
         if len(kept) < 1:
             msg = "no readable training images"
             raise ValueError(msg)
         self.fit_features(feats, sorted({s.category for s in kept}), progress, calibration_fraction=0.0,
-                          calibrate=False)
+                          calibrate=False, validate=validate)
         if cal_part:
             self.calibrate(cal_part, fpr=fpr, fdr=fdr, skip_bad_files=skip_bad_files, source=source)
         else:
@@ -382,6 +558,7 @@ class ImageDetector:
         fpr: float | None = None,
         fdr: float | None = None,
         calibrate: bool = True,
+        validate: Callable[[DxMIModel], float] | None = None,
     ) -> ImageDetector:
         """Train the DxMI head on feature maps (the pretrained-feature dataset path; no backbone involved).
 
@@ -393,6 +570,8 @@ class ImageDetector:
                 training maps calibrate (optimistic p-values) unless :meth:`calibrate` is called afterwards.
             fpr, fdr: Decision rule (see :meth:`calibrate`).
             calibrate: False leaves calibration to the caller (``fit`` calibrates on its held-out images).
+            validate: Model selection callback (see :func:`~dxmi_ad.training.fit.train_model`); ``fit`` builds it
+                from held-out training images when ``config.validate_every > 0``.
 
         Returns:
             self.
@@ -408,7 +587,7 @@ class ImageDetector:
         else:
             vectors = torch.from_numpy(np.asarray(feats).reshape(n * h * w, c))  # memory-mapped, not copied
         self.model, self.history = train_model(vectors, self.config, progress=progress, log_every=5,
-                                               runtime=self.runtime)
+                                               runtime=self.runtime, validate=validate)
         if not calibrate:
             return self
         rows = cal_rows if n_cal else fit_rows
@@ -419,6 +598,58 @@ class ImageDetector:
                   else "the training images (no calibration split: p-values are optimistic)")
         self.calibrate(scores=scores, fpr=fpr, fdr=fdr, source=source)
         return self
+
+    def _validation(self, normals: Sequence[ImageSample], others: Sequence[ImageSample], skip_bad_files: bool
+                    ) -> Callable[[DxMIModel], float]:
+        """The model-selection score: mean per-category image AUROC on held-out normals vs SYNTHETIC anomalies.
+
+        Each held-out normal training image also becomes a synthetic anomaly (:func:`~dxmi_ad.validation.
+        synthetic_anomalies`: a Perlin mask filled from another normal training image of the same category). Only
+        training images are read; the scorer is the model's (blur included).
+
+        Raises:
+            BadFilesError: Unreadable held-out images without ``skip_bad_files``.
+            ValueError: If a category has no readable held-out image.
+        """
+        from dxmi_ad.validation import synthetic_anomalies, validation_auroc
+
+        size, extractor = self.features.image_size, self._extractor()
+
+        def read(samples: Sequence[ImageSample], what: str) -> torch.Tensor:
+            images, bad = [], {}
+            for _, imgs, _, errors in iter_batches(samples, size, 32):
+                images.append(imgs)
+                bad.update({samples[i].path: r for i, r in errors.items()})
+            if bad and not skip_bad_files:
+                raise BadFilesError(bad, what)
+            return torch.cat(images) if images else torch.zeros(0, 3, size, size)
+
+        sets = []
+        for k, cat in enumerate(sorted({s.category for s in normals})):
+            normal = read([s for s in normals if s.category == cat], "validation split")
+            pool = [s for s in others if s.category == cat]
+            sources = read([pool[i] for i in np.random.default_rng(self.config.seed + k).permutation(len(pool))[:32]],
+                           "training set")
+            if not len(normal):
+                msg = f"category {cat!r} has no readable held-out validation image"
+                raise ValueError(msg)
+            anomalous, _ = synthetic_anomalies(normal, sources, seed=self.config.seed + 7919 * k)
+            with torch.no_grad():
+                sets.append((torch.cat([extractor(c) for c in normal.split(32)]),
+                             torch.cat([extractor(c) for c in anomalous.split(32)])))
+        log.info("model selection: %d held-out normal images (+ as many synthetic anomalies) in %d categories",
+                 sum(len(n) for n, _ in sets), len(sets))
+
+        def validate(model: DxMIModel) -> float:
+            device = next(model.parameters()).device
+            scorer = MapScorer(model.energy, self.scoring).eval()
+
+            def score(f: torch.Tensor) -> torch.Tensor:
+                return scorer.reduce(scorer.energy_map(f.to(device))).float().cpu()
+
+            return float(np.mean([validation_auroc(score, n, a) for n, a in sets]))
+
+        return validate
 
     # ------------------------------------------------------------------ calibration
     def calibrate(
@@ -450,7 +681,9 @@ class ImageDetector:
         Raises:
             BadFilesError: Unreadable calibration/validation files without ``skip_bad_files``.
             dxmi_ad.calibration.CalibrationError: Too few calibration images for the rate (minimum stated).
+            ValueError: ``fpr``/``fdr`` outside (0, 1), checked before any image is read.
         """
+        _check_rates(fpr, fdr)
         files: list[str] = []
         if scores is None and samples is not None:
             out = self.score_samples(samples)
@@ -498,52 +731,55 @@ class ImageDetector:
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()
     def energy_map(self, features: torch.Tensor) -> torch.Tensor:
-        """Per-location energies of features ``(B, C, h, w)`` -> ``(B, h, w)``, higher = more anomalous."""
-        if self.model is None:
-            msg = "the detector is not trained; call fit() or load()"
-            raise RuntimeError(msg)
-        b, c, h, w = features.shape
-        vectors = features.permute(0, 2, 3, 1).reshape(-1, c)  # (B*h*w, C)
-        return self.model.score(vectors).view(b, h, w)
-
-    def score_features(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(pred_score (B,), energy_map (B, h, w))`` from features ``(B, C, h, w)``; pred_score = max."""
-        emap = self.energy_map(features)
-        return emap.flatten(1).amax(1), emap
+        """Per-location energies of features ``(B, C, h, w)`` -> ``(B, h, w)``, higher = more anomalous (no blur)."""
+        return self.scorer().energy_map(features)
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor, output_size: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
-        """Score an image batch.
+    def score_features(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(pred_score (B,), energy_map (B, h, w))`` from features ``(B, C, h, w)``; pred_score = max of the
+        (blurred, :class:`~dxmi_ad.scoring.ScoringSettings`) energy map."""
+        scorer = self.scorer()
+        emap = scorer.energy_map(features)
+        return scorer.reduce(emap), emap
+
+    @torch.no_grad()
+    def _score_batch(self, images: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(pred_score (B,), anomaly_map (B, H, W))`` of a checked float batch ``(B, 3, H', W')`` in [0, 1]."""
+        feats = self._extractor()(resize_images(images.float(), self.features.image_size))
+        return self.scorer()(feats, size)
+
+    @torch.no_grad()
+    def predict(self, images: Any, output_size: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+        """Score images.
 
         Args:
-            images: RGB batch ``(B, 3, H, W)``: float in [0, 1], or uint8 in [0, 255]; any ``H, W`` (resized to the
-                model input size ``S`` with :func:`~dxmi_ad.data.images.resize_images`, as files are).
-            output_size: ``(H, W)`` of the returned ``anomaly_map`` (default: the input's ``(H, W)``).
+            images: RGB batch ``(B, 3, H, W)`` tensor, float in [0, 1] or uint8 in [0, 255], any ``H, W`` (resized to
+                the model input size ``S`` with :func:`~dxmi_ad.data.images.resize_images`, as files are); or a
+                numpy array (HWC / CHW, one image or a batch), a PIL image, a file path, or a list of these (see
+                :func:`to_image_batch`).
+            output_size: ``(H, W)`` of the returned ``anomaly_map`` in pixels (default: the input's ``(H, W)``).
 
         Raises:
-            ValueError: Not ``(B, 3, H, W)``, or float values outside [0, 1] (e.g. 0-255 floats).
+            ValueError: Wrong shape, dtype or range (e.g. 0-255 floats), a NaN / infinite pixel or a non-finite
+                score (the batch index is named: a non-finite score is never turned into a decision), an
+                unreadable file, or an invalid ``output_size``.
+            TypeError: An unsupported input type.
 
         Returns:
             ``pred_score`` ``(B,)`` (energy, higher = more anomalous), ``anomaly_map`` ``(B, H, W)`` (bilinear
-            upsampling of the energy map), and with a calibration: ``pred_label`` ``(B,)`` bool (the stored rule;
-            under ``fdr`` Benjamini-Hochberg over this batch), ``p_value`` ``(B,)`` float64 in (0, 1] and
-            ``normalized_score`` ``(B,)`` in [0, 1] with the threshold at 0.5.
+            upsampling of the energy map), and with a calibration (decision rule) only: ``pred_label`` ``(B,)``
+            bool (the stored rule; under ``fdr`` Benjamini-Hochberg over this batch), ``p_value`` ``(B,)`` float64
+            in (0, 1] and ``normalized_score`` ``(B,)`` in [0, 1] with the threshold at 0.5. Without a
+            calibration there is no ``pred_label``: no rule, no decision.
         """
-        if images.ndim != 4 or images.shape[1] != 3:
-            msg = f"images must be (B, 3, H, W) RGB, got {tuple(images.shape)}"
+        size = check_output_size(output_size)
+        batch = to_image_batch(images, self.features.image_size)
+        pred_score, amap = self._score_batch(batch, size or tuple(batch.shape[-2:]))
+        bad = torch.nonzero(~torch.isfinite(pred_score)).flatten().tolist()
+        if bad:
+            msg = (f"image {bad[0]} of the batch got a non-finite anomaly score ({float(pred_score[bad[0]])}) from "
+                   "finite pixels: the model's weights are numerically broken; no decision is made")
             raise ValueError(msg)
-        if images.dtype == torch.uint8:
-            images = images.float() / 255.0
-        elif images.numel():
-            lo, hi = float(images.min()), float(images.max())
-            if lo < -1e-3 or hi > 1 + 1e-3:
-                msg = (f"float images must lie in [0, 1], got [{lo:.3g}, {hi:.3g}] "
-                       "(divide 0-255 values by 255, or pass a uint8 tensor)")
-                raise ValueError(msg)
-        size = output_size or tuple(images.shape[-2:])
-        feats = self._extractor()(resize_images(images.float(), self.features.image_size))
-        pred_score, emap = self.score_features(feats)
-        amap = upsample_map(emap, size)
         out = {"pred_score": pred_score, "anomaly_map": amap}
         if self.calibration is not None:
             s = pred_score.double().numpy()
@@ -552,13 +788,40 @@ class ImageDetector:
                        normalized_score=torch.from_numpy(self.calibration.normalized(s)))
         return out
 
+    def score_checked(self, images: torch.Tensor, size: tuple[int, int] | None = None
+                      ) -> tuple[list[int], torch.Tensor, torch.Tensor, dict[int, str]]:
+        """Score a batch read from files, turning non-finite inputs or scores into per-image errors.
+
+        Args:
+            images: ``(B, 3, H, W)`` float in [0, 1] (as :func:`iter_batches` yields).
+            size: ``(H, W)`` of the anomaly maps (default: the input's).
+
+        Returns:
+            ``(kept, pred_score (k,), anomaly_map (k, H, W), errors)``: positions in the batch of the ``k`` images
+            with a finite score, their scores and maps, and ``{position: reason}`` for the others (never scored as
+            normal).
+        """
+        errors = {i: f"the image holds {n} NaN or infinite pixel value(s): a non-finite image has no anomaly score"
+                  for i, n in nonfinite_images(images).items()}
+        kept = [i for i in range(len(images)) if i not in errors]
+        if not kept:
+            return [], torch.zeros(0), torch.zeros(0, *(size or images.shape[-2:])), errors
+        pred_score, amap = self._score_batch(images[kept], size or tuple(images.shape[-2:]))
+        finite = torch.isfinite(pred_score)
+        for j in torch.nonzero(~finite).flatten().tolist():
+            errors[kept[j]] = (f"non-finite anomaly score ({float(pred_score[j])}) from finite pixels: the model's "
+                               "weights are numerically broken; no decision is made")
+        return [i for j, i in enumerate(kept) if finite[j]], pred_score[finite], amap[finite], errors
+
     def score_feature_maps(self, features: torch.Tensor, size: tuple[int, int], batch_size: int = 64) -> dict:
         """Score stored feature maps ``(N, C, h, w)``: ``pred_score (N,)``, ``anomaly_map (N, H, W)`` float16 numpy."""
         scores, maps = [], []
+        scorer = self.scorer()
         for chunk in features.split(batch_size):
-            s, emap = self.score_features(chunk.float())
+            with torch.no_grad():
+                s, amap = scorer(chunk.float(), size)
             scores.append(s.numpy())
-            maps.append(upsample_map(emap, size).numpy().astype(np.float16))
+            maps.append(amap.numpy().astype(np.float16))
         return {"pred_score": np.concatenate(scores), "anomaly_map": np.concatenate(maps)}
 
     def score_samples(
@@ -567,8 +830,9 @@ class ImageDetector:
         """Score listed samples in batches (bounded memory).
 
         Returns:
-            ``pred_score`` ``(n,)`` numpy (NaN for unreadable files), ``anomaly_map`` ``(n, S, S)`` float16 numpy,
-            ``gt_mask`` ``(n, S, S)`` bool numpy, ``errors`` ``{index: reason}``.
+            ``pred_score`` ``(n,)`` numpy (NaN for unreadable files and for non-finite images or scores, which are
+            listed in ``errors``), ``anomaly_map`` ``(n, S, S)`` float16 numpy, ``gt_mask`` ``(n, S, S)`` bool numpy,
+            ``errors`` ``{index: reason}``.
         """
         size = self.features.image_size
         n = len(samples)
@@ -580,9 +844,11 @@ class ImageDetector:
         for idx, images, m, errs in iter_batches(samples, size, batch_size):
             errors.update(errs)
             if idx:
-                out = self.predict(images)
-                scores[idx] = out["pred_score"].numpy()
-                maps[idx] = out["anomaly_map"].numpy().astype(np.float16)
+                kept, pred_score, amap, bad = self.score_checked(images)
+                errors.update({idx[j]: r for j, r in bad.items()})  # non-finite: an error, never a score
+                rows = [idx[j] for j in kept]
+                scores[rows] = pred_score.numpy()
+                maps[rows] = amap.numpy().astype(np.float16)
                 masks[idx] = m.numpy()
             done += len(idx) + len(errs)
             if on_batch is not None:
@@ -596,6 +862,7 @@ class ImageDetector:
             msg = "nothing to save: the detector is not trained"
             raise RuntimeError(msg)
         meta = {"kind": "ImageDetector", "config": self.config.to_dict(), "features": asdict(self.features),
+                "scoring": self.scoring.to_dict(),
                 "categories": self.categories, "history": self.history[-1:], **(extra or {})}
         save_model_dir(directory, self.model.checkpoint_tensors(), meta)
         if self.calibration is not None:
@@ -619,11 +886,12 @@ class ImageDetector:
             feats = dict(meta["features"])
             feats["out_indices"] = tuple(feats["out_indices"])
             features = FeatureSettings(**feats)
+            scoring = ScoringSettings.from_dict(meta.get("scoring"))  # absent in runs written before the option
         except (KeyError, TypeError, ValueError) as err:
             msg = f"{directory} holds an invalid or tampered model description: {err}"
             raise ValueError(msg) from err
         model = restore_model(meta.get("config"), tensors, directory)
-        det = cls(model.config, features)
+        det = cls(model.config, features, scoring=scoring)
         det.model = model
         det.calibration = Calibration.load_if_present(directory)
         det.history = meta.get("history", [])

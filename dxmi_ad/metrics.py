@@ -6,10 +6,45 @@ References:
 
 from __future__ import annotations
 
+import json
+import math
+from typing import Any
+
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-__all__ = ["auroc", "sliced_wasserstein"]
+__all__ = ["auroc", "dumps_json", "json_ready", "sliced_wasserstein"]
+
+
+def json_ready(obj: Any) -> Any:
+    """A copy of ``obj`` that strict JSON can hold: NaN / infinite floats become None (``null``: undefined).
+
+    numpy scalars and arrays become Python numbers and lists, tuples become lists, mapping keys strings; anything
+    else is returned unchanged (``json.dumps`` then refuses what it cannot write).
+    """
+    if isinstance(obj, dict):
+        return {str(k): json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return json_ready(obj.tolist())
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(float(obj)) else None
+    return obj
+
+
+def dumps_json(obj: Any, **kwargs: Any) -> str:
+    """``json.dumps`` of :func:`json_ready` ``(obj)`` with ``allow_nan=False``: always valid JSON (RFC 8259), with
+    undefined metrics written as ``null`` instead of the invalid ``NaN`` token.
+
+    Raises:
+        TypeError: A value JSON cannot represent (after conversion).
+    """
+    return json.dumps(json_ready(obj), allow_nan=False, **kwargs)
 
 
 def auroc(scores_normal: np.ndarray, scores_anomalous: np.ndarray) -> float:

@@ -17,22 +17,33 @@ __all__ = ["avr_update", "energy_loss", "running_cost", "td_target", "time_cost"
 
 
 def energy_loss(
-    energy_data: torch.Tensor, energy_samples: torch.Tensor, energy_l2_weight: float = 0.0
+    energy_data: torch.Tensor,
+    energy_samples: torch.Tensor,
+    energy_l2_weight: float = 0.0,
+    negative_l2_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """EBM side of the GCD objective (Eq. 5): ``E_p[E] - E_pi[E] + gamma (E_p[E^2] + E_pi[E^2])``.
+    """EBM side of the GCD objective (Eq. 5) with its regularizers.
+
+    ``E_p[E] - E_pi[E] + gamma (E_p[E^2] + E_pi[E^2]) + gamma_neg E_pi[E^2]``; the last term is MPDR / NAE's
+    penalty on the energy of the negatives (``gamma_neg``, weight 1 there), a named deviation from DxMI's EV trainer.
 
     Args:
         energy_data: Energies of data, shape ``(B,)`` (pushed down).
         energy_samples: Energies of sampler outputs ``x_T``, shape ``(B',)`` (pushed up).
         energy_l2_weight: gamma >= 0 (paper default 1 for 2-D / images; 0 in the AD trainer).
+        negative_l2_weight: gamma_neg >= 0, weight of ``E_pi[E(x_T)^2]`` alone (0 = off).
 
     Returns:
-        Scalar loss and detached diagnostics ``energy_data``, ``energy_samples`` (batch means).
+        Scalar loss and detached diagnostics ``energy_data``, ``energy_samples`` (batch means) and ``energy_gap``
+        (``energy_samples - energy_data``).
     """
     loss = energy_data.mean() - energy_samples.mean()
     if energy_l2_weight:
         loss = loss + energy_l2_weight * (energy_data.pow(2).mean() + energy_samples.pow(2).mean())
-    return loss, {"energy_data": energy_data.mean().detach(), "energy_samples": energy_samples.mean().detach()}
+    if negative_l2_weight:
+        loss = loss + negative_l2_weight * energy_samples.pow(2).mean()
+    e_data, e_samples = energy_data.mean().detach(), energy_samples.mean().detach()
+    return loss, {"energy_data": e_data, "energy_samples": e_samples, "energy_gap": e_samples - e_data}
 
 
 def running_cost(

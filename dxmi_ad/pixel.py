@@ -173,8 +173,14 @@ class PixelDetector:
             self.
 
         Raises:
-            ValueError: Bad images, or an ``init_sampler`` whose network does not fit this config.
+            ValueError: Bad images, ``fpr``/``fdr`` outside (0, 1) (checked first), or an ``init_sampler`` whose
+                network does not fit this config.
         """
+        from dxmi_ad.calibration import check_rate
+
+        for name, value in (("fpr", fpr), ("fdr", fdr)):
+            if value is not None:
+                check_rate(name, value)
         x = self.to_model_input(images, "training images")
         cal_x = None
         if isinstance(calibration, (int, float)) and not isinstance(calibration, bool):
@@ -229,8 +235,14 @@ class PixelDetector:
             The :class:`~dxmi_ad.calibration.Calibration` (also stored).
 
         Raises:
-            ValueError: Nothing to calibrate on; dxmi_ad.calibration.CalibrationError: too few images for the rate.
+            ValueError: Nothing to calibrate on, or ``fpr``/``fdr`` outside (0, 1) (checked before any scoring);
+                dxmi_ad.calibration.CalibrationError: too few images for the rate.
         """
+        from dxmi_ad.calibration import check_rate
+
+        for name, value in (("fpr", fpr), ("fdr", fdr)):
+            if value is not None:
+                check_rate(name, value)
         if scores is None and images is not None:
             scores = self.energy(images)
             source = source or f"{len(scores)} calibration images"
@@ -300,8 +312,14 @@ class PixelDetector:
     def predict(self, images: Any, batch_size: int = 256) -> dict[str, np.ndarray]:
         """Score a batch: ``pred_score`` ``(N,)``, ``anomaly_map`` ``(N, S, S)`` and, once calibrated,
         ``pred_label`` ``(N,)`` bool, ``p_value`` ``(N,)`` in (0, 1], ``normalized_score`` ``(N,)`` in [0, 1]
-        (threshold at 0.5). Raises ``ValueError`` for bad images (see :meth:`to_model_input`)."""
+        (threshold at 0.5). Raises ``ValueError`` for bad images (see :meth:`to_model_input`: NaN / infinite pixels
+        are refused with the row named) and for a non-finite energy (named; never turned into a decision)."""
         s, amap = self._energy_and_map(self.to_model_input(images), batch_size)
+        bad = np.flatnonzero(~np.isfinite(s))
+        if len(bad):
+            msg = (f"image {int(bad[0])} of the batch got a non-finite energy ({s[bad[0]]}) from finite pixels: the "
+                   "model's weights are numerically broken; no decision is made")
+            raise ValueError(msg)
         out: dict[str, np.ndarray] = {"pred_score": s, "anomaly_map": amap}
         if self.calibration is not None:
             out.update(pred_label=self.calibration.decide(s), p_value=self.calibration.p_values(s),

@@ -71,7 +71,11 @@ def _curve_plot(samples: Sequence[ImageSample], scores: np.ndarray, kind: str, p
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
-    for cat, (y, s) in _by_category(samples, scores).items():
+    curves = _by_category(samples, scores)
+    if not curves:  # one-class test set: no curve is defined, and an empty legend would warn
+        ax.text(0.5, 0.5, "undefined: every category's test set\nhas only normal or only anomalous images",
+                ha="center", va="center", fontsize=9, transform=ax.transAxes)
+    for cat, (y, s) in curves.items():
         if kind == "roc":
             fpr, tpr, _ = roc_curve(y, s)
             ax.plot(fpr, tpr, label=f"{cat} (AUROC {roc_auc_score(y, s):.3f})")
@@ -81,10 +85,12 @@ def _curve_plot(samples: Sequence[ImageSample], scores: np.ndarray, kind: str, p
     if kind == "roc":
         ax.plot([0, 1], [0, 1], "k--", lw=0.5)
         ax.set(xlabel="false-positive rate", ylabel="true-positive rate", title="image-level ROC")
-        ax.legend(loc="lower right", fontsize=8)
+        if curves:
+            ax.legend(loc="lower right", fontsize=8)
     else:
         ax.set(xlabel="recall", ylabel="precision", title="image-level precision-recall", ylim=(0, 1.02))
-        ax.legend(loc="lower left", fontsize=8)
+        if curves:
+            ax.legend(loc="lower left", fontsize=8)
     return _save(fig, path)
 
 
@@ -144,7 +150,9 @@ def _calibration_plot(curve: pd.DataFrame, path: Path) -> bytes:
 
             lo, hi = binom.interval(0.99, m, a)
             ax.fill_between(a, lo / m, hi / m, color="0.85", label="binomial 99% band")
-        ax.plot(a, curve["realised_fpr"], "o-", ms=3, label=f"realised on {m} normal test images")
+            ax.plot(a, curve["realised_fpr"], "o-", ms=3, label=f"realised on {m} normal test images")
+        else:  # all-anomalous test set: the realised rate is undefined
+            ax.text(0.25, 0.3, "realised rate undefined:\nno normal test images", ha="center", fontsize=9)
     ax.plot([0, 0.5], [0, 0.5], "k--", lw=0.7, label="expected (target)")
     ax.set(xlim=(0, 0.5), ylim=(0, 0.6), xlabel="target false-positive rate", ylabel="realised false-positive rate",
            title="calibration: target vs realised FPR")
@@ -232,6 +240,10 @@ def write_report(
              "n/a" if d["tpr"] is None else f"{d['tpr']:.4f} ({c['tp']} of {c['n_anomalous']})"),
             ("false discovery proportion", f"{d['false_discovery_proportion']:.4f} of {c['flagged']} flagged"),
         ]
+    else:  # no rule, no decision: say so instead of leaving the section out
+        decision_rows = [("decision rule", "none: the model has no calibration, so no image is decided anomalous or "
+                                           "normal; run `dxmi-ad calibrate --model RUN_DIR --calibration-dir "
+                                           "NORMAL_IMAGES`")]
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>dxmi-ad report</title>",
         "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"

@@ -14,5 +14,5 @@ def _torch_cpu_threads() -> None:
 
 
 # Settings small enough for scikit-learn's estimator checks (dozens of fits).
-TINY = dict(n_iter=4, ae_pretrain_iter=8, hidden=16, n_layers=1, latent_dim=4, batch_size=32, warmup_iter=1,
+TINY = dict(n_iter=4, ae_pretrain_iter=8, hidden=32, n_layers=1, latent_dim="auto", batch_size=32, warmup_iter=1,
             device="cpu")

@@ -38,3 +38,17 @@ def test_avr_ema_per_step():
     traj = torch.stack([torch.zeros(2, 3), torch.ones(2, 3), 3 * torch.ones(2, 3)])  # steps of 1 and 2
     s2 = avr_update(torch.tensor([1.0, 1.0]), traj, momentum=0.99)
     assert torch.allclose(s2, torch.tensor([0.99 + 0.01 * 1.0, 0.99 + 0.01 * 4.0]))
+
+
+def test_energy_loss_negative_penalty_golden():
+    # MPDR / NAE gamma_neg: only E(x_T)^2 is penalized, separately from gamma (which penalizes both halves).
+    e_data, e_samp = torch.tensor([1.0, 3.0]), torch.tensor([5.0, 7.0])
+    loss, diag = energy_loss(e_data, e_samp, 0.0, 0.5)
+    assert loss.item() == pytest.approx(-4.0 + 0.5 * 37.0)  # mean(E(x_T)^2) = (25 + 49) / 2
+    both, _ = energy_loss(e_data, e_samp, 0.5, 1.0)
+    assert both.item() == pytest.approx(-4.0 + 0.5 * (5.0 + 37.0) + 1.0 * 37.0)
+    assert diag["energy_gap"].item() == 4.0
+    e_samp.requires_grad_(True)
+    loss, _ = energy_loss(e_data, e_samp, 0.0, 1.0)
+    loss.backward()
+    assert torch.allclose(e_samp.grad, torch.tensor([-0.5 + 5.0, -0.5 + 7.0]))  # d/dE: -1/B + 2 E / B

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 
 from dxmi_ad.checkpoint import atomic_directory, atomic_write_text, read_yaml_mapping
+from dxmi_ad.scoring import ScoringSettings
 
 IMAGE_DATASETS = ("textures", "mvtec", "folder", "features")
 
@@ -26,14 +26,20 @@ class ImageCLIError(Exception):
 
 
 def load_image_recipe(path: Path | None, sets: dict[str, Any]) -> dict[str, Any]:
-    """Read an image recipe (``features:`` and ``model:`` sections) and apply ``--set`` overrides.
+    """Read an image recipe (``features:``, ``model:`` and optional ``scoring:`` / ``runtime:`` sections) and apply
+    ``--set`` overrides.
 
-    ``--set`` keys are ``model.<field>`` / ``features.<field>``, or a bare DxMIConfig field (taken as ``model.``).
+    ``--set`` keys are ``model.<field>`` / ``features.<field>`` / ``scoring.<field>``, or a bare DxMIConfig field
+    (taken as ``model.``).
+
+    Every value is checked here, before any image is read (types, ranges, backbone name, image size): a bad
+    ``--set features.image_size=-4`` fails at once with the field named.
 
     Raises:
-        ImageCLIError: Missing/invalid file or unknown keys.
+        ImageCLIError: Missing/invalid file, sections that are not mappings, unknown keys, or invalid values.
     """
     from dxmi_ad.config import DxMIConfig
+    from dxmi_ad.features.extractor import check_feature_settings
     from dxmi_ad.image import FeatureSettings
 
     from dxmi_ad import recipes
@@ -43,13 +49,19 @@ def load_image_recipe(path: Path | None, sets: dict[str, Any]) -> dict[str, Any]
         recipe = read_yaml_mapping(path)
     except (FileNotFoundError, ValueError) as err:
         raise ImageCLIError(str(err)) from err
-    if set(recipe) - {"features", "model", "runtime"}:
-        msg = f"image recipe {path} must be a mapping with 'features', 'model' (and optional 'runtime') sections"
+    if set(recipe) - {"features", "model", "runtime", "scoring"}:
+        msg = (f"image recipe {path} must be a mapping with 'features', 'model' (and optional 'scoring', 'runtime') "
+               "sections")
         raise ImageCLIError(msg)
+    for section in ("features", "model", "runtime", "scoring"):
+        if not isinstance(recipe.get(section) or {}, dict):
+            msg = f"image recipe {path}: section {section!r} must be a mapping of key: value"
+            raise ImageCLIError(msg)
     model, features = dict(recipe.get("model") or {}), dict(recipe.get("features") or {})
+    scoring = dict(recipe.get("scoring") or {})
     for key, value in sets.items():
         section, _, name = key.rpartition(".")
-        (features if section == "features" else model)[name] = value
+        {"features": features, "scoring": scoring}.get(section, model)[name] = value
     known_model = set(DxMIConfig().to_dict())
     known_feat = set(FeatureSettings.__dataclass_fields__)
     unknown = sorted({f"model.{k}" for k in set(model) - known_model} | {f"features.{k}" for k in set(features)
@@ -57,7 +69,17 @@ def load_image_recipe(path: Path | None, sets: dict[str, Any]) -> dict[str, Any]
     if unknown:
         msg = f"unknown recipe key(s) {unknown} in {path} / --set"
         raise ImageCLIError(msg)
-    return {"model": model, "features": features, "runtime": dict(recipe.get("runtime") or {}) or None}
+    try:
+        check_feature_settings(features)
+        ScoringSettings.from_dict(scoring)
+        DxMIConfig.from_dict(model)  # dim is set from the backbone later; every other field is checked now
+    except ValueError as err:
+        section = next((k for k in ("features", "scoring") if str(err).startswith((f"{k}.", f"unknown {k}"))),
+                       "model")
+        msg = f"invalid {section} value in {path} / --set: {err}"
+        raise ImageCLIError(msg) from None
+    return {"model": model, "features": features, "scoring": scoring,
+            "runtime": dict(recipe.get("runtime") or {}) or None}
 
 
 def list_dataset(dataset: str, data_root: Path | None, category: str) -> tuple[list, str]:
@@ -88,6 +110,7 @@ def list_dataset(dataset: str, data_root: Path | None, category: str) -> tuple[l
 
 def print_metrics(table: Any, console: Any, title: str) -> None:
     """Print a :func:`~dxmi_ad.evaluation.metrics_table` result as a rich table."""
+    import pandas as pd
     from rich.table import Table
 
     from dxmi_ad.evaluation import METRIC_KEYS
@@ -96,32 +119,51 @@ def print_metrics(table: Any, console: Any, title: str) -> None:
     for col in ("category", "image AUROC", "pixel AUROC", "pixel AUPRO", "image F1max", "n test", "n anom."):
         rich_table.add_column(col, overflow="fold")
     for _, row in table.iterrows():
-        rich_table.add_row(str(row["category"]), *[f"{row[k]:.4f}" for k in METRIC_KEYS],
+        rich_table.add_row(str(row["category"]),  # n/a: undefined (e.g. a one-class test set)
+                           *["n/a" if pd.isna(row[k]) else f"{row[k]:.4f}" for k in METRIC_KEYS],
                            str(int(row["n_test"])), str(int(row["n_anomalous"])))
     console.print(rich_table)
 
 
 def print_calibration(det: Any, console: Any) -> None:
-    """One line on the decision rule of an image model."""
+    """The decision rule of an image model, and what its calibration set can and cannot support (in numbers)."""
     if det.calibration is not None:
-        console.print(f"decisions: {det.calibration.describe()}", highlight=False)
+        console.print(f"decisions: {det.calibration.summary()}", highlight=False)
+    else:
+        console.print(f"[yellow]decisions: {NO_DECISION_RULE}[/]", highlight=False)
 
 
 def _write_evaluation(out: Path, test: list, scored: dict, table: Any, det: Any, settings: dict,
                       extra: dict[str, Any], with_images: bool) -> dict[str, Any]:
-    """metrics.json / metrics.csv and the report (plots + report.html) into ``out``."""
+    """metrics.json / metrics.csv and the report (plots + report.html) into ``out``.
+
+    metrics.json is strict JSON: an undefined metric (one-class test set, no masks) is ``null``, never ``NaN``.
+    ``decisions`` holds how the stored rule decides on the test set (realised FPR on the normal images, detection
+    rate on the anomalous ones; each ``null`` without such images), or is ``null`` with ``decision_rule`` saying
+    how to set a rule when the model has none.
+    """
     from dxmi_ad.calibration import decision_summary
+    from dxmi_ad.metrics import dumps_json, json_ready
     from dxmi_ad.report import write_report
 
     labels = np.array([s.label for s in test], int)
     metrics = {"per_category": table.to_dict(orient="records"), "mean": table.iloc[-1].to_dict(), **extra}
     if det.calibration is not None:
         metrics["decisions"] = decision_summary(det.calibration, np.asarray(scored["pred_score"]), labels)
+        metrics["decision_rule"] = det.calibration.describe()
+    else:
+        metrics["decisions"] = None
+        metrics["decision_rule"] = NO_DECISION_RULE
+    metrics = json_ready(metrics)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=float))
+    atomic_write_text(out / "metrics.json", dumps_json(metrics, indent=2))
     atomic_write_text(out / "metrics.csv", table.to_csv(index=False))
     write_report(out, test, scored, table, det.calibration, settings, with_images=with_images)
     return metrics
+
+
+NO_DECISION_RULE = ("none: the model has no calibration, so no image is decided anomalous or normal; run "
+                    "`dxmi-ad calibrate --model RUN_DIR --calibration-dir NORMAL_IMAGES`")
 
 
 def run_settings(det: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -134,21 +176,33 @@ def run_settings(det: Any, extra: dict[str, Any] | None = None) -> dict[str, Any
 
 def evaluate_and_write(det: Any, samples: list, out: Path, console: Any, progress: Any = None,
                        settings: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Score the test samples; print the table; write metrics.json/csv, the plots and report.html into ``out``."""
+    """Score the test samples; print the table; write metrics.json/csv, the plots and report.html into ``out``.
+
+    A one-class test set is evaluated too: metrics that need both classes (AUROC, F1, pixel metrics without
+    anomalous pixels) are ``null`` and said so, what is defined is written (the realised false-positive rate on an
+    all-normal set, the detection rate on an all-anomalous one). Returns ``{}`` only without test images.
+    """
     from dxmi_ad.evaluation import metrics_table
 
     test = [s for s in samples if s.split == "test"]
     if not test:
         console.print("[yellow]no test images (test/ folder missing or empty): evaluation skipped[/]")
         return {}
-    if not any(s.label == 1 for s in test):
-        console.print("[yellow]test set has no anomalous images: AUROC is undefined, evaluation skipped[/]")
-        return {}
+    n_anom = sum(s.label == 1 for s in test)
+    if n_anom in (0, len(test)):
+        missing = "anomalous" if n_anom == 0 else "normal"
+        defined = ("the realised false-positive rate of the decision rule" if n_anom == 0
+                   else "the detection rate (true-positive rate) of the decision rule")
+        console.print(f"[yellow]the test set has no {missing} images: image AUROC and F1 are undefined (null in "
+                      f"metrics.json); {defined} is reported[/]")
     t0 = time.perf_counter()
     scored = det.score_samples(test, on_batch=progress)
     seconds = time.perf_counter() - t0
     table = metrics_table(test, scored)
-    print_metrics(table, console, "DxMI anomaly detection (fractions in [0, 1]; higher is better)")
+    if not len(table):
+        console.print("[yellow]no readable test image: evaluation skipped[/]")
+        return {}
+    print_metrics(table, console, "DxMI anomaly detection (fractions in [0, 1]; higher is better; n/a = undefined)")
     bad = {str(test[i].path): r for i, r in scored["errors"].items()}
     if bad:
         console.print(f"[yellow]{len(bad)} unreadable test file(s) left out of the metrics[/]")
@@ -162,10 +216,14 @@ def evaluate_and_write(det: Any, samples: list, out: Path, console: Any, progres
 def _print_decisions(metrics: dict[str, Any], console: Any) -> None:
     d = metrics.get("decisions")
     if d:
-        fpr = "n/a" if d["realised_fpr"] is None else f"{d['realised_fpr']:.4f}"
-        tpr = "n/a" if d["tpr"] is None else f"{d['tpr']:.4f}"
+        c = d["counts"]
+        fpr = "n/a (no normal images)" if d["realised_fpr"] is None else \
+            f"{d['realised_fpr']:.4f} ({c['fp']} of {c['n_normal']})"
+        tpr = "n/a (no anomalous images)" if d["tpr"] is None else f"{d['tpr']:.4f} ({c['tp']} of {c['n_anomalous']})"
         console.print(f"test-set decisions ({d['rule']} rule): false-positive rate {fpr}, true-positive rate {tpr}, "
                       f"false discovery proportion {d['false_discovery_proportion']:.4f}", highlight=False)
+    elif "decision_rule" in metrics:
+        console.print(f"[yellow]decision rule: {metrics['decision_rule']}[/]", highlight=False)
 
 
 def _feature_samples(split: Any) -> list:
@@ -198,7 +256,8 @@ def train_features(params: dict[str, Any], config: Any, console: Any, progress: 
     feats["out_indices"] = tuple(feats.get("out_indices", (0, 1, 2, 3)))
     console.print(f"[bold]dxmi-ad train[/] features at {params['data_root']}: {tuple(train.features.shape)} train"
                   + (f", {tuple(test.features.shape)} test" if test is not None else ""))
-    det = ImageDetector(config, FeatureSettings(**feats), make_runtime(params["recipe"]))
+    det = ImageDetector(config, FeatureSettings(**feats), make_runtime(params["recipe"]),
+                        scoring=ScoringSettings.from_dict(params["recipe"].get("scoring")))
     normal = train.label == 0
     t0 = time.perf_counter()
     det.fit_features(train.features[torch.from_numpy(normal)].permute(0, 2, 3, 1).contiguous().numpy(),
@@ -348,7 +407,8 @@ def train_images(params: dict[str, Any], console: Any, progress: Any) -> Path:
         from dxmi_ad.image import refuse_overlap
 
         refuse_overlap(validation, samples, "validation", "training or test")
-    det = ImageDetector(config, FeatureSettings(**feats), runtime)
+    det = ImageDetector(config, FeatureSettings(**feats), runtime,
+                        scoring=ScoringSettings.from_dict(params["recipe"].get("scoring")))
     t0 = time.perf_counter()
     det.fit(samples, skip_bad_files=params["skip_bad_files"], progress=progress, calibration=calibration,
             fpr=params.get("fpr"), fdr=params.get("fdr"))
@@ -364,71 +424,154 @@ def train_images(params: dict[str, Any], console: Any, progress: Any) -> Path:
         det.save(tmp, extra=info)
         if hasattr(progress, "write_logs"):
             progress.write_logs(tmp)
-        evaluate_and_write(det, samples, tmp, console, settings=info)
+        evaluate_and_write(det, samples, tmp, console, settings=info,
+                           progress=progress.batches("scoring") if hasattr(progress, "batches") else None)
         keep_checkpoints(runtime, tmp)  # last: a failure above leaves them in place for --resume
     console.print(f"trained in {seconds:.1f} s; run directory: {out}")
     return out
 
 
+NO_RULE = "no decision rule: is_anomaly left empty; set one with `dxmi-ad calibrate --model {model} --calibration-dir NORMAL_IMAGES`"
+
+
+def check_score_outputs(out_csv: Path | None, heatmaps: Path | None) -> None:
+    """Refuse output paths that cannot be written, before any image is read or scored.
+
+    Raises:
+        ImageCLIError: ``--out`` is a folder or lies under a file; ``--heatmaps`` is a file or lies under one.
+    """
+    def under_file(path: Path) -> Path | None:
+        return next((q for q in path.absolute().parents if q.exists() and not q.is_dir()), None)
+
+    if out_csv is not None:
+        if out_csv.is_dir():
+            msg = f"--out {out_csv} is a folder; give a CSV file name (e.g. {out_csv / 'scores.csv'})"
+            raise ImageCLIError(msg)
+        if (blocker := under_file(out_csv)) is not None:
+            msg = f"--out {out_csv} cannot be written: {blocker} is a file, not a folder"
+            raise ImageCLIError(msg)
+    if heatmaps is not None:
+        if heatmaps.exists() and not heatmaps.is_dir():
+            msg = f"--heatmaps {heatmaps} is an existing file; give a folder for the heat-map PNGs"
+            raise ImageCLIError(msg)
+        if (blocker := under_file(heatmaps)) is not None:
+            msg = f"--heatmaps {heatmaps} cannot be created: {blocker} is a file, not a folder"
+            raise ImageCLIError(msg)
+
+
+def _reporting(batches: Any, on_batch: Any, total: int) -> Any:
+    """Yield ``iter_batches`` items; after each one is processed call ``on_batch(files done, total)`` (if given)."""
+    done = 0
+    for item in batches:
+        yield item
+        done += len(item[0]) + len(item[3])  # scored + unreadable files of the batch
+        if on_batch is not None:
+            on_batch(done, total)
+
+
 def score_paths(det: Any, paths: list[Path], out_csv: Path | None, heatmaps: Path | None,
-                batch_size: int = 32) -> tuple[str, int]:
-    """Score files and folders (recursive); returns the CSV text and the number of unreadable files.
+                batch_size: int = 32, model: Path | str = "RUN_DIR", on_batch: Any = None) -> dict[str, Any]:
+    """Score files and folders (recursive, :func:`~dxmi_ad.data.images.find_images`); write the CSV.
 
     Columns: ``path, score, threshold, is_anomaly, p_value, normalized_score, error``. ``score`` is the raw
     ``pred_score`` (energy); ``p_value`` the split-conformal p-value against the calibration images; under an
-    ``fdr`` rule ``is_anomaly`` is the Benjamini-Hochberg decision over all files of this call.
+    ``fdr`` rule ``is_anomaly`` is the Benjamini-Hochberg decision over all files of this call. A row gets an
+    ``error`` (and empty score and decision columns) when its file is unreadable or its pixels or score are not
+    finite: a non-finite score is never a decision. Without a decision rule (no calibration) ``threshold``,
+    ``is_anomaly``, ``p_value`` and ``normalized_score`` are empty.
+
+    Args:
+        det: The image detector.
+        paths: Files and folders.
+        out_csv: CSV destination (written atomically), or None.
+        heatmaps: Folder for heat-map PNGs, or None.
+        batch_size: Images per forward pass.
+        model: The run directory (named in the "no decision rule" hint).
+        on_batch: Progress callback ``on_batch(files done, total)`` after each batch, or None.
+
+    Returns:
+        ``text`` (the CSV), ``n_files``, ``n_errors``, ``n_flagged`` (None without a rule), ``n_normal`` (None
+        without a rule), ``rule`` (one line: :meth:`Calibration.describe`, or the "no decision rule" hint),
+        ``listing`` (the :class:`~dxmi_ad.data.images.ImageListing`).
+
+    Raises:
+        ImageCLIError: Nothing scorable in ``paths`` (the message says what was skipped); unwritable outputs.
     """
-    from dxmi_ad.data.images import IMAGE_SUFFIXES
+    from dxmi_ad.data.images import find_images
     from dxmi_ad.data.mvtec import ImageSample
     from dxmi_ad.image import iter_batches
 
-    files: list[Path] = []
-    for p in paths:
-        if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-        else:
-            files.append(p)
+    check_score_outputs(out_csv, heatmaps)
+    try:
+        listing = find_images(paths, require=True)
+    except ValueError as err:
+        raise ImageCLIError(str(err)) from err
+    files = listing.files
     samples = [ImageSample(f, "input", "test", "unknown", 0, None) for f in files]
     cal = det.calibration
     scores = np.full(len(files), np.nan)
     errors: dict[int, str] = {}
     if heatmaps is not None:
         heatmaps.mkdir(parents=True, exist_ok=True)
-    for idx, images, _, errs in iter_batches(samples, det.features.image_size, batch_size):
+    for idx, images, _, errs in _reporting(iter_batches(samples, det.features.image_size, batch_size), on_batch,
+                                           len(files)):
         errors.update(errs)
         if not idx:
             continue
-        out = det.predict(images)
-        scores[idx] = out["pred_score"].double().numpy()
-        if heatmaps is not None:
-            for j, i in enumerate(idx):
+        kept, pred_score, amap, bad = det.score_checked(images)
+        errors.update({idx[j]: r for j, r in bad.items()})  # non-finite pixels or score: an error row
+        for k, j in enumerate(kept):
+            i = idx[j]
+            scores[i] = float(pred_score[k])
+            if heatmaps is not None:
                 s = float(scores[i])
                 title = f"score {s:.3g}"
                 if cal is not None:
                     title += f", p={float(cal.p_values(np.array([s]))[0]):.3g}"
                     if cal.rule != "fdr":
                         title += " (anomalous)" if s > cal.threshold else " (normal)"
-                _write_heatmap(images[j], out["anomaly_map"][j].numpy(), title,
-                               heatmaps / f"{i:06d}_{files[i].stem}.png")
+                else:
+                    title += " (no decision rule)"
+                _write_heatmap(images[j], amap[k].numpy(), title, heatmaps / f"{i:06d}_{files[i].stem}.png")
+    ok = np.isfinite(scores)  # unreadable files and non-finite scores are left out of every decision
     if cal is not None:
-        flags, p_values, norm = cal.decide(scores), cal.p_values(scores), cal.normalized(scores)
+        finite = scores[ok]
+        flags = np.zeros(len(files), bool)
+        flags[ok] = cal.decide(finite)  # under fdr: Benjamini-Hochberg over the scored files of this call only
+        p_values, norm = np.full(len(files), np.nan), np.full(len(files), np.nan)
+        p_values[ok], norm[ok] = cal.p_values(finite), cal.normalized(finite)
         thr = cal.decision_threshold  # None under the fdr rule: decisions are Benjamini-Hochberg over this call
     else:
-        flags, p_values, norm, thr = np.zeros(len(files), bool), scores * np.nan, scores * np.nan, None
+        flags, p_values, norm, thr = None, np.full(len(files), np.nan), np.full(len(files), np.nan), None
     thr_text = "" if thr is None else f"{thr:.6g}"
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["path", "score", "threshold", "is_anomaly", "p_value", "normalized_score", "error"])
     for i, f in enumerate(files):
-        if i in errors:
-            writer.writerow([str(f), "", thr_text, "", "", "", errors[i]])
+        if i in errors or not ok[i]:
+            writer.writerow([str(f), "", thr_text, "", "", "", errors.get(i, "no score")])
         else:
-            writer.writerow([str(f), f"{scores[i]:.6g}", thr_text, int(flags[i]), f"{p_values[i]:.6g}",
+            writer.writerow([str(f), f"{scores[i]:.6g}", thr_text, "" if flags is None else int(flags[i]),
+                             "" if np.isnan(p_values[i]) else f"{p_values[i]:.6g}",
                              "" if np.isnan(norm[i]) else f"{norm[i]:.4f}", ""])
     text = buf.getvalue()
     if out_csv is not None:
         atomic_write_text(out_csv, text)
-    return text, len(errors)
+    n_err = int((~ok).sum())
+    return {"text": text, "n_files": len(files), "n_errors": n_err,
+            "n_flagged": None if flags is None else int(flags[ok].sum()),
+            "n_normal": None if flags is None else int((~flags[ok]).sum()),
+            "rule": cal.describe() if cal is not None else NO_RULE.format(model=model), "listing": listing}
+
+
+def score_summary(result: dict[str, Any]) -> str:
+    """One line closing ``dxmi-ad score``: files, flagged, normal, errors, under which rule."""
+    n, bad = result["n_files"], result["n_errors"]
+    errs = f"{bad} error(s) (see the error column)" if bad else "0 errors"
+    if result["n_flagged"] is None:
+        return f"scored {n - bad} of {n} file(s), {errs}; {result['rule']}"
+    return (f"scored {n - bad} of {n} file(s): {result['n_flagged']} flagged anomalous, {result['n_normal']} normal, "
+            f"{errs}; rule: {result['rule']}")
 
 
 def _write_heatmap(image: Any, amap: np.ndarray, title: str, path: Path) -> None:

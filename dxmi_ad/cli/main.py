@@ -52,6 +52,14 @@ class CLIError(Exception):
     """A user-facing error: printed in one line to stderr, exit code 2."""
 
 
+def _rate_option(value: float | None) -> float | None:
+    """Typer callback of ``--fpr`` / ``--fdr``: a rate strictly between 0 and 1, refused at parse time (exit 2)."""
+    if value is not None and not 0.0 < value < 1.0:  # also refuses NaN
+        msg = f"{value:g} is not a rate strictly between 0 and 1 (e.g. 0.05)"
+        raise typer.BadParameter(msg)
+    return value
+
+
 def _fail(message: str) -> typer.Exit:
     err_console.print(f"[bold red]error:[/] {message}", highlight=False)
     return typer.Exit(code=2)
@@ -65,7 +73,13 @@ def _parse_sets(sets: list[str]) -> dict[str, Any]:
             msg = f"--set expects KEY=VALUE, got {item!r}"
             raise CLIError(msg)
         key, value = item.split("=", 1)
-        parsed = yaml.safe_load(value)
+        try:
+            parsed = yaml.safe_load(value)  # plain values only: safe_load refuses tags such as !!python/object
+        except yaml.YAMLError as err:
+            reason = str(err).splitlines()[0]
+            msg = (f"--set {key.strip()}: {value!r} is not a plain value (a number, true/false, a string or a "
+                   f"[list]; YAML tags are refused): {reason}")
+            raise CLIError(msg) from None
         if isinstance(parsed, str):  # YAML 1.1 reads 1e-5 as a string
             try:
                 parsed = float(parsed) if any(c in parsed for c in ".eE") else int(parsed)
@@ -91,13 +105,40 @@ def load_recipe(path: Path | None, dataset: str, sets: list[str]) -> dict[str, A
         recipe = read_yaml_mapping(path)
     except (FileNotFoundError, ValueError) as err:
         raise CLIError(str(err)) from err
-    recipe.update(_parse_sets(sets))
+    base = dict(recipe)
+    overrides = _parse_sets(sets)
+    recipe.update(overrides)
     known = set(DxMIDetector().get_params())
     unknown = sorted(set(recipe) - known)
     if unknown:
         msg = f"unknown recipe key(s) {unknown} in {path} / --set; known: {sorted(known)}"
         raise CLIError(msg)
+    recipe.update(_scaled_schedule({**DxMIDetector().get_params(), **base}, overrides))
+    try:  # every range checked before any data is read (scikit-learn's parameter constraints)
+        DxMIDetector(**{k: v for k, v in recipe.items() if k != "runtime"})._validate_params()
+    except (TypeError, ValueError) as err:
+        msg = f"invalid recipe value in {path} / --set: {err}"
+        raise CLIError(msg) from None
     return recipe
+
+
+def _scaled_schedule(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Schedule lengths that follow the user's ``--set`` (:func:`~dxmi_ad.training.fit.scale_schedule`): e.g.
+    ``--set n_iter=100`` on a recipe with ``n_iter: 300, warmup_iter: 100`` scales the warm-up to 33. Each change
+    is printed as one ``info:`` line on stderr (stdout stays clean for ``--dry-run``).
+
+    Raises:
+        CLIError: Lengths given by the user that leave the energy without an update (with the arithmetic).
+    """
+    from dxmi_ad.training.fit import scale_schedule
+
+    try:
+        changes, notes = scale_schedule(base, overrides)
+    except ValueError as err:
+        raise CLIError(f"--set: {err}") from None
+    for note in notes:
+        err_console.print(f"info: {note}", highlight=False, markup=False, soft_wrap=True)
+    return changes
 
 
 # ---------------------------------------------------------------------- data
@@ -139,29 +180,87 @@ def load_dataset(dataset: str, normal_class: int, seed: int) -> Any:
 
 # ---------------------------------------------------------------------- progress
 class _Progress:
-    """Rich progress bars with live losses (stage, iteration, E(data), E(samples), value loss, sigma_t, ETA), one
-    task per training stage; every reported record is kept and written by :meth:`write_logs` through Lightning's
-    loggers (CSV, and TensorBoard when installed)."""
+    """Training progress with live losses (stage, iteration, E(data), E(samples), value loss, sigma_t, elapsed,
+    remaining), one task per stage; every reported record is kept and written by :meth:`write_logs` through
+    Lightning's loggers (CSV, and TensorBoard when installed).
 
-    def __init__(self) -> None:
-        self.progress = Progress(
+    On a terminal: rich progress bars. Off a terminal (a log file, CI, ``nohup``, a pipe; or a dumb terminal), where
+    bars cannot redraw: plain lines, as Lightning prints when piped: one ``stage NAME: TOTAL steps`` line when a stage
+    starts, then ``NAME i/total (p%)  losses  elapsed H:MM:SS  remaining H:MM:SS`` every ``percent_step`` percent, at
+    least every ``every_seconds`` seconds while the stage runs, and at its end.
+
+    Args:
+        out: The console to draw on (default: the command's stdout console); ``out.is_terminal`` picks the mode.
+        percent_step: Plain mode: a line every this many percent of a stage.
+        every_seconds: Plain mode: a line at least this often (seconds) while a stage runs.
+    """
+
+    SHOWN = {"loss": "loss", "energy_data": "E(data)", "energy_samples": "E(samples)",
+             "energy_saturation": "E/Emax", "value_loss": "V loss", "unreadable": "unreadable"}
+
+    def __init__(self, out: Console | None = None, percent_step: float = 5.0, every_seconds: float = 30.0) -> None:
+        self.console = out if out is not None else console
+        self.plain = not self.console.is_terminal or self.console.is_dumb_terminal
+        self.percent_step = float(percent_step)
+        self.every_seconds = float(every_seconds)
+        self.progress = None if self.plain else Progress(
             TextColumn("[bold]{task.description:<11}"), BarColumn(bar_width=20),
             TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), TextColumn("eta"),
             TimeRemainingColumn(), TextColumn("{task.fields[metrics]}"),
-            console=console, transient=False,
+            console=self.console, transient=False,
         )
         self.tasks: dict[str, Any] = {}
         self.records: list[tuple[str, int, dict[str, float]]] = []
+        self._last_event = time.monotonic()
+        self._stages: dict[str, dict[str, float]] = {}  # plain mode: start time, last printed bucket and time
 
-    def __call__(self, stage: str, i: int, total: int, metrics: dict[str, Any]) -> None:
-        if stage not in self.tasks:
-            self.tasks[stage] = self.progress.add_task(stage, total=total, metrics="")
-        shown = {"loss": "loss", "energy_data": "E(data)", "energy_samples": "E(samples)", "value_loss": "V loss"}
-        text = "  ".join(f"{name}={metrics[k]:.4g}" for k, name in shown.items() if isinstance(metrics.get(k), float))
+    @classmethod
+    def _text(cls, metrics: dict[str, Any]) -> str:
+        text = "  ".join(f"{name}={metrics[k]:.4g}" for k, name in cls.SHOWN.items() if isinstance(metrics.get(k), float))
         sigma = metrics.get("sigma")
         if isinstance(sigma, list) and sigma:
             text += f"  sigma_t={sigma[0]:.3g}..{sigma[-1]:.3g}"
-        self.progress.update(self.tasks[stage], completed=i, metrics=text)
+        return text
+
+    @staticmethod
+    def _clock(seconds: float) -> str:
+        seconds = max(0, int(round(seconds)))
+        return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+    def _plain_line(self, stage: str, i: int, total: int, text: str) -> None:
+        now = time.monotonic()
+        st = self._stages.get(stage)
+        if st is None:  # a new stage: it started when the previous event ended
+            unit = "images" if stage.startswith(("features", "scoring")) else "steps"
+            if stage == "resume":
+                self.console.print(f"resume: continuing at iteration {i}/{total}", highlight=False, markup=False,
+                                   soft_wrap=True)
+                self._stages[stage] = {"start": now, "bucket": 0.0, "printed": now, "i0": float(i)}
+                return
+            self.console.print(f"stage {stage}: {total} {unit}", highlight=False, markup=False, soft_wrap=True)
+            i0 = self._stages["resume"]["i0"] if stage == "dxmi" and "resume" in self._stages else 0.0
+            st = self._stages[stage] = {"start": self._last_event, "bucket": -1.0, "printed": self._last_event,
+                                        "i0": i0}
+        bucket = float(int(100.0 * i / total // self.percent_step)) if total else 0.0
+        if bucket > st["bucket"] or i >= total or now - st["printed"] >= self.every_seconds:
+            elapsed = now - st["start"]
+            ran = i - st["i0"]  # steps run in this process (a resumed stage starts at its checkpoint)
+            remaining = elapsed * (total - i) / ran if ran > 0 and total else 0.0
+            pct = f" ({100.0 * i / total:.0f}%)" if total else ""
+            line = f"{stage} {i}/{total}{pct}" + (f"  {text}" if text else "")
+            line += f"  elapsed {self._clock(elapsed)}  remaining {self._clock(remaining)}"
+            self.console.print(line, highlight=False, markup=False, soft_wrap=True)
+            st["bucket"], st["printed"] = bucket, now
+
+    def __call__(self, stage: str, i: int, total: int, metrics: dict[str, Any]) -> None:
+        text = self._text(metrics)
+        if self.plain:
+            self._plain_line(stage, i, total, text)
+        else:
+            if stage not in self.tasks:
+                self.tasks[stage] = self.progress.add_task(stage, total=total, metrics="")
+            self.progress.update(self.tasks[stage], completed=i, metrics=text)
+        self._last_event = time.monotonic()
         flat: dict[str, float] = {}
         for k, v in metrics.items():
             if isinstance(v, (int, float)) and k != "iteration":
@@ -169,6 +268,21 @@ class _Progress:
             elif isinstance(v, list):
                 flat.update({f"{stage}/{k}_{t}": float(x) for t, x in enumerate(v)})
         self.records.append((stage, i, flat))
+
+    def batches(self, stage: str) -> Any:
+        """An ``on_batch(done, total)`` callback (image scoring) that reports ``done`` of ``total`` images of
+        ``stage``; not recorded in the training logs."""
+
+        def on_batch(done: int, total: int) -> None:
+            if self.plain:
+                self._plain_line(stage, done, total, "")
+            else:
+                if stage not in self.tasks:
+                    self.tasks[stage] = self.progress.add_task(stage, total=total, metrics="")
+                self.progress.update(self.tasks[stage], completed=done)
+            self._last_event = time.monotonic()
+
+        return on_batch
 
     def write_logs(self, directory: Path) -> list[str]:
         """Write the training records under ``directory/logs`` with Lightning's CSVLogger (``logs/train/metrics.csv``)
@@ -192,11 +306,14 @@ class _Progress:
         return [type(lg).__name__ for lg in loggers]
 
     def __enter__(self) -> _Progress:
-        self.progress.__enter__()
+        self._last_event = time.monotonic()
+        if self.progress is not None:
+            self.progress.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.progress.__exit__(*exc)
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
 
 
 def _evaluate(det: Any, split: Any, dataset: str) -> dict[str, Any]:
@@ -243,9 +360,11 @@ def train(
         min=0.0, max=0.9, help="fraction of the normal training data held out to calibrate decisions [default: 0.2]")] = None,
     calibration_dir: Annotated[Path | None, typer.Option(help="image datasets: folder of held-out normal images to "
                                                               "calibrate on (instead of a training split)")] = None,
-    fpr: Annotated[float | None, typer.Option(help="target false-positive rate of the decision threshold "
+    fpr: Annotated[float | None, typer.Option(callback=_rate_option,
+                                              help="target false-positive rate of the decision threshold "
                                                    "[default: 0.01, or the smallest the calibration set supports]")] = None,
-    fdr: Annotated[float | None, typer.Option(help="decide by Benjamini-Hochberg at this false discovery rate")] = None,
+    fdr: Annotated[float | None, typer.Option(callback=_rate_option, help="decide by Benjamini-Hochberg at this "
+                                                                          "false discovery rate, in (0, 1)")] = None,
     validation_dir: Annotated[Path | None, typer.Option(help="image datasets: labelled folder (good/, <defect>/) "
                                                              "for an F1-optimal threshold")] = None,
     accelerator: Annotated[str | None, typer.Option(help="Lightning Fabric accelerator: auto | cpu | cuda")] = None,
@@ -299,6 +418,12 @@ def _train_pixel(args: dict[str, Any], pretrain_only: bool = False) -> None:
                 raise CLIError(f"--{key.replace('_', '-')} does not apply to pixel mode")
         recipe = load_pixel_recipe(args["recipe"], args["dataset"], _parse_sets(args["set_"] or []),
                                    args["normal_class"])
+        from dxmi_ad.config import DxMIConfig
+        from dxmi_ad.pixel import PIXEL_DEFAULTS
+
+        base = load_pixel_recipe(args["recipe"], args["dataset"], {}, args["normal_class"])["model"]
+        sets = {k.removeprefix("model."): v for k, v in _parse_sets(args["set_"] or []).items()}
+        recipe["model"].update(_scaled_schedule({**DxMIConfig().to_dict(), **PIXEL_DEFAULTS, **base}, sets))
         recipe["runtime"] = _runtime(args, recipe.get("runtime"))
         if args["dry_run"]:
             console.print_json(json.dumps(recipe, default=str))
@@ -361,16 +486,78 @@ def checkpoint_dir(out: Path) -> Path:
     return out.parent / f"{out.name}.checkpoints"
 
 
+# Options that loosen a safety check. They are never read from a file (run.json of a run folder may come from
+# anyone): every permission comes from the command line of the current invocation.
+PERMISSIONS = ("trust_pickle", "overwrite")
+_NOT_RECORDED = ("resume", "dry_run", *PERMISSIONS)
+
+
+def _check_run_record(record: Any, path: Path) -> dict[str, Any]:
+    """Validate the settings of ``run.json`` (an untrusted file) against the ``train`` options.
+
+    Returns:
+        The recorded settings with paths as :class:`~pathlib.Path`; permission keys (``trust_pickle``,
+        ``overwrite``) and ``resume`` / ``dry_run`` are dropped, whatever the file says.
+
+    Raises:
+        CLIError: Not a JSON object, unknown keys, or a value of the wrong type or out of range (names the field).
+    """
+    import math
+    import types
+    import typing
+
+    if not isinstance(record, dict):
+        msg = f"{path} must hold a JSON object of train options, got a JSON {type(record).__name__}"
+        raise CLIError(msg)
+    hints = typing.get_type_hints(train)
+    unknown = sorted(k for k in record if k not in hints or k == "return")
+    if unknown:
+        msg = f"{path}: unknown field(s) {unknown}; it must hold the options of `dxmi-ad train`"
+        raise CLIError(msg)
+    out: dict[str, Any] = {}
+    for key, value in record.items():
+        if key in _NOT_RECORDED:
+            continue  # never honoured from a file
+        hint = hints[key]
+        kinds = set(typing.get_args(hint)) if isinstance(hint, types.UnionType) else {hint}
+        ok = (value is None and type(None) in kinds) or any(
+            (kind is bool and isinstance(value, bool))
+            or (kind is int and isinstance(value, int) and not isinstance(value, bool))
+            or (kind is float and isinstance(value, (int, float)) and not isinstance(value, bool)
+                and math.isfinite(value))
+            or (kind in (str, Path) and isinstance(value, str) and (kind is str or value.strip() != ""))
+            or (typing.get_origin(kind) is list and isinstance(value, list) and all(isinstance(v, str) for v in value))
+            for kind in kinds)
+        if not ok:
+            names = " or ".join(sorted("null" if k is type(None) else "a list of strings" if typing.get_origin(k)
+                                       is list else "a path" if k is Path else f"a {k.__name__}" for k in kinds))
+            msg = f"{path}: field {key!r} must be {names}, got {value!r:.80}"
+            raise CLIError(msg)
+        out[key] = Path(value) if Path in kinds and isinstance(value, str) else value
+    for key, low, high, closed in (("fpr", 0.0, 1.0, False), ("fdr", 0.0, 1.0, False),
+                                   ("calibration_fraction", 0.0, 0.9, True)):
+        v = out.get(key)
+        if v is not None and not ((low <= v <= high) if closed else (low < v < high)):
+            msg = f"{path}: field {key!r} must be in {'[' if closed else '('}{low:g}, {high:g}{']' if closed else ')'}, got {v!r}"
+            raise CLIError(msg)
+    return out
+
+
 def _resume_args(run: Path, given: dict[str, Any]) -> dict[str, Any]:
     """The arguments an interrupted run started with (``RUN.checkpoints/run.json``), with ``resume`` set.
 
+    Permissions are never read from ``run.json``: ``--trust-pickle`` and ``--overwrite`` come from this command
+    line only (they may be given with ``--resume``); a ``trust_pickle: true`` in the file is ignored.
+
     Raises:
-        CLIError: Nothing to resume, or other options given with ``--resume`` (the run's own settings are used).
+        CLIError: Nothing to resume; other (non-permission) options given with ``--resume`` (the run's own settings
+            are used); an invalid ``run.json`` (named, with the field); a run directory ``RUN`` that already exists
+            without ``--overwrite``.
     """
     import inspect
 
     defaults = {k: p.default for k, p in inspect.signature(train).parameters.items()}
-    extra = sorted(k for k, v in given.items() if k != "resume" and v != defaults.get(k))
+    extra = sorted(k for k, v in given.items() if k not in ("resume", *PERMISSIONS) and v != defaults.get(k))
     if extra:
         flags = ", ".join("--" + k.rstrip("_").replace("_", "-") for k in extra)
         msg = f"--resume continues a run with the settings it started with; drop {flags}"
@@ -380,12 +567,18 @@ def _resume_args(run: Path, given: dict[str, Any]) -> dict[str, Any]:
         why = "it finished" if run.is_dir() else "it was not started with --checkpoint-every"
         msg = f"nothing to resume: {ck / 'run.json'} not found ({why}?)"
         raise CLIError(msg)
-    args = json.loads((ck / "run.json").read_text(encoding="utf-8"))
-    for key in ("data_root", "recipe", "weights", "calibration_dir", "validation_dir"):
-        if args.get(key) is not None:
-            args[key] = Path(args[key])
-    # the run directory as given now (run.json may hold a path relative to another working directory)
-    return {**args, "out": run, "resume": run, "overwrite": True, "dry_run": False}
+    try:
+        record = json.loads((ck / "run.json").read_text(encoding="utf-8"))
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        msg = f"{ck / 'run.json'} is not valid JSON: {err}"
+        raise CLIError(msg) from None
+    args = {**defaults, **_check_run_record(record, ck / "run.json")}
+    if run.exists() and not given.get("overwrite"):
+        msg = f"run directory {run} exists; pass --overwrite with --resume to replace it"
+        raise CLIError(msg)
+    # the run directory as given now (run.json may hold a path relative to another working directory); the
+    # permissions as given now
+    return {**args, **{k: given.get(k, False) for k in PERMISSIONS}, "out": run, "resume": run, "dry_run": False}
 
 
 def _runtime(args: dict[str, Any], recipe_runtime: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -402,28 +595,71 @@ def _runtime(args: dict[str, Any], recipe_runtime: dict[str, Any] | None) -> dic
     if merged.get("checkpoint_every") or args.get("resume") is not None:
         merged["checkpoint_dir"] = str(checkpoint_dir(args["out"]))
     merged["resume"] = args.get("resume") is not None
+    if merged["resume"]:
+        from dxmi_ad.training.runtime import latest_checkpoint
+
+        if latest_checkpoint(Path(merged["checkpoint_dir"])) is None:  # killed before its first checkpoint
+            merged["resume"] = False
+            err_console.print(f"info: {merged['checkpoint_dir']} holds no complete checkpoint yet (the run was "
+                              "stopped before its first one): starting it again from the beginning with its "
+                              "recorded settings", highlight=False, markup=False, soft_wrap=True)
     Runtime(**{**merged, "checkpoint_dir": None, "resume": False})  # validates values (clear errors)
     return merged
 
 
-def _start_checkpoints(args: dict[str, Any], runtime: dict[str, Any] | None) -> None:
-    """Record the run's arguments beside its checkpoints so that `--resume OUT` needs nothing else."""
-    from dxmi_ad.checkpoint import atomic_write_text
-    from dxmi_ad.training.runtime import is_global_zero
+def _run_record(args: dict[str, Any]) -> dict[str, Any]:
+    """The settings written to ``run.json``: no permission, no ``resume`` / ``dry_run`` (JSON values)."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in args.items() if k not in _NOT_RECORDED}
 
+
+def _start_checkpoints(args: dict[str, Any], runtime: dict[str, Any] | None) -> None:
+    """Record the run's arguments beside its checkpoints so that `--resume OUT` needs nothing else.
+
+    What a killed run left in ``OUT.checkpoints`` decides (the same on every rank; only rank 0 writes):
+
+    * nothing but ``run.json`` and temporary folders (killed before its first checkpoint): removed, the run starts
+      again from the beginning;
+    * complete checkpoints of the same command (the same recorded settings): the run continues from the newest
+      (``runtime["resume"]`` is set), so the original command restarts a killed run;
+    * checkpoints of other settings: refused with the exact command to continue it, unless ``--overwrite``.
+
+    Raises:
+        CLIError: Checkpoints of a run with other settings, without ``--overwrite``.
+    """
     import shutil
 
-    if runtime is None or runtime.get("checkpoint_dir") is None or runtime["resume"] or not is_global_zero():
+    from dxmi_ad.checkpoint import atomic_write_text
+    from dxmi_ad.training.runtime import is_global_zero, latest_checkpoint
+
+    if runtime is None or runtime.get("checkpoint_dir") is None or runtime["resume"]:
         return
     ck = Path(runtime["checkpoint_dir"])
+    writer = is_global_zero()
     if ck.exists() and any(ck.iterdir()):  # an interrupted run's checkpoints: never mix them with a new run's
-        if not args.get("overwrite"):
-            msg = (f"{ck} holds the checkpoints of an interrupted run: continue it with --resume {args['out']}, "
-                   "or pass --overwrite to start over")
+        newest = latest_checkpoint(ck)
+        leftovers = all(p.name == "run.json" or p.name.startswith(".") for p in ck.iterdir())
+        try:
+            recorded = json.loads((ck / "run.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            recorded = None
+        if newest is None and leftovers:
+            err_console.print(f"info: {ck} holds no complete checkpoint (a run stopped before its first one): "
+                              "starting over", highlight=False, markup=False, soft_wrap=True)
+            if writer:
+                shutil.rmtree(ck)
+        elif newest is not None and recorded == _run_record(args) and not args.get("overwrite"):
+            runtime["resume"] = True
+            err_console.print(f"info: continuing the interrupted run of this command from {newest} (pass "
+                              "--overwrite to start over)", highlight=False, markup=False, soft_wrap=True)
+            return
+        elif not args.get("overwrite"):
+            msg = (f"{ck} holds the checkpoints of an interrupted run with other settings: continue it with "
+                   f"`dxmi-ad train --resume {args['out']}`, or pass --overwrite to start over")
             raise CLIError(msg)
-        shutil.rmtree(ck)
-    record = {k: (str(v) if isinstance(v, Path) else v) for k, v in args.items() if k not in ("resume",)}
-    atomic_write_text(ck / "run.json", json.dumps(record, indent=2))
+        elif writer:
+            shutil.rmtree(ck)
+    if writer:
+        atomic_write_text(ck / "run.json", json.dumps(_run_record(args), indent=2))
 
 
 def _train_vectors(args: dict[str, Any]) -> None:
@@ -444,6 +680,9 @@ def _train_vectors(args: dict[str, Any]) -> None:
             if args[key] is not None:
                 params[key] = args[key]
         params["runtime"] = _runtime(args, params.get("runtime"))
+        from dxmi_ad.estimator import DxMIDetector
+
+        DxMIDetector(**{k: v for k, v in params.items() if k != "runtime"})._validate_params()  # ranges, before work
         if args["dry_run"]:
             console.print_json(json.dumps(params, default=str))
             return
@@ -465,13 +704,15 @@ def _train_vectors(args: dict[str, Any]) -> None:
     seconds = time.perf_counter() - t0
     if not is_global_zero():  # data-parallel run: rank 0 writes the results
         return
-    console.print(f"decisions: {det.calibration_.describe()}", highlight=False)
+    console.print(f"decisions: {det.calibration_.summary()}", highlight=False)
     metrics = _evaluate(det, split, dataset)
     metrics.update({"train_seconds": round(seconds, 2), "recipe": params})
     with atomic_directory(out) as tmp:  # a failed run never leaves a half-written run directory
         det.save(tmp)
         progress.write_logs(tmp)
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+        from dxmi_ad.metrics import dumps_json  # strict JSON: an undefined metric is null, never NaN
+
+        (tmp / "metrics.json").write_text(dumps_json(metrics, indent=2), encoding="utf-8")
         images.keep_checkpoints(images.make_runtime(params), tmp)  # last: a failure above keeps them resumable
     table = Table(title=f"DxMI on {split.name}")
     for col in ("metric", "value"):
@@ -647,6 +888,12 @@ def _train_images(args: dict[str, Any]) -> None:
 
     try:
         recipe = images.load_image_recipe(args["recipe"], _parse_sets(args["set_"] or []))
+        from dxmi_ad.config import DxMIConfig
+
+        base = images.load_image_recipe(args["recipe"], {})["model"]
+        sets = {k.rpartition(".")[2]: v for k, v in _parse_sets(args["set_"] or []).items()
+                if k.rpartition(".")[0] in ("", "model")}
+        recipe["model"].update(_scaled_schedule({**DxMIConfig().to_dict(), **base}, sets))
         recipe["runtime"] = _runtime(args, recipe.get("runtime"))
         if args["dry_run"]:
             console.print_json(json.dumps(recipe, default=str))
@@ -708,10 +955,17 @@ def _load_image_model(model: Path) -> Any:
     if kind == "PixelDetector":
         raise _fail(f"{model} is a pixel-mode model: its metrics are in {model / 'metrics.json'}; use `dxmi-ad "
                     "sample` to generate, `dxmi-ad calibrate` to re-calibrate, or PixelDetector.predict in Python")
+    from dxmi_ad.features.extractor import PretrainedWeightsError
+
     try:
-        return ImageDetector.load(model)
+        det = ImageDetector.load(model)
     except (FileNotFoundError, ValueError) as err:
         raise _fail(str(err)) from None
+    try:  # the backbone (and its weights file) before any image is read: a moved file fails here, not mid-way
+        det._extractor()
+    except (FileNotFoundError, PretrainedWeightsError, ValueError) as err:
+        raise _fail(f"cannot build the backbone of {model} ({model / CONFIG_FILE}, field features): {err}") from None
+    return det
 
 
 @app.command()
@@ -727,6 +981,9 @@ def evaluate(
     from dxmi_ad.checkpoint import load_model_dir
     from dxmi_ad.cli import images
 
+    target = out or model
+    if target.exists() and not target.is_dir():
+        raise _fail(f"--out {target} is an existing file; give a folder for metrics.json, the plots and report.html")
     det = _load_image_model(model)
     _, meta = load_model_dir(model)
     dataset = dataset or meta.get("dataset") or "textures"
@@ -740,8 +997,9 @@ def evaluate(
         raise _fail(str(err)) from None
     console.print(f"[bold]dxmi-ad evaluate[/] {description}")
     images.print_calibration(det, console)
-    metrics = images.evaluate_and_write(det, samples, out or model, console,
-                                        settings={"dataset": dataset, "data_root": str(root) if root else None})
+    with _Progress() as progress:
+        metrics = images.evaluate_and_write(det, samples, out or model, console, progress=progress.batches("scoring"),
+                                            settings={"dataset": dataset, "data_root": str(root) if root else None})
     if not metrics:
         raise typer.Exit(code=1)
     console.print(f"wrote metrics.json, metrics.csv, plots and report.html to {out or model}")
@@ -754,8 +1012,9 @@ def calibrate(
     calibration_dir: Annotated[Path | None, typer.Option(help="image model: folder of held-out normal images "
                                                               "(default: keep the stored calibration scores)")] = None,
     calibration_csv: Annotated[Path | None, typer.Option(help="vector model: CSV of held-out normal rows")] = None,
-    fpr: Annotated[float | None, typer.Option(help="target false-positive rate")] = None,
-    fdr: Annotated[float | None, typer.Option(help="Benjamini-Hochberg at this false discovery rate")] = None,
+    fpr: Annotated[float | None, typer.Option(callback=_rate_option, help="target false-positive rate, in (0, 1)")] = None,
+    fdr: Annotated[float | None, typer.Option(callback=_rate_option,
+                                              help="Benjamini-Hochberg at this false discovery rate, in (0, 1)")] = None,
     validation_dir: Annotated[Path | None, typer.Option(help="image model: labelled folder (good/, <defect>/) "
                                                              "for an F1-optimal threshold")] = None,
     skip_bad_files: Annotated[bool, typer.Option(help="leave unreadable calibration images out")] = False,
@@ -791,14 +1050,23 @@ def calibrate(
             if calibration_csv is not None:
                 from dxmi_ad.data.tabular import load_csv
 
-                X, _, _ = load_csv(calibration_csv)
+                X, label, _ = load_csv(calibration_csv)
+                if label is not None:  # calibration rows must be normal: a label column is never a feature
+                    if not (label == 0).any():
+                        raise CLIError(f"{calibration_csv}: every row has label 1 (anomaly); calibration needs "
+                                       "normal rows (label 0)")
+                    if (label == 1).any():
+                        err_console.print(f"[yellow]warning:[/] {calibration_csv}: calibrating on the "
+                                          f"{int((label == 0).sum())} rows with label 0; {int(label.sum())} "
+                                          "rows with label 1 (anomalies) left out", highlight=False)
+                    X = X[label == 0]
             det.calibrate(X, fpr=fpr, fdr=fdr)
             cal = det.calibration_
         cal.save(model)
     except (CLIError, ImageCLIError, PixelCLIError, BadFilesError, CalibrationError, FileNotFoundError,
             ValueError) as err:
         raise _fail(str(err)) from None
-    console.print(f"calibrated {model}: {cal.describe()}", highlight=False)
+    console.print(f"calibrated {model}: {cal.summary()}", highlight=False)
     stale = [p.name for p in (model / "model.onnx", model / "model.pt", model / "report.html") if p.exists()]
     if stale:
         err_console.print(f"[yellow]warning:[/] made with the previous rule, re-run `dxmi-ad export` / "
@@ -835,10 +1103,14 @@ def export(
         export_model(det, path, format_, input_dtype, tuple(input_size) if input_size else None)
     except (RuntimeError, ValueError) as err:
         raise _fail(f"export failed: {err}") from None
-    thr = det.threshold
+    thr = det.calibration.decision_threshold if det.calibration is not None else None
     h, w = input_size or (det.features.image_size, det.features.image_size)
-    console.print(f"wrote {format_} scorer to {path}: input {input_dtype} (B, 3, {h}, {w}), outputs pred_score, "
-                  f"anomaly_map" + (f"; threshold {thr:.6g} in its metadata" if thr is not None else ""),
+    origin = "" if input_size else " (the input size the model was trained at, from its config.json)"
+    console.print(f"wrote {format_} scorer to {path}: input {input_dtype} (B, 3, {h}, {w}){origin}, outputs "
+                  f"pred_score, anomaly_map" + (f"; threshold {thr:.6g} in its metadata" if thr is not None else
+                                                "; no fixed threshold in its metadata (" +
+                                                ("FDR rule: decide per batch" if det.calibration is not None else
+                                                 "no decision rule: run `dxmi-ad calibrate` first") + ")"),
                   highlight=False)
 
 
@@ -851,29 +1123,79 @@ def score(
     heatmaps: Annotated[Path | None, typer.Option(help="folder for heat-map overlay PNGs")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="images per batch (bounds memory)")] = 32,
 ) -> None:
-    """Score images: one CSV row per file; exit 1 if a file failed.
+    """Score images: one CSV row per file, then a summary line on stderr; exit 1 if a file failed.
 
     Columns: path, score (pred_score: max per-location energy, higher = more anomalous), threshold (from the
     model's calibration; empty when its rule is a false discovery rate, set with `dxmi-ad calibrate --fdr`),
-    is_anomaly (the stored rule; for an FDR rule, Benjamini-Hochberg over all files of this call), p_value
-    (split-conformal, against held-out normal images), normalized_score (0.5 = threshold), error.
+    is_anomaly (the stored rule; for an FDR rule, Benjamini-Hochberg over all files of this call; empty without a
+    rule or for a row with an error), p_value (split-conformal, against held-out normal images), normalized_score
+    (0.5 = threshold), error (unreadable file, NaN / infinite pixels or score). Nothing to score (no supported image
+    in the folders), --out a folder or --heatmaps a file: exit 2 before any image is read, no CSV written.
     """
     from dxmi_ad.cli import images
+    from dxmi_ad.data.images import find_images
 
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise _fail(f"not found: {', '.join(missing)}")
+    try:  # everything that can be refused is refused before the model is loaded or any image is read
+        images.check_score_outputs(out, heatmaps)
+        listing = find_images(paths, require=True)
+    except (ImageCLIError, ValueError) as err:
+        raise _fail(str(err)) from None
+    skipped = listing.describe_skipped()
+    err_console.print(f"found {len(listing.files)} image file(s) to score" + (f"; {skipped}" if skipped else ""),
+                      highlight=False)
     det = _load_image_model(model)
-    text, n_bad = images.score_paths(det, paths, out, heatmaps, batch_size)
+    try:
+        with _Progress(err_console) as progress:  # stderr: the CSV may go to stdout
+            result = images.score_paths(det, listing.files, out, heatmaps, batch_size, model=model,
+                                        on_batch=progress.batches("scoring"))
+    except (ImageCLIError, ValueError) as err:
+        raise _fail(str(err)) from None
     if out is None:
-        console.print(text, end="", highlight=False, markup=False, soft_wrap=True)
+        console.print(result["text"], end="", highlight=False, markup=False, soft_wrap=True)
     else:
         console.print(f"wrote {out}")
-    if n_bad:
-        err_console.print(f"{n_bad} file(s) could not be read; see the error column")
+    err_console.print(images.score_summary(result), highlight=False, soft_wrap=True)
+    if result["n_errors"]:
         raise typer.Exit(code=1)
 
 
+def set_threads(threads: int) -> None:
+    """Use ``threads`` CPU threads: ``torch.set_num_threads`` (intra-op) and, when torch still allows it (before its
+    first parallel work), ``torch.set_num_interop_threads``; ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` are set for
+    child processes (data-parallel workers).
+
+    Raises:
+        ValueError: If ``threads < 1``.
+    """
+    import os
+
+    import torch
+
+    if threads < 1:
+        msg = f"--threads must be >= 1, got {threads}"
+        raise ValueError(msg)
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(threads)
+    except RuntimeError:  # only settable once, before any inter-op parallel work; intra-op is what matters here
+        pass
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(threads)
+
+
+@app.callback()
+def _options(
+    threads: Annotated[int | None, typer.Option(
+        "--threads", min=1, envvar="DXMI_AD_THREADS",
+        help="CPU threads for every command (torch.set_num_threads; give it before the command: dxmi-ad --threads 2 "
+             "train ...); default: torch's choice, usually one per core")] = None,
+) -> None:
+    """Anomaly detection with DxMI energy models."""
+    if threads is not None:
+        set_threads(threads)
 
 
 def main() -> None:

@@ -36,8 +36,8 @@ class PixelSplit(NamedTuple):
 
 
 def load_pixel_split(dataset: str, normal_class: int, seed: int, data_root: Path | None = None,
-                     category: str = "all", image_size: int = 64) -> PixelSplit:
-    """Load a pixel-mode dataset.
+                     category: str = "all", image_size: int = 64, skip_bad_files: bool = False) -> PixelSplit:
+    """Load a pixel-mode dataset (``skip_bad_files``: leave unreadable image files out, with a warning).
 
     Raises:
         PixelCLIError: Unknown dataset or bad class; image-folder errors (named files).
@@ -62,7 +62,7 @@ def load_pixel_split(dataset: str, normal_class: int, seed: int, data_root: Path
         return PixelSplit((split.train / scale).reshape(-1, side, side), (split.test / scale).reshape(-1, side, side),
                           split.test_label, None, split.name)
     if dataset in ("textures", "mvtec", "folder"):
-        return _image_folder_split(dataset, data_root, category, image_size)
+        return _image_folder_split(dataset, data_root, category, image_size, skip_bad_files)
     msg = f"pixel mode trains on {', '.join(PIXEL_DATASETS)}; got --dataset {dataset}"
     raise PixelCLIError(msg)
 
@@ -84,20 +84,26 @@ def read_samples(samples: list, size: int, skip_bad_files: bool = False, what: s
         labels.extend(samples[i].label for i in idx)
     if errors and not skip_bad_files:
         raise PixelCLIError(str(BadFilesError(errors, what)))
+    if errors:
+        import warnings
+
+        warnings.warn(f"{len(errors)} unreadable file(s) of the {what} left out: "
+                      + "; ".join(f"{p}: {r}" for p, r in list(errors.items())[:5]), stacklevel=2)
     cat = lambda xs, shape: np.concatenate(xs) if xs else np.zeros(shape, np.float32)  # noqa: E731
     return (cat(imgs, (0, 3, size, size)).astype(np.float32), np.asarray(labels, int),
             cat(masks, (0, size, size)).astype(bool))
 
 
-def _image_folder_split(dataset: str, data_root: Path | None, category: str, size: int) -> PixelSplit:
+def _image_folder_split(dataset: str, data_root: Path | None, category: str, size: int,
+                        skip_bad_files: bool = False) -> PixelSplit:
     from dxmi_ad.cli.images import ImageCLIError, list_dataset
 
     try:
         samples, desc = list_dataset(dataset, data_root, category)
     except ImageCLIError as err:
         raise PixelCLIError(str(err)) from err
-    train, _, _ = read_samples([s for s in samples if s.split == "train"], size, what="train set")
-    test, label, mask = read_samples([s for s in samples if s.split == "test"], size, what="test set")
+    train, _, _ = read_samples([s for s in samples if s.split == "train"], size, skip_bad_files, "train set")
+    test, label, mask = read_samples([s for s in samples if s.split == "test"], size, skip_bad_files, "test set")
     return PixelSplit(train, test, label, mask, f"{dataset} ({desc})")
 
 
@@ -225,7 +231,8 @@ def train_pixel(args: dict[str, Any], console: Any, progress: Any, pretrain_only
     recipe = args["recipe"]
     model_cfg = dict(recipe["model"])
     split = load_pixel_split(args["dataset"], args["normal_class"], args["seed"], args.get("data_root"),
-                             args.get("category", "all"), int(model_cfg.get("image_size", 64)))
+                             args.get("category", "all"), int(model_cfg.get("image_size", 64)),
+                             bool(args.get("skip_bad_files", False)))
     shape = split.train.shape
     channels = 1 if len(shape) == 3 else shape[1]
     model_cfg.setdefault("image_size", shape[-1])
@@ -295,7 +302,9 @@ def train_pixel(args: dict[str, Any], console: Any, progress: Any, pretrain_only
         if progress is not None:
             progress.write_logs(tmp)
         write_grid(grid, tmp / "samples.png")
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str), encoding="utf-8")
+        from dxmi_ad.metrics import dumps_json  # strict JSON: an undefined metric is null, never NaN
+
+        (tmp / "metrics.json").write_text(dumps_json(metrics, indent=2, default=str), encoding="utf-8")
     return metrics
 
 

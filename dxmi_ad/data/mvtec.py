@@ -2,18 +2,20 @@
 
 MVTec AD: ``ROOT/<category>/train/good/*.png``, ``ROOT/<category>/test/<defect>/*.png`` (``good`` = normal),
 ``ROOT/<category>/ground_truth/<defect>/<stem>_mask.png``. Masks are paired to images **by file stem**, never by
-sorted position (STYLE.md §4). A generic folder is one category at its root (``ROOT/train/good``, optional
-``ROOT/test/...`` and ``ROOT/ground_truth/...``).
+sorted position (STYLE.md §4); anomalous images left without a mask are named in a warning. A generic folder is one
+category at its root (``ROOT/train/good``, optional ``ROOT/test/...`` and ``ROOT/ground_truth/...``). Hidden names
+(``.*``: ``.ipynb_checkpoints/``, ``._000.png``) are skipped everywhere.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from dxmi_ad.data.images import IMAGE_SUFFIXES, list_images
+from dxmi_ad.data.images import IMAGE_SUFFIXES, find_images, is_hidden, list_images
 
-__all__ = ["MVTEC_HELP", "ImageSample", "list_folder", "list_mvtec"]
+__all__ = ["MVTEC_HELP", "ImageSample", "list_folder", "list_labelled_dir", "list_mvtec", "list_normal_dir"]
 
 MVTEC_HELP = (
     "MVTec AD is not downloaded by dxmi-ad. Get it from https://www.mvtec.com/company/research/datasets/mvtec-ad "
@@ -44,30 +46,52 @@ class ImageSample:
     mask_path: Path | None
 
 
-def _mask_for(gt_dir: Path, stem: str) -> Path | None:
-    """``<stem>_mask.<ext>`` or ``<stem>.<ext>`` in ``gt_dir``, case-insensitively (``001.PNG`` / ``001_mask.png``)."""
-    if not gt_dir.is_dir():
-        return None
-    by_name = {p.name.lower(): p for p in gt_dir.iterdir() if p.is_file()}
-    for suffix in IMAGE_SUFFIXES:
-        for name in (f"{stem}_mask{suffix}", f"{stem}{suffix}"):
-            if name.lower() in by_name:
-                return by_name[name.lower()]
-    return None
+def _mask_names(stem: str) -> list[str]:
+    """File names accepted as the mask of image ``stem``: ``<stem>_mask.<ext>`` or ``<stem>.<ext>``."""
+    return [name for suffix in IMAGE_SUFFIXES for name in (f"{stem}_mask{suffix}", f"{stem}{suffix}")]
 
 
 def _list_category(cat_dir: Path, category: str) -> list[ImageSample]:
+    """Train and test samples of one category; warns when anomalous test images have no mask (by stem)."""
     samples = [ImageSample(p, category, "train", "good", 0, None) for p in list_images(cat_dir / "train" / "good")]
     test_dir = cat_dir / "test"
+    unpaired = []
     if test_dir.is_dir():
-        for defect_dir in sorted(d for d in test_dir.iterdir() if d.is_dir()):
+        for defect_dir in sorted(d for d in test_dir.iterdir() if d.is_dir() and not is_hidden(d)):
             defect = defect_dir.name
             label = 0 if defect == "good" else 1
             gt_dir = cat_dir / "ground_truth" / defect
+            by_name = ({p.name.lower(): p for p in gt_dir.iterdir() if p.is_file() and not is_hidden(p)}
+                       if label and gt_dir.is_dir() else {})
+            missing = []
             for p in list_images(defect_dir):
-                mask = _mask_for(gt_dir, p.stem) if label else None
+                mask = next((by_name[n.lower()] for n in _mask_names(p.stem) if n.lower() in by_name), None)
+                if label and mask is None:
+                    missing.append(p)
                 samples.append(ImageSample(p, category, "test", defect, label, mask))
+            if missing:
+                unpaired.append(_unpaired_text(cat_dir, gt_dir, missing, sorted(by_name.values())))
+    if unpaired:
+        anomalous = [s for s in samples if s.label == 1]
+        undefined = ("; pixel metrics are undefined for this category"
+                     if all(s.mask_path is None for s in anomalous) else "")
+        warnings.warn(f"{category}: anomalous test images without a mask are left out of pixel metrics{undefined}: "
+                      + "; ".join(unpaired), stacklevel=3)
     return samples
+
+
+def _unpaired_text(cat_dir: Path, gt_dir: Path, missing: list[Path], held: list[Path]) -> str:
+    """``"3 of test/scratch (000.png, ...) expected ground_truth/scratch/000_mask.png or 000.png, which holds
+    000_gt.png, ..."``."""
+    def few(names: list[str]) -> str:
+        return ", ".join(names[:3]) + (f", ... ({len(names)} in all)" if len(names) > 3 else "")
+
+    rel = gt_dir.relative_to(cat_dir).as_posix()
+    stem, ext = missing[0].stem, missing[0].suffix.lower()
+    holds = (f"which holds {few([p.name for p in held])}" if held
+             else ("which holds no files" if gt_dir.is_dir() else "which does not exist"))
+    return (f"{len(missing)} in test/{missing[0].parent.name} ({few([p.name for p in missing])}) expected "
+            f"{rel}/{stem}_mask{ext} or {stem}{ext} (any of {', '.join(IMAGE_SUFFIXES)}), {holds}")
 
 
 def list_mvtec(root: str | Path, categories: str | list[str] = "all") -> list[ImageSample]:
@@ -88,17 +112,25 @@ def list_mvtec(root: str | Path, categories: str | list[str] = "all") -> list[Im
     if not root.is_dir():
         msg = f"dataset root {root} not found. {MVTEC_HELP}"
         raise FileNotFoundError(msg)
-    available = sorted(d.name for d in root.iterdir() if (d / "train" / "good").is_dir())
+    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not is_hidden(d))
+    available = [d.name for d in subdirs if (d / "train" / "good").is_dir()]
     if isinstance(categories, str):
         wanted = available if categories == "all" else [c.strip() for c in categories.split(",") if c.strip()]
     else:
         wanted = list(categories)
+    skipped = [d.name for d in subdirs if d.name not in available]
+    if categories == "all" and available and skipped:
+        warnings.warn(f"category all under {root}: using {len(available)} ({', '.join(available)}); skipped "
+                      f"{len(skipped)} folder(s) without train/good: {', '.join(skipped)}", stacklevel=2)
     missing = [c for c in wanted if c not in available]
     if missing:
         msg = f"categories {missing} not found under {root} (found: {available or 'none'}). {MVTEC_HELP}"
         raise FileNotFoundError(msg)
     if not wanted:
-        msg = f"no category with a train/good folder under {root}. {MVTEC_HELP}"
+        found = f"sub-folders found: {', '.join(skipped)}" if skipped else "no sub-folders"
+        hint = (" (it looks like one category itself: use --dataset folder)" if (root / "train" / "good").is_dir()
+                else "")
+        msg = f"no category with a train/good folder under {root}{hint}; {found}. {MVTEC_HELP}"
         raise ValueError(msg)
     samples = [s for c in wanted for s in _list_category(root / c, c)]
     for c in wanted:
@@ -142,9 +174,10 @@ def list_normal_dir(root: str | Path, what: str = "calibration") -> list[ImageSa
     if not root.is_dir():
         msg = f"{what} folder {root} not found"
         raise FileNotFoundError(msg)
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    listing = find_images([root], require=False)  # recursive; hidden names and other extensions skipped
+    files = listing.files
     if not files:
-        msg = f"{what} folder {root} holds no images ({', '.join(IMAGE_SUFFIXES)})"
+        msg = f"{what} folder {root} holds no images ({listing.describe_skipped() or 'it is empty'})"
         raise ValueError(msg)
     return [ImageSample(p, p.parent.name, "calibration", "good", 0, None) for p in files]
 
@@ -161,10 +194,10 @@ def list_labelled_dir(root: str | Path) -> list[ImageSample]:
         msg = f"validation folder {root} not found (expected ROOT/good/ and ROOT/<defect>/ sub-folders)"
         raise FileNotFoundError(msg)
     samples = []
-    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not is_hidden(p)):
         label = 0 if sub.name.lower() == "good" else 1
         samples += [ImageSample(p, root.name, "validation", sub.name, label, None)
-                    for p in sorted(sub.rglob("*")) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+                    for p in find_images([sub], require=False).files]
     if not samples:
         msg = f"validation folder {root} holds no images in sub-folders (expected ROOT/good/ and ROOT/<defect>/)"
         raise ValueError(msg)

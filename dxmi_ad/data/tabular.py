@@ -3,8 +3,8 @@
 * ``digits``: scikit-learn's bundled 8x8 digits (UCI optdigits test set, 1797 x 64); one class is normal.
 * ``wbc``, ``wine``: ODDS-style sets rebuilt from scikit-learn's bundled data by the ODDS recipe (DATA.md §2.3):
   wbc = benign + 21 sampled malignant (378 x 30), wine = classes 1, 2 + 10 sampled class-0 rows (129 x 13).
-* ``csv:PATH``: numeric columns are features; an optional ``label`` column (0 = normal, 1 = anomaly) is used to
-  split and evaluate.
+* ``csv:PATH``: numeric columns are features; an optional ``label`` column (0 = normal, 1 = anomaly; the name is
+  matched ignoring case and surrounding spaces, two such columns are refused) is used to split and evaluate.
 
 Every split returns ``OneClassSplit(train, test, test_label)``: training rows are normal only; the test set holds the
 held-out normals (label 0) and the anomalies (label 1).
@@ -162,8 +162,19 @@ def odds_split(name: str, seed: int = 0, train_fraction: float = 0.6) -> OneClas
     return split_labelled(X[keep], outlier[keep], train_fraction, seed, name)
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)  # the models compute in float32
+
+
+def _normalize_name(name: str) -> str:
+    return name.strip().casefold()
+
+
 def load_csv(path: str | Path, label_column: str = "label") -> tuple[np.ndarray, np.ndarray | None, list[str]]:
     """Read a numeric CSV with a header row; every non-label column is a feature.
+
+    The label column is matched ignoring case and surrounding spaces (``label``, ``Label``, `` LABEL `` all
+    match); two columns that match are refused. Line numbers in messages are physical lines of the file (the header
+    is line 1; blank lines and the lines inside quoted multi-line fields count; a UTF-8 byte-order mark is skipped).
 
     Args:
         path: CSV file.
@@ -175,27 +186,42 @@ def load_csv(path: str | Path, label_column: str = "label") -> tuple[np.ndarray,
     Raises:
         FileNotFoundError: If the file does not exist.
         ValueError: Naming the file, line and column, for an unreadable file, a missing header, a row with the
-            wrong number of fields, a non-numeric or non-finite value, a label outside {0, 1}, no feature column,
-            or fewer than 2 rows.
+            wrong number of fields, a non-numeric or non-finite value, a value beyond the float32 range
+            (``|x| > 3.4e38``, which the models cannot hold), a label outside {0, 1}, two label columns, no feature
+            column, or fewer than 2 rows.
     """
     path = Path(path)
     if not path.is_file():
         msg = f"CSV file {path} not found"
         raise FileNotFoundError(msg)
+    records: list[tuple[int, list[str]]] = []  # (physical line where the record starts, fields)
     try:
         with path.open(newline="", encoding="utf-8-sig") as fh:
-            rows = list(csv.reader(fh))
+            reader = csv.reader(fh)
+            end = 0
+            for row in reader:
+                records.append((end + 1, row))
+                end = reader.line_num
     except (UnicodeDecodeError, csv.Error, OSError) as err:
         msg = f"{path}: cannot be read as a UTF-8 CSV file ({err})"
         raise ValueError(msg) from err
-    if not rows or not any(cell.strip() for cell in rows[0]):
+    if not records or not any(cell.strip() for cell in records[0][1]):
         msg = f"{path}: empty file or missing header line (line 1 must name the columns)"
         raise ValueError(msg)
-    header = [h.strip() for h in rows[0]]
+    header_line, header_row = records[0]
+    header = [h.strip() for h in header_row]
     width = len(header)
-    values = np.empty((len(rows) - 1, width), dtype=np.float64)
+    wanted = _normalize_name(label_column)
+    label_cols = [j for j, h in enumerate(header) if _normalize_name(h) == wanted]
+    if len(label_cols) > 1:
+        named = ", ".join(f"{header_row[j]!r} (column {j + 1})" for j in label_cols)
+        msg = (f"{path}, line {header_line}: {len(label_cols)} columns are the label column {label_column!r} "
+               f"(names are matched ignoring case and spaces): {named}; keep one")
+        raise ValueError(msg)
+    values = np.empty((len(records) - 1, width), dtype=np.float64)
+    lines = np.empty(len(records) - 1, dtype=np.int64)
     n = 0
-    for line_no, row in enumerate(rows[1:], start=2):
+    for line_no, row in records[1:]:
         if not row or all(not cell.strip() for cell in row):
             continue  # blank line
         if len(row) != width:
@@ -210,26 +236,31 @@ def load_csv(path: str | Path, label_column: str = "label") -> tuple[np.ndarray,
             if not math.isfinite(v):
                 msg = f"{path}, line {line_no}, column {header[j]!r}: value {cell.strip()!r} is not finite"
                 raise ValueError(msg)
+            if abs(v) > _FLOAT32_MAX:
+                msg = (f"{path}, line {line_no}, column {header[j]!r}: value {cell.strip()!r} is beyond the float32 "
+                       f"range the models compute in (|x| <= {_FLOAT32_MAX:.3g}); rescale the column")
+                raise ValueError(msg)
             values[n, j] = v
+        lines[n] = line_no
         n += 1
-    values = values[:n]
+    values, lines = values[:n], lines[:n]
     if n < 2:
         msg = f"{path}: need at least 2 data rows, found {n}"
         raise ValueError(msg)
     label = None
     features = list(header)
-    if label_column in header:
-        j = header.index(label_column)
+    if label_cols:
+        j = label_cols[0]
         label = values[:, j]
         bad = np.flatnonzero(~np.isin(label, (0, 1)))
         if len(bad):
-            msg = (f"{path}, line {bad[0] + 2}, column {label_column!r}: labels must be 0 (normal) or 1 (anomaly), "
+            msg = (f"{path}, line {lines[bad[0]]}, column {header[j]!r}: labels must be 0 (normal) or 1 (anomaly), "
                    f"got {label[bad[0]]:g}")
             raise ValueError(msg)
         label = label.astype(int)
         values = np.delete(values, j, axis=1)
         features.pop(j)
     if not features:
-        msg = f"{path}: no feature columns (only {label_column!r})"
+        msg = f"{path}: no feature columns (only {header[label_cols[0]]!r})"
         raise ValueError(msg)
     return values, label, features

@@ -15,6 +15,7 @@ Weights are never downloaded silently:
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -22,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DEFAULT_BACKBONE", "FeatureExtractor", "PretrainedWeightsError", "lite0_state_dict"]
+__all__ = ["DEFAULT_BACKBONE", "FeatureExtractor", "PretrainedWeightsError", "check_feature_settings",
+           "lite0_state_dict"]
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -82,9 +84,55 @@ def lite0_state_dict() -> dict[str, torch.Tensor]:
     return out
 
 
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 4096  # input side in pixels: >= 2 grid cells at stride 16; bounded memory
+
+
+def check_feature_settings(features: dict) -> None:
+    """Check the values of a feature-settings mapping (a recipe's ``features:`` section, the ``features`` of a model's
+    ``config.json``) before anything is built from them.
+
+    Args:
+        features: Keys ``backbone`` (a timm model name), ``out_indices`` (non-empty list of distinct backbone stage
+            indices >= 0), ``image_size`` (integer side in pixels in [32, 4096]), ``pretrained`` (bool), ``weights``
+            (a path string or None); missing keys keep their defaults.
+
+    Raises:
+        ValueError: The first invalid field, named as ``features.<field>``, with its value and what is allowed.
+    """
+    import timm
+
+    known = ("backbone", "out_indices", "image_size", "pretrained", "weights")
+    unknown = sorted(set(features) - set(known))
+    if unknown:
+        msg = f"unknown features key(s) {unknown}; known: {list(known)}"
+        raise ValueError(msg)
+    backbone = features.get("backbone", DEFAULT_BACKBONE)
+    if not isinstance(backbone, str) or not timm.is_model(backbone):
+        msg = (f"features.backbone must be the name of a timm model (e.g. {DEFAULT_BACKBONE!r}), got {backbone!r}")
+        raise ValueError(msg)
+    idx = features.get("out_indices", (0, 1, 2, 3))
+    if (not isinstance(idx, (list, tuple)) or not idx or len(set(idx)) != len(idx)
+            or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in idx)):
+        msg = f"features.out_indices must be a non-empty list of distinct stage indices >= 0, got {idx!r}"
+        raise ValueError(msg)
+    size = features.get("image_size", 224)
+    if isinstance(size, bool) or not isinstance(size, int) or not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
+        msg = f"features.image_size must be an integer in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}] pixels, got {size!r}"
+        raise ValueError(msg)
+    if not isinstance(features.get("pretrained", True), bool):
+        msg = f"features.pretrained must be true or false, got {features['pretrained']!r}"
+        raise ValueError(msg)
+    weights = features.get("weights")
+    if weights is not None and (not isinstance(weights, (str, os.PathLike)) or not str(weights).strip()):
+        msg = f"features.weights must be a file path or null, got {weights!r}"
+        raise ValueError(msg)
+
+
 def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
-        msg = f"weights file {path} not found"
+        msg = (f"backbone weights file {path} not found (the model's features.weights names it): put the file back "
+               f"at that path, or pass the new path of the file (train/extract-features: --weights; a trained model: "
+               f"set \"weights\" under \"features\" in its config.json)")
         raise FileNotFoundError(msg)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -112,7 +160,8 @@ class FeatureExtractor(nn.Module):
 
     Raises:
         PretrainedWeightsError: If ``pretrained`` and no weights can be loaded (lists the options).
-        FileNotFoundError: If ``weights`` does not exist.
+        FileNotFoundError: If ``weights`` does not exist (the message says how to point to the file).
+        ValueError: An unknown backbone name or stage indices it does not have.
     """
 
     def __init__(
@@ -129,7 +178,13 @@ class FeatureExtractor(nn.Module):
         self.backbone_name, self.out_indices, self.normalize = backbone, tuple(out_indices), normalize
         with torch.random.fork_rng(devices=[]):  # random weights (pretrained=False) are seeded: reloadable
             torch.manual_seed(0)
-            self.body = timm.create_model(backbone, pretrained=False, features_only=True, out_indices=self.out_indices)
+            try:
+                self.body = timm.create_model(backbone, pretrained=False, features_only=True,
+                                              out_indices=self.out_indices)
+            except (RuntimeError, IndexError, KeyError, TypeError, ValueError) as err:  # unknown name / stage
+                msg = (f"cannot build backbone {backbone!r} with out_indices {list(self.out_indices)} ({err}); "
+                       "features.backbone must be a timm model name and features.out_indices its stage indices")
+                raise ValueError(msg) from err
         if weights is not None:
             self._load(_load_weights_file(Path(weights)), str(weights))
         elif pretrained:

@@ -20,7 +20,57 @@ from torch import nn
 
 from dxmi_ad.nn.layers import TimeMLP, make_mlp
 
-__all__ = ["AutoencoderEnergy", "MLPEnergy", "SharedValueEnergy", "ValueNet"]
+__all__ = ["AutoencoderEnergy", "MLPEnergy", "SharedValueEnergy", "ValueNet", "autoencoder_latent_dim"]
+
+
+def autoencoder_latent_dim(dim: int, latent_dim: int | str = "auto", spherical: bool = False) -> int:
+    """The autoencoder bottleneck width for ``dim`` input features: always narrower than the input.
+
+    A bottleneck at least as wide as the input lets the autoencoder learn the identity, and then far outliers are
+    reconstructed as well as normal rows (low energy). The rule:
+
+    * ``"auto"``: ``min(32, max(3, dim // 4), dim - 1)`` (at least 1);
+    * an explicit width must be ``< dim``;
+    * ``dim == 1``: no width below 1 exists; a width of 1 is used (and is the only one allowed). It cannot learn the
+      identity either: the latent code is projected onto the unit sphere, which in one dimension is the two points
+      ``{-1, +1}``, so the decoder can output only two values and the energy is the squared distance to the nearer
+      of them (a two-centre quantizer of the feature);
+    * ``dim == 1`` with L2-normalized inputs (``spherical=True``) is refused: every row becomes -1 or +1 (only its
+      sign survives), so there is nothing left to score.
+
+    Args:
+        dim: Number of input features ``D`` (>= 1).
+        latent_dim: ``"auto"`` or the requested width (int >= 1).
+        spherical: Whether the inputs are L2-normalized onto the unit sphere.
+
+    Returns:
+        The latent width ``k`` (``1 <= k < D``, or ``k = 1`` when ``D = 1``).
+
+    Raises:
+        ValueError: An explicit width ``>= dim`` (the message gives the arithmetic and the automatic width), or
+            ``dim == 1`` with ``spherical=True``.
+    """
+    dim = int(dim)
+    if dim == 1 and spherical:
+        msg = ("n_features=1 with spherical=True: L2-normalizing a single feature leaves only its sign (-1 or +1), "
+               "so nothing is left to score; use spherical=False (standardized input) or another detector")
+        raise ValueError(msg)
+    auto = 1 if dim == 1 else max(1, min(32, max(3, dim // 4), dim - 1))
+    if isinstance(latent_dim, str):
+        if latent_dim != "auto":
+            msg = f"latent_dim must be 'auto' or an integer >= 1, got {latent_dim!r}"
+            raise ValueError(msg)
+        return auto
+    k = int(latent_dim)
+    if dim == 1 and k != 1:
+        msg = (f"latent_dim={k} with n_features=1: the only allowed width is 1 (its spherical code is the two points "
+               "-1 and +1, so the autoencoder cannot learn the identity); use latent_dim='auto'")
+        raise ValueError(msg)
+    if dim > 1 and k >= dim:
+        msg = (f"latent_dim={k} must be < n_features={dim} so the autoencoder cannot learn the identity "
+               f"(latent_dim='auto' gives {auto})")
+        raise ValueError(msg)
+    return k
 
 
 class ValueNet(nn.Module):
@@ -71,6 +121,10 @@ class MLPEnergy(nn.Module):
         """Energy of ``x`` of shape ``(B, D)``; returns ``(B,)``, higher = more anomalous."""
         return self.net(x).squeeze(-1)
 
+    def energy_bound(self, x: torch.Tensor) -> None:
+        """No upper bound: a free MLP energy is unbounded (see :meth:`AutoencoderEnergy.energy_bound`)."""
+        del x
+
 
 class SharedValueEnergy(nn.Module):
     """Energy that *is* the value net at the terminal step: ``E(x) = V(x, T)`` (2-D experiment, PAPER.md §2.6).
@@ -88,6 +142,10 @@ class SharedValueEnergy(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``V(x, T)`` for ``x`` of shape ``(B, D)``; returns ``(B,)``."""
         return self.value(x, self.n_steps)
+
+    def energy_bound(self, x: torch.Tensor) -> None:
+        """No upper bound: the value net is unbounded (see :meth:`AutoencoderEnergy.energy_bound`)."""
+        del x
 
 
 class AutoencoderEnergy(nn.Module):
@@ -133,6 +191,23 @@ class AutoencoderEnergy(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Energy of ``x`` of shape ``(B, D)``; returns ``(B,)`` >= 0, higher = more anomalous."""
         return (x - self.decode(self.encode(x))).pow(2).sum(-1)
+
+    def energy_bound(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Largest energy the model can give each row: ``E_max(x) = (|x| + 1)^2`` with a spherical output.
+
+        With the reconstruction ``r`` on the unit sphere, ``E(x) = |x - r|^2 <= (|x| + |r|)^2 = (|x| + 1)^2``
+        (reached at ``r = -x / |x|``): 4 for unit-norm inputs. The training-health signal divides ``E(samples)`` by it
+        (``E(samples) / E_max`` near 1 means the energy separates samples by a trivial cue, PAPER.md §8).
+
+        Args:
+            x: Inputs of shape ``(B, D)``.
+
+        Returns:
+            Bounds of shape ``(B,)``, or None without ``spherical_output`` (the decoder output is unbounded).
+        """
+        if not self.spherical_output:
+            return None
+        return (x.norm(dim=-1) + 1).pow(2)
 
     @torch.no_grad()
     def perturb(

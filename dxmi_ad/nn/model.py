@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dxmi_ad.config import DxMIConfig
@@ -31,6 +32,7 @@ class DxMIModel(nn.Module):
         state_shape: Shape of one state, ``(D,)`` or ``(C, H, W)``.
         energy: The energy E: :class:`AutoencoderEnergy`, :class:`MLPEnergy` or :class:`SharedValueEnergy`.
         initial_ae: Frozen copy of the pretrained autoencoder used for pi(x_0) (``initial="autoencoder"``), else None.
+        needs_start_data: Whether :meth:`initial_states` perturbs a data batch (every start but ``"gaussian"``).
         velocity_scale_sq: AVR buffer ``s_t^2``, shape ``(T,)``.
     """
 
@@ -70,6 +72,11 @@ class DxMIModel(nn.Module):
             self.initial_ae.load_state_dict(self.energy.state_dict())
             self.initial_ae.requires_grad_(False)
 
+    @property
+    def needs_start_data(self) -> bool:
+        """True when pi(x_0) perturbs data rows (``initial`` is ``"autoencoder"`` or ``"feature_noise"``)."""
+        return self.config.initial != "gaussian"
+
     def energy_params(self) -> list[nn.Parameter]:
         """Parameters updated by the energy step (the value net's for the shared variant)."""
         return list(self.energy.parameters())
@@ -78,27 +85,84 @@ class DxMIModel(nn.Module):
     def initial_states(
         self, n: int, data: torch.Tensor | None = None, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """Draw ``x_0`` from pi(x_0).
+        """Draw ``x_0`` from pi(x_0) (``config.initial``), then the optional input-space steps.
+
+        * ``"gaussian"``: N(0, I);
+        * ``"autoencoder"``: ``decode(normalize(enc(x) + s eps))`` through the frozen start autoencoder (on the
+          decoder manifold, where its reconstruction error is near 0 by construction);
+        * ``"feature_noise"``: ``x + s eps`` in feature space, projected onto the unit sphere when ``spherical``
+          (off the decoder manifold);
+
+        with ``s`` uniform in ``[init_noise_low, init_noise_high]`` per row. With ``init_input_steps = K > 0`` the
+        start then takes ``K`` MPDR-style steps (:meth:`input_steps`).
 
         Args:
             n: Number of states.
-            data: Data batch of shape ``(n, D)`` to perturb (required for ``initial="autoencoder"``).
+            data: Data batch of shape ``(n, D)`` to perturb (required unless ``initial="gaussian"``).
             generator: Optional torch generator.
 
         Returns:
             Start states of shape ``(n, D)`` (pixel mode: ``(n, C, H, W)``, N(0, I)).
 
         Raises:
-            ValueError: If the autoencoder start is used without a data batch of ``n`` rows.
+            ValueError: If a data-perturbing start is used without a data batch of ``n`` rows.
         """
+        c = self.config
         device = self.velocity_scale_sq.device
-        if self.initial_ae is None:
-            return torch.randn((n, *self.state_shape), generator=generator, device=device)
-        if data is None or data.shape[0] != n:
-            msg = f"initial='autoencoder' needs a data batch of {n} rows to perturb"
-            raise ValueError(msg)
-        self.initial_ae.eval()
-        return self.initial_ae.perturb(data, self.config.init_noise_low, self.config.init_noise_high, generator)
+        if not self.needs_start_data:
+            x0 = torch.randn((n, *self.state_shape), generator=generator, device=device)
+        else:
+            if data is None or data.shape[0] != n:
+                msg = f"initial={c.initial!r} needs a data batch of {n} rows to perturb"
+                raise ValueError(msg)
+            if c.initial == "autoencoder":
+                self.initial_ae.eval()
+                x0 = self.initial_ae.perturb(data, c.init_noise_low, c.init_noise_high, generator)
+            else:  # feature_noise
+                std = c.init_noise_low + (c.init_noise_high - c.init_noise_low) * torch.rand(
+                    (n, 1), generator=generator, device=data.device, dtype=data.dtype)
+                x0 = data + std * torch.randn(data.shape, generator=generator, device=data.device, dtype=data.dtype)
+                if c.spherical:
+                    x0 = F.normalize(x0, dim=-1)
+        if c.init_input_steps:
+            x0 = self.input_steps(x0, data, generator)
+        return x0
+
+    def input_steps(
+        self, x: torch.Tensor, data: torch.Tensor | None = None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """``init_input_steps`` MPDR-style input-space steps on the current energy (MPDR ``mcmc_*_x``).
+
+        ``x <- x - init_input_step_size * grad_x U(x) + init_input_noise * eps``, projected onto the unit sphere
+        when ``spherical``, with ``U(x) = E(x) + init_recovery_weight * ||x - x_data||^2 / 2`` (the recovery term
+        needs ``data``; MPDR weighs a latent geodesic distance instead, a named deviation). The gradient is taken
+        with respect to ``x`` only: the energy's parameters receive none (their ``.grad`` stays untouched).
+
+        Args:
+            x: Start states of shape ``(B, D)``.
+            data: The data rows the starts were made from, ``(B, D)``, or None (no recovery term).
+            generator: Optional torch generator.
+
+        Returns:
+            Moved states of shape ``(B, D)``, detached.
+        """
+        c = self.config
+        was_training = self.energy.training
+        self.energy.eval()
+        x = x.detach()
+        with torch.enable_grad():
+            for _ in range(c.init_input_steps):
+                x = x.requires_grad_(True)
+                u = self.energy(x).sum()
+                if c.init_recovery_weight and data is not None:
+                    u = u + c.init_recovery_weight * 0.5 * (x - data).pow(2).sum()
+                (grad,) = torch.autograd.grad(u, x)
+                noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                x = (x - c.init_input_step_size * grad + c.init_input_noise * noise).detach()
+                if c.spherical:
+                    x = F.normalize(x, dim=-1)
+        self.energy.train(was_training)
+        return x
 
     @torch.no_grad()
     def score(self, x: torch.Tensor, batch_size: int = 65536) -> torch.Tensor:

@@ -174,7 +174,10 @@ class GaussianSampler(StepSampler):
         activation: Hidden activation.
         project_samples: With ``spherical``, also project each sample ``x_{t+1}`` onto the unit sphere. Named
             deviation (off by default): the step is then a projected Gaussian, whose entropy ``log sigma_t`` is
-            used as an approximation; it stops negatives from differing from data by their norm alone.
+            used as an approximation; it stops negatives from differing from data by their norm alone. Every path
+            that feeds the energy uses :meth:`sample_step` (the trajectory's ``x_T``, the re-sampled terminal value
+            target and the sampler loss), so all of them see projected samples. Ignored without ``spherical``
+            (:class:`~dxmi_ad.config.DxMIConfig` refuses that combination).
 
     Raises:
         ValueError: On a non-positive ``dim``, ``n_steps`` or sigma, or an unknown parameterization.

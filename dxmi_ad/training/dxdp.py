@@ -4,7 +4,8 @@ One :meth:`DxDPTrainer.step` is (PAPER.md §2.8(b), pitfalls 1-12, 17-20):
 
 1. sample trajectories ``x_0 .. x_T`` without gradients (``x_0`` from pi(x_0));
 2. AVR EMA of ``s_t^2`` (at the start of the update, as the reference code does);
-3. one energy step on ``E(data) - E(x_T)`` (+ gamma regularizer), gradient clipping;
+3. one energy step on ``E(data) - E(x_T)`` (+ gamma regularizer, + the negatives' penalty
+   ``negative_l2_weight * E(x_T)^2``), gradient clipping;
 4. ``T`` value TD steps in backward time order ``t = T-1 .. 0``, each one Adam step, with the target
    ``V(x_{t+1}, t+1)`` (``E(x_T)`` at the last step) ``+ tau2 * velocity - tau1 * log sigma_t`` (Eq. 10), the next
    state re-sampled from the current sampler (``value_resample``, EV trainer) under ``no_grad`` (pitfall 20);
@@ -15,13 +16,21 @@ One :meth:`DxDPTrainer.step` is (PAPER.md §2.8(b), pitfalls 1-12, 17-20):
    step, no back-propagation through time, gradient clipping;
 6. the buffer is dropped (no replay, pitfall 18).
 
-Named deviations: ``warmup_iter`` (energy frozen for the first iterations) and ``lr_schedule="cosine"`` are
-options outside the paper, both off by default.
+Named deviations: ``warmup_iter`` (energy frozen for the first iterations), ``lr_schedule="cosine"`` and the guards
+against the degenerate game (``project_samples``, ``negative_l2_weight``; PAPER.md §8) are options outside the paper,
+all off by default.
+
+Training health: every step returns ``energy_data``, ``energy_samples``, ``energy_gap`` and, for a bounded energy,
+``energy_max`` (mean ``E_max(x_T)``; ``(|x| + 1)^2`` = 4 for unit-norm samples with the spherical-output autoencoder)
+and ``energy_saturation`` (``E(samples) / E_max``). When the saturation stays above ``saturation_threshold`` for a
+whole window of ``health_window`` iterations a :class:`TrainingHealthWarning` is issued, once per trainer: the energy
+then separates samples from data by a trivial cue and the game teaches nothing about the data's neighbourhood.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -34,7 +43,12 @@ from dxmi_ad.nn.energy import AutoencoderEnergy
 from dxmi_ad.nn.model import DxMIModel
 from dxmi_ad.objectives import avr_update, energy_loss, running_cost, td_target, time_cost
 
-__all__ = ["AutoencoderPretrainer", "DxDPTrainer", "pretrain_autoencoder", "pretrain_sampler", "sync_grads"]
+__all__ = ["AutoencoderPretrainer", "DxDPTrainer", "TrainingHealthWarning", "pretrain_autoencoder",
+           "pretrain_sampler", "sync_grads"]
+
+
+class TrainingHealthWarning(UserWarning):
+    """The DxMI game has degenerated: ``E(samples)`` sits at the energy's maximum (see :class:`DxDPTrainer`)."""
 
 
 def _schedule(config: DxMIConfig, n_iter: int) -> Callable[[int], float]:
@@ -101,6 +115,8 @@ class DxDPTrainer:
         self._lr_factor = _schedule(c, c.n_iter if n_iter is None else n_iter)
         self._base_lrs = {name: [g["lr"] for g in o.param_groups] for name, o in self._optimizers().items()}
         self.iteration = 0
+        self._saturation: list[torch.Tensor] = []  # E(samples) / E_max of the current health window
+        self.saturation_warned = False
 
     # ------------------------------------------------------------------ helpers
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -147,6 +163,41 @@ class DxDPTrainer:
             opts["energy"] = self.opt_energy
         return opts
 
+    def _health(self, energy: nn.Module, x_T: torch.Tensor, e_samples: torch.Tensor,
+                diag: dict[str, torch.Tensor]) -> None:
+        """Add ``energy_max`` / ``energy_saturation`` to ``diag`` and warn once when the samples saturate the energy.
+
+        Args:
+            energy: The energy network (its optional ``energy_bound(x) -> (B,) | None`` gives ``E_max``).
+            x_T: Samples fed to the energy, ``(B, D)``.
+            e_samples: Mean energy of the samples (scalar, detached).
+            diag: Diagnostics dict, updated in place.
+        """
+        bound_fn = getattr(energy, "energy_bound", None)
+        bound = bound_fn(x_T.detach()) if bound_fn is not None else None
+        if bound is None:
+            return
+        e_max = bound.float().mean().detach()
+        saturation = e_samples.float() / e_max
+        diag["energy_max"], diag["energy_saturation"] = e_max, saturation
+        window = self.config.health_window
+        if not window or self.saturation_warned:
+            return
+        self._saturation.append(saturation)
+        if len(self._saturation) < window:
+            return
+        lowest = float(torch.stack(self._saturation).min())  # one device sync per window
+        self._saturation = []
+        if lowest > self.config.saturation_threshold:
+            self.saturation_warned = True
+            warnings.warn(
+                f"DxMI training health: E(samples) has stayed above {self.config.saturation_threshold:.0%} of the "
+                f"energy's maximum E_max (~{float(e_max):.3g}) for {window} iterations "
+                f"(iteration {self.iteration + 1}; E(samples)={float(e_samples):.4g}, "
+                f"E(data)={float(diag['energy_data']):.4g}): the energy separates samples from data by a trivial cue; "
+                "consider project_samples, fix_last_sigma, negative_l2_weight or a lower energy_lr",
+                TrainingHealthWarning, stacklevel=3)
+
     def _next_cost(self, x_next: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``V(x_{t+1}, t+1)``, or ``E(x_{t+1})`` where ``t = T-1`` (pitfall 4). Shapes ``(B, D)``, ``(B,)`` -> ``(B,)``."""
         T = self.config.n_steps
@@ -169,8 +220,14 @@ class DxDPTrainer:
             generator: Optional torch generator (all sampling noise of the iteration).
 
         Returns:
-            Detached diagnostics: ``energy_data``, ``energy_samples``, ``value_loss``, ``sampler_loss`` (scalars) and
-            ``sigma`` ``(T,)``.
+            Detached diagnostics: ``energy_data``, ``energy_samples``, ``energy_gap`` (``E(samples) - E(data)``),
+            ``value_loss``, ``sampler_loss`` (scalars), ``sigma`` ``(T,)`` and, for an energy with an upper bound
+            (:meth:`~dxmi_ad.nn.energy.AutoencoderEnergy.energy_bound`), ``energy_max`` (batch mean of ``E_max(x_T)``)
+            and ``energy_saturation`` (``E(samples) / energy_max``).
+
+        Warns:
+            TrainingHealthWarning: Once per trainer, when ``energy_saturation > saturation_threshold`` at every
+                iteration of a window of ``health_window`` iterations.
         """
         m, c = self.model, self.config
         T, B = c.n_steps, x_data.shape[0]
@@ -191,8 +248,9 @@ class DxDPTrainer:
         energy.train()
         self.opt_energy.zero_grad(set_to_none=True)
         e = energy(torch.cat([x_data, traj[-1]]))
-        loss_e, d = energy_loss(e[:B], e[B:], c.energy_l2_weight)
+        loss_e, d = energy_loss(e[:B], e[B:], c.energy_l2_weight, c.negative_l2_weight)
         diag.update(d)
+        self._health(energy, traj[-1], d["energy_samples"], diag)
         if self.iteration >= c.warmup_iter:
             loss_e.backward()
             sync_grads(m.energy_params(), self.sync)

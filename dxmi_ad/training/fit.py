@@ -4,7 +4,12 @@ Stages (each skipped when its length is 0):
 
 1. autoencoder reconstruction pre-training (``energy="autoencoder"``), then the frozen start copy (pitfall 17);
 2. DDPM pre-training of the sampler (``sampler_pretrain_iter``, ``parameterization="eps"``);
-3. ``n_iter`` DxMI iterations (:class:`~dxmi_ad.training.dxdp.DxDPTrainer`).
+3. ``n_iter`` DxMI iterations (:class:`~dxmi_ad.training.dxdp.DxDPTrainer`), the first ``warmup_iter`` with the
+   energy frozen.
+
+:func:`plan_stages` says what a config will run; :func:`scale_schedule` fits a recipe's lengths to what the user
+asked for (a shorter ``n_iter``, or the fixed number of updates of an anomalib ``Engine`` run, counted by
+:func:`count_updates`), so that the energy is always updated.
 
 Everything random is drawn from one ``torch.Generator`` seeded by ``config.seed`` and module initialisation runs
 under a forked, seeded global RNG, so a seed fixes the result on the CPU.
@@ -14,8 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import tempfile
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +42,189 @@ from dxmi_ad.training.runtime import (
     save_checkpoint,
 )
 
-__all__ = ["ProgressCallback", "build_model", "restore_model", "sample_shape", "train_model"]
+__all__ = ["ProgressCallback", "StageSchedule", "build_model", "count_updates", "plan_stages", "restore_model",
+           "sample_shape", "scale_schedule", "train_model"]
 
 ProgressCallback = Callable[[str, int, int, dict[str, float]], None]
 """Called as ``callback(stage, iteration, total, metrics)``; stage in {"autoencoder", "sampler", "dxmi"}."""
+
+
+SCHEDULE_KEYS = ("ae_pretrain_iter", "sampler_pretrain_iter", "n_iter", "warmup_iter")
+"""The lengths that make up a training schedule (DxMIConfig / DxMIDetector parameters of the same names)."""
+
+WARMUP_SHARE = 1 / 3
+"""Share of the DxMI iterations a warm-up may take when it would otherwise take all of them (the shipped recipes and
+the estimator defaults give it 100 of 300 iterations)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSchedule:
+    """The stages a training run will go through, in updates (optimizer steps), in order.
+
+    Attributes:
+        ae_pretrain: Autoencoder reconstruction pre-training updates (0 unless the energy is an autoencoder).
+        sampler_pretrain: DDPM pre-training updates of the sampler.
+        dxmi: DxMI iterations.
+        warmup: The first DxMI iterations, in which the energy is frozen (value and sampler only).
+    """
+
+    ae_pretrain: int
+    sampler_pretrain: int
+    dxmi: int
+    warmup: int
+
+    @property
+    def energy_updates(self) -> int:
+        """DxMI iterations that update the energy: ``dxmi - warmup`` (never negative)."""
+        return max(0, self.dxmi - self.warmup)
+
+    @property
+    def total(self) -> int:
+        """All updates of the run."""
+        return self.ae_pretrain + self.sampler_pretrain + self.dxmi
+
+    def describe(self) -> str:
+        """One line, e.g. ``"576 autoencoder + 174 DxMI updates (58 with the energy frozen)"``."""
+        parts = [f"{self.ae_pretrain} autoencoder"] if self.ae_pretrain else []
+        parts += [f"{self.sampler_pretrain} sampler (DDPM)"] if self.sampler_pretrain else []
+        parts.append(f"{self.dxmi} DxMI")
+        frozen = f" ({self.warmup} with the energy frozen)" if self.warmup and self.dxmi else ""
+        return " + ".join(parts) + f" updates{frozen}"
+
+
+def _is_autoencoder(params: Mapping[str, Any]) -> bool:
+    return params.get("energy", params.get("energy_model", "autoencoder")) == "autoencoder"
+
+
+def plan_stages(config: DxMIConfig | Mapping[str, Any]) -> StageSchedule:
+    """The stages a fresh training run of ``config`` goes through (what :func:`train_model` runs).
+
+    Args:
+        config: A :class:`DxMIConfig` or a mapping with the :data:`SCHEDULE_KEYS` (and ``energy`` /
+            ``energy_model``; missing lengths count as 0).
+
+    Returns:
+        The :class:`StageSchedule`; a warm-up that would cover every DxMI iteration is cut to the first
+        :data:`WARMUP_SHARE` of them (see :func:`train_model`).
+    """
+    params = config.to_dict() if isinstance(config, DxMIConfig) else dict(config)
+    n_iter = int(params.get("n_iter") or 0)
+    warmup = int(params.get("warmup_iter") or 0)
+    if 0 < n_iter <= warmup:
+        warmup = int(n_iter * WARMUP_SHARE)
+    ae = int(params.get("ae_pretrain_iter") or 0) if _is_autoencoder(params) else 0
+    return StageSchedule(ae, int(params.get("sampler_pretrain_iter") or 0), n_iter, warmup)
+
+
+def count_updates(n_images: int, images_per_batch: int, locations_per_image: int, batch_size: int, epochs: int,
+                  updates_per_batch: int | None = None, drop_last: bool = False,
+                  batches_per_epoch: int | None = None) -> int:
+    """Optimizer updates of a run that streams images (anomalib's ``Engine``): the sum over every batch of
+    ``updates_per_batch``, or ``ceil(images x locations / batch_size)`` (about one pass over its location vectors).
+
+    Args:
+        n_images: Training images per epoch.
+        images_per_batch: The data loader's batch size (the last batch holds the rest unless ``drop_last``).
+        locations_per_image: Feature vectors per image (``h x w`` of the backbone grid, e.g. 196 at 224 px).
+        batch_size: Vectors per update (``DxMIConfig.batch_size``).
+        epochs: Epochs (``Engine(max_epochs=...)``).
+        updates_per_batch: Fixed updates per batch (``Dxmi(updates_per_batch=...)``), or None.
+        drop_last: The loader drops the last incomplete batch.
+        batches_per_epoch: Batches actually run per epoch (e.g. Lightning's ``num_training_batches`` under
+            ``limit_train_batches``); None = all.
+
+    Returns:
+        The number of updates (0 for an empty data set).
+
+    Example:
+        >>> count_updates(100, 32, 196, 784, 30)  # batches of 32, 32, 32, 4 images: 8 + 8 + 8 + 1 updates
+        750
+    """
+    if n_images <= 0 or images_per_batch <= 0 or epochs <= 0:
+        return 0
+    full, rest = divmod(n_images, images_per_batch)
+    sizes = [images_per_batch] * full + ([rest] if rest and not drop_last else [])
+    if batches_per_epoch is not None:
+        sizes = sizes[:max(0, int(batches_per_epoch))]
+    per_batch = [updates_per_batch or max(1, math.ceil(b * locations_per_image / batch_size)) for b in sizes]
+    return sum(per_batch) * int(epochs)
+
+
+def scale_schedule(recipe: Mapping[str, Any], overrides: Mapping[str, Any] | None = None,
+                   total: int | None = None) -> tuple[dict[str, Any], list[str]]:
+    """Make a recipe's schedule fit what the user asked for, so that every stage is reached.
+
+    The lengths of a recipe (:data:`SCHEDULE_KEYS`) belong together: its warm-up is a share of its DxMI iterations,
+    and in a run of a fixed length (anomalib's ``Engine(max_epochs=...)``) pre-training and DxMI share the
+    updates. Lengths the user gave (``overrides``) are kept as given; the others are scaled:
+
+    * ``total`` None (the CLI: ``n_iter`` is the length of the DxMI stage): when ``n_iter`` is set below the
+      recipe's, a warm-up left at the recipe's value is scaled by the same factor (``--set n_iter=100`` on a recipe
+      with ``n_iter: 300, warmup_iter: 100`` gives ``warmup_iter=33``); a longer ``n_iter`` keeps it.
+    * ``total`` given (every update of the run): when it is smaller than the recipe's stages together
+      (``ae_pretrain_iter + sampler_pretrain_iter + n_iter``), the pre-training stages not set by the user keep
+      their share of it; DxMI gets the remaining updates (``n_iter = total - pre-training``, also when ``total`` is
+      larger) and the warm-up keeps its share of them.
+
+    Args:
+        recipe: The recipe's parameters before the user's changes, over the defaults (``n_iter``, ``warmup_iter``,
+            ``ae_pretrain_iter``, ``sampler_pretrain_iter``, ``energy`` / ``energy_model``).
+        overrides: What the user set (e.g. ``--set`` values, ``Dxmi(model_overrides=...)``).
+        total: All updates the run will make, or None.
+
+    Returns:
+        ``(changes, notes)``: the schedule values to set over ``{**recipe, **overrides}`` (only those that differ)
+        and one line per change saying what was scaled and why.
+
+    Raises:
+        ValueError: With the arithmetic, when the lengths the user gave leave no DxMI update that trains the energy
+            (``warmup_iter >= n_iter``), or pre-training the user fixed already takes every update of ``total``.
+    """
+    overrides = dict(overrides or {})
+    merged = {**recipe, **overrides}
+    given = {k for k in SCHEDULE_KEYS if k in overrides}
+    length = {k: int(merged.get(k) or 0) for k in SCHEDULE_KEYS}
+    if not _is_autoencoder(merged):
+        length["ae_pretrain_iter"] = 0
+    ref = {k: int(recipe.get(k) or 0) for k in SCHEDULE_KEYS}
+    new = dict(length)
+    notes: list[str] = []
+    if total is not None:
+        total = max(0, int(total))
+        pre_keys = [k for k in ("ae_pretrain_iter", "sampler_pretrain_iter") if length[k]]
+        fixed = sum(length[k] for k in pre_keys if k in given)
+        if fixed >= total and pre_keys and "n_iter" not in given:
+            msg = (f"the run makes {total} updates, but the pre-training set by you takes "
+                   f"{' + '.join(f'{k}={length[k]}' for k in pre_keys if k in given)} = {fixed}: no DxMI update "
+                   "would run; lower it or train for more epochs / updates_per_batch")
+            raise ValueError(msg)
+        wanted = sum(length[k] for k in pre_keys) + (length["n_iter"] if "n_iter" in given else ref["n_iter"])
+        if total < wanted:
+            free = [k for k in pre_keys if k not in given]
+            share_total = sum(length[k] for k in free) + (0 if "n_iter" in given else ref["n_iter"])
+            room = total - fixed - (length["n_iter"] if "n_iter" in given else 0)
+            for k in free:
+                new[k] = max(0, int(room * length[k] / share_total)) if share_total else 0
+        if "n_iter" not in given:
+            new["n_iter"] = max(0, total - new["ae_pretrain_iter"] - new["sampler_pretrain_iter"])
+        if any(new[k] != length[k] for k in pre_keys):
+            pre = " + ".join(f"{k}={length[k]}" for k in pre_keys)
+            notes.append(f"the run makes {total} updates, fewer than the recipe's {pre} + n_iter={ref['n_iter']} "
+                         f"= {wanted}: pre-training scaled to its share ("
+                         + ", ".join(f"{k}={new[k]}" for k in pre_keys) + f"), then {new['n_iter']} DxMI updates")
+    dxmi_ref = ref["n_iter"]
+    if "warmup_iter" not in given and length["warmup_iter"] and dxmi_ref and new["n_iter"] < dxmi_ref:
+        new["warmup_iter"] = int(length["warmup_iter"] * new["n_iter"] / dxmi_ref)
+        notes.append(f"n_iter={new['n_iter']} is below the recipe's {dxmi_ref}: warmup_iter (energy frozen) scaled "
+                     f"by the same factor, {length['warmup_iter']} -> {new['warmup_iter']}, so the energy is updated "
+                     f"{new['n_iter'] - new['warmup_iter']} times (set warmup_iter to choose)")
+    if 0 < new["n_iter"] <= new["warmup_iter"] and "warmup_iter" in given:
+        msg = (f"warmup_iter={new['warmup_iter']} >= n_iter={new['n_iter']}: the energy is frozen for the first "
+               f"warmup_iter DxMI iterations, so it would never be updated; set warmup_iter below n_iter")
+        raise ValueError(msg)
+    changes = {k: new[k] for k in SCHEDULE_KEYS if new[k] != length[k] or (k == "n_iter" and total is not None
+                                                                          and new[k] != int(merged.get(k) or 0))}
+    return changes, notes
 
 
 def sample_shape(config: DxMIConfig) -> tuple[int, ...]:
@@ -85,6 +271,7 @@ def train_model(
     model: DxMIModel | None = None,
     device: str | torch.device = "cpu",
     runtime: Runtime | None = None,
+    validate: Callable[[DxMIModel], float] | None = None,
 ) -> tuple[DxMIModel, list[dict[str, Any]]]:
     """Train a DxMI model on normal vectors.
 
@@ -99,22 +286,45 @@ def train_model(
         device: Device of a newly built model (``"cpu"``, ``"cuda"``...) when ``runtime`` is None.
         runtime: Devices, precision, data-parallel strategy, checkpoints and resume through Lightning Fabric
             (:class:`~dxmi_ad.training.runtime.Runtime`); None = this process on ``device``, no checkpoints.
+        validate: Model selection (``docs/paper_map.md``, a deviation: the paper keeps the last iterate):
+            ``validate(model) -> score`` (higher = better, e.g. the AUROC on held-out normals vs synthetic
+            anomalies; it must never read the test set) is called after pre-training and every
+            ``config.validate_every`` DxMI iterations (and after the last); the best state is restored at the end and
+            recorded in the history (``val_auroc`` per call, then ``selected_iteration`` / ``best_val_auroc``).
+            Ignored when ``config.validate_every`` is 0; not with ``ddp_spawn`` (a callable does not cross process
+            boundaries). After ``--resume`` the selection restarts at the resumed iteration.
 
     Returns:
-        The trained model (eval mode, on the CPU when trained through Fabric) and the history: one dict per logged
-        DxMI iteration (floats). Under DDP every rank returns its (identical) model.
+        The trained (or selected) model (eval mode, on the CPU when trained through Fabric) and the history: one dict
+        per logged DxMI iteration (floats). Under DDP every rank returns its (identical) model.
+
+    A warm-up that would cover every DxMI iteration (``warmup_iter >= n_iter > 0``: the energy would never be
+    updated) is cut to the first :data:`WARMUP_SHARE` of them, with a ``UserWarning`` (see :func:`plan_stages`).
 
     Raises:
         ValueError: If ``data`` is not ``(N, D)`` with ``D == config.dim`` (pixel mode: ``(N, C, H, W)``) and
             ``N >= 2``, or a checkpoint does not fit the run.
         FileNotFoundError: ``runtime.resume`` without a complete checkpoint.
     """
+    stages = plan_stages(config)
+    if stages.warmup != config.warmup_iter:  # the warm-up would cover every DxMI iteration: the energy never moves
+        warnings.warn(f"warmup_iter={config.warmup_iter} >= n_iter={config.n_iter}: the energy (frozen during the "
+                      f"warm-up) would never be updated; the warm-up is cut to the first {stages.warmup} of the "
+                      f"{config.n_iter} DxMI iterations (set warmup_iter below n_iter to choose)", UserWarning,
+                      stacklevel=2)
+        config = config.replace(warmup_iter=stages.warmup)
     shape = sample_shape(config)
     if tuple(data.shape[1:]) != shape or data.shape[0] < 2:
         msg = f"training data must have shape (N >= 2, {', '.join(map(str, shape))}), got {tuple(data.shape)}"
         raise ValueError(msg)
+    if config.mode != "pixel" and config.energy == "autoencoder":  # every trainer: bottleneck < input width
+        from dxmi_ad.nn.energy import autoencoder_latent_dim
+
+        autoencoder_latent_dim(config.dim, config.latent_dim, config.spherical)
+    if not config.validate_every:
+        validate = None
     if runtime is None:
-        return _train(None, data, config, progress, log_every, model, torch.device(device), None)
+        return _train(None, data, config, progress, log_every, model, torch.device(device), None, validate)
     if runtime.resume and latest_checkpoint(runtime.checkpoint_dir) is None:
         msg = f"no complete checkpoint in {runtime.checkpoint_dir} to resume from"
         raise FileNotFoundError(msg)
@@ -122,11 +332,14 @@ def train_model(
     if data.shape[0] < 2 * world:
         msg = f"{data.shape[0]} training vectors cannot be sharded over {world} processes (need >= 2 each)"
         raise ValueError(msg)
+    if validate is not None and "spawn" in str(runtime.strategy):
+        msg = "model selection (validate_every > 0) needs a strategy without spawned workers (e.g. ddp, not ddp_spawn)"
+        raise ValueError(msg)
     fabric = runtime.fabric()
     # Fabric walks the launch arguments and refuses frozen dataclasses: configs travel as plain dicts.
     if "spawn" not in str(runtime.strategy):  # this process is one of the ranks: it keeps its own result
         return fabric.launch(_fabric_worker, data, config.to_dict(), progress, log_every, model,
-                             dataclasses.asdict(runtime), None)
+                             dataclasses.asdict(runtime), None, validate)
     # Spawned workers hand results back through a pipe that blocks on large payloads: rank 0 writes the trained
     # state to a safetensors file and returns only its path.
     with tempfile.TemporaryDirectory(prefix="dxmi-ad-fabric-") as tmp:
@@ -139,10 +352,11 @@ def train_model(
 
 
 def _fabric_worker(fabric: Any, data: torch.Tensor, config: dict[str, Any], progress: ProgressCallback | None,
-                   log_every: int, model: DxMIModel | None, runtime: dict[str, Any], out_dir: str | None) -> Any:
+                   log_every: int, model: DxMIModel | None, runtime: dict[str, Any], out_dir: str | None,
+                   validate: Callable[[DxMIModel], float] | None = None) -> Any:
     model_out, history = _train(fabric, data, DxMIConfig.from_dict(config),
                                 progress if fabric.global_rank == 0 else None, log_every, model, fabric.device,
-                                Runtime(**runtime))
+                                Runtime(**runtime), validate)
     if out_dir is not None and fabric.global_rank == 0:
         save_model_dir(out_dir, model_out.checkpoint_tensors(), {"history": history})
     release_process_group(fabric)  # after the last collective (the barrier inside waits for rank 0's write)
@@ -158,6 +372,7 @@ def _train(
     model: DxMIModel | None,
     device: torch.device,
     runtime: Runtime | None,
+    validate: Callable[[DxMIModel], float] | None = None,
 ) -> tuple[DxMIModel, list[dict[str, Any]]]:
     rank, world = (fabric.global_rank, fabric.world_size) if fabric is not None else (0, 1)
     sync = all_reduce_mean(fabric)
@@ -227,17 +442,39 @@ def _train(
         checkpoint(0)  # after pre-training: a crash in the DxMI stage never repeats it
     stop = config.n_iter if runtime is None or runtime.stop_after is None else min(config.n_iter, runtime.stop_after)
     bf16 = runtime is not None and runtime.precision == "bf16-mixed" and fabric is not None
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+
+    def select(iteration: int) -> None:
+        """Validate the current state (every rank: the same model and data) and keep it if it is the best so far."""
+        nonlocal best
+        model.eval()
+        score = float(validate(model))
+        history.append({"iteration": iteration, "val_auroc": score})
+        if progress is not None:
+            progress("dxmi", max(iteration, 1), config.n_iter, {"val_auroc": score})
+        if math.isfinite(score) and (best is None or score > best[0]):
+            best = (score, iteration, {k: v.detach().clone() for k, v in model.checkpoint_tensors().items()})
+
+    if validate is not None:
+        select(start)  # the pre-trained start (or the resumed state) competes too
     for i in range(start, stop):
         with fabric.autocast() if bf16 else contextlib.nullcontext():
             diag = trainer.step(_batches(data, config.batch_size, generator), generator)
         if i % log_every == 0 or i == config.n_iter - 1:
             rec = {k: (v.float().tolist() if v.ndim else float(v)) for k, v in diag.items()}
             rec["iteration"] = i + 1
+            rec["energy_step"] = float(i >= config.warmup_iter)  # 1: this iteration updated the energy
             history.append(rec)
             if progress is not None:
                 progress("dxmi", i + 1, config.n_iter, rec)
+        if validate is not None and ((i + 1) % config.validate_every == 0 or i + 1 == stop):
+            select(i + 1)
         if ckdir is not None and runtime.checkpoint_every and (i + 1) % runtime.checkpoint_every == 0:
             checkpoint(i + 1)
+    if best is not None:
+        if best[1] != stop:
+            model.load_checkpoint_tensors(best[2])
+        history.append({"iteration": stop, "selected_iteration": best[1], "best_val_auroc": best[0]})
     if fabric is not None and world > 1:  # safety net: every rank must hold the same model
         flat = torch.cat([t.detach().float().reshape(-1) for t in model.checkpoint_tensors().values()])
         sums = fabric.all_gather(torch.stack([flat.sum(), flat.abs().sum()]))  # (world, 2)

@@ -11,8 +11,8 @@
 * **Checkpoints**: ``checkpoint_dir/iter-<n>/`` holds ``model.safetensors`` (every network, the AVR buffer, the
   optimizers' tensors, each rank's generator state) and ``config.json`` (iteration, learning rates, history,
   world size), written to a temporary folder (files fsynced) and renamed; the last ``keep_checkpoints`` are kept.
-  A run killed while writing leaves only a temporary folder, which resume ignores: it continues from the newest
-  complete checkpoint. On the CPU a resumed run ends with the same weights as an uninterrupted one.
+  A run killed while writing leaves only a temporary folder (its name holds the writer's process id), which resume
+  ignores (it continues from the newest complete checkpoint) and the next checkpoint write removes. On the CPU a resumed run ends with the same weights as an uninterrupted one.
 * **Precision**: ``32-true`` (default) or ``bf16-mixed`` (Fabric autocast). ``16-mixed`` would need loss scaling
   across the three optimizers and is refused with that reason.
 """
@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from dxmi_ad.checkpoint import atomic_directory, load_model_dir, save_model_dir
+from dxmi_ad.checkpoint import atomic_directory, load_model_dir, remove_stale_temporaries, save_model_dir
 
 __all__ = ["Runtime", "is_global_zero", "latest_checkpoint"]
 
@@ -66,6 +66,20 @@ class Runtime:
     stop_after: int | None = None
 
     def __post_init__(self) -> None:
+        """Check types and ranges (``ValueError`` naming the field): values may come from a recipe file."""
+        for name in ("devices", "num_nodes", "checkpoint_every", "keep_checkpoints"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                msg = f"runtime {name} must be an integer, got {value!r}"
+                raise ValueError(msg)
+        for name in ("accelerator", "strategy", "precision"):
+            if not isinstance(getattr(self, name), str):
+                msg = f"runtime {name} must be a string, got {getattr(self, name)!r}"
+                raise ValueError(msg)
+        if self.stop_after is not None and (isinstance(self.stop_after, bool) or not isinstance(self.stop_after, int)
+                                            or self.stop_after < 0):
+            msg = f"runtime stop_after must be an integer >= 0 or None, got {self.stop_after!r}"
+            raise ValueError(msg)
         if self.precision not in PRECISIONS:
             reason = (" (fp16 needs loss scaling across the energy, value and sampler optimizers, which DxMI's "
                       "one-step updates do not support here; use bf16-mixed)") if self.precision.startswith("16") else ""
@@ -115,6 +129,8 @@ def save_checkpoint(directory: Path, iteration: int, model: Any, trainer: Any, g
         OSError: The folder cannot be written (nothing half-written is left under the final name).
     """
     final = Path(directory) / f"iter-{iteration:08d}"
+    # temporary folders of checkpoints a killed process was writing: never carried into the finished run
+    remove_stale_temporaries(directory, r"iter-\d{8}")
     tensors = {f"model.{k}": v for k, v in model.checkpoint_tensors().items()}
     meta: dict[str, Any] = {"kind": "DxMITrainingCheckpoint", "iteration": iteration, "history": history,
                             "config": model.config.to_dict(), "world_size": len(generator_states)}

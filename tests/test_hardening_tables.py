@@ -1,0 +1,263 @@
+"""Issue #11, items 7, 8, 12 (estimator / calibration) and 18: tables, the bottleneck, option ranges, small
+calibration sets. Small generated inputs only."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+from typer.testing import CliRunner
+
+from dxmi_ad import DxMIDetector, PyODDxMIDetector
+from dxmi_ad.calibration import Calibration, bh_reject, min_calibration_size
+from dxmi_ad.cli.main import app
+from dxmi_ad.config import DxMIConfig
+from dxmi_ad.data.tabular import load_csv
+from dxmi_ad.nn.energy import autoencoder_latent_dim
+from dxmi_ad.training.fit import train_model
+
+runner = CliRunner()
+QUICK = dict(n_iter=2, ae_pretrain_iter=5, hidden=8, n_layers=1, batch_size=32, warmup_iter=1, device="cpu")
+
+
+def _write(path, text, bom=False):
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode("utf-8"))
+    return path
+
+
+# ---------------------------------------------------------------------- item 7: label columns, physical lines
+@pytest.mark.parametrize("name", ["Label", "LABEL", " label ", "label"])
+def test_label_column_is_matched_ignoring_case_and_spaces(tmp_path, name):
+    csv = _write(tmp_path / "t.csv", f"a,{name},b\n1,0,2\n3,1,4\n5,0,6\n")
+    X, label, features = load_csv(csv)
+    assert features == ["a", "b"] and X.shape == (3, 2)  # the label is never a feature
+    assert label.tolist() == [0, 1, 0]
+    np.testing.assert_array_equal(X[:, 1], [2, 4, 6])
+
+
+def test_two_label_columns_are_refused_by_name(tmp_path):
+    csv = _write(tmp_path / "t.csv", "a,label,Label\n1,0,0\n3,1,1\n")
+    with pytest.raises(ValueError, match=r"2 columns are the label column.*'label' \(column 2\), 'Label' \(column 3\)"):
+        load_csv(csv)
+
+
+def test_errors_name_the_physical_line_after_blank_lines_and_bom(tmp_path):
+    # header = line 1, data lines 2-4, blank lines 5-6, data 7-13, the fault on line 14
+    lines = ["a,b", "1,2", "3,4", "5,6", "", "", *[f"{i},{i}" for i in range(7)], "7,oops"]
+    csv = _write(tmp_path / "t.csv", "\n".join(lines) + "\n", bom=True)
+    with pytest.raises(ValueError, match=r"line 14, column 'b': 'oops' is not a number"):
+        load_csv(csv)
+    # the label check too (it counted data rows: line 12 for a fault on line 14)
+    lines = ["a,Label", "1,0", "3,0", "5,0", "", "", *[f"{i},0" for i in range(7)], "7,2"]
+    with pytest.raises(ValueError, match=r"line 14, column 'Label': labels must be 0 \(normal\) or 1"):
+        load_csv(_write(tmp_path / "u.csv", "\r\n".join(lines) + "\r\n"))
+    # a quoted field spanning two lines counts both
+    csv = _write(tmp_path / "q.csv", 'a,b\n"1\n",2\n3,x\n')
+    with pytest.raises(ValueError, match="line 4"):
+        load_csv(csv)
+
+
+def test_cli_train_never_uses_a_label_column_as_a_feature(tmp_path):
+    rng = np.random.default_rng(0)
+    X = np.r_[rng.normal(0, 1, (60, 3)), rng.normal(6, 1, (6, 3))]
+    lab = np.r_[np.zeros(60, int), np.ones(6, int)]
+    csv = tmp_path / "t.csv"
+    csv.write_text("a,b,c, LABEL \n" + "\n".join(f"{r[0]:.4f},{r[1]:.4f},{r[2]:.4f},{y}" for r, y in zip(X, lab)))
+    out = tmp_path / "run"
+    sets = [x for kv in ("n_iter=2", "ae_pretrain_iter=5", "warmup_iter=1", "hidden=8", "n_layers=1", "device=cpu")
+            for x in ("--set", kv)]
+    res = runner.invoke(app, ["train", "--dataset", f"csv:{csv}", "--out", str(out), *sets])
+    assert res.exit_code == 0, res.output
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["n_features_in"] == 3  # not 4: the anomaly labels were not trained on
+    assert json.loads((out / "metrics.json").read_text())["n_test_anomalous"] == 6
+
+
+# ---------------------------------------------------------------------- item 8: the bottleneck
+def test_bottleneck_rule():
+    assert [autoencoder_latent_dim(d) for d in (1, 2, 3, 4, 5, 16, 64, 200)] == [1, 1, 2, 3, 3, 4, 16, 32]
+    for d in range(2, 300):
+        assert 1 <= autoencoder_latent_dim(d) < d
+    assert autoencoder_latent_dim(10, 9) == 9
+    with pytest.raises(ValueError, match=r"latent_dim=5 must be < n_features=3 so the autoencoder cannot learn the "
+                                         r"identity \(latent_dim='auto' gives 2\)"):
+        autoencoder_latent_dim(3, 5)
+    with pytest.raises(ValueError, match="latent_dim=3 must be < n_features=3"):
+        autoencoder_latent_dim(3, 3)
+    with pytest.raises(ValueError, match="only allowed width is 1"):
+        autoencoder_latent_dim(1, 2)
+    with pytest.raises(ValueError, match="n_features=1 with spherical=True"):
+        autoencoder_latent_dim(1, 1, spherical=True)
+
+
+def test_estimator_resolves_and_refuses_the_latent_width():
+    rng = np.random.default_rng(0)
+    for d, want in ((1, 1), (2, 1), (3, 2)):
+        det = DxMIDetector(random_state=0, **QUICK).fit(rng.normal(size=(40, d)))
+        assert det.config_.latent_dim == want
+        assert det.model_.energy.encoder[-1].out_features == want
+    with pytest.raises(ValueError, match="latent_dim=5 must be < n_features=3"):
+        DxMIDetector(latent_dim=5, **QUICK).fit(rng.normal(size=(40, 3)))
+    with pytest.raises(ValueError, match="latent_dim=3 must be < n_features=3"):  # via config_overrides too
+        PyODDxMIDetector(config_overrides={"latent_dim": 3}, **QUICK).fit(rng.normal(size=(40, 3)))
+    with pytest.raises(ValueError, match="spherical=True"):
+        DxMIDetector(spherical=True, **QUICK).fit(rng.normal(size=(40, 1)))
+    DxMIDetector(energy_model="mlp", latent_dim=5, **QUICK).fit(rng.normal(size=(40, 3)))  # no autoencoder: no rule
+
+
+def test_every_trainer_refuses_a_bottleneck_as_wide_as_the_input():
+    cfg = DxMIConfig(dim=3, latent_dim=3, n_steps=2, sampler_hidden=8, value_hidden=8, energy_hidden=8,
+                     time_dim=8, batch_size=8, n_iter=1, ae_pretrain_iter=1)
+    with pytest.raises(ValueError, match="latent_dim=3 must be < n_features=3"):
+        train_model(torch.randn(16, 3), cfg)  # image detectors and resumed runs train through here
+
+
+def test_contaminated_one_feature_fit_ranks_the_far_outliers_first():
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    outliers = np.array([[8.0], [9.0], [-8.5], [10.0], [-9.5]])
+    X = np.r_[rng.normal(0, 1, (300, 1)), outliers]  # the outliers are in the fit rows
+    det = DxMIDetector(random_state=2, n_iter=10, ae_pretrain_iter=800, hidden=32, n_layers=2, device="cpu").fit(X)
+    e = det.energy(X)
+    assert sorted(np.argsort(-e)[:5].tolist()) == [300, 301, 302, 303, 304]  # before: normal rows 219 and 238
+    assert (det.predict(outliers) == -1).all()
+    assert det.config_.latent_dim == 1  # was 3: the autoencoder could learn the identity
+
+
+# ---------------------------------------------------------------------- item 12: ranges and overflow
+@pytest.fixture(scope="module")
+def small_det():
+    return DxMIDetector(random_state=0, **QUICK).fit(np.random.default_rng(0).normal(size=(60, 3)))
+
+
+@pytest.mark.parametrize("kw", [{"fdr": 0}, {"fdr": 1.0}, {"fpr": 0.0}, {"fpr": 1}, {"fpr": float("nan")},
+                                {"fdr": -0.1}, {"fpr": "0.1"}])
+def test_calibrate_checks_rate_ranges_first(kw, small_det):
+    s = np.random.default_rng(0).normal(size=50)
+    name = next(iter(kw))
+    with pytest.raises(ValueError, match=f"{name}=.*strictly between 0 and 1"):
+        Calibration.fit(s, **({"fpr": 0.05} | kw))
+    with pytest.raises(ValueError, match=f"{name}=.*strictly between 0 and 1"):
+        small_det.calibrate(**kw)  # was ZeroDivisionError for fdr=0
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        min_calibration_size(0)
+
+
+def test_image_and_pixel_detectors_check_rates_before_any_work():
+    from dxmi_ad.image import ImageDetector
+    from dxmi_ad.pixel import PixelDetector, pixel_config
+
+    image = ImageDetector(DxMIConfig())
+    with pytest.raises(ValueError, match="fpr=0: the target false-positive rate"):
+        image.fit([], fpr=0)  # before "no training images"
+    with pytest.raises(ValueError, match="fdr=1.0: the target false discovery rate"):
+        image.calibrate(None, fdr=1.0)
+    pixel = PixelDetector(pixel_config(1, 8))
+    with pytest.raises(ValueError, match="fdr=0: the target false discovery rate"):
+        pixel.fit(np.zeros((4, 8, 8)), fdr=0)
+    with pytest.raises(ValueError, match="fpr=2: the target false-positive rate"):
+        pixel.calibrate(scores=np.arange(30.0), fpr=2)
+
+
+@pytest.mark.parametrize("cls", [DxMIDetector, PyODDxMIDetector])
+def test_huge_values_are_refused_naming_rows_and_columns(cls):
+    X = np.random.default_rng(0).normal(size=(50, 3)) * 1e300
+    with pytest.raises(ValueError, match=r"beyond the float32 range.*50 row\(s\).*column\(s\) 0, 1, 2"):
+        cls(**QUICK).fit(X)
+    X = np.random.default_rng(0).normal(size=(50, 3))
+    X[[4, 7], 1] = 1e300
+    with pytest.raises(ValueError, match=r"2 row\(s\) \(row indices 4, 7; column\(s\) 1\)"):
+        cls(**QUICK).fit(X)
+    det = cls(random_state=0, **QUICK).fit(np.random.default_rng(0).normal(size=(50, 3)) * 1e-3)
+    bad = np.zeros((3, 3))
+    bad[2, 0] = 3e38  # inside float32, but (x - mean) / scale overflows it
+    with pytest.raises(ValueError, match=r"standardization overflows float32.*row indices 2; column\(s\) 0"):
+        det.energy(bad)
+    with pytest.raises(ValueError, match=r"row indices 1; column\(s\) 2"):
+        det.predict(np.array([[0, 0, 0], [0, 0, -1e300]]))
+
+
+def test_spherical_fit_accepts_huge_rows():
+    X = np.random.default_rng(0).normal(size=(50, 3)) * 1e200  # direction only: finite after normalization
+    det = DxMIDetector(spherical=True, random_state=0, **QUICK).fit(X)
+    assert np.isfinite(det.energy(X)).all()
+
+
+def test_csv_loader_refuses_values_beyond_float32(tmp_path):
+    csv = _write(tmp_path / "t.csv", "a,b\n1,2\n\n3,1e300\n")
+    with pytest.raises(ValueError, match=r"line 4, column 'b': value '1e300' is beyond the float32 range"):
+        load_csv(csv)
+
+
+def test_cli_rate_options_are_checked_at_parse_time(tmp_path):
+    for cmd in (["calibrate", "--model", str(tmp_path / "none"), "--fdr", "0"],
+                ["calibrate", "--model", str(tmp_path / "none"), "--fpr", "1"],
+                ["train", "--dataset", "digits", "--fdr", "0", "--dry-run"],
+                ["train", "--dataset", "digits", "--fpr", "1.5", "--dry-run"]):
+        res = runner.invoke(app, cmd)
+        assert res.exit_code == 2, res.output
+        assert "strictly between 0 and 1" in res.output and "Traceback" not in res.output
+        assert res.exception is None or isinstance(res.exception, SystemExit)
+    res = runner.invoke(app, ["train", "--dataset", "digits", "--set", "fdr=0", "--dry-run"])  # recipe values too
+    assert res.exit_code == 2 and "fdr" in res.output, res.output
+
+
+# ---------------------------------------------------------------------- item 18: small calibration sets
+def test_small_calibration_set_summary_gives_the_numbers():
+    s = np.random.default_rng(0).normal(size=24)
+    a, d = Calibration.fit(s, fpr=0.05), Calibration.fit(s, fpr=1 / 25)
+    assert a.threshold == d.threshold == pytest.approx(s.max())  # both rules pick the maximum ...
+    text = a.summary()  # ... and the summary says why
+    assert "24 calibration scores" in text and "1/25 = 0.04" in text
+    assert "fpr=0.05 sets the threshold at the maximum calibration score" in text
+    assert "[1/25, 2/25) = [0.04, 0.08)" in text and "expected false-positive rate on new normal data 1/25 = 0.04" in text
+    assert "fpr=0.01 needs 99" in text
+    big = Calibration.fit(np.arange(200.0), fpr=0.05).summary()
+    assert "rank 191 of the 200" in big and "[10/201, 11/201)" in big
+
+
+def test_fdr_summary_has_no_threshold_and_the_batch_arithmetic():
+    s = np.random.default_rng(0).normal(size=24)
+    cal = Calibration.fit(s, fdr=0.1, fpr=0.04)
+    assert "threshold" not in cal.describe().replace("no fixed threshold", "")
+    assert cal.decision_threshold is None
+    text = cal.summary()
+    assert "smallest p-value" in text and "1/25 = 0.04" in text
+    assert "0.04 <= 0.1*k/m, i.e. k >= m/2.5" in text
+    assert "batches of at most 2 file(s)" in text and "4 of 10, 40 of 100, 400 of 1000" in text
+    assert "(m = 100: 999)" in text
+    # the arithmetic is what Benjamini-Hochberg does: in a batch of 10, 3 files above every calibration score
+    # flag nothing, 4 flag 4; a batch of 2 flags one such file alone, a batch of 3 does not
+    top = s.max() + 1.0
+    for m, k, flagged in ((10, 3, 0), (10, 4, 4), (2, 1, 1), (3, 1, 0)):
+        batch = np.r_[np.full(k, top), np.full(m - k, s.min())]
+        assert int(cal.decide(batch).sum()) == flagged
+    assert math.isclose(bh_reject(np.r_[np.full(4, 1 / 25), np.ones(6)], 0.1).sum(), 4)
+
+
+def test_cli_calibrate_and_print_calibration_show_the_summary(tmp_path):
+    from dxmi_ad.cli.images import print_calibration
+
+    det = DxMIDetector(random_state=0, calibration_fraction=0.2, **QUICK).fit(
+        np.random.default_rng(0).normal(size=(120, 3)))
+    assert len(det.calibration_.scores) == 24
+    det.save(tmp_path / "m")
+    res = runner.invoke(app, ["calibrate", "--model", str(tmp_path / "m"), "--fdr", "0.1"])
+    assert res.exit_code == 0, res.output
+    out = " ".join(res.output.split())
+    assert "no fixed threshold" in out and "k >= m/2.5" in out and "; threshold " not in out
+    res = runner.invoke(app, ["calibrate", "--model", str(tmp_path / "m"), "--fpr", "0.05"])
+    assert res.exit_code == 0, res.output
+    assert "the maximum calibration score" in " ".join(res.output.split())
+
+    class _Image:
+        calibration = Calibration.fit(np.arange(24.0), fdr=0.1, fpr=0.04)
+
+    console = Console(record=True, width=300)
+    print_calibration(_Image(), console)
+    shown = console.export_text()
+    assert "no fixed threshold" in shown and "4 of 10, 40 of 100" in shown

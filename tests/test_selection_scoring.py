@@ -1,0 +1,169 @@
+"""Issue #13: one scorer with energy-map blur on every scoring path, and honest model selection.
+
+- blur parity: ImageDetector.predict, the exported graph (eager and TorchScript) and the anomalib torch model give the
+  same pred_score and anomaly map with a blur, and the blur changes the scores (a path that dropped it would fail);
+- selection keeps the best validated state (the pre-trained start included) and never reads the test set.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dxmi_ad.config import DxMIConfig
+from dxmi_ad.scoring import MapScorer, ScoringSettings, blur_map
+from dxmi_ad.training.fit import build_model, train_model
+
+TINY_HEAD = dict(energy="autoencoder", spherical=True, energy_hidden=16, energy_layers=1, latent_dim=4,
+                 sampler_hidden=16, sampler_layers=1, value_hidden=16, value_layers=1, time_dim=8, n_steps=2,
+                 batch_size=64, n_iter=6, warmup_iter=0, ae_pretrain_iter=10, init_noise_low=0.005,
+                 init_noise_high=0.05)
+
+
+def test_blur_map_properties():
+    emap = torch.zeros(1, 15, 15)
+    emap[0, 7, 7] = 1.0
+    assert torch.equal(blur_map(emap, 0.0), emap)
+    smooth = blur_map(emap, 1.0)
+    assert smooth.shape == emap.shape
+    assert abs(float(smooth.sum()) - 1.0) < 1e-5  # mass kept away from the border
+    assert 0.1 < float(smooth.max()) < 0.2  # peak 1 / (2 pi sigma^2) = 0.159
+    const = torch.full((2, 5, 7), 3.0)
+    assert torch.allclose(blur_map(const, 2.0), const)  # reflected borders: a constant map stays constant
+    tiny = torch.rand(2, 1, 2)
+    assert blur_map(tiny, 5.0).shape == tiny.shape  # kernel capped at the grid size
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), "1", True])
+def test_scoring_settings_are_validated(bad):
+    with pytest.raises(ValueError, match="scoring.blur_sigma"):
+        ScoringSettings(blur_sigma=bad)
+    with pytest.raises(ValueError, match="unknown scoring key"):
+        ScoringSettings.from_dict({"blur": 1})
+    assert ScoringSettings.from_dict(None) == ScoringSettings()
+
+
+@pytest.fixture(scope="module")
+def detector():
+    from dxmi_ad.image import FeatureSettings, ImageDetector
+
+    feats = FeatureSettings(image_size=64)
+    det = ImageDetector(DxMIConfig(**TINY_HEAD), feats, scoring=ScoringSettings(blur_sigma=1.0))
+    channels = det._extractor().channels
+    det.config = det.config.replace(dim=channels)
+    det.model = build_model(det.config).eval()  # random weights: parity needs no training
+    return det
+
+
+def test_blur_parity_across_scoring_paths(detector, tmp_path):
+    from dxmi_ad.anomalib import DxmiTorchModel
+    from dxmi_ad.export import Scorer
+    from dxmi_ad.image import ImageDetector
+
+    images = torch.rand(3, 3, 64, 80, generator=torch.Generator().manual_seed(0))
+    ref = detector.predict(images)
+    eager = Scorer(detector)(images)
+    traced = torch.jit.trace(Scorer(detector), images)(images)
+    anomalib_out = DxmiTorchModel(detector._extractor(), detector.model, detector.scoring)(
+        torch.nn.functional.interpolate(images, size=(64, 64), mode="bilinear", antialias=True))
+    for score, amap in (eager, traced):
+        torch.testing.assert_close(score, ref["pred_score"], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(amap, ref["anomaly_map"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(anomalib_out.pred_score, ref["pred_score"], rtol=1e-4, atol=1e-6)
+    # the blur is really applied: the plain maximum differs
+    plain = MapScorer(detector.model.energy, ScoringSettings())
+    with torch.no_grad():
+        feats = detector._extractor()(torch.nn.functional.interpolate(images, size=(64, 64), mode="bilinear",
+                                                                     antialias=True))
+        unblurred, _ = plain(feats, (64, 80))
+    assert float((unblurred - ref["pred_score"]).abs().max()) > 1e-4
+    # saved and loaded, the setting survives
+    detector.save(tmp_path / "run")
+    back = ImageDetector.load(tmp_path / "run")
+    assert back.scoring == ScoringSettings(blur_sigma=1.0)
+    torch.testing.assert_close(back.predict(images)["pred_score"], ref["pred_score"], rtol=1e-5, atol=1e-7)
+
+
+def _unit_vectors(n: int, d: int, seed: int) -> torch.Tensor:
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+    return torch.nn.functional.normalize(x, dim=1)
+
+
+@pytest.mark.parametrize("trend", ["falling", "rising"])
+def test_selection_keeps_the_best_validated_state(trend):
+    config = DxMIConfig(**{**TINY_HEAD, "dim": 8, "validate_every": 2})
+    calls: list[dict[str, torch.Tensor]] = []
+
+    def validate(model):
+        calls.append({k: v.detach().clone() for k, v in model.checkpoint_tensors().items()})
+        k = len(calls)
+        return 1.0 / k if trend == "falling" else float(k)
+
+    model, history = train_model(_unit_vectors(256, 8, 0), config, validate=validate)
+    assert len(calls) == 4  # after pre-training, then iterations 2, 4, 6
+    vals = [r for r in history if "val_auroc" in r]
+    assert [r["iteration"] for r in vals] == [0, 2, 4, 6]
+    final = history[-1]
+    want = 0 if trend == "falling" else 6
+    assert final["selected_iteration"] == want
+    kept = calls[0] if trend == "falling" else calls[-1]
+    for name, tensor in model.checkpoint_tensors().items():
+        torch.testing.assert_close(tensor, kept[name])
+    assert math.isclose(final["best_val_auroc"], max(r["val_auroc"] for r in vals))
+
+
+def test_selection_off_by_default_and_validated():
+    model, history = train_model(_unit_vectors(128, 8, 1), DxMIConfig(**{**TINY_HEAD, "dim": 8}),
+                                 validate=lambda m: pytest.fail("validate called with validate_every=0"))
+    assert not any("val_auroc" in r for r in history)
+    with pytest.raises(ValueError, match="validation_fraction"):
+        DxMIConfig(validation_fraction=0.0)
+    with pytest.raises(ValueError, match="validate_every"):
+        DxMIConfig(validate_every=-1)
+
+
+def test_synthetic_anomalies_are_seeded_and_masked():
+    from dxmi_ad.validation import synthetic_anomalies, validation_auroc
+
+    normals = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    sources = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    a1, m1 = synthetic_anomalies(normals, sources, seed=5)
+    a2, m2 = synthetic_anomalies(normals, sources, seed=5)
+    assert torch.equal(a1, a2) and torch.equal(m1, m2)
+    assert bool(m1.flatten(1).any(1).all())
+    outside = ~m1[:, None].expand_as(normals)
+    torch.testing.assert_close(a1[outside], normals[outside])  # only masked pixels change
+    assert validation_auroc(lambda x: x.flatten(1).mean(1), torch.zeros(4, 2), torch.ones(4, 2)) == 1.0
+
+
+def test_image_selection_never_reads_the_test_set(tmp_path, monkeypatch):
+    """ImageDetector.fit with validate_every > 0 reads only training images and records the selected iteration."""
+    from tests.helpers import write_mvtec_tree
+
+    import dxmi_ad.image as image_mod
+    from dxmi_ad.data.mvtec import list_mvtec
+    from dxmi_ad.image import FeatureSettings, ImageDetector
+
+    root = write_mvtec_tree(tmp_path / "mvtec")
+    samples = list_mvtec(root, ["brick"])
+    test_paths = {s.path for s in samples if s.split == "test"}
+    read: list = []
+    real_load = image_mod.load_image
+
+    def spy(path, *args, **kwargs):
+        read.append(path)
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(image_mod, "load_image", spy)
+    config = DxMIConfig(**{**TINY_HEAD, "validate_every": 3, "validation_fraction": 0.25, "batch_size": 32})
+    det = ImageDetector(config, FeatureSettings(image_size=64), scoring=ScoringSettings(blur_sigma=0.5))
+    det.fit(samples, calibration=0.2, fpr=0.5, cache_dir=tmp_path / "cache")
+    assert read, "the spy saw no image reads"
+    assert not test_paths & set(read), "the test set was read during training"
+    final = det.history[-1]
+    assert final["selected_iteration"] in (0, 3, 6)
+    assert 0.0 <= final["best_val_auroc"] <= 1.0
+    assert np.isfinite(final["best_val_auroc"])
