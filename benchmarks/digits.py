@@ -1,8 +1,8 @@
 """DxMI beside classical detectors on real vector data: scikit-learn digits (each class normal in turn),
-ODDS-style wbc and wine (DATA.md §2.3). AUROC of each method measured in the same run on the same splits.
+ODDS-style wbc and wine (data/README.md). AUROC of each method measured in the same run on the same splits.
 
 Peers: IsolationForest (200 trees), LocalOutlierFactor (novelty=True, 20 neighbours), and a Ledoit-Wolf
-Mahalanobis distance after standardisation and PCA (32 components, capped by the data; DATA.md §3).
+Mahalanobis distance after standardisation and PCA (32 components, capped by the data; data/README.md).
 wbc and wine results are means over ``--odds-seeds`` random outlier subsamples and splits (they are small).
 
     python benchmarks/digits.py [--recipe recipes/digits.yaml] [--odds-seeds 5]

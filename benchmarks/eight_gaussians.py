@@ -2,7 +2,7 @@
 
 Prints sliced Wasserstein-2 (1,000 projections, 10k generated vs 10k test samples) and the AUC of the energy
 separating 10k test points from 10k uniform points on [-4, 4]^2 (the box matching the paper's ideal AUC of about
-0.906, PAPER.md §7), beside the paper's numbers, with seconds per run. Settings: recipes/eight_gaussians.yaml.
+0.906, docs/paper_map.md), beside the paper's numbers, with seconds per run. Settings: recipes/eight_gaussians.yaml.
 
     python benchmarks/eight_gaussians.py [--n-iter 3000] [--seed 0]
 """
@@ -23,7 +23,7 @@ from dxmi_ad.data.synthetic import eight_gaussians, uniform_box
 from dxmi_ad.metrics import auroc, sliced_wasserstein
 
 RECIPE = Path(__file__).resolve().parents[1] / "dxmi_ad" / "recipes" / "eight_gaussians.yaml"
-# (label, pretrain, tau, paper SW, paper AUC) -- PAPER.md §3.1 Table 1
+# (label, pretrain, tau, paper SW, paper AUC) -- docs/paper_map.md
 ROWS = [
     ("DDPM T=5 (pretrained sampler alone)", True, None, 0.967, None),
     ("DxMI pretrain tau=0", True, 0.0, 0.074, 0.707),

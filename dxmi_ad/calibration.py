@@ -1,7 +1,7 @@
 """Calibrated decisions from anomaly scores: target false-positive rate, conformal p-values, FDR control, F1.
 
 Every rule works on raw anomaly scores (energies, higher = more anomalous) of a **calibration set of normal data
-held out from training and never the test set** (ECOSYSTEM.md §5.1):
+held out from training and never the test set** (anomalib / pyod conventions):
 
 * **target FPR** ``alpha``: threshold = the ``k``-th smallest calibration score with ``k = ceil((n + 1)(1 - alpha))``
   (split-conformal quantile); a new normal sample exchangeable with the calibration set is flagged with probability
@@ -11,7 +11,7 @@ held out from training and never the test set** (ECOSYSTEM.md §5.1):
 * **false discovery rate** ``q``: Benjamini-Hochberg over a batch of p-values (:func:`scipy.stats.false_discovery_control`).
 * **F1-optimal** threshold from a labelled validation set (:func:`sklearn.metrics.precision_recall_curve`); refused,
   with a warning and the target-FPR rule kept, when the validation set lacks normals or anomalies (anomalib
-  thread 3 of ECOSYSTEM.md §4: never silently flag everything).
+  anomalib / pyod conventions: never silently flag everything).
 * **normalized score** in ``[0, 1]`` with the decision threshold at 0.5, anomalib's min-max convention:
   ``clip((s - threshold) / (max - min) + 0.5, 0, 1)`` with min/max of the calibration scores.
 

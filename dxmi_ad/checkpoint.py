@@ -187,7 +187,9 @@ def remove_stale_temporaries(directory: str | os.PathLike[str], final_name: str)
     ``final_name`` (a regular expression; the folders :func:`atomic_directory` makes: ``.<final>.[old.]pid<N>.<8>``).
 
     The temporary name carries the writer's process id: a folder of a live process on this machine is kept (a
-    concurrent writer); one of a dead process, or without a process id (older versions), is removed.
+    concurrent writer); one of a dead process, or without a process id (older versions), is removed. A backup
+    (``.old.``) of a final folder that no longer exists is the only copy of the previous result (the writer died
+    between moving it aside and renaming its replacement into place): it is renamed back, not removed.
 
     Args:
         directory: The folder to clean.
@@ -206,6 +208,10 @@ def remove_stale_temporaries(directory: str | os.PathLike[str], final_name: str)
         if m is None or not p.is_dir():
             continue
         if m.group(1) is not None and _alive(int(m.group(1))):
+            continue
+        final = directory / re.sub(r"\.(?:old\.)?(?:pid\d+\.)?[a-z0-9_]{8}$", "", p.name[1:])
+        if ".old." in p.name and not final.exists():
+            p.rename(final)  # the previous result, moved aside by a writer killed before its replacement landed
             continue
         shutil.rmtree(p, ignore_errors=True)
         removed.append(p)

@@ -4,7 +4,7 @@ One frozen, keyword-only dataclass holds every setting of the vector-space model
 optimisation, schedule). It is stored in every checkpoint (``config.json``) so a model is rebuilt from the file alone.
 Unknown keys are rejected all at once; ranges are checked in ``__post_init__`` (scikit-learn style messages).
 
-Defaults are the paper's anomaly-detection settings (PAPER.md §4.2) where the paper gives them; the CPU recipes in
+Defaults are the paper's anomaly-detection settings (docs/paper_map.md) where the paper gives them; the CPU recipes in
 ``recipes/`` override the sizes and lengths.
 """
 
@@ -31,7 +31,7 @@ _CHOICES = {
 
 @dataclass(frozen=True, kw_only=True)
 class DxMIConfig:
-    """Settings of a vector-space DxMI model (paper symbol in brackets; PAPER.md §4.2 defaults).
+    """Settings of a vector-space DxMI model (paper symbol in brackets; docs/paper_map.md defaults).
 
     Attributes:
         dim: Data dimension ``D`` (features per vector). Set from the data by the estimator.
@@ -40,7 +40,7 @@ class DxMIConfig:
             value) or ``"shared"`` (``E(x) = V(x, T)``, the paper's 2-D variant).
         spherical: Data lie on the unit sphere (L2-normalized features): the sampler mean and the autoencoder output
             are projected onto it.
-        project_samples: Guard (named deviation; PAPER.md pitfall 15 leaves it open): project every sampler step's
+        project_samples: Guard (named deviation; docs/paper_map.md leaves it open): project every sampler step's
             output ``x_{t+1}`` (so also ``x_T``) onto the unit sphere, so every input of the energy (energy step,
             terminal value target, terminal sampler loss) lies on the data's manifold and negatives cannot differ
             from data by their norm alone. Needs ``spherical``. Off by default (today's behaviour).
@@ -90,7 +90,7 @@ class DxMIConfig:
         batch_size: Data vectors per iteration [B] (paper AD: 784).
         n_iter: DxMI iterations.
         warmup_iter: Initial iterations in which the energy is frozen and only value and sampler train
-            (a stabilising deviation, PAPER.md §7; 0 = paper). One that covers every DxMI iteration
+            (a stabilising deviation, docs/paper_map.md; 0 = paper). One that covers every DxMI iteration
             (``warmup_iter >= n_iter``) is cut to a third of them when training (with a warning), and a shorter
             ``n_iter`` given on the command line scales it (:func:`dxmi_ad.training.fit.scale_schedule`).
         sampler_lr, value_lr, energy_lr: Adam learning rates (paper AD: 1e-5, 1e-5, 1e-4).
@@ -103,7 +103,7 @@ class DxMIConfig:
         seed: Random seed.
         mode: ``"vector"`` (MLPs on ``(N, D)`` vectors) or ``"pixel"`` (images ``(N, C, H, W)`` in [-1, 1]: a U-Net
             sampler and a normalization-free convolutional ResNet value shared with the energy, the paper's image
-            generation variant, PAPER.md §2.4, §3.2, §4.1). Pixel mode needs ``energy="shared"``,
+            generation variant, docs/paper_map.md). Pixel mode needs ``energy="shared"``,
             ``parameterization="eps"`` and ``initial="gaussian"``.
         image_channels, image_size: Image shape ``(C, H, W)`` with ``H = W = image_size`` (pixel mode; ``dim`` must
             be ``C * H * W``).
@@ -112,7 +112,7 @@ class DxMIConfig:
         diffusion_steps: Length ``K`` of the DDPM chain the sampler is pre-trained on (linear betas 1e-4 .. 0.02,
             Ho et al. 2020); the T-step sampler re-uses that network at ``T`` re-scheduled noise levels.
         reschedule: How the K-step chain is cut to T steps: ``"var"`` (FastDPM's VAR schedule, the DxMI CIFAR-10
-            starting point, PAPER.md §2.5) or ``"uniform"`` (T evenly spaced levels of the K-step chain, DDIM-style
+            starting point, docs/paper_map.md) or ``"uniform"`` (T evenly spaced levels of the K-step chain, DDIM-style
             skipping with the DDPM posterior).
         time_cost: Value target of the image variant (Eq. 12): ``"sigmoid"`` or ``"linear"`` time cost R(t) replaces
             the running costs in the TD target (they stay in the sampler loss); ``"none"`` keeps the running costs
@@ -303,14 +303,14 @@ class DxMIConfig:
 
     @property
     def effective_time_cost_scale(self) -> float:
-        """Scale of the time cost: ``time_cost_scale`` or the paper's (1 sigmoid, 0.05 linear; PAPER.md §2.4)."""
+        """Scale of the time cost: ``time_cost_scale`` or the paper's (1 sigmoid, 0.05 linear; docs/paper_map.md)."""
         if self.time_cost_scale is not None:
             return self.time_cost_scale
         return 0.05 if self.time_cost == "linear" else 1.0
 
     @property
     def effective_sigma_lr(self) -> float:
-        """Learning rate of the log-sigmas: ``sigma_lr`` or 100 x ``sampler_lr`` (PAPER.md §2.5)."""
+        """Learning rate of the log-sigmas: ``sigma_lr`` or 100 x ``sampler_lr`` (docs/paper_map.md)."""
         return self.sigma_lr if self.sigma_lr is not None else 100.0 * self.sampler_lr
 
     def to_dict(self) -> dict[str, Any]:

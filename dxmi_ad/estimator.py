@@ -1,12 +1,12 @@
 """``DxMIDetector``: DxMI as a scikit-learn outlier detector, and a pyod-convention adapter.
 
-Polarity (STYLE.md §3.1): :meth:`DxMIDetector.energy` is the anomaly score (higher = more anomalous); the
+Polarity (the project's naming rules): :meth:`DxMIDetector.energy` is the anomaly score (higher = more anomalous); the
 scikit-learn contract methods ``score_samples`` / ``decision_function`` are the opposite (higher = more normal,
 negative ``decision_function`` = outlier), as for IsolationForest and LocalOutlierFactor. :class:`PyODDxMIDetector`
 serves tools that expect pyod's convention (``decision_function`` = energy, ``predict`` in {0, 1}).
 
 References:
-    DxMI (Yoon et al., NeurIPS 2024, arXiv:2407.00626), anomaly-detection recipe App. C.3 (PAPER.md §3.3, §4.2).
+    DxMI (Yoon et al., NeurIPS 2024, arXiv:2407.00626), anomaly-detection recipe App. C.3 (docs/paper_map.md).
 """
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
     energy learns low values on data and high values on the outputs of a T-step diffusion sampler that is itself
     trained by DxDP to reach low energy with maximal entropy (paper §3-4).
 
-    Named deviations from the paper's AD recipe (PAPER.md §4.2), all CPU-motivated: the log-sigma learning rate is
-    10 x ``sampler_lr`` (PAPER.md §7: 100 x was unstable); with the autoencoder energy every sigma_t is learned
+    Named deviations from the paper's AD recipe (docs/paper_map.md), all CPU-motivated: the log-sigma learning rate is
+    10 x ``sampler_lr`` (docs/paper_map.md: 100 x was unstable); with the autoencoder energy every sigma_t is learned
     (the AD sampler of the paper does not say whether the last is fixed); autoencoder pre-training uses lr 1e-3;
     the step embedding is 32-d for ``n_features <= 16`` (128 otherwise); ``warmup_iter`` freezes the energy first.
 
@@ -89,7 +89,7 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
             normal calibration set of ``p_value`` and of the ``fpr``/``fdr`` rules, in [0, 0.9]. With 0, or too few
             rows to hold any out, the training rows calibrate (p-values then run optimistic).
         fpr: Target false-positive rate in (0, 1): ``predict`` flags ``energy > threshold_`` with the split-conformal
-            threshold of the calibration set (ECOSYSTEM.md §5.1); a set too small is refused with the minimum size.
+            threshold of the calibration set (anomalib / pyod conventions); a set too small is refused with the minimum size.
         fdr: Target false discovery rate in (0, 1): ``predict`` applies Benjamini-Hochberg to the conformal p-values
             of each batch it is given (a row's decision then depends on its batch).
         config_overrides: Extra :class:`~dxmi_ad.config.DxMIConfig` fields (dict) applied last.

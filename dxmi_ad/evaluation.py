@@ -1,6 +1,6 @@
 """Per-category image and pixel metrics of an image detector, from well-kept libraries.
 
-* image AUROC: :func:`sklearn.metrics.roc_auc_score` on ``pred_score`` (raw, never flipped; pitfall 16);
+* image AUROC: :func:`sklearn.metrics.roc_auc_score` on ``pred_score`` (raw, never flipped; docs/paper_map.md);
 * pixel AUROC: the same over every pixel of the category's test images with a known mask, at the model input size
   (masks resized with nearest neighbour, as the paper's protocol);
 * pixel AUPRO (FPR limit 0.3) and image F1-max: anomalib's metric implementations.

@@ -10,7 +10,7 @@ file's metadata (ONNX ``metadata_props``; TorchScript extra file ``dxmi_ad.json`
 ``pred_score > threshold`` exactly as ``dxmi-ad score`` does.
 
 ONNX export uses torch's dynamo exporter (``torch.onnx.export(..., dynamo=True)``, which needs ``onnxscript``;
-ECOSYSTEM.md §4 threads 11-12); TorchScript uses :func:`torch.jit.trace`.
+anomalib / pyod conventions); TorchScript uses :func:`torch.jit.trace`.
 """
 
 from __future__ import annotations

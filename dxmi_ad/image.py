@@ -1,10 +1,10 @@
 """Image anomaly detection: frozen backbone features -> DxMI energy per location -> anomaly map and pred_score.
 
-The paper's recipe (App. C.3; PAPER.md §3.3, §4.2): every location vector of the feature grid is an independent,
+The paper's recipe (App. C.3; docs/paper_map.md): every location vector of the feature grid is an independent,
 L2-normalized data point; an autoencoder energy is pretrained on the normal vectors, then DxMI fine-tunes it with a
 sampler started from autoencoder-perturbed data (T = 5, tau = 0.1). At test time the per-location energies form the
 energy map ``(B, h, w)``; the anomaly map is its bilinear upsampling to the model input ``(B, S, S)`` (and to the
-original image size on request); ``pred_score`` is the maximum over locations (PAPER.md pitfall 16).
+original image size on request); ``pred_score`` is the maximum over locations (docs/paper_map.md).
 
 Training features are extracted once into a memory-mapped ``.npy`` cache keyed by the files, their sizes and
 modification times, and the backbone settings, so a second run skips extraction and RAM stays bounded.
@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -62,6 +63,8 @@ class FeatureSettings:
         image_size: Model input side in pixels (paper: 224).
         pretrained: ImageNet weights (False only on explicit request).
         weights: Optional path of a weights file.
+        neighbourhood: ``k x k`` average of every stage's map before concatenation (PatchCore's 3 x 3 local
+            aggregation; 1 = none, the paper's features).
     """
 
     backbone: str = "tf_efficientnet_lite0"
@@ -69,6 +72,7 @@ class FeatureSettings:
     image_size: int = 224
     pretrained: bool = True
     weights: str | None = None
+    neighbourhood: int = 1
 
     def __post_init__(self) -> None:
         """Validate every field (``ValueError`` naming ``features.<field>``); ``out_indices`` becomes a tuple."""
@@ -79,7 +83,8 @@ class FeatureSettings:
 
     def build(self) -> FeatureExtractor:
         """The frozen :class:`FeatureExtractor` these settings describe."""
-        return FeatureExtractor(self.backbone, self.out_indices, self.pretrained, self.weights)
+        return FeatureExtractor(self.backbone, self.out_indices, self.pretrained, self.weights,
+                                neighbourhood=self.neighbourhood)
 
 
 def iter_batches(
@@ -292,6 +297,10 @@ def _array_to_chw(a: np.ndarray, what: str) -> torch.Tensor:
     if a.ndim == 2:
         a = a[None]
     elif a.ndim == 3:
+        if a.shape[-1] in (1, 3) and a.shape[0] in (1, 3):
+            msg = (f"{what}: shape {a.shape} is ambiguous (channels first or last?); pass a PIL image, or a batch "
+                   "(B, H, W, 3) / (B, 3, H, W) whose layout is unambiguous")
+            raise ValueError(msg)
         if a.shape[-1] in (1, 3) and a.shape[0] not in (1, 3):
             a = np.moveaxis(a, -1, 0)  # HWC -> CHW
         elif a.shape[0] not in (1, 3):
@@ -333,7 +342,8 @@ def _one_image(item: Any, size: int, index: int) -> tuple[torch.Tensor, bool]:
     if isinstance(item, Image.Image):
         from dxmi_ad.data.images import decode_pil  # the file decoder (EXIF, 16-bit, palette, alpha, float)
 
-        return _array_to_chw(decode_pil(item, what), what), False
+        rgb = decode_pil(item, what)  # always (H, W, 3): channels last, whatever H and W are
+        return _scale(torch.from_numpy(np.ascontiguousarray(np.moveaxis(rgb, -1, 0))), what), False
     if isinstance(item, np.ndarray):
         return _array_to_chw(item, what), False
     if torch.is_tensor(item):
@@ -368,6 +378,10 @@ def to_image_batch(images: Any, size: int) -> torch.Tensor:
         x = _scale(images.detach().cpu(), "images")
     elif isinstance(images, np.ndarray) and images.ndim == 4:
         a = images
+        if a.shape[-1] == 3 and a.shape[1] == 3:
+            msg = (f"image array shape {images.shape} is ambiguous (channels first or last?); pass a list of PIL "
+                   "images or a torch tensor (B, 3, H, W)")
+            raise ValueError(msg)
         if a.shape[-1] == 3 and a.shape[1] != 3:
             a = np.moveaxis(a, -1, 1)  # (B, H, W, 3) -> (B, 3, H, W)
         if a.shape[1] != 3:
@@ -389,7 +403,7 @@ def to_image_batch(images: Any, size: int) -> torch.Tensor:
     return x
 
 
-def split_calibration(samples: Sequence[ImageSample], fraction: float, seed: int
+def split_calibration(samples: Sequence[ImageSample], fraction: float, seed: int, minimum: int = 0
                       ) -> tuple[list[ImageSample], list[ImageSample]]:
     """Hold out a calibration split of normal training images, per category (seeded; never test images).
 
@@ -398,6 +412,8 @@ def split_calibration(samples: Sequence[ImageSample], fraction: float, seed: int
         fraction: Fraction in [0, 0.9] of each category's training images held out (rounded down; a category
             keeps at least 2 training images).
         seed: Seed of the draw.
+        minimum: Hold out at least this many images of every category that has ``minimum + 2`` or more (the
+            model-selection split uses 1, so small categories are not left out of validation).
 
     Returns:
         ``(fit, calibration)`` lists, each in the input order.
@@ -412,7 +428,7 @@ def split_calibration(samples: Sequence[ImageSample], fraction: float, seed: int
     held: set[int] = set()
     for cat in sorted({s.category for s in samples}):
         idx = [i for i, s in enumerate(samples) if s.category == cat]
-        n = min(int(fraction * len(idx)), max(len(idx) - 2, 0))
+        n = min(max(int(fraction * len(idx)), minimum), max(len(idx) - 2, 0))
         held.update(int(i) for i in rng.permutation(idx)[:n])
     return ([s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held])
 
@@ -424,6 +440,20 @@ def _check_rates(fpr: float | None, fdr: float | None) -> None:
     for name, value in (("fpr", fpr), ("fdr", fdr)):
         if value is not None:
             check_rate(name, value)
+
+
+def _backbone_channels(features: FeatureSettings) -> int:
+    """Channels of the location vectors these settings give (the backbone is built without weights)."""
+    import timm
+
+    try:
+        body = timm.create_model(features.backbone, pretrained=False, features_only=True,
+                                 out_indices=features.out_indices)
+    except (RuntimeError, IndexError, KeyError, TypeError, ValueError) as err:
+        msg = (f"cannot build backbone {features.backbone!r} with out_indices {list(features.out_indices)} ({err}); "
+               "features.backbone must be a timm model name and features.out_indices its stage indices")
+        raise ValueError(msg) from err
+    return int(sum(body.feature_info.channels()))
 
 
 class ImageDetector:
@@ -533,7 +563,8 @@ class ImageDetector:
         extractor = self._extractor()
         validate = None
         if self.config.validate_every:  # honest model selection: held-out normals + synthetic anomalies
-            fit_part, val_part = split_calibration(fit_part, self.config.validation_fraction, self.config.seed + 1)
+            fit_part, val_part = split_calibration(fit_part, self.config.validation_fraction, self.config.seed + 1,
+                                                   minimum=1)
             validate = self._validation(val_part, fit_part, skip_bad_files)
         feats, kept = extract_training_features(fit_part, self.features, extractor, skip_bad_files, cache_dir,
                                                 progress=progress)
@@ -637,6 +668,14 @@ class ImageDetector:
             with torch.no_grad():
                 sets.append((torch.cat([extractor(c) for c in normal.split(32)]),
                              torch.cat([extractor(c) for c in anomalous.split(32)])))
+        if not sets:
+            msg = ("model selection (validate_every > 0) needs held-out training images: every category has fewer "
+                   "than 3 training images after the calibration split")
+            raise ValueError(msg)
+        missing = sorted({s.category for s in others} - {s.category for s in normals})
+        if missing:
+            warnings.warn(f"categories {missing} have too few training images to hold any out: they are not part of "
+                          "the model-selection score", UserWarning, stacklevel=3)
         log.info("model selection: %d held-out normal images (+ as many synthetic anomalies) in %d categories",
                  sum(len(n) for n, _ in sets), len(sets))
 
@@ -685,6 +724,7 @@ class ImageDetector:
         """
         _check_rates(fpr, fdr)
         files: list[str] = []
+        same_scores = scores is None and samples is None  # re-calibrating the stored scores
         if scores is None and samples is not None:
             out = self.score_samples(samples)
             if out["errors"] and not skip_bad_files:
@@ -707,7 +747,7 @@ class ImageDetector:
                 raise BadFilesError({validation[i].path: r for i, r in out["errors"].items()}, "validation set")
             ok = np.isfinite(out["pred_score"])
             val = (out["pred_score"][ok], np.array([s.label for s in validation])[ok])
-        if fpr is None and self.calibration is not None and samples is None:
+        if fpr is None and fdr is None and self.calibration is not None and same_scores:
             fpr = self.calibration.fpr  # re-calibrating the same scores keeps the stored target rate
         cal = Calibration.fit(scores, fpr=resolve_fpr(fpr, len(scores), warn=fdr is None and val is None), fdr=fdr,
                               validation=val,
@@ -891,6 +931,12 @@ class ImageDetector:
             msg = f"{directory} holds an invalid or tampered model description: {err}"
             raise ValueError(msg) from err
         model = restore_model(meta.get("config"), tensors, directory)
+        channels = _backbone_channels(features)
+        if channels != model.config.dim:
+            msg = (f"{Path(directory) / 'config.json'}: features (backbone {features.backbone!r}, out_indices "
+                   f"{list(features.out_indices)}) give {channels}-d location vectors but the energy was trained on "
+                   f"config.dim = {model.config.dim}: the features section does not belong to these weights")
+            raise ValueError(msg)
         det = cls(model.config, features, scoring=scoring)
         det.model = model
         det.calibration = Calibration.load_if_present(directory)

@@ -55,7 +55,7 @@ def auroc(scores_normal: np.ndarray, scores_anomalous: np.ndarray) -> float:
         scores_anomalous: Scores of anomalies, shape ``(n1,)``.
 
     Returns:
-        AUROC in [0, 1]; raw, never flipped (PAPER.md pitfall 16).
+        AUROC in [0, 1]; raw, never flipped (docs/paper_map.md).
 
     Raises:
         ValueError: If either set is empty or a score is not finite.

@@ -1,12 +1,12 @@
 """Stateless loss terms of DxMI / DxDP: tensors in, tensors out; no optimizer calls, no ``backward``.
 
-Conventions (PAPER.md §6): time runs in the RL direction (t = 0 start, t = T sample); running costs use
-per-dimension means (pitfall 2): ``velocity = mean_d (x_{t+1} - x_t)^2 / (2 s_t^2)`` and entropy ``= log sigma_t``;
+Conventions (docs/paper_map.md): time runs in the RL direction (t = 0 start, t = T sample); running costs use
+per-dimension means (docs/paper_map.md): ``velocity = mean_d (x_{t+1} - x_t)^2 / (2 s_t^2)`` and entropy ``= log sigma_t``;
 the energy term is not divided by ``D``.
 
 References:
     DxMI (Yoon et al., NeurIPS 2024) Eq. 5 (GCD), Eq. 8 (optimal-control form), Eq. 10 (TD target), Eq. 11 (policy
-    improvement), App. A (adaptive velocity regularization); PAPER.md §1.4, §2.2, §2.3, §2.8(b).
+    improvement), App. A (adaptive velocity regularization); docs/paper_map.md.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def avr_update(velocity_scale_sq: torch.Tensor, trajectory: torch.Tensor, moment
     """Adaptive velocity regularization (App. A): ``s_t^2 <- alpha s_t^2 + (1 - alpha) E||x_{t+1} - x_t||^2 / D``.
 
     Stored in natural step order (index ``t`` = transition ``t -> t+1``); the reference code stores it flipped and
-    reads ``T - t - 1`` (PAPER.md §6 item 9), which is the same quantity.
+    reads ``T - t - 1`` (docs/paper_map.md item 9), which is the same quantity.
 
     Args:
         velocity_scale_sq: Current ``s_t^2``, shape ``(T,)``.
@@ -103,10 +103,10 @@ def avr_update(velocity_scale_sq: torch.Tensor, trajectory: torch.Tensor, moment
 
 
 def time_cost(t: torch.Tensor, n_steps: int, kind: str, scale: float = 1.0) -> torch.Tensor:
-    """Time cost R(t) > 0 of the image variant (Eq. 12, PAPER.md §2.4), replacing the running costs in the TD target.
+    """Time cost R(t) > 0 of the image variant (Eq. 12, docs/paper_map.md), replacing the running costs in the TD target.
 
     ``"sigmoid"``: ``scale * (sigmoid(-t + T // 2) - sigmoid(-t - 1 + T // 2))`` (integer centre as the reference code,
-    pitfall 12; the sum over t telescopes to about ``scale``); ``"linear"``: the constant ``scale`` (paper: c = 0.05).
+    docs/paper_map.md; the sum over t telescopes to about ``scale``); ``"linear"``: the constant ``scale`` (paper: c = 0.05).
 
     Args:
         t: Step indices of shape ``(B,)`` in ``[0, T-1]``.

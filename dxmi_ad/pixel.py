@@ -1,6 +1,6 @@
 """Pixel-space DxMI: an energy on raw images (the anomaly score) and a few-step image sampler (generation).
 
-This is the paper's image-generation variant (PAPER.md §2.4, §2.8(a), §3.2, §4.1) on small images (up to 64 x 64,
+This is the paper's image-generation variant (docs/paper_map.md) on small images (up to 64 x 64,
 grayscale or colour): a U-Net sampler, first pre-trained as a DDPM on a K = 1000 step chain and re-scheduled to T
 steps (FastDPM VAR), then fine-tuned by DxMI together with a normalization-free ResNet energy that is also the
 time-independent value, with the sigmoid time cost, tau1 = 0.1, tau2 = 0.01, gamma = 1, learnable sigma_t (last
@@ -34,7 +34,7 @@ from dxmi_ad.training.fit import build_model, restore_model, train_model
 __all__ = ["PIXEL_DEFAULTS", "PixelDetector", "pixel_config"]
 
 
-#: The image-generation settings of the paper (PAPER.md §4.1, CIFAR-10 T10 column) with CPU-sized networks and
+#: The image-generation settings of the paper (docs/paper_map.md) with CPU-sized networks and
 #: learning rates (the paper fine-tunes a large pre-trained DDPM at sampler lr 1e-7 for 200 epochs on GPUs).
 PIXEL_DEFAULTS: dict[str, Any] = {
     "mode": "pixel", "energy": "shared", "parameterization": "eps", "initial": "gaussian",
@@ -97,7 +97,7 @@ def _as_images(images: Any, channels: int, size: int, what: str = "images") -> t
 
 
 class PixelDetector:
-    """Pixel-space DxMI detector and generator (PAPER.md §2.4, §3.2).
+    """Pixel-space DxMI detector and generator (docs/paper_map.md).
 
     Args:
         config: A pixel-mode :class:`DxMIConfig` (see :func:`pixel_config`).
@@ -336,7 +336,7 @@ class PixelDetector:
             steps: None = the model's own T steps with its learned sigmas (``--steps-from-model``); an integer =
                 the same noise network re-scheduled to that many steps with DDPM posterior sigmas (e.g. 1000: the
                 many-step DDPM reference).
-            guidance: Value guidance lambda >= 0 with the paper's sign (PAPER.md §3.2, pitfall 14): after each step
+            guidance: Value guidance lambda >= 0 with the paper's sign (docs/paper_map.md): after each step
                 ``x_{t+1} <- x_{t+1} - lambda * sigma_t * dV/dx (x_{t+1})``, i.e. downhill in energy.
             seed: Random seed (fixes the result on the CPU).
             batch_size: Images generated at once (bounds memory).

@@ -60,6 +60,8 @@ def synthetic_anomalies(images: torch.Tensor, sources: torch.Tensor | None = Non
                 arr = (src.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
                 Image.fromarray(arr).save(Path(tmp) / f"{i:05d}.png")
             generator = PerlinAnomalyGenerator(anomaly_source_path=tmp, probability=1.0, blend_factor=blend)
+            # the generator lists its sources in directory order (file-system dependent): sort, so a seed fixes them
+            generator.anomaly_source_paths = sorted(generator.anomaly_source_paths)
         else:
             generator = PerlinAnomalyGenerator(probability=1.0, blend_factor=blend)
         for image in images.float():

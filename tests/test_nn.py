@@ -70,5 +70,5 @@ def test_one_iteration_updates_each_network_and_stays_finite():
     after = model.checkpoint_tensors()
     changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
     assert {"sampler", "value", "energy", "velocity_scale_sq"} <= changed
-    assert "initial_ae" not in changed  # the start autoencoder stays frozen (pitfall 17)
+    assert "initial_ae" not in changed  # the start autoencoder stays frozen (docs/paper_map.md)
     assert all(torch.isfinite(v).all() for v in diag.values())

@@ -20,7 +20,7 @@ def test_energy_loss_sign_and_gamma():
 
 
 def test_running_cost_uses_per_dimension_means():
-    # PAPER.md pitfall 2: velocity = mean_d(dx^2) / (2 s^2), entropy = log sigma (not D log sigma).
+    # docs/paper_map.md docs/paper_map.md: velocity = mean_d(dx^2) / (2 s^2), entropy = log sigma (not D log sigma).
     x = torch.zeros(1, 4)
     x_next = torch.tensor([[1.0, 1.0, 1.0, 1.0]])
     cost = running_cost(x, x_next, torch.tensor([math.log(0.5)]), torch.tensor([2.0]), 0.1, 0.01)

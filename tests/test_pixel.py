@@ -1,4 +1,4 @@
-"""Pixel-space DxMI: schedules, networks, the image trainer's pieces, the detector API, the CLI (PAPER.md §2.4, §2.5)."""
+"""Pixel-space DxMI: schedules, networks, the image trainer's pieces, the detector API, the CLI (docs/paper_map.md)."""
 
 from __future__ import annotations
 

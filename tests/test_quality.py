@@ -2,7 +2,7 @@
 
 * 8 Gaussians (paper Table 1): with entropy (tau = 0.1) the energy separates test data from uniform noise on
   [-4, 4]^2 with AUC > 0.80, and without entropy (tau = 0) the AUC is at least 0.1 lower: the paper's claim that
-  the entropy term is what makes the energy useful (PAPER.md §1.3, §3.4).
+  the entropy term is what makes the energy useful (docs/paper_map.md).
 * digits: mean AUROC over the ten one-class tasks is above the Ledoit-Wolf Mahalanobis baseline minus 0.01.
 """
 

@@ -167,3 +167,39 @@ def test_image_selection_never_reads_the_test_set(tmp_path, monkeypatch):
     assert final["selected_iteration"] in (0, 3, 6)
     assert 0.0 <= final["best_val_auroc"] <= 1.0
     assert np.isfinite(final["best_val_auroc"])
+
+
+@pytest.mark.parametrize("variant", [1, 2])
+def test_offline_lite_backbones_load_real_imagenet_weights(variant):
+    """#13 item 5: Lite1 / Lite2 ImageNet weights ship in pip packages and load strictly into timm."""
+    import timm
+    from skimage.data import chelsea
+
+    from dxmi_ad.features.extractor import FeatureExtractor, efficientnet_lite_state_dict
+
+    state = efficientnet_lite_state_dict(variant)
+    net = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False)
+    net.load_state_dict(state, strict=True)
+    image = torch.from_numpy(chelsea()).permute(2, 0, 1)[None].float() / 255
+    image = torch.nn.functional.interpolate(image, size=(240, 240), mode="bilinear", antialias=True)
+    mean, std = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1), torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
+    with torch.no_grad():
+        top = int(net.eval()((image - mean) / std).argmax())
+    assert 281 <= top <= 285, top  # a cat class: the weights are ImageNet's, not random
+    extractor = FeatureExtractor(f"tf_efficientnet_lite{variant}")
+    assert extractor.channels == (192 if variant == 1 else 208)
+
+
+def test_neighbourhood_aggregation_averages_each_stage():
+    from dxmi_ad.features.extractor import FeatureExtractor, check_feature_settings
+
+    plain = FeatureExtractor(out_indices=(1, 2), normalize=False)
+    agg = FeatureExtractor(out_indices=(1, 2), normalize=False, neighbourhood=3)
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    f_plain, f_agg = plain(x), agg(x)
+    assert f_plain.shape == f_agg.shape == (1, 64, 8, 8)
+    # the last stage is at the grid resolution: its aggregated map is the 3x3 mean of the plain one
+    want = torch.nn.functional.avg_pool2d(f_plain[:, 24:], 3, stride=1, padding=1, count_include_pad=False)
+    torch.testing.assert_close(f_agg[:, 24:], want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="features.neighbourhood"):
+        check_feature_settings({"neighbourhood": 2})

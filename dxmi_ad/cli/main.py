@@ -787,7 +787,7 @@ def sample(
     if isinstance(det, ImageDetector):
         if start is None:
             raise _fail("a feature-mode image model samples feature vectors by refining perturbed training "
-                        "features (PAPER.md §3.3): pass --start DIR with normal images")
+                        "features (docs/paper_map.md): pass --start DIR with normal images")
         xs = _sample_feature_vectors(det, start, n, seed)
     else:
         xs = det.sample(n, random_state=seed)

@@ -4,7 +4,7 @@ Our layout (``dxmi-ad extract-features --out DIR``): ``DIR/train.safetensors`` a
 ``feature_align (N, C, h, w)`` float32, ``label (N,)`` int64 and ``mask (N, S, S)`` uint8, plus ``DIR/meta.json``
 with the category of every row (``clsname``) and the feature settings.
 
-The layout in which the paper's authors released their MVTec features is read too (PAPER.md §3.3):
+The layout in which the paper's authors released their MVTec features is read too (docs/paper_map.md):
 ``train_data.pth`` / ``val_data.pth`` (or ``.pkl``), each a dict with ``feature_align (N, 272, 14, 14)``, ``mask``,
 ``label``, ``clsname``. These are read with ``torch.load(weights_only=True)``; a file that needs general unpickling
 is refused unless ``trust_pickle=True``, because unpickling can run arbitrary code.

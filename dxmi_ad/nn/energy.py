@@ -1,15 +1,15 @@
 """Energy models E(x) and the value function V(x, t).
 
-Polarity everywhere: **higher energy = more anomalous** (q(x) ∝ exp(-E(x)/tau), PAPER.md §1.1, pitfall 3).
+Polarity everywhere: **higher energy = more anomalous** (q(x) ∝ exp(-E(x)/tau), docs/paper_map.md).
 
 * :class:`MLPEnergy`: a free MLP energy (used with the energy-magnitude regularizer gamma).
 * :class:`AutoencoderEnergy`: reconstruction error of an autoencoder with spherical latent and, for features on
   the unit sphere, a spherical output (the paper's anomaly-detection energy, App. C.3; MPDR's ``AE`` class).
 * :class:`ValueNet`: time-conditioned value ``V(x, t)``; :class:`SharedValueEnergy` makes ``E(x) = V(x, T)``
-  (the 2-D experiment, PAPER.md §2.6).
+  (the 2-D experiment, docs/paper_map.md).
 
 References:
-    DxMI §3.2, App. C.1, C.3; PAPER.md §2.6, §3.3, §4.2, §6 items 15, 19.
+    DxMI §3.2, App. C.1, C.3; docs/paper_map.md.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def autoencoder_latent_dim(dim: int, latent_dim: int | str = "auto", spherical: 
 
 
 class ValueNet(nn.Module):
-    """Time-conditioned value (cost-to-go) ``V^t(x_t)``; accepts ``t`` in ``{0, ..., T}`` (pitfall 19).
+    """Time-conditioned value (cost-to-go) ``V^t(x_t)``; accepts ``t`` in ``{0, ..., T}`` (docs/paper_map.md).
 
     Args:
         dim: Data dimension ``D``.
@@ -127,7 +127,7 @@ class MLPEnergy(nn.Module):
 
 
 class SharedValueEnergy(nn.Module):
-    """Energy that *is* the value net at the terminal step: ``E(x) = V(x, T)`` (2-D experiment, PAPER.md §2.6).
+    """Energy that *is* the value net at the terminal step: ``E(x) = V(x, T)`` (2-D experiment, docs/paper_map.md).
 
     Args:
         value: The shared :class:`ValueNet`.
@@ -154,7 +154,7 @@ class AutoencoderEnergy(nn.Module):
     The latent code is projected to the unit sphere (MPDR ``spherical=True``); with ``spherical_output`` the decoder
     output is projected to the unit sphere too ("decoder manifold on the sphere", App. C.3). For unit-norm inputs the
     energy then lies in ``[0, 4]``. Deviation (named): the sum over dimensions (MPDR's ``l2_sum``) is used because
-    the paper's tau = 0.1 is only meaningful on that scale (PAPER.md §7); the paper does not state the reduction.
+    the paper's tau = 0.1 is only meaningful on that scale (docs/paper_map.md); the paper does not state the reduction.
 
     Args:
         dim: Data dimension ``D``.
@@ -197,7 +197,7 @@ class AutoencoderEnergy(nn.Module):
 
         With the reconstruction ``r`` on the unit sphere, ``E(x) = |x - r|^2 <= (|x| + |r|)^2 = (|x| + 1)^2``
         (reached at ``r = -x / |x|``): 4 for unit-norm inputs. The training-health signal divides ``E(samples)`` by it
-        (``E(samples) / E_max`` near 1 means the energy separates samples by a trivial cue, PAPER.md §8).
+        (``E(samples) / E_max`` near 1 means the energy separates samples by a trivial cue, docs/paper_map.md).
 
         Args:
             x: Inputs of shape ``(B, D)``.
@@ -217,7 +217,7 @@ class AutoencoderEnergy(nn.Module):
 
         Encodes ``x``, adds Gaussian noise to the spherical latent with a per-sample std drawn uniformly from
         ``[noise_low, noise_high]``, re-projects to the sphere and decodes. Call it on a *frozen copy* of the
-        pretrained autoencoder (pitfall 17).
+        pretrained autoencoder (docs/paper_map.md).
 
         Args:
             x: Data of shape ``(B, D)``.

@@ -2,7 +2,7 @@
 
 References:
     DxMI (Yoon et al., NeurIPS 2024, arXiv:2407.00626) App. C.3: time-conditioned MLPs whose input is the
-    concatenation of ``x_t`` and a 128-d sinusoidal embedding of the step index ``t`` (PAPER.md §3.3, §4.2).
+    concatenation of ``x_t`` and a 128-d sinusoidal embedding of the step index ``t`` (docs/paper_map.md).
 """
 
 from __future__ import annotations

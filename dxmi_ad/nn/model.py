@@ -1,7 +1,7 @@
 """The DxMI model: energy E, value V, sampler pi and the start distribution pi(x_0), built from a config.
 
 References:
-    DxMI §3-4, App. C.1, C.3; PAPER.md §2.6 (which experiment shares which network), §3.3, §6 item 17.
+    DxMI §3-4, App. C.1, C.3; docs/paper_map.md (which experiment shares which network; the frozen start copy).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class DxMIModel(nn.Module):
         c = config
         self.config = config
         self.sampler: StepSampler
-        if c.mode == "pixel":  # image variant (PAPER.md §2.4, §2.6): U-Net sampler, V(x) == E(x) a plain ResNet
+        if c.mode == "pixel":  # image variant (docs/paper_map.md): U-Net sampler, V(x) == E(x) a plain ResNet
             self.state_shape: tuple[int, ...] = (c.image_channels, c.image_size, c.image_size)
             self.sampler = PixelSampler(c.image_channels, c.image_size, c.n_steps, c.diffusion_steps, c.reschedule,
                                         c.unet_channels, c.unet_levels, c.time_dim, c.last_sigma, c.fix_last_sigma)
@@ -63,11 +63,11 @@ class DxMIModel(nn.Module):
         if c.initial == "autoencoder":
             self.initial_ae = copy.deepcopy(self.energy)
             self.initial_ae.requires_grad_(False)
-        # AVR initialised from the sampler's noise levels (PAPER.md §2.3; the pixel sampler: its forward betas).
+        # AVR initialised from the sampler's noise levels (docs/paper_map.md; the pixel sampler: its forward betas).
         self.register_buffer("velocity_scale_sq", self.sampler.initial_velocity_scale_sq())
 
     def freeze_initial(self) -> None:
-        """Copy the (pretrained) energy autoencoder into the frozen start network (pitfall 17)."""
+        """Copy the (pretrained) energy autoencoder into the frozen start network (docs/paper_map.md)."""
         if self.initial_ae is not None:
             self.initial_ae.load_state_dict(self.energy.state_dict())
             self.initial_ae.requires_grad_(False)

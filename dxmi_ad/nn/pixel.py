@@ -1,4 +1,4 @@
-"""Pixel-space networks and noise schedules: the image-generation variant of DxMI (PAPER.md §2.4, §2.5, §3.2, §4.1).
+"""Pixel-space networks and noise schedules: the image-generation variant of DxMI (docs/paper_map.md).
 
 * :func:`ddpm_alpha_bar`: the K-step DDPM chain the sampler is pre-trained on (linear betas 1e-4 .. 0.02, Ho et al.
   2020, K = 1000).
@@ -13,7 +13,7 @@
   the paper fine-tunes a public 35.7M-parameter DDPM U-Net, we pre-train a small one on the data at hand).
 * :class:`ConvEnergy`: a ResNet without any normalization layer, sum-pooled, with a linear head and a learned output
   scale (the paper's ``IGEBMEncoderV2`` value network, nh = 128; here ``energy_channels``), used as the
-  time-independent value ``V(x)`` that *is* the energy (PAPER.md §2.6).
+  time-independent value ``V(x)`` that *is* the energy (docs/paper_map.md).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def _var_betas(n_steps: int) -> torch.Tensor:
 
 
 def reschedule(alpha_bar: torch.Tensor, n_steps: int, kind: str = "var") -> tuple[torch.Tensor, torch.Tensor]:
-    """Noise levels of a T-step sampler cut from a K-step DDPM chain (PAPER.md §2.5, §3.2).
+    """Noise levels of a T-step sampler cut from a K-step DDPM chain (docs/paper_map.md).
 
     Args:
         alpha_bar: The K-step chain's ``alpha_bar``, shape ``(K + 1,)`` (:func:`ddpm_alpha_bar`).
@@ -187,7 +187,7 @@ class _PlainBlock(nn.Module):
 
 
 class ConvEnergy(nn.Module):
-    """Normalization-free ResNet energy ``E(x)`` (IGEBMEncoderV2 style, PAPER.md §4.1 "value net").
+    """Normalization-free ResNet energy ``E(x)`` (IGEBMEncoderV2 style, docs/paper_map.md "value net").
 
     Args:
         channels: Image channels ``C``.
@@ -219,7 +219,7 @@ class ConvEnergy(nn.Module):
 
 
 class TimeIndependentValue(nn.Module):
-    """``V(x, t) = E(x)``: the time-independent value shared with the energy (PAPER.md §2.4, §2.6).
+    """``V(x, t) = E(x)``: the time-independent value shared with the energy (docs/paper_map.md).
 
     Args:
         energy: The energy network, ``(B, ...)`` -> ``(B,)``.

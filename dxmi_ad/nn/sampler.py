@@ -1,11 +1,11 @@
 """The T-step Gaussian diffusion sampler (the policy pi of DxMI).
 
-Time runs in the RL direction throughout (PAPER.md §1.1, pitfall 1): ``x_0`` is the start (noise, or perturbed data
+Time runs in the RL direction throughout (docs/paper_map.md): ``x_0`` is the start (noise, or perturbed data
 for anomaly detection) and ``x_T`` is the generated sample. Step ``t`` maps ``x_t`` to
 
     x_{t+1} = mu(x_t, t) + sigma_t * eps_t,   eps_t ~ N(0, I),   t = 0 .. T-1,
 
-with a learnable ``log sigma_t`` per step (PAPER.md §2.5). Two parameterizations of the mean are offered:
+with a learnable ``log sigma_t`` per step (docs/paper_map.md). Two parameterizations of the mean are offered:
 
 * ``"residual"``: ``mu = x_t + g(x_t, t)``, optionally projected to the unit sphere (the anomaly-detection sampler of
   App. C.3, whose "mean prediction is constrained to the unit sphere").
@@ -15,7 +15,7 @@ with a learnable ``log sigma_t`` per step (PAPER.md §2.5). Two parameterization
   Nichol & Dhariwal (2021) discretised at T steps, so that ``x_0 ~ N(0, I)`` is the DDPM prior.
 
 References:
-    DxMI Eq. 8-11 and App. B, C.1, C.3; PAPER.md §2.5, §3.3, §6 items 1, 10, 15.
+    DxMI Eq. 8-11 and App. B, C.1, C.3; docs/paper_map.md.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from dxmi_ad.nn.layers import TimeMLP
 
 __all__ = ["GaussianSampler", "PixelSampler", "StepOutput", "StepSampler", "cosine_alpha_bar"]
 
-MIN_SIGMA = 1e-4  # sigma is clamped to >= 1e-4 before taking logs (PAPER.md §2.5, pitfall 10)
+MIN_SIGMA = 1e-4  # sigma is clamped to >= 1e-4 before taking logs (docs/paper_map.md)
 
 
 class StepOutput(NamedTuple):
@@ -99,12 +99,12 @@ class StepSampler(nn.Module):
         return self.log_sigmas().exp()
 
     def sigma_parameters(self) -> list[nn.Parameter]:
-        """The learnable log-sigmas (their own optimizer group, 100x the sampler lr by default; PAPER.md §2.5)."""
+        """The learnable log-sigmas (their own optimizer group, 100x the sampler lr by default; docs/paper_map.md)."""
         return [self.log_sigma]
 
     def initial_velocity_scale_sq(self) -> torch.Tensor:
         """Initial AVR ``s_t^2``, shape ``(T,)``: the sampler's noise levels ``sigma_t^2`` ("s_t <- sigma_t",
-        PAPER.md §2.3)."""
+        docs/paper_map.md)."""
         return self.sigmas().detach().pow(2).clone()
 
     def mean_parameters(self) -> list[nn.Parameter]:
@@ -168,9 +168,9 @@ class GaussianSampler(StepSampler):
         last_sigma: Value of the last step's sigma when ``fix_last_sigma`` is set (``"eps"``) and the floor of the
             DDPM posterior std.
         fix_last_sigma: Keep ``sigma_{T-1}`` fixed (the reference code's ``trainable_beta='fix_last'``).
-        spherical: Project the mean onto the unit sphere (anomaly-detection features, PAPER.md pitfall 15).
+        spherical: Project the mean onto the unit sphere (anomaly-detection features, docs/paper_map.md).
             Samples ``mean + sigma * eps`` are not re-projected unless ``project_samples`` (the paper does not say;
-            see pitfall 15).
+            see docs/paper_map.md).
         activation: Hidden activation.
         project_samples: With ``spherical``, also project each sample ``x_{t+1}`` onto the unit sphere. Named
             deviation (off by default): the step is then a projected Gaussian, whose entropy ``log sigma_t`` is
@@ -275,7 +275,7 @@ class GaussianSampler(StepSampler):
 
 
 class PixelSampler(StepSampler):
-    """T-step image sampler: a DDPM noise network queried at T re-scheduled noise levels (PAPER.md §2.5, §3.2).
+    """T-step image sampler: a DDPM noise network queried at T re-scheduled noise levels (docs/paper_map.md).
 
     Step ``t`` (RL order) is the reverse step from short-chain level ``i = T - t`` to ``i - 1``:
 
@@ -329,7 +329,7 @@ class PixelSampler(StepSampler):
 
     def initial_velocity_scale_sq(self) -> torch.Tensor:
         """Initial AVR ``s_t^2``, shape ``(T,)``: the re-scheduled chain's forward betas in RL order (the reference
-        image trainer's ``betas_for_q = user_defined_eta``, PAPER.md §2.3), not the smaller posterior variances."""
+        image trainer's ``betas_for_q = user_defined_eta``, docs/paper_map.md), not the smaller posterior variances."""
         i = torch.arange(self.n_steps, 0, -1)
         return (1 - self.level_alpha_bar[i] / self.level_alpha_bar[i - 1]).detach().clone()
 

@@ -1,6 +1,6 @@
 """DxDP: one DxMI iteration in the order of the official anomaly-detection trainer, and the pre-training stages.
 
-One :meth:`DxDPTrainer.step` is (PAPER.md §2.8(b), pitfalls 1-12, 17-20):
+One :meth:`DxDPTrainer.step` is (docs/paper_map.md):
 
 1. sample trajectories ``x_0 .. x_T`` without gradients (``x_0`` from pi(x_0));
 2. AVR EMA of ``s_t^2`` (at the start of the update, as the reference code does);
@@ -8,16 +8,16 @@ One :meth:`DxDPTrainer.step` is (PAPER.md §2.8(b), pitfalls 1-12, 17-20):
    ``negative_l2_weight * E(x_T)^2``), gradient clipping;
 4. ``T`` value TD steps in backward time order ``t = T-1 .. 0``, each one Adam step, with the target
    ``V(x_{t+1}, t+1)`` (``E(x_T)`` at the last step) ``+ tau2 * velocity - tau1 * log sigma_t`` (Eq. 10), the next
-   state re-sampled from the current sampler (``value_resample``, EV trainer) under ``no_grad`` (pitfall 20);
-   with ``time_cost`` set (the image-generation trainer ``DxMI_Trainer``, PAPER.md §2.4, §2.8(a)) the target is
+   state re-sampled from the current sampler (``value_resample``, EV trainer) under ``no_grad`` (docs/paper_map.md);
+   with ``time_cost`` set (the image-generation trainer ``DxMI_Trainer``, docs/paper_map.md) the target is
    ``V(x_{t+1}) + R(t)`` instead (Eq. 12) and the running costs stay only in the sampler loss;
 5. one sampler step on ``B`` states of mixed ``t`` drawn uniformly from the ``B * T`` buffered states (Eq. 11):
    ``V(x_{t+1}(phi), t+1)`` (``E`` at the last step) ``+ tau2 * velocity - tau1 * log sigma_t``, one reparameterized
    step, no back-propagation through time, gradient clipping;
-6. the buffer is dropped (no replay, pitfall 18).
+6. the buffer is dropped (no replay, docs/paper_map.md).
 
 Named deviations: ``warmup_iter`` (energy frozen for the first iterations), ``lr_schedule="cosine"`` and the guards
-against the degenerate game (``project_samples``, ``negative_l2_weight``; PAPER.md §8) are options outside the paper,
+against the degenerate game (``project_samples``, ``negative_l2_weight``; docs/paper_map.md) are options outside the paper,
 all off by default.
 
 Training health: every step returns ``energy_data``, ``energy_samples``, ``energy_gap`` and, for a bounded energy,
@@ -199,7 +199,7 @@ class DxDPTrainer:
                 TrainingHealthWarning, stacklevel=3)
 
     def _next_cost(self, x_next: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """``V(x_{t+1}, t+1)``, or ``E(x_{t+1})`` where ``t = T-1`` (pitfall 4). Shapes ``(B, D)``, ``(B,)`` -> ``(B,)``."""
+        """``V(x_{t+1}, t+1)``, or ``E(x_{t+1})`` where ``t = T-1`` (docs/paper_map.md). Shapes ``(B, D)``, ``(B,)`` -> ``(B,)``."""
         T = self.config.n_steps
         if self.shared:
             return self.model.value(x_next, t + 1)  # V(., T) is the energy
@@ -301,7 +301,7 @@ class DxDPTrainer:
         _clip(list(sampler.parameters()), c.sampler_grad_clip)
         self.opt_sampler.step()
         self.opt_sampler.zero_grad(set_to_none=True)
-        # V / E gradients produced by the sampler loss are discarded (pitfall 6).
+        # V / E gradients produced by the sampler loss are discarded (docs/paper_map.md).
         self.opt_value.zero_grad(set_to_none=True)
         self.opt_energy.zero_grad(set_to_none=True)
         sampler.eval()

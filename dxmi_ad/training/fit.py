@@ -2,7 +2,7 @@
 
 Stages (each skipped when its length is 0):
 
-1. autoencoder reconstruction pre-training (``energy="autoencoder"``), then the frozen start copy (pitfall 17);
+1. autoencoder reconstruction pre-training (``energy="autoencoder"``), then the frozen start copy (docs/paper_map.md);
 2. DDPM pre-training of the sampler (``sampler_pretrain_iter``, ``parameterization="eps"``);
 3. ``n_iter`` DxMI iterations (:class:`~dxmi_ad.training.dxdp.DxDPTrainer`), the first ``warmup_iter`` with the
    energy frozen.
@@ -38,6 +38,7 @@ from dxmi_ad.training.runtime import (
     all_reduce_mean,
     latest_checkpoint,
     load_checkpoint,
+    load_selection,
     release_process_group,
     save_checkpoint,
 )
@@ -323,6 +324,10 @@ def train_model(
         autoencoder_latent_dim(config.dim, config.latent_dim, config.spherical)
     if not config.validate_every:
         validate = None
+    elif validate is None:
+        warnings.warn(f"validate_every={config.validate_every} but this training path has no validation split "
+                      "(model selection is built by ImageDetector.fit from held-out training images): the last "
+                      "iterate is kept", UserWarning, stacklevel=2)
     if runtime is None:
         return _train(None, data, config, progress, log_every, model, torch.device(device), None, validate)
     if runtime.resume and latest_checkpoint(runtime.checkpoint_dir) is None:
@@ -422,6 +427,8 @@ def _train(
             pretrain_sampler(model, data, config.sampler_pretrain_iter, config.sampler_pretrain_lr,
                              config.batch_size, generator, report("sampler", config.sampler_pretrain_iter), sync)
 
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None  # model selection: (score, iteration, state)
+
     def checkpoint(iteration: int) -> None:
         states = [generator.get_state()]
         if fabric is not None and world > 1:
@@ -430,19 +437,13 @@ def _train(
         error = None
         if rank == 0:
             try:
-                save_checkpoint(ckdir, iteration, model, trainer, states, history, runtime.keep_checkpoints)
+                save_checkpoint(ckdir, iteration, model, trainer, states, history, runtime.keep_checkpoints, best)
             except OSError as err:  # e.g. a full disk: every rank must stop, not wait at the barrier
                 error = f"writing the checkpoint of iteration {iteration} failed: {err}"
         if fabric is not None and world > 1:
             error = fabric.broadcast(error, src=0)
         if error is not None:
             raise RuntimeError(error)
-
-    if ckdir is not None and resume_from is None:
-        checkpoint(0)  # after pre-training: a crash in the DxMI stage never repeats it
-    stop = config.n_iter if runtime is None or runtime.stop_after is None else min(config.n_iter, runtime.stop_after)
-    bf16 = runtime is not None and runtime.precision == "bf16-mixed" and fabric is not None
-    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
 
     def select(iteration: int) -> None:
         """Validate the current state (every rank: the same model and data) and keep it if it is the best so far."""
@@ -455,8 +456,14 @@ def _train(
         if math.isfinite(score) and (best is None or score > best[0]):
             best = (score, iteration, {k: v.detach().clone() for k, v in model.checkpoint_tensors().items()})
 
-    if validate is not None:
-        select(start)  # the pre-trained start (or the resumed state) competes too
+    if resume_from is not None:
+        best = load_selection(resume_from)  # the best state so far travels with the checkpoint: exact resume
+    elif validate is not None:
+        select(0)  # the pre-trained start competes too
+    if ckdir is not None and resume_from is None:
+        checkpoint(0)  # after pre-training: a crash in the DxMI stage never repeats it
+    stop = config.n_iter if runtime is None or runtime.stop_after is None else min(config.n_iter, runtime.stop_after)
+    bf16 = runtime is not None and runtime.precision == "bf16-mixed" and fabric is not None
     for i in range(start, stop):
         with fabric.autocast() if bf16 else contextlib.nullcontext():
             diag = trainer.step(_batches(data, config.batch_size, generator), generator)

@@ -110,7 +110,8 @@ def latest_checkpoint(directory: Path | None) -> Path | None:
 
 
 def save_checkpoint(directory: Path, iteration: int, model: Any, trainer: Any, generator_states: list[torch.Tensor],
-                    history: list[dict], keep: int) -> Path:
+                    history: list[dict], keep: int,
+                    best: tuple[float, int, dict[str, torch.Tensor]] | None = None) -> Path:
     """Write ``directory/iter-<iteration>`` atomically and prune old ones (rank 0 only).
 
     Args:
@@ -121,6 +122,8 @@ def save_checkpoint(directory: Path, iteration: int, model: Any, trainer: Any, g
         generator_states: Every rank's ``torch.Generator.get_state()`` (uint8 CPU tensors), in rank order.
         history: Logged diagnostics so far.
         keep: How many of the newest checkpoints to keep.
+        best: Model selection so far: ``(score, iteration, model tensors)`` of the best validated state, or None
+            (restored by :func:`load_selection`, so a resumed run selects exactly as an uninterrupted one).
 
     Returns:
         The written folder.
@@ -137,6 +140,9 @@ def save_checkpoint(directory: Path, iteration: int, model: Any, trainer: Any, g
     tensors.update(trainer.state_tensors())
     meta["trainer"] = trainer.state_meta()
     tensors.update({f"rng.rank{r}": s for r, s in enumerate(generator_states)})
+    if best is not None:
+        tensors.update({f"best.{k}": v for k, v in best[2].items()})
+        meta["best"] = {"score": float(best[0]), "iteration": int(best[1])}
     with atomic_directory(final) as tmp:
         save_model_dir(tmp, tensors, meta)
     old = sorted(p for p in Path(directory).iterdir() if p.is_dir() and _CKPT.match(p.name))
@@ -172,6 +178,24 @@ def load_checkpoint(path: Path, model: Any, trainer: Any, rank: int, world: int,
     trainer.load_state({k: v.to(model.velocity_scale_sq.device) for k, v in tensors.items() if k.startswith("opt.")},
                        meta["trainer"])
     return int(meta["iteration"]), list(meta.get("history", []))
+
+
+def load_selection(path: Path) -> tuple[float, int, dict[str, torch.Tensor]] | None:
+    """The model-selection state stored in a checkpoint by :func:`save_checkpoint` (None when it holds none).
+
+    Raises:
+        ValueError: A malformed ``best`` record (the message names the checkpoint).
+    """
+    tensors, meta = load_model_dir(path)
+    record = meta.get("best")
+    if record is None:
+        return None
+    try:
+        score, iteration = float(record["score"]), int(record["iteration"])
+    except (KeyError, TypeError, ValueError) as err:
+        msg = f"{path}: malformed model-selection record {record!r}"
+        raise ValueError(msg) from err
+    return score, iteration, {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
 
 
 def all_reduce_mean(fabric: Any) -> Callable[[torch.Tensor], None] | None:
