@@ -173,7 +173,11 @@ def test_promises_hold_on_textures(tmp_path_factory):
     checks = [calibration_check(det.calibration.scores, scores[labels == 0], scores[labels == 1], FPR, FDR,
                                 n_splits=200)]
     s = summarize_checks(checks, FPR, FDR)
-    assert s["fpr_low"] <= s["fpr_single"] <= s["fpr_high"], s
+    # One model, one calibration draw of 99 scores: the realised FPR of that single split varies with the draw
+    # (Beta(n + 1 - k, k), the conformal guarantee is marginal over draws), so it is judged against the interval that
+    # counts the draw; the mean over re-splits must sit at the target.
+    assert s["fpr_low_cal"] <= s["fpr_single"] <= s["fpr_high_cal"], s
+    assert abs(s["fpr_resplit_mean"] - FPR) <= 3 * s["fpr_resplit_se"] + 0.005, s
     assert s["ks_pvalue"] > 0.01, s
     assert s["fdp_mean"] <= FDR + s["fdp_se"], s
     assert s["anomaly_p_median"] < 0.5, s  # textures are harder (image AUROC about 0.77)

@@ -100,16 +100,18 @@ def test_nonfinite_scores_become_errors_in_every_decision_path(runs, tmp_path, m
 
     det = runs[2]
     folder = _images(tmp_path / "in", 4)
-    real = type(det).score_features
+    from dxmi_ad.scoring import MapScorer
 
-    def broken(self, features):  # the second image of every batch gets a NaN score, the third +inf
-        s, emap = real(self, features)
+    real = MapScorer.from_energy_map
+
+    def broken(self, energy_map, size):  # the second image of every batch gets a NaN score, the third +inf
+        s, amap = real(self, energy_map, size)
         s = s.clone()
         if len(s) > 2:
             s[1], s[2] = float("nan"), float("inf")
-        return s, emap
+        return s, amap
 
-    monkeypatch.setattr(type(det), "score_features", broken)
+    monkeypatch.setattr(MapScorer, "from_energy_map", broken)  # the one scorer every path uses
     with pytest.raises(ValueError, match="image 1 of the batch got a non-finite anomaly score"):
         det.predict(torch.rand(4, 3, 32, 32))
     out_csv = tmp_path / "s.csv"
