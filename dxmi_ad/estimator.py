@@ -70,9 +70,9 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
         batch_size: Rows per iteration.
         hidden: Width of every hidden layer (sampler, value, energy).
         n_layers: Hidden layers of every network.
-        latent_dim: Autoencoder latent width; ``"auto"`` = ``min(32, max(3, n_features // 4), n_features - 1)``
-            (at least 1). The bottleneck is always narrower than the input (a latent as wide as the input lets the
-            autoencoder learn the identity): an explicit ``latent_dim >= n_features`` is refused. With one feature
+        latent_dim: Autoencoder latent width; ``"auto"`` = ``min(32, max(3, n_features // 4), n_features)``
+            (at least 1). The code lives on the sphere ``S^(k-1)`` (``k - 1`` dimensions), so it is always narrower
+            than the input; an explicit ``latent_dim > n_features`` could learn the identity and is refused. With one feature
             the width is 1, whose spherical code is the two points {-1, +1} (see
             :func:`~dxmi_ad.nn.energy.autoencoder_latent_dim`); one feature with ``spherical=True`` is refused.
         energy_lr, value_lr, sampler_lr: Adam learning rates.

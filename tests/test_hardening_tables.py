@@ -79,15 +79,16 @@ def test_cli_train_never_uses_a_label_column_as_a_feature(tmp_path):
 
 # ---------------------------------------------------------------------- item 8: the bottleneck
 def test_bottleneck_rule():
-    assert [autoencoder_latent_dim(d) for d in (1, 2, 3, 4, 5, 16, 64, 200)] == [1, 1, 2, 3, 3, 4, 16, 32]
+    # a width-k code lives on the sphere S^(k-1): k - 1 < D dimensions whenever k <= D
+    assert [autoencoder_latent_dim(d) for d in (1, 2, 3, 4, 5, 16, 64, 200)] == [1, 2, 3, 3, 3, 4, 16, 32]
     for d in range(2, 300):
-        assert 1 <= autoencoder_latent_dim(d) < d
-    assert autoencoder_latent_dim(10, 9) == 9
-    with pytest.raises(ValueError, match=r"latent_dim=5 must be < n_features=3 so the autoencoder cannot learn the "
-                                         r"identity \(latent_dim='auto' gives 2\)"):
+        assert 1 <= autoencoder_latent_dim(d) <= d
+    assert autoencoder_latent_dim(10, 10) == 10
+    with pytest.raises(ValueError, match=r"latent_dim=5 must be <= n_features=3: its code on the sphere S\^4 has 4 >= 3 "
+                                         r"dimensions, enough to learn the identity \(latent_dim='auto' gives 3\)"):
         autoencoder_latent_dim(3, 5)
-    with pytest.raises(ValueError, match="latent_dim=3 must be < n_features=3"):
-        autoencoder_latent_dim(3, 3)
+    with pytest.raises(ValueError, match="latent_dim=4 must be <= n_features=3"):
+        autoencoder_latent_dim(3, 4)
     with pytest.raises(ValueError, match="only allowed width is 1"):
         autoencoder_latent_dim(1, 2)
     with pytest.raises(ValueError, match="n_features=1 with spherical=True"):
@@ -96,23 +97,23 @@ def test_bottleneck_rule():
 
 def test_estimator_resolves_and_refuses_the_latent_width():
     rng = np.random.default_rng(0)
-    for d, want in ((1, 1), (2, 1), (3, 2)):
+    for d, want in ((1, 1), (2, 2), (3, 3)):
         det = DxMIDetector(random_state=0, **QUICK).fit(rng.normal(size=(40, d)))
         assert det.config_.latent_dim == want
         assert det.model_.energy.encoder[-1].out_features == want
-    with pytest.raises(ValueError, match="latent_dim=5 must be < n_features=3"):
+    with pytest.raises(ValueError, match="latent_dim=5 must be <= n_features=3"):
         DxMIDetector(latent_dim=5, **QUICK).fit(rng.normal(size=(40, 3)))
-    with pytest.raises(ValueError, match="latent_dim=3 must be < n_features=3"):  # via config_overrides too
-        PyODDxMIDetector(config_overrides={"latent_dim": 3}, **QUICK).fit(rng.normal(size=(40, 3)))
+    with pytest.raises(ValueError, match="latent_dim=4 must be <= n_features=3"):  # via config_overrides too
+        PyODDxMIDetector(config_overrides={"latent_dim": 4}, **QUICK).fit(rng.normal(size=(40, 3)))
     with pytest.raises(ValueError, match="spherical=True"):
         DxMIDetector(spherical=True, **QUICK).fit(rng.normal(size=(40, 1)))
     DxMIDetector(energy_model="mlp", latent_dim=5, **QUICK).fit(rng.normal(size=(40, 3)))  # no autoencoder: no rule
 
 
 def test_every_trainer_refuses_a_bottleneck_as_wide_as_the_input():
-    cfg = DxMIConfig(dim=3, latent_dim=3, n_steps=2, sampler_hidden=8, value_hidden=8, energy_hidden=8,
+    cfg = DxMIConfig(dim=3, latent_dim=4, n_steps=2, sampler_hidden=8, value_hidden=8, energy_hidden=8,
                      time_dim=8, batch_size=8, n_iter=1, ae_pretrain_iter=1)
-    with pytest.raises(ValueError, match="latent_dim=3 must be < n_features=3"):
+    with pytest.raises(ValueError, match="latent_dim=4 must be <= n_features=3"):
         train_model(torch.randn(16, 3), cfg)  # image detectors and resumed runs train through here
 
 

@@ -24,17 +24,17 @@ __all__ = ["AutoencoderEnergy", "MLPEnergy", "SharedValueEnergy", "ValueNet", "a
 
 
 def autoencoder_latent_dim(dim: int, latent_dim: int | str = "auto", spherical: bool = False) -> int:
-    """The autoencoder bottleneck width for ``dim`` input features: always narrower than the input.
+    """The autoencoder bottleneck width for ``dim`` input features: the code is always narrower than the input.
 
-    A bottleneck at least as wide as the input lets the autoencoder learn the identity, and then far outliers are
-    reconstructed as well as normal rows (low energy). The rule:
+    A bottleneck as wide as the input lets the autoencoder learn the identity, and then far outliers are
+    reconstructed as well as normal rows (low energy). The latent code of width ``k`` is projected onto the unit
+    sphere ``S^{k-1}``, a manifold of ``k - 1`` dimensions, so the code is narrower than the data exactly when
+    ``k - 1 < dim``, i.e. ``k <= dim``. The rule:
 
-    * ``"auto"``: ``min(32, max(3, dim // 4), dim - 1)`` (at least 1);
-    * an explicit width must be ``< dim``;
-    * ``dim == 1``: no width below 1 exists; a width of 1 is used (and is the only one allowed). It cannot learn the
-      identity either: the latent code is projected onto the unit sphere, which in one dimension is the two points
-      ``{-1, +1}``, so the decoder can output only two values and the energy is the squared distance to the nearer
-      of them (a two-centre quantizer of the feature);
+    * ``"auto"``: ``min(32, max(3, dim // 4), dim)``; for ``dim = 2`` that is a circle of codes (a 1-D curve
+      through the plane: the 8-Gaussians ring is one), for ``dim = 1`` the two points ``{-1, +1}`` (the energy is
+      the squared distance to the nearer of two learned values, a two-centre quantizer);
+    * an explicit width must be ``<= dim``;
     * ``dim == 1`` with L2-normalized inputs (``spherical=True``) is refused: every row becomes -1 or +1 (only its
       sign survives), so there is nothing left to score.
 
@@ -44,10 +44,10 @@ def autoencoder_latent_dim(dim: int, latent_dim: int | str = "auto", spherical: 
         spherical: Whether the inputs are L2-normalized onto the unit sphere.
 
     Returns:
-        The latent width ``k`` (``1 <= k < D``, or ``k = 1`` when ``D = 1``).
+        The latent width ``k`` (``1 <= k <= D``: a code of ``k - 1 < D`` dimensions).
 
     Raises:
-        ValueError: An explicit width ``>= dim`` (the message gives the arithmetic and the automatic width), or
+        ValueError: An explicit width ``> dim`` (the message gives the arithmetic and the automatic width), or
             ``dim == 1`` with ``spherical=True``.
     """
     dim = int(dim)
@@ -55,7 +55,7 @@ def autoencoder_latent_dim(dim: int, latent_dim: int | str = "auto", spherical: 
         msg = ("n_features=1 with spherical=True: L2-normalizing a single feature leaves only its sign (-1 or +1), "
                "so nothing is left to score; use spherical=False (standardized input) or another detector")
         raise ValueError(msg)
-    auto = 1 if dim == 1 else max(1, min(32, max(3, dim // 4), dim - 1))
+    auto = max(1, min(32, max(3, dim // 4), dim))
     if isinstance(latent_dim, str):
         if latent_dim != "auto":
             msg = f"latent_dim must be 'auto' or an integer >= 1, got {latent_dim!r}"
@@ -66,9 +66,9 @@ def autoencoder_latent_dim(dim: int, latent_dim: int | str = "auto", spherical: 
         msg = (f"latent_dim={k} with n_features=1: the only allowed width is 1 (its spherical code is the two points "
                "-1 and +1, so the autoencoder cannot learn the identity); use latent_dim='auto'")
         raise ValueError(msg)
-    if dim > 1 and k >= dim:
-        msg = (f"latent_dim={k} must be < n_features={dim} so the autoencoder cannot learn the identity "
-               f"(latent_dim='auto' gives {auto})")
+    if dim > 1 and k > dim:
+        msg = (f"latent_dim={k} must be <= n_features={dim}: its code on the sphere S^{k - 1} has {k - 1} >= {dim} "
+               f"dimensions, enough to learn the identity (latent_dim='auto' gives {auto})")
         raise ValueError(msg)
     return k
 
