@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--n-iter", type=int, default=300, help="DxMI iterations of every variant but the recipe")
     parser.add_argument("--validate-every", type=int, default=50)
     parser.add_argument("--only", nargs="+", default=None, help="variant names (substring match)")
+    parser.add_argument("--skip", nargs="+", default=None, help="variant names to leave out (substring match)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     recipe = read_yaml_mapping(recipes.resolve(args.recipe))
@@ -72,7 +73,8 @@ def main() -> None:
     train = [s for s in samples if s.split == "train"]
     test = [s for s in samples if s.split == "test"]
     size = (feats.image_size, feats.image_size)
-    variants = {k: v for k, v in VARIANTS.items() if not args.only or any(o in k for o in args.only)}
+    variants = {k: v for k, v in VARIANTS.items() if (not args.only or any(o in k for o in args.only))
+                and not any(o in k for o in args.skip or [])}
     rows = []
     test_feats = masks = None
     for seed in args.seeds:

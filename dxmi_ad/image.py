@@ -49,7 +49,8 @@ class BadFilesError(ValueError):
 
     def __init__(self, errors: dict[Path, str], context: str) -> None:
         lines = "\n".join(f"  {p}: {r}" for p, r in errors.items())
-        super().__init__(f"{len(errors)} unreadable file(s) in the {context}:\n{lines}")
+        super().__init__(f"{len(errors)} unreadable file(s) in the {context}:\n{lines}\n(fix or remove them, or leave "
+                         "them out with --skip-bad-files / skip_bad_files=True)")
         self.errors = errors
 
 

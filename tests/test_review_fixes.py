@@ -123,3 +123,22 @@ def test_calibrating_new_scores_does_not_inherit_the_old_rate(tmp_path):
         cal = det.calibrate(scores=rng.normal(size=200))
     assert cal.fpr == pytest.approx(0.01)  # the default, not the previous 0.2
     assert det.calibrate().fpr == pytest.approx(0.01)  # re-calibrating the stored scores keeps the stored rate
+
+
+def test_traced_scorer_resizes_inputs_of_any_size():
+    """A graph traced at the model's input size still resizes other sizes (the resize is never skipped)."""
+    from dxmi_ad.export import Scorer
+    from dxmi_ad.image import FeatureSettings, ImageDetector
+    from dxmi_ad.training.fit import build_model
+
+    det = ImageDetector(DxMIConfig(energy="autoencoder", spherical=True, energy_hidden=16, energy_layers=1,
+                                   latent_dim=4, sampler_hidden=16, sampler_layers=1, value_hidden=16, value_layers=1,
+                                   time_dim=8, n_steps=2), FeatureSettings(image_size=64))
+    det.config = det.config.replace(dim=det._extractor().channels)
+    det.model = build_model(det.config).eval()
+    traced = torch.jit.trace(Scorer(det), torch.rand(1, 3, 64, 64))  # traced at the model size
+    other = torch.rand(2, 3, 40, 72, generator=torch.Generator().manual_seed(0))
+    score, amap = traced(other)
+    ref = det.predict(other)
+    torch.testing.assert_close(score, ref["pred_score"], rtol=1e-4, atol=1e-6)
+    assert amap.shape == (2, 40, 72)

@@ -51,7 +51,8 @@ def load_image_recipe(path: Path | None, sets: dict[str, Any]) -> dict[str, Any]
         raise ImageCLIError(str(err)) from err
     if set(recipe) - {"features", "model", "runtime", "scoring"}:
         msg = (f"image recipe {path} must be a mapping with 'features', 'model' (and optional 'scoring', 'runtime') "
-               "sections")
+               "sections; for a vector recipe (digits, wbc, wine, eight_gaussians) pass a vector dataset, e.g. "
+               "--dataset digits")
         raise ImageCLIError(msg)
     for section in ("features", "model", "runtime", "scoring"):
         if not isinstance(recipe.get(section) or {}, dict):

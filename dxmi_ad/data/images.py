@@ -293,11 +293,10 @@ def resize_images(images: torch.Tensor, size: int | tuple[int, int]) -> torch.Te
 
     The one resize of dxmi-ad: file loading, :meth:`~dxmi_ad.image.ImageDetector.predict` on other sizes, the
     exported scorer and anomalib's ``Resize(antialias=True)`` pre-processor all compute the same values (half-pixel
-    centres, ``align_corners=False``). A batch already at ``size`` is returned unchanged.
+    centres, ``align_corners=False``). A batch already at ``size`` comes back with the same values: the resize is
+    never skipped by a shape test, so a traced (exported) graph resizes every input size.
     """
     hw = (size, size) if isinstance(size, int) else tuple(size)
-    if tuple(images.shape[-2:]) == hw:
-        return images
     return F.interpolate(images, size=hw, mode="bilinear", align_corners=False, antialias=True)
 
 
