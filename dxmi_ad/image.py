@@ -444,17 +444,12 @@ def _check_rates(fpr: float | None, fdr: float | None) -> None:
 
 
 def _backbone_channels(features: FeatureSettings) -> int:
-    """Channels of the location vectors these settings give (the backbone is built without weights)."""
-    import timm
+    """Channels of the location vectors these settings give (the backbone is built without loading weights).
 
-    try:
-        body = timm.create_model(features.backbone, pretrained=False, features_only=True,
-                                 out_indices=features.out_indices)
-    except (RuntimeError, IndexError, KeyError, TypeError, ValueError) as err:
-        msg = (f"cannot build backbone {features.backbone!r} with out_indices {list(features.out_indices)} ({err}); "
-               "features.backbone must be a timm model name and features.out_indices its stage indices")
-        raise ValueError(msg) from err
-    return int(sum(body.feature_info.channels()))
+    Raises:
+        ValueError: An unknown backbone or stage indices it does not have (from :class:`FeatureExtractor`).
+    """
+    return FeatureExtractor(features.backbone, features.out_indices, pretrained=False).channels
 
 
 class ImageDetector:
