@@ -71,7 +71,7 @@ def texture_checks(recipe: dict, n_splits: int, seed: int = 0) -> tuple[list, fl
     test = [s for s in samples if s.split == "test"]
     scores = det.score_samples(test)["pred_score"]
     labels = np.array([s.label for s in test])
-    checks = [calibration_check(det.calibration.scores, scores[labels == 0], scores[labels == 1], FPR, FDR,
+    checks = [calibration_check(det.calibration_.scores, scores[labels == 0], scores[labels == 1], FPR, FDR,
                                 n_splits, seed)]
     return checks, time.perf_counter() - t0
 

@@ -107,7 +107,7 @@ def main() -> None:
         index=False, float_format=lambda v: f"{v:.4f}"))
     size = (feats.image_size, feats.image_size)
     for name, m in (("selected", model), ("autoencoder start", base)):
-        det.model = m.cpu().eval()
+        det.model_ = m.cpu().eval()
         scored = {**det.score_feature_maps(test_feats, size), "gt_mask": masks}
         mean = metrics_table(test, scored).set_index("category").loc["mean"]
         print(f"test ({name}): image AUROC {mean['image_AUROC']:.3f}, pixel AUROC {mean['pixel_AUROC']:.3f}")

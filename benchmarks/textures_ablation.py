@@ -103,7 +103,7 @@ def main() -> None:
             out = {"variant": name, "seed": seed, "blur": blur}
             for sigma, tag in ((0.0, ""), (blur, " blur")):
                 det.scoring = ScoringSettings(blur_sigma=sigma)
-                det.model = model
+                det.model_ = model
                 scored = {**det.score_feature_maps(test_feats, size), "gt_mask": masks}
                 mean = metrics_table(test, scored).set_index("category").loc["mean"]
                 out[f"image{tag}"] = mean["image_AUROC"]

@@ -81,7 +81,7 @@ def main() -> None:
 
         def evaluate(model, name: str, seconds: float, history: list) -> None:
             det = ImageDetector(base_cfg, feats)
-            det.model = model
+            det.model_ = model
             scored = {**det.score_feature_maps(test_feats, size), "gt_mask": masks}
             mean = metrics_table(test, scored).set_index("category").loc["mean"]
             last = history[-1] if history else {}

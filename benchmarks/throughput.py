@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PAPER_ITERS = 711_284 * 100 / 784
 PAPER = {"dim": 272, "n_steps": 5, "batch_size": 784, "sampler_hidden": 2048, "sampler_layers": 3,
          "value_hidden": 1024, "value_layers": 3, "energy_hidden": 1024, "energy_layers": 3, "latent_dim": 128,
-         "spherical": True, "energy": "autoencoder", "initial": "autoencoder", "entropy_weight": 0.1,
+         "spherical": True, "energy_model": "autoencoder", "initial": "autoencoder", "entropy_weight": 0.1,
          "velocity_weight": 0.01, "ae_pretrain_iter": 0, "n_iter": 0}
 
 

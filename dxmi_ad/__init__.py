@@ -6,7 +6,7 @@ jointly with it stays available for generation.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["DxMIConfig", "DxMIDetector", "PyODDxMIDetector", "__version__", "load"]
 

@@ -46,14 +46,15 @@ from anomalib.pre_processing import PreProcessor
 from torch import nn
 from torchvision.transforms.v2 import Compose, Resize
 
+from dxmi_ad import recipes
 from dxmi_ad.checkpoint import read_yaml_mapping
 from dxmi_ad.config import DxMIConfig
 from dxmi_ad.features.extractor import FeatureExtractor
-from dxmi_ad.scoring import MapScorer, ScoringSettings
 from dxmi_ad.nn.model import DxMIModel
-from dxmi_ad.training.dxdp import AutoencoderPretrainer, DxDPTrainer, _batches
-from dxmi_ad import recipes
-from dxmi_ad.training.fit import StageSchedule, build_model, count_updates, plan_stages, scale_schedule
+from dxmi_ad.scoring import MapScorer, ScoringSettings
+from dxmi_ad.training.dxdp import DxDPTrainer, _batches
+from dxmi_ad.training.fit import build_model, count_updates, scale_schedule
+from dxmi_ad.training.schedule import StagedTraining, StageSchedule, plan_stages
 
 __all__ = ["Dxmi", "DxmiTorchModel"]
 
@@ -147,7 +148,7 @@ class Dxmi(AnomalibModule):
         self._overrides = dict(model_overrides or {})
         params.update(model_overrides or {})
         self.dxmi_config = DxMIConfig.from_dict({**params, "dim": extractor.channels, "seed": seed})
-        if self.dxmi_config.energy == "autoencoder":  # bottleneck < feature channels, refused before any training
+        if self.dxmi_config.energy_model == "autoencoder":  # bottleneck < feature channels, refused before any training
             from dxmi_ad.nn.energy import autoencoder_latent_dim
 
             autoencoder_latent_dim(self.dxmi_config.dim, self.dxmi_config.latent_dim, self.dxmi_config.spherical)
@@ -156,10 +157,8 @@ class Dxmi(AnomalibModule):
         self.features = {"backbone": backbone, "out_indices": tuple(out_indices), "image_size": self.image_size,
                          "pretrained": pretrained, "weights": weights, "neighbourhood": int(neighbourhood)}
         self._generator = torch.Generator().manual_seed(seed)
-        self._ae: AutoencoderPretrainer | None = None
-        self._dxdp: DxDPTrainer | None = None
+        self._staged: StagedTraining | None = None
         self._pending_state: tuple[dict, dict] | None = None
-        self._sampler_opt: tuple[torch.optim.Optimizer, Any] | None = None
         self.schedule: StageSchedule | None = None  # set from the trainer at the first training step
         self.register_buffer("updates_done", torch.zeros((), dtype=torch.long))
 
@@ -258,59 +257,33 @@ class Dxmi(AnomalibModule):
             self._plan_from_trainer(max(1, len(vectors) // max(1, len(batch.image))))
             cfg = self.dxmi_config
         n_updates = self.updates_per_batch or max(1, math.ceil(len(vectors) / cfg.batch_size))
-        ae_end = self.schedule.ae_pretrain  # 0 unless the energy is an autoencoder (as in the CLI's run)
-        sampler_end = ae_end + self.schedule.sampler_pretrain
+        if self._staged is None:  # the one schedule of every training path (dxmi_ad.training.schedule)
+            done = int(self.updates_done)
+            trainer = None
+            if self._pending_state is not None:  # resumed from a Lightning checkpoint
+                trainer = DxDPTrainer(dxmi, cfg)
+                trainer.load_state(*self._pending_state)
+                self._pending_state = None
+            self._staged = StagedTraining(dxmi, cfg, self.schedule, trainer=trainer, done=done)
+        names = {"ae_loss": "train/ae_loss", "ddpm_loss": "train/sampler_ddpm_loss"}
         out: dict[str, torch.Tensor] = {}
         for _ in range(n_updates):
-            x = _batches(vectors, cfg.batch_size, gen)
-            done = int(self.updates_done)
-            if done == ae_end:  # autoencoder pre-training just ended (never on resume)
-                dxmi.freeze_initial()  # the start network copies the pretrained autoencoder (docs/paper_map.md)
-            if done < ae_end:
-                if self._ae is None:
-                    self._ae = AutoencoderPretrainer(dxmi.energy, cfg.ae_lr)
-                loss = self._ae.step(x)
-                out = {"loss": torch.tensor(loss)}
-                self.log("train/ae_loss", loss, prog_bar=True)
-            elif done < sampler_end:
-                out = {"loss": self._sampler_pretrain_step(x, gen, done + 1 == sampler_end)}
-                self.log("train/sampler_ddpm_loss", out["loss"], prog_bar=True)
+            diag = self._staged.step(_batches(vectors, cfg.batch_size, gen), gen)
+            if "ae_loss" in diag or "ddpm_loss" in diag:
+                (key, loss), = diag.items()
+                out = {"loss": loss}
+                self.log(names[key], loss, prog_bar=True)
             else:
-                if self._dxdp is None:
-                    self._dxdp = DxDPTrainer(dxmi, cfg)
-                    if self._pending_state is not None:  # resumed from a Lightning checkpoint
-                        self._dxdp.load_state(*self._pending_state)
-                        self._pending_state = None
-                diag = self._dxdp.step(x, gen)
                 out = {"loss": diag["energy_data"] - diag["energy_samples"], **diag}
                 self.log_dict({f"train/{k}": v for k, v in diag.items() if v.ndim == 0}, prog_bar=False)
             self.updates_done += 1
         return out
 
-    def _sampler_pretrain_step(self, x: torch.Tensor, gen: torch.Generator, last: bool) -> torch.Tensor:
-        """One DDPM step of the sampler (as :func:`~dxmi_ad.training.dxdp.pretrain_sampler`: Adam, cosine decay)."""
-        cfg, dxmi = self.dxmi_config, self.model.dxmi
-        n = cfg.sampler_pretrain_iter
-        if self._sampler_opt is None:
-            opt = torch.optim.Adam(dxmi.sampler.mean_parameters(), lr=cfg.sampler_pretrain_lr)
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, n) / n)))
-            self._sampler_opt = (opt, sched)
-        opt, sched = self._sampler_opt
-        dxmi.sampler.train()
-        loss = dxmi.sampler.ddpm_loss(x, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        dxmi.sampler.eval()
-        if last:  # as the CLI's run: AVR starts from the pre-trained sampler's velocity scales
-            dxmi.velocity_scale_sq.copy_(dxmi.sampler.initial_velocity_scale_sq())
-        return loss.detach()
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the DxMI optimizers' state (Lightning checkpoints are anomalib's format; the weights are in it)."""
-        if self._dxdp is not None:
-            checkpoint["dxmi_trainer"] = {"tensors": self._dxdp.state_tensors(), "meta": self._dxdp.state_meta()}
+        if self._staged is not None and self._staged.stage == "dxmi":
+            trainer = self._staged.trainer
+            checkpoint["dxmi_trainer"] = {"tensors": trainer.state_tensors(), "meta": trainer.state_meta()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the DxMI optimizers' state when training continues from a Lightning checkpoint."""
@@ -341,14 +314,15 @@ class Dxmi(AnomalibModule):
             calibration_images: Normal images the model did **not** train on (never the test set), to carry a
                 decision rule: a folder (its images, recursively, hidden names skipped), a list of files, or an
                 image batch / list accepted by :meth:`ImageDetector.predict` (tensor, numpy, PIL). None: no rule.
-            fpr, fdr: The decision rule (see :meth:`ImageDetector.calibrate`; default: target FPR 0.01, or the
-                smallest rate the calibration set supports, warned).
+            fpr: Target false-positive rate of the decision rule (see :meth:`ImageDetector.calibrate`; default
+                0.01, or the smallest rate the calibration set supports, warned).
+            fdr: Benjamini-Hochberg false discovery rate instead of ``fpr``.
             batch_size: Images per forward pass while scoring the calibration images.
 
         Returns:
             The detector. Without ``calibration_images`` it has no calibration, so it makes no decisions: a
             :class:`UserWarning` says so, ``predict`` returns no ``pred_label``, and after ``save`` ``dxmi-ad score``
-            leaves ``is_anomaly`` empty until ``dxmi-ad calibrate --model RUN --calibration-dir DIR`` is run.
+            leaves ``pred_label`` empty until ``dxmi-ad calibrate --model RUN --calibration-dir DIR`` is run.
 
         Raises:
             ValueError: Unreadable calibration files (named), NaN pixels, or no images in the folder.
@@ -360,10 +334,10 @@ class Dxmi(AnomalibModule):
 
         det = ImageDetector(self.dxmi_config, FeatureSettings(**self.features), scoring=self.scoring)
         det.extractor = self.model.extractor
-        det.model = self.model.dxmi.eval()
+        det.model_ = self.model.dxmi.eval()
         if calibration_images is None:
             warnings.warn("to_detector() without calibration_images: the detector has no decision rule (no "
-                          "pred_label, empty is_anomaly); pass normal images the model did not train on, or run "
+                          "pred_label, empty pred_label column); pass normal images the model did not train on, or run "
                           "`dxmi-ad calibrate --model RUN --calibration-dir DIR` after saving", UserWarning,
                           stacklevel=2)
             return det

@@ -325,7 +325,8 @@ class Calibration:
 
     def describe(self) -> str:
         """One line: the rule, its target, its threshold (none under ``"fdr"``: decisions depend on the batch) and
-        the calibration size."""
+        the calibration size.
+        """
         if self.rule == "fdr":
             target = f"target FDR {self.fdr:g} (Benjamini-Hochberg per scored batch); no fixed threshold"
         elif self.rule == "f1":
@@ -504,7 +505,8 @@ class Calibration:
     @classmethod
     def load_if_present(cls, directory: str | Path, warn: bool = True) -> Calibration | None:
         """:meth:`load`, or None (with a logged warning unless ``warn`` is False) when the folder has no
-        ``calibration.json``: scores still work; decisions and p-values need `dxmi-ad calibrate`."""
+        ``calibration.json``: scores still work; decisions and p-values need `dxmi-ad calibrate`.
+        """
         if (Path(directory) / CALIBRATION_FILE).is_file():
             return cls.load(directory)
         if warn:

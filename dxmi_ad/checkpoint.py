@@ -183,7 +183,7 @@ def check_model_meta(meta: Any, path: str | os.PathLike[str]) -> None:
 
 
 def remove_stale_temporaries(directory: str | os.PathLike[str], final_name: str) -> list[Path]:
-    """Remove the temporary folders that killed writers left in ``directory`` for final names matching
+    r"""Remove the temporary folders that killed writers left in ``directory`` for final names matching
     ``final_name`` (a regular expression; the folders :func:`atomic_directory` makes: ``.<final>.[old.]pid<N>.<8>``).
 
     The temporary name carries the writer's process id: a folder of a live process on this machine is kept (a

@@ -18,7 +18,7 @@ from typing import Any
 __all__ = ["DxMIConfig"]
 
 _CHOICES = {
-    "energy": ("autoencoder", "mlp", "shared"),
+    "energy_model": ("autoencoder", "mlp", "shared"),
     "initial": ("gaussian", "autoencoder", "feature_noise"),
     "parameterization": ("residual", "eps"),
     "lr_schedule": ("constant", "cosine"),
@@ -103,7 +103,7 @@ class DxMIConfig:
         seed: Random seed.
         mode: ``"vector"`` (MLPs on ``(N, D)`` vectors) or ``"pixel"`` (images ``(N, C, H, W)`` in [-1, 1]: a U-Net
             sampler and a normalization-free convolutional ResNet value shared with the energy, the paper's image
-            generation variant, docs/paper_map.md). Pixel mode needs ``energy="shared"``,
+            generation variant, docs/paper_map.md). Pixel mode needs ``energy_model="shared"``,
             ``parameterization="eps"`` and ``initial="gaussian"``.
         image_channels, image_size: Image shape ``(C, H, W)`` with ``H = W = image_size`` (pixel mode; ``dim`` must
             be ``C * H * W``).
@@ -129,7 +129,7 @@ class DxMIConfig:
 
     dim: int = 2
     n_steps: int = 5
-    energy: str = "autoencoder"
+    energy_model: str = "autoencoder"
     spherical: bool = False
     project_samples: bool = False
     initial: str = "autoencoder"
@@ -261,8 +261,8 @@ class DxMIConfig:
         if self.init_input_steps and self.mode != "vector":
             msg = f"init_input_steps > 0 needs mode='vector', got mode={self.mode!r}"
             raise ValueError(msg)
-        if self.initial == "autoencoder" and self.energy != "autoencoder":
-            msg = "initial='autoencoder' needs energy='autoencoder' (the start is perturbed by a frozen copy of it)"
+        if self.initial == "autoencoder" and self.energy_model != "autoencoder":
+            msg = "initial='autoencoder' needs energy_model='autoencoder' (the start is perturbed by a frozen copy of it)"
             raise ValueError(msg)
         if self.sampler_pretrain_iter and (self.parameterization != "eps" or self.initial != "gaussian"):
             msg = ("sampler_pretrain_iter > 0 (DDPM pre-training) needs parameterization='eps' and initial='gaussian' "
@@ -272,10 +272,10 @@ class DxMIConfig:
             msg = f"time_cost_scale must be >= 0 or null, got {self.time_cost_scale}"
             raise ValueError(msg)
         if self.mode == "pixel":
-            wrong = {k: getattr(self, k) for k, v in (("energy", "shared"), ("parameterization", "eps"),
+            wrong = {k: getattr(self, k) for k, v in (("energy_model", "shared"), ("parameterization", "eps"),
                                                       ("initial", "gaussian")) if getattr(self, k) != v}
             if wrong:
-                msg = f"mode='pixel' needs energy='shared', parameterization='eps', initial='gaussian'; got {wrong}"
+                msg = f"mode='pixel' needs energy_model='shared', parameterization='eps', initial='gaussian'; got {wrong}"
                 raise ValueError(msg)
             shape = self.image_channels * self.image_size * self.image_size
             if self.dim != shape:
@@ -319,7 +319,8 @@ class DxMIConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DxMIConfig:
-        """Build from a dict; unknown keys are reported all at once.
+        """Build from a dict; unknown keys are reported all at once. The key ``energy`` (this field's name before
+        version 0.2) is read as ``energy_model``.
 
         Raises:
             ValueError: Not a mapping, unknown keys, or out-of-range values.
@@ -327,6 +328,8 @@ class DxMIConfig:
         if not isinstance(data, dict):
             msg = f"model settings must be a mapping of field: value, got {type(data).__name__} {data!r:.80}"
             raise ValueError(msg)
+        if "energy" in data:  # the field's name before version 0.2 (run directories written then still load)
+            data = {("energy_model" if k == "energy" else k): v for k, v in data.items()}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known, key=str)
         if unknown:

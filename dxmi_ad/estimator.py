@@ -24,10 +24,10 @@ from sklearn.base import BaseEstimator, OutlierMixin
 from sklearn.utils._param_validation import Interval, InvalidParameterError, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from dxmi_ad.calibration import (CALIBRATION_FILE, Calibration, CalibrationError, check_rate, min_calibration_size,
-                                 resolve_fpr)
+from dxmi_ad.calibration import CALIBRATION_FILE
 from dxmi_ad.checkpoint import load_model_dir, save_model_dir
 from dxmi_ad.config import DxMIConfig
+from dxmi_ad.decision import MAX_CALIBRATION_FRACTION, CalibratedDetector, check_rates, holdout_split, refuse_unsupported_rates
 from dxmi_ad.nn.energy import autoencoder_latent_dim
 from dxmi_ad.training.fit import ProgressCallback, build_model, train_model
 
@@ -46,7 +46,7 @@ def _resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-class DxMIDetector(OutlierMixin, BaseEstimator):
+class DxMIDetector(CalibratedDetector, OutlierMixin, BaseEstimator):
     """Anomaly detector whose score is the energy of an EBM trained by DxMI (the scikit-learn way).
 
     ``fit`` standardises the features, pre-trains an autoencoder energy on the normal rows, then runs DxMI: the
@@ -65,7 +65,7 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
         velocity_weight: tau2, weight of the velocity cost.
         energy_l2_weight: gamma, energy-magnitude regularizer.
         n_iter: DxMI iterations.
-        ae_pretrain_iter: Autoencoder pre-training steps (``energy="autoencoder"``).
+        ae_pretrain_iter: Autoencoder pre-training steps (``energy_model="autoencoder"``).
         sampler_pretrain_iter: DDPM pre-training steps of the sampler (uses the ``"eps"`` parameterization).
         batch_size: Rows per iteration.
         hidden: Width of every hidden layer (sampler, value, energy).
@@ -145,7 +145,7 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
         "spherical": ["boolean"],
         "standardize": ["boolean"],
         "contamination": [StrOptions({"auto"}), Interval(Real, 0, 0.5, closed="right")],
-        "calibration_fraction": [Interval(Real, 0, 0.9, closed="both")],
+        "calibration_fraction": [Interval(Real, 0, MAX_CALIBRATION_FRACTION, closed="both")],
         "fpr": [Interval(Real, 0, 1, closed="neither"), None],
         "fdr": [Interval(Real, 0, 1, closed="neither"), None],
         "config_overrides": [dict, None],
@@ -231,7 +231,7 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
         """Resolve the constructor parameters into a :class:`DxMIConfig` for ``dim`` features."""
         is_ae = self.energy_model == "autoencoder"
         params: dict[str, Any] = {
-            "dim": dim, "n_steps": self.n_steps, "energy": self.energy_model, "spherical": self.spherical,
+            "dim": dim, "n_steps": self.n_steps, "energy_model": self.energy_model, "spherical": self.spherical,
             "initial": "autoencoder" if is_ae else "gaussian",
             "parameterization": "eps" if (self.sampler_pretrain_iter or not is_ae) else "residual",
             "fix_last_sigma": not is_ae,
@@ -251,7 +251,7 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
         }
         params.update(self.config_overrides or {})
         config = DxMIConfig.from_dict(params)
-        if config.energy == "autoencoder":  # the bottleneck must be narrower than the input (refused otherwise)
+        if config.energy_model == "autoencoder":  # the bottleneck must be narrower than the input (refused otherwise)
             autoencoder_latent_dim(config.dim, config.latent_dim, config.spherical)
         return config
 
@@ -327,20 +327,15 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
             self._refuse_rows(np.abs(X_all) > _FLOAT32_MAX, "values beyond the float32 range the model computes "
                               f"in (|x| > {_FLOAT32_MAX:.3g})")
         seed = self._seed()
-        n_cal = int(self.calibration_fraction * len(X_all))
-        if n_cal >= 1 and len(X_all) - n_cal >= 2:
-            order = np.random.default_rng(seed).permutation(len(X_all))
-            X, X_cal = X_all[order[n_cal:]], X_all[order[:n_cal]]
-            source = f"{n_cal} of the {len(X_all)} fit rows held out (seed {seed})"
+        fit_rows, cal_rows = holdout_split(len(X_all), self.calibration_fraction, seed)
+        if len(cal_rows):
+            X, X_cal = X_all[fit_rows], X_all[cal_rows]
+            source = f"{len(cal_rows)} of the {len(X_all)} fit rows held out (seed {seed})"
         else:
             X, X_cal = X_all, None
             source = "the training rows (too few rows to hold out a calibration set; p-values are optimistic)"
-        n_cal_rows = len(X_cal) if X_cal is not None else len(X)
-        for rate in (self.fpr, self.fdr):  # refuse an unsupported rate before training, not after
-            if rate is not None and n_cal_rows < min_calibration_size(rate):
-                msg = (f"a target rate of {rate:g} needs at least {min_calibration_size(rate)} calibration rows, "
-                       f"got {n_cal_rows}: raise calibration_fraction, add rows, or ask for a larger rate")
-                raise CalibrationError(msg)
+        refuse_unsupported_rates(self.fpr, self.fdr, len(X_cal) if X_cal is not None else len(X), "rows",
+                                 "raise calibration_fraction, add rows, or ask for a larger rate")  # before training
         if self.spherical:  # rows are L2-normalized, not standardized (and may be too large for moments)
             self.mean_, self.scale_ = np.zeros(X.shape[1], np.float32), np.ones(X.shape[1], np.float32)
         else:
@@ -369,14 +364,13 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
         self._calibrate(self.energy(X_cal) if X_cal is not None else self.energy(X), source, all_energy)
         return self
 
-    def _calibrate(self, cal_energy: np.ndarray, source: str, fit_energy: np.ndarray | None,
+    def _calibrate(self, cal_energy: np.ndarray | None, source: str, fit_energy: np.ndarray | None,
                    validation: tuple[np.ndarray, np.ndarray] | None = None, fpr: float | None = None,
                    fdr: float | None = None) -> None:
         """Set ``calibration_`` and ``offset_`` from calibration energies (see the class docstring)."""
         if fpr is None and fdr is None and validation is None:  # no new rule asked for: the estimator's own
             fpr, fdr = self.fpr, self.fdr
-        cal = Calibration.fit(cal_energy, fpr=resolve_fpr(fpr, len(cal_energy), warn=fdr is None and validation is None),
-                              fdr=fdr, validation=validation, source=source)
+        cal = self._set_calibration(cal_energy, fpr, fdr, validation, source)
         explicit = fpr is not None or fdr is not None or validation is not None
         c = self._auto_contamination if self.contamination == "auto" else float(self.contamination)
         if not explicit and fit_energy is not None and c is not None:
@@ -401,7 +395,8 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
             fpr: Target false-positive rate in (0, 1) (default: the estimator's ``fpr``, else 0.01 or the smallest
                 rate the calibration set supports).
             fdr: Target false discovery rate in (0, 1): Benjamini-Hochberg per ``predict`` batch.
-            X_validation, y_validation: Labelled rows (``y`` 1 = anomalous) for an F1-optimal threshold; without
+            X_validation: Labelled rows ``(m, n_features)`` for an F1-optimal threshold.
+            y_validation: Their labels ``(m,)`` (1 = anomalous); without
                 both classes a :class:`UserWarning` is issued and the target-FPR rule kept.
 
         Returns:
@@ -414,17 +409,12 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
                 together with a validation set.
         """
         check_is_fitted(self, "model_")
-        if fpr is not None:  # ranges before any scoring (fdr=0 used to divide by zero)
-            check_rate("fpr", fpr)
-        if fdr is not None:
-            check_rate("fdr", fdr)
+        check_rates(fpr, fdr)  # ranges before any scoring (fdr=0 used to divide by zero)
+        energies, source = None, ""
         if X is not None:
             energies, source = self.energy(X), f"{len(np.asarray(X))} rows given to calibrate()"
-        elif getattr(self, "calibration_", None) is not None:
-            energies, source = self.calibration_.scores, self.calibration_.source
         else:
-            msg = "this model has no stored calibration: pass normal calibration rows, calibrate(X)"
-            raise ValueError(msg)
+            self._require_calibration("pass normal calibration rows, calibrate(X)")
         validation = None
         if X_validation is not None or y_validation is not None:
             if X_validation is None or y_validation is None:
@@ -451,10 +441,8 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
             float64 array of shape ``(n_samples,)`` in ``[1/(n_cal+1), 1]``.
         """
         check_is_fitted(self, "model_")
-        if getattr(self, "calibration_", None) is None:
-            msg = "this model has no calibration (saved without calibration.json): call calibrate(X) with normal rows"
-            raise ValueError(msg)
-        return self.calibration_.p_values(self.energy(X))
+        self._require_calibration("call calibrate(X) with normal rows")
+        return self.p_values_of(self.energy(X))
 
     # ------------------------------------------------------------------ scores
     def energy(self, X: Any) -> np.ndarray:
@@ -518,9 +506,7 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
 
     def _flag(self, X: Any) -> np.ndarray:
         check_is_fitted(self, "model_")
-        if getattr(self, "calibration_", None) is None:
-            msg = "this model has no calibration (saved without calibration.json): call calibrate(X) with normal rows"
-            raise ValueError(msg)
+        self._require_calibration("call calibrate(X) with normal rows")
         energy = self.energy(X)
         if self.calibration_.rule == "fdr":
             return self.calibration_.decide(energy)
@@ -583,10 +569,7 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
         meta = {"kind": type(self).__name__, "params": params, "config": self.config_.to_dict(),
                 "n_features_in": int(self.n_features_in_), "history": self.history_[-1:]}
         save_model_dir(path, tensors, meta)
-        if getattr(self, "calibration_", None) is not None:
-            self.calibration_.save(path)
-        else:
-            (Path(path) / CALIBRATION_FILE).unlink(missing_ok=True)  # never leave a stale rule beside new weights
+        self._save_calibration(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], device: str = "cpu") -> DxMIDetector:
@@ -617,7 +600,7 @@ class DxMIDetector(OutlierMixin, BaseEstimator):
             det.scale_ = tensors["scaler.scale"].numpy()
             det.start_bank_ = tensors["start_bank"]
             if (Path(path) / CALIBRATION_FILE).is_file():
-                det.calibration_ = Calibration.load(path)
+                det._load_calibration(path)
                 det.offset_ = -float(det.calibration_.threshold)  # `dxmi-ad calibrate` may have changed it
             else:
                 warnings.warn(f"{path} has no {CALIBRATION_FILE}: scores work, decisions need calibrate()",

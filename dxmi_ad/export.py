@@ -47,7 +47,7 @@ class Scorer(nn.Module):
 
     def __init__(self, detector: Any, input_dtype: str = "float32") -> None:
         super().__init__()
-        if detector.model is None:
+        if detector.model_ is None:
             msg = "the detector is not trained"
             raise ValueError(msg)
         if input_dtype not in ("float32", "uint8"):
@@ -73,7 +73,7 @@ def export_metadata(detector: Any, input_dtype: str, input_size: tuple[int, int]
 
     import dxmi_ad
 
-    cal = detector.calibration
+    cal = detector.calibration_
     return {
         "producer": f"dxmi-ad {dxmi_ad.__version__}", "input": "images (B, 3, H, W) RGB",
         "input_dtype": input_dtype, "input_range": "[0, 255]" if input_dtype == "uint8" else "[0, 1]",

@@ -27,12 +27,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dxmi_ad.calibration import CALIBRATION_FILE, Calibration, CalibrationError, min_calibration_size, resolve_fpr
+from dxmi_ad.calibration import Calibration
 from dxmi_ad.checkpoint import atomic_write_text, load_model_dir, save_model_dir
 from dxmi_ad.config import DxMIConfig
 from dxmi_ad.data.images import ImageReadError, load_image, load_mask, resize_images
 from dxmi_ad.data.mvtec import ImageSample
 from dxmi_ad.data.textures import default_cache_dir
+from dxmi_ad.decision import CalibratedDetector, check_calibration_fraction, check_rates, holdout_split, \
+    refuse_unsupported_rates
 from dxmi_ad.features.extractor import FeatureExtractor
 from dxmi_ad.scoring import MapScorer, ScoringSettings
 from dxmi_ad.nn.model import DxMIModel
@@ -420,11 +422,9 @@ def split_calibration(samples: Sequence[ImageSample], fraction: float, seed: int
         ``(fit, calibration)`` lists, each in the input order.
 
     Raises:
-        ValueError: If ``fraction`` is outside [0, 0.9].
+        ValueError: If ``fraction`` is outside [0, 0.9] (:func:`~dxmi_ad.decision.check_calibration_fraction`).
     """
-    if not 0.0 <= fraction <= 0.9:
-        msg = f"the calibration fraction must be in [0, 0.9], got {fraction}"
-        raise ValueError(msg)
+    fraction = check_calibration_fraction(fraction)
     rng = np.random.default_rng(seed)
     held: set[int] = set()
     for cat in sorted({s.category for s in samples}):
@@ -432,15 +432,6 @@ def split_calibration(samples: Sequence[ImageSample], fraction: float, seed: int
         n = min(max(int(fraction * len(idx)), minimum), max(len(idx) - 2, 0))
         held.update(int(i) for i in rng.permutation(idx)[:n])
     return ([s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held])
-
-
-def _check_rates(fpr: float | None, fdr: float | None) -> None:
-    """``fpr`` / ``fdr`` in (0, 1) when given (:func:`dxmi_ad.calibration.check_rate`), before any work."""
-    from dxmi_ad.calibration import check_rate
-
-    for name, value in (("fpr", fpr), ("fdr", fdr)):
-        if value is not None:
-            check_rate(name, value)
 
 
 def _backbone_channels(features: FeatureSettings) -> int:
@@ -452,7 +443,7 @@ def _backbone_channels(features: FeatureSettings) -> int:
     return FeatureExtractor(features.backbone, features.out_indices, pretrained=False).channels
 
 
-class ImageDetector:
+class ImageDetector(CalibratedDetector):
     """Feature extractor + vector DxMI energy head; scores images into ``pred_score`` and ``anomaly_map``.
 
     Args:
@@ -464,10 +455,11 @@ class ImageDetector:
             the paper's plain maximum.
 
     Attributes:
-        model: The trained :class:`DxMIModel` (after :meth:`fit` or :meth:`load`).
-        calibration: The :class:`~dxmi_ad.calibration.Calibration` of image scores (held-out normal images and the
-            decision rule); ``threshold`` is its threshold on ``pred_score`` (energy units).
-        history: DxMI training diagnostics.
+        model_: The trained :class:`DxMIModel` (after :meth:`fit` or :meth:`load`), else None.
+        calibration_: The :class:`~dxmi_ad.calibration.Calibration` of image scores (held-out normal images and the
+            decision rule; :class:`~dxmi_ad.decision.CalibratedDetector`), else None; ``threshold`` is its fixed
+            threshold on ``pred_score`` (energy units), None under the FDR rule.
+        history_: DxMI training diagnostics.
     """
 
     def __init__(self, config: DxMIConfig, features: FeatureSettings | None = None, runtime: Any = None,
@@ -477,9 +469,9 @@ class ImageDetector:
         self.features = features or FeatureSettings()
         self.scoring = scoring or ScoringSettings()
         self.extractor: FeatureExtractor | None = None
-        self.model: DxMIModel | None = None
-        self.calibration: Calibration | None = None
-        self.history: list[dict[str, Any]] = []
+        self.model_: DxMIModel | None = None
+        self.calibration_: Calibration | None = None
+        self.history_: list[dict[str, Any]] = []
         self.categories: list[str] = []
 
     def _extractor(self) -> FeatureExtractor:
@@ -493,10 +485,10 @@ class ImageDetector:
         Raises:
             RuntimeError: If the detector is not trained.
         """
-        if self.model is None:
+        if self.model_ is None:
             msg = "the detector is not trained; call fit() or load()"
             raise RuntimeError(msg)
-        return MapScorer(self.model.energy, self.scoring).eval()
+        return MapScorer(self.model_.energy, self.scoring).eval()
 
     # ------------------------------------------------------------------ training
     def fit(
@@ -519,7 +511,8 @@ class ImageDetector:
             calibration: Fraction of each category's training images held out as the calibration split (see
                 :func:`split_calibration`; 0 = calibrate on the training images, optimistic p-values), or a list
                 of held-out normal images (e.g. ``--calibration-dir``; never the test set).
-            fpr, fdr: Decision rule (see :meth:`calibrate`).
+            fpr: Target false-positive rate of the decision rule (see :meth:`calibrate`).
+            fdr: Benjamini-Hochberg false discovery rate instead (see :meth:`calibrate`).
 
         Returns:
             self.
@@ -529,7 +522,7 @@ class ImageDetector:
             ValueError: If there are no training images.
             dxmi_ad.calibration.CalibrationError: A calibration split too small for a requested rate.
         """
-        _check_rates(fpr, fdr)  # ranges before any feature extraction or training
+        check_rates(fpr, fdr)  # ranges before any feature extraction or training
         train = [s for s in samples if s.split == "train"]
         if not train:
             msg = "no training images"
@@ -550,12 +543,8 @@ class ImageDetector:
         if bad and not cal_part:
             msg = "every calibration image is unreadable; pass readable held-out normal images"
             raise ValueError(msg)
-        n_cal = len(cal_part) or len(fit_part)
-        for rate in (fpr, fdr):  # refuse an unsupported rate before training, not after
-            if rate is not None and n_cal < min_calibration_size(rate):
-                msg = (f"a target rate of {rate:g} needs at least {min_calibration_size(rate)} calibration images, "
-                       f"got {n_cal}: raise the calibration fraction, pass --calibration-dir, or ask for a larger rate")
-                raise CalibrationError(msg)
+        refuse_unsupported_rates(fpr, fdr, len(cal_part) or len(fit_part), "images",  # before training, not after
+                                 "raise the calibration fraction, pass --calibration-dir, or ask for a larger rate")
         extractor = self._extractor()
         validate = None
         if self.config.validate_every:  # honest model selection: held-out normals + synthetic anomalies
@@ -595,7 +584,8 @@ class ImageDetector:
             progress: Progress callback.
             calibration_fraction: Fraction of the maps held out (seeded) as the calibration split; with 0 the
                 training maps calibrate (optimistic p-values) unless :meth:`calibrate` is called afterwards.
-            fpr, fdr: Decision rule (see :meth:`calibrate`).
+            fpr: Target false-positive rate of the decision rule (see :meth:`calibrate`).
+            fdr: Benjamini-Hochberg false discovery rate instead (see :meth:`calibrate`).
             calibrate: False leaves calibration to the caller (``fit`` calibrates on its held-out images).
             validate: Model selection callback (see :func:`~dxmi_ad.training.fit.train_model`); ``fit`` builds it
                 from held-out training images when ``config.validate_every > 0``.
@@ -605,15 +595,14 @@ class ImageDetector:
         """
         self.categories = list(categories)
         n, h, w, c = feats.shape
-        n_cal = min(int(calibration_fraction * n), max(n - 2, 0))
-        order = np.random.default_rng(self.config.seed).permutation(n)
-        fit_rows, cal_rows = np.sort(order[n_cal:]), np.sort(order[:n_cal])
+        fit_rows, cal_rows = holdout_split(n, calibration_fraction, self.config.seed)
+        n_cal = len(cal_rows)
         self.config = self.config.replace(dim=c)
         if n_cal:
             vectors = torch.from_numpy(np.asarray(feats[fit_rows]).reshape(-1, c))
         else:
             vectors = torch.from_numpy(np.asarray(feats).reshape(n * h * w, c))  # memory-mapped, not copied
-        self.model, self.history = train_model(vectors, self.config, progress=progress, log_every=5,
+        self.model_, self.history_ = train_model(vectors, self.config, progress=progress, log_every=5,
                                                runtime=self.runtime, validate=validate)
         if not calibrate:
             return self
@@ -711,31 +700,24 @@ class ImageDetector:
             scores: Precomputed ``(n,)`` calibration image scores instead of ``samples``.
 
         Returns:
-            The new :class:`~dxmi_ad.calibration.Calibration` (also stored in ``self.calibration``).
+            The new :class:`~dxmi_ad.calibration.Calibration` (also stored in ``self.calibration_``).
 
         Raises:
             BadFilesError: Unreadable calibration/validation files without ``skip_bad_files``.
             dxmi_ad.calibration.CalibrationError: Too few calibration images for the rate (minimum stated).
             ValueError: ``fpr``/``fdr`` outside (0, 1), checked before any image is read.
         """
-        _check_rates(fpr, fdr)
-        files: list[str] = []
-        same_scores = scores is None and samples is None  # re-calibrating the stored scores
+        check_rates(fpr, fdr)
+        files: list[str] | None = None
         if scores is None and samples is not None:
             out = self.score_samples(samples)
             if out["errors"] and not skip_bad_files:
                 raise BadFilesError({samples[i].path: r for i, r in out["errors"].items()}, "calibration set")
             ok = np.flatnonzero(np.isfinite(out["pred_score"]))
-            ok = ok[np.argsort(out["pred_score"][ok], kind="stable")]  # files in the order of the sorted scores
-            scores = out["pred_score"][ok]
-            files = [str(samples[i].path) for i in ok]
+            scores, files = out["pred_score"][ok], [str(samples[i].path) for i in ok]
             source = source or f"{len(scores)} calibration images"
         elif scores is None:
-            if self.calibration is None:
-                msg = "no calibration scores: pass calibration images"
-                raise ValueError(msg)
-            scores, files = self.calibration.scores, self.calibration.files
-            source = source or self.calibration.source
+            self._require_calibration("pass calibration images")
         val = None
         if validation is not None:
             out = self.score_samples(validation)
@@ -743,26 +725,15 @@ class ImageDetector:
                 raise BadFilesError({validation[i].path: r for i, r in out["errors"].items()}, "validation set")
             ok = np.isfinite(out["pred_score"])
             val = (out["pred_score"][ok], np.array([s.label for s in validation])[ok])
-        if fpr is None and fdr is None and self.calibration is not None and same_scores:
-            fpr = self.calibration.fpr  # re-calibrating the same scores keeps the stored target rate
-        cal = Calibration.fit(scores, fpr=resolve_fpr(fpr, len(scores), warn=fdr is None and val is None), fdr=fdr,
-                              validation=val,
-                              source=source or "")
-        cal.files = files
-        self.calibration = cal
-        return cal
-
-    @property
-    def threshold(self) -> float | None:
-        """Decision threshold on ``pred_score`` (energy units), from the calibration; None before calibration."""
-        return None if self.calibration is None else self.calibration.threshold
+        return self._set_calibration(scores, fpr, fdr, val, source or "", files)
 
     def p_value(self, pred_score: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Split-conformal p-values ``(B,)`` of image scores ``(B,)`` against the calibration images."""
-        if self.calibration is None:
-            msg = "the detector is not calibrated; call fit() or calibrate()"
-            raise RuntimeError(msg)
-        return self.calibration.p_values(np.asarray(pred_score, dtype=np.float64))
+        """Split-conformal p-values ``(B,)`` of image scores ``(B,)`` against the calibration images.
+
+        Raises:
+            dxmi_ad.decision.NotCalibratedError: Before calibration.
+        """
+        return self.p_values_of(np.asarray(pred_score, dtype=np.float64))
 
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()
@@ -773,7 +744,8 @@ class ImageDetector:
     @torch.no_grad()
     def score_features(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(pred_score (B,), energy_map (B, h, w))`` from features ``(B, C, h, w)``; pred_score = max of the
-        (blurred, :class:`~dxmi_ad.scoring.ScoringSettings`) energy map."""
+        (blurred, :class:`~dxmi_ad.scoring.ScoringSettings`) energy map.
+        """
         scorer = self.scorer()
         emap = scorer.energy_map(features)
         return scorer.reduce(emap), emap
@@ -817,11 +789,7 @@ class ImageDetector:
                    "finite pixels: the model's weights are numerically broken; no decision is made")
             raise ValueError(msg)
         out = {"pred_score": pred_score, "anomaly_map": amap}
-        if self.calibration is not None:
-            s = pred_score.double().numpy()
-            out.update(pred_label=torch.from_numpy(self.calibration.decide(s)),
-                       p_value=torch.from_numpy(self.calibration.p_values(s)),
-                       normalized_score=torch.from_numpy(self.calibration.normalized(s)))
+        out.update({k: torch.from_numpy(v) for k, v in self.decisions(pred_score.double().numpy()).items()})
         return out
 
     def score_checked(self, images: torch.Tensor, size: tuple[int, int] | None = None
@@ -894,17 +862,14 @@ class ImageDetector:
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | Path, extra: dict[str, Any] | None = None) -> None:
         """Write ``model.safetensors`` + ``config.json`` + ``calibration.json`` (atomic per file; no pickle)."""
-        if self.model is None:
+        if self.model_ is None:
             msg = "nothing to save: the detector is not trained"
             raise RuntimeError(msg)
         meta = {"kind": "ImageDetector", "config": self.config.to_dict(), "features": asdict(self.features),
                 "scoring": self.scoring.to_dict(),
-                "categories": self.categories, "history": self.history[-1:], **(extra or {})}
-        save_model_dir(directory, self.model.checkpoint_tensors(), meta)
-        if self.calibration is not None:
-            self.calibration.save(directory)
-        else:
-            (Path(directory) / CALIBRATION_FILE).unlink(missing_ok=True)  # never a stale rule beside new weights
+                "categories": self.categories, "history": self.history_[-1:], **(extra or {})}
+        save_model_dir(directory, self.model_.checkpoint_tensors(), meta)
+        self._save_calibration(directory)
 
     @classmethod
     def load(cls, directory: str | Path) -> ImageDetector:
@@ -934,8 +899,8 @@ class ImageDetector:
                    f"config.dim = {model.config.dim}: the features section does not belong to these weights")
             raise ValueError(msg)
         det = cls(model.config, features, scoring=scoring)
-        det.model = model
-        det.calibration = Calibration.load_if_present(directory)
-        det.history = meta.get("history", [])
+        det.model_ = model
+        det._load_calibration(directory)
+        det.history_ = meta.get("history", [])
         det.categories = meta.get("categories", [])
         return det

@@ -24,7 +24,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from dxmi_ad.calibration import CALIBRATION_FILE, Calibration, resolve_fpr
+from dxmi_ad.calibration import Calibration
+from dxmi_ad.decision import CalibratedDetector, check_calibration_fraction, check_rates, holdout_split, \
+    refuse_unsupported_rates
 from dxmi_ad.checkpoint import load_model_dir, save_model_dir
 from dxmi_ad.config import DxMIConfig
 from dxmi_ad.data.images import resize_images
@@ -37,7 +39,7 @@ __all__ = ["PIXEL_DEFAULTS", "PixelDetector", "pixel_config"]
 #: The image-generation settings of the paper (docs/paper_map.md) with CPU-sized networks and
 #: learning rates (the paper fine-tunes a large pre-trained DDPM at sampler lr 1e-7 for 200 epochs on GPUs).
 PIXEL_DEFAULTS: dict[str, Any] = {
-    "mode": "pixel", "energy": "shared", "parameterization": "eps", "initial": "gaussian",
+    "mode": "pixel", "energy_model": "shared", "parameterization": "eps", "initial": "gaussian",
     "n_steps": 10, "reschedule": "var", "fix_last_sigma": True, "last_sigma": 1e-3,
     "entropy_weight": 0.1, "velocity_weight": 0.01, "energy_l2_weight": 1.0, "avr_momentum": 0.99,
     "time_cost": "sigmoid", "time_cost_scale": None, "value_resample": False,
@@ -62,7 +64,8 @@ def pixel_config(channels: int, size: int, **overrides: Any) -> DxMIConfig:
 
 def _as_images(images: Any, channels: int, size: int, what: str = "images") -> torch.Tensor:
     """Images ``(N, H, W)`` / ``(N, C, H, W)``, uint8 or float in [0, 1] -> float ``(N, channels, size, size)``
-    in [-1, 1]; resized with the package's one resize (bilinear, antialiased); 1 <-> 3 channels converted."""
+    in [-1, 1]; resized with the package's one resize (bilinear, antialiased); 1 <-> 3 channels converted.
+    """
     x = torch.as_tensor(np.asarray(images)) if not torch.is_tensor(images) else images
     if x.ndim == 3:
         x = x[:, None]
@@ -96,7 +99,7 @@ def _as_images(images: Any, channels: int, size: int, what: str = "images") -> t
     return x.clamp(0, 1) * 2 - 1
 
 
-class PixelDetector:
+class PixelDetector(CalibratedDetector):
     """Pixel-space DxMI detector and generator (docs/paper_map.md).
 
     Args:
@@ -104,9 +107,10 @@ class PixelDetector:
         runtime: Lightning Fabric execution (:class:`~dxmi_ad.training.runtime.Runtime`) or None (this process).
 
     Attributes:
-        model: The :class:`DxMIModel` (after :meth:`fit`, :meth:`pretrain` or :meth:`load`).
-        calibration: Decision rule on ``pred_score`` from held-out normal images, or None.
-        history: DxMI training diagnostics.
+        model_: The :class:`DxMIModel` (after :meth:`fit`, :meth:`pretrain` or :meth:`load`), else None.
+        calibration_: Decision rule on ``pred_score`` from held-out normal images
+            (:class:`~dxmi_ad.decision.CalibratedDetector`), or None.
+        history_: DxMI training diagnostics.
         stage: ``"pretrained"`` (DDPM sampler only, untrained energy) or ``"dxmi"``.
         data: Where the training images came from (dataset, class, seed), saved with the model so that a later
             ``--init-sampler`` can warn about a sampler that saw other data.
@@ -121,16 +125,17 @@ class PixelDetector:
             raise ValueError(msg)
         self.config = config
         self.runtime = runtime
-        self.model: DxMIModel | None = None
-        self.calibration: Calibration | None = None
-        self.history: list[dict[str, Any]] = []
+        self.model_: DxMIModel | None = None
+        self.calibration_: Calibration | None = None
+        self.history_: list[dict[str, Any]] = []
         self.stage = "untrained"
         self.data: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ training
     def to_model_input(self, images: Any, what: str = "images") -> torch.Tensor:
         """Images ``(N, H, W)`` or ``(N, C, H, W)`` (uint8, or float in [0, 1]; any size) -> ``(N, C, S, S)`` in
-        [-1, 1], the model's input. Raises ``ValueError`` naming the problem (shape, range, NaN row, channels)."""
+        [-1, 1], the model's input. Raises ``ValueError`` naming the problem (shape, range, NaN row, channels).
+        """
         c = self.config
         return _as_images(images, c.image_channels, c.image_size, what)
 
@@ -146,7 +151,7 @@ class PixelDetector:
         """
         x = self.to_model_input(images, "training images")
         cfg = self.config.replace(n_iter=0, sampler_pretrain_iter=max(self.config.sampler_pretrain_iter, 1))
-        self.model, _ = train_model(x, cfg, progress, runtime=self.runtime)
+        self.model_, _ = train_model(x, cfg, progress, runtime=self.runtime)
         self.stage = "pretrained"
         return self
 
@@ -164,7 +169,8 @@ class PixelDetector:
         Args:
             images: Normal training images ``(N, H, W)`` / ``(N, C, H, W)``.
             calibration: Fraction of ``images`` held out for calibration (0 = none), or held-out normal images.
-            fpr, fdr: Decision rule (see :class:`~dxmi_ad.calibration.Calibration`).
+            fpr: Target false-positive rate of the decision rule (see :class:`~dxmi_ad.calibration.Calibration`).
+            fdr: Benjamini-Hochberg false discovery rate instead.
             init_sampler: A pre-trained detector (:meth:`pretrain`) whose sampler network starts DxMI (its number of
                 steps may differ: the network is re-scheduled to this config's T with posterior sigmas).
             progress: Optional progress callback.
@@ -176,37 +182,34 @@ class PixelDetector:
             ValueError: Bad images, ``fpr``/``fdr`` outside (0, 1) (checked first), or an ``init_sampler`` whose
                 network does not fit this config.
         """
-        from dxmi_ad.calibration import check_rate
-
-        for name, value in (("fpr", fpr), ("fdr", fdr)):
-            if value is not None:
-                check_rate(name, value)
+        check_rates(fpr, fdr)
+        if isinstance(calibration, (int, float)) and not isinstance(calibration, bool):
+            check_calibration_fraction(calibration)  # before the images are converted or anything trains
         x = self.to_model_input(images, "training images")
         cal_x = None
         if isinstance(calibration, (int, float)) and not isinstance(calibration, bool):
-            if not 0 <= calibration < 1:
-                msg = f"calibration fraction must be in [0, 1), got {calibration}"
-                raise ValueError(msg)
-            n_cal = int(round(calibration * len(x)))
-            if n_cal:
-                perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.config.seed))
-                cal_x, x = x[perm[:n_cal]], x[perm[n_cal:]]
+            fit_rows, cal_rows = holdout_split(len(x), float(calibration), self.config.seed)
+            if len(cal_rows):
+                cal_x, x = x[torch.from_numpy(cal_rows)], x[torch.from_numpy(fit_rows)]
         elif calibration is not None:
             cal_x = self.to_model_input(calibration, "calibration images")
+        refuse_unsupported_rates(fpr, fdr, len(cal_x) if cal_x is not None else 0, "images",
+                                 "raise the calibration fraction, pass more calibration images, or ask for a larger "
+                                 "rate")
         model = None
         if init_sampler is not None:
             model = build_model(self.config)
             model.sampler.net.load_state_dict(self._sampler_net_state(init_sampler))
             model.velocity_scale_sq.copy_(model.sampler.initial_velocity_scale_sq())
-        self.model, self.history = train_model(x, self.config, progress, model=model, runtime=self.runtime)
+        self.model_, self.history_ = train_model(x, self.config, progress, model=model, runtime=self.runtime)
         self.stage = "dxmi"
         if cal_x is not None and len(cal_x):
-            self.calibrate(scores=self.model.score(cal_x).double().numpy(), fpr=fpr, fdr=fdr,
+            self.calibrate(scores=self.model_.score(cal_x).double().numpy(), fpr=fpr, fdr=fdr,
                            source=f"{len(cal_x)} held-out training images")
         return self
 
     def _sampler_net_state(self, other: PixelDetector) -> dict[str, torch.Tensor]:
-        if other.model is None:
+        if other.model_ is None:
             msg = "init_sampler is not trained"
             raise ValueError(msg)
         keys = ("image_channels", "image_size", "unet_channels", "unet_levels", "time_dim", "diffusion_steps")
@@ -215,7 +218,7 @@ class PixelDetector:
         if diff:
             msg = f"the pre-trained sampler does not fit this model (pre-trained vs now): {diff}"
             raise ValueError(msg)
-        return other.model.sampler.net.state_dict()
+        return other.model_.sampler.net.state_dict()
 
     # ------------------------------------------------------------------ calibration
     def calibrate(self, images: Any = None, fpr: float | None = None, fdr: float | None = None,
@@ -238,50 +241,31 @@ class PixelDetector:
             ValueError: Nothing to calibrate on, or ``fpr``/``fdr`` outside (0, 1) (checked before any scoring);
                 dxmi_ad.calibration.CalibrationError: too few images for the rate.
         """
-        from dxmi_ad.calibration import check_rate
-
-        for name, value in (("fpr", fpr), ("fdr", fdr)):
-            if value is not None:
-                check_rate(name, value)
+        check_rates(fpr, fdr)
         if scores is None and images is not None:
             scores = self.energy(images)
             source = source or f"{len(scores)} calibration images"
         elif scores is None:
-            if self.calibration is None:
-                msg = "no calibration scores: pass calibration images"
-                raise ValueError(msg)
-            scores, source = self.calibration.scores, source or self.calibration.source
-            fpr = fpr if fpr is not None or fdr is not None else self.calibration.fpr
+            self._require_calibration("pass calibration images")
         val = None
         if validation is not None:
             val = (self.energy(validation[0]), np.asarray(validation[1]))
-        scores = np.sort(np.asarray(scores, dtype=np.float64))
-        self.calibration = Calibration.fit(scores, fpr=resolve_fpr(fpr, len(scores), warn=fdr is None and val is None),
-                                           fdr=fdr, validation=val, source=source or "")
-        return self.calibration
-
-    @property
-    def threshold(self) -> float | None:
-        """Decision threshold on ``pred_score`` (energy units), or None before calibration."""
-        return None if self.calibration is None else self.calibration.threshold
+        return self._set_calibration(scores, fpr, fdr, val, source or "")
 
     def p_value(self, pred_score: np.ndarray | torch.Tensor) -> np.ndarray:
         """Split-conformal p-values ``(B,)`` in (0, 1] of energies ``(B,)`` against the calibration images.
 
         Raises:
-            RuntimeError: Before calibration.
+            dxmi_ad.decision.NotCalibratedError: Before calibration.
         """
-        if self.calibration is None:
-            msg = "the detector is not calibrated; call fit() or calibrate()"
-            raise RuntimeError(msg)
-        return self.calibration.p_values(np.asarray(pred_score, dtype=np.float64))
+        return self.p_values_of(np.asarray(pred_score, dtype=np.float64))
 
     # ------------------------------------------------------------------ scoring
     def _trained(self) -> DxMIModel:
-        if self.model is None:
+        if self.model_ is None:
             msg = "the detector is not trained; call fit() or load()"
             raise RuntimeError(msg)
-        return self.model
+        return self.model_
 
     def energy(self, images: Any, batch_size: int = 256) -> np.ndarray:
         """Energies ``(N,)`` float64 of images ``(N, H, W)`` / ``(N, C, H, W)``; higher = more anomalous."""
@@ -290,7 +274,8 @@ class PixelDetector:
 
     def _energy_and_map(self, x: torch.Tensor, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
         """One forward/backward pass over model inputs ``(N, C, S, S)``: energies ``(N,)`` float64 and input-gradient
-        maps ``(N, S, S)`` float32."""
+        maps ``(N, S, S)`` float32.
+        """
         model = self._trained()
         model.eval()
         energies, maps = [], []
@@ -313,7 +298,8 @@ class PixelDetector:
         """Score a batch: ``pred_score`` ``(N,)``, ``anomaly_map`` ``(N, S, S)`` and, once calibrated,
         ``pred_label`` ``(N,)`` bool, ``p_value`` ``(N,)`` in (0, 1], ``normalized_score`` ``(N,)`` in [0, 1]
         (threshold at 0.5). Raises ``ValueError`` for bad images (see :meth:`to_model_input`: NaN / infinite pixels
-        are refused with the row named) and for a non-finite energy (named; never turned into a decision)."""
+        are refused with the row named) and for a non-finite energy (named; never turned into a decision).
+        """
         s, amap = self._energy_and_map(self.to_model_input(images), batch_size)
         bad = np.flatnonzero(~np.isfinite(s))
         if len(bad):
@@ -321,9 +307,7 @@ class PixelDetector:
                    "model's weights are numerically broken; no decision is made")
             raise ValueError(msg)
         out: dict[str, np.ndarray] = {"pred_score": s, "anomaly_map": amap}
-        if self.calibration is not None:
-            out.update(pred_label=self.calibration.decide(s), p_value=self.calibration.p_values(s),
-                       normalized_score=self.calibration.normalized(s))
+        out.update(self.decisions(s))
         return out
 
     # ------------------------------------------------------------------ generation
@@ -380,12 +364,9 @@ class PixelDetector:
         """
         model = self._trained()
         meta = {"kind": "PixelDetector", "stage": self.stage, "config": self.config.to_dict(),
-                "history": self.history[-1:], "data": self.data, **(extra or {})}
+                "history": self.history_[-1:], "data": self.data, **(extra or {})}
         save_model_dir(directory, model.checkpoint_tensors(), meta)
-        if self.calibration is not None:
-            self.calibration.save(directory)
-        else:
-            (Path(directory) / CALIBRATION_FILE).unlink(missing_ok=True)
+        self._save_calibration(directory)
 
     @classmethod
     def load(cls, directory: str | Path) -> PixelDetector:
@@ -401,11 +382,11 @@ class PixelDetector:
             raise ValueError(msg)
         model = restore_model(meta.get("config"), tensors, directory)
         det = cls(model.config)
-        det.model = model
+        det.model_ = model
         det.stage = meta.get("stage", "dxmi")
-        det.history = meta.get("history", [])
+        det.history_ = meta.get("history", [])
         det.data = dict(meta.get("data") or {})
         # generation runs (all classes, no held-out images) are not calibrated on purpose: no warning for them
-        det.calibration = Calibration.load_if_present(
+        det._load_calibration(
             directory, warn=det.stage == "dxmi" and det.data.get("normal_class") != -1)
         return det

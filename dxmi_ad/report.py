@@ -106,8 +106,8 @@ def _histogram(scores: np.ndarray, labels: np.ndarray, calibration: Calibration 
     for name, values in groups:
         if len(values):
             ax.hist(values, bins=bins, alpha=0.5, density=True, label=f"{name}, n={len(values)}")
-    if calibration is not None and np.isfinite(calibration.threshold):
-        ax.axvline(calibration.threshold, color="k", ls="--", label=f"threshold ({calibration.rule})")
+    if calibration is not None and calibration.decision_threshold is not None:  # none under FDR: batch-dependent
+        ax.axvline(calibration.decision_threshold, color="k", ls="--", label=f"threshold ({calibration.rule})")
     ax.set(xlabel="pred_score (energy, higher = more anomalous)", ylabel="density", title="image scores")
     ax.legend(fontsize=7)
     return _save(fig, path)

@@ -79,7 +79,8 @@ class ScoringSettings:
 
 def _kernel_size(sigma: float, h: int, w: int) -> list[int]:
     """Odd Gaussian kernel ``[kx, ky]``: anomalib's ``2 * int(4 sigma + 0.5) + 1``, capped at ``2 * size - 1`` so the
-    reflected padding (``kernel // 2``) stays inside the grid."""
+    reflected padding (``kernel // 2``) stays inside the grid.
+    """
     k = 2 * int(4.0 * sigma + 0.5) + 1
     return [min(k, 2 * w - 1), min(k, 2 * h - 1)]  # torchvision takes (kx, ky)
 

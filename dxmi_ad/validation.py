@@ -77,7 +77,8 @@ def validation_auroc(score: Callable[[torch.Tensor], torch.Tensor], normal: torc
 
     Args:
         score: ``(B, ...) -> pred_score (B,)``.
-        normal, anomalous: Inputs ``(N, ...)`` and ``(M, ...)``.
+        normal: Normal inputs ``(N, ...)``.
+        anomalous: Anomalous inputs ``(M, ...)``.
         batch_size: Inputs per call.
 
     Returns:

@@ -168,9 +168,9 @@ def test_promises_hold_on_textures(tmp_path_factory):
     test = [s for s in samples if s.split == "test"]
     scores = det.score_samples(test)["pred_score"]
     labels = np.array([s.label for s in test])
-    assert len(det.calibration.scores) == 99  # 20% of the 165 training tiles of each texture, pooled like the model
-    assert all("/train/good/" in f for f in det.calibration.files)
-    checks = [calibration_check(det.calibration.scores, scores[labels == 0], scores[labels == 1], FPR, FDR,
+    assert len(det.calibration_.scores) == 99  # 20% of the 165 training tiles of each texture, pooled like the model
+    assert all("/train/good/" in f for f in det.calibration_.files)
+    checks = [calibration_check(det.calibration_.scores, scores[labels == 0], scores[labels == 1], FPR, FDR,
                                 n_splits=200)]
     s = summarize_checks(checks, FPR, FDR)
     # One model, one calibration draw of 99 scores: the realised FPR of that single split varies with the draw

@@ -22,7 +22,7 @@ def test_train_digits_writes_run_dir(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["calibration.json", "config.json", "logs", "metrics.json",
                                                      "model.safetensors"]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["AUROC"] > 0.9 and metrics["dataset"] == "digits-1"
+    assert metrics["image_AUROC"] > 0.9 and metrics["dataset"] == "digits-1"
     assert 0 <= metrics["FPR"] < 0.2 and metrics["TPR"] > 0.5
     # training records through Lightning's CSV logger: one row per logged iteration of every stage
     log = (out / "logs" / "train" / "metrics.csv").read_text().splitlines()
@@ -43,7 +43,7 @@ def test_train_csv_and_sample(tmp_path):
     out = tmp_path / "run"
     result = runner.invoke(app, ["train", "--dataset", f"csv:{csv}", "--out", str(out), *FAST])
     assert result.exit_code == 0, result.output
-    assert json.loads((out / "metrics.json").read_text())["AUROC"] > 0.9
+    assert json.loads((out / "metrics.json").read_text())["image_AUROC"] > 0.9
     s = runner.invoke(app, ["sample", "--model", str(out), "-n", "50", "--out", str(tmp_path / "s.csv")])
     assert s.exit_code == 0, s.output
     assert len((tmp_path / "s.csv").read_text().splitlines()) == 51

@@ -64,7 +64,7 @@ def test_progress_picks_bars_on_a_terminal_and_lines_off_it():
 
 def test_progress_prints_at_least_every_n_seconds(monkeypatch):
     clock = iter(np.arange(0.0, 1000.0, 40.0))  # every call 40 s later than the previous one
-    monkeypatch.setattr("dxmi_ad.cli.main.time.monotonic", lambda: float(next(clock)))
+    monkeypatch.setattr("dxmi_ad.cli.common.time.monotonic", lambda: float(next(clock)))
     log = io.StringIO()
     progress = _Progress(Console(file=log, force_terminal=False), every_seconds=30.0)
     with progress:

@@ -374,7 +374,7 @@ def test_score_keeps_going_past_a_huge_file(tmp_path, monkeypatch):
     rows = list(csv.DictReader(io.StringIO((tmp_path / "scores.csv").read_text())))
     assert [r["path"].rsplit("/", 1)[-1] for r in rows] == ["a.png", "b_huge.png", "c.png"]
     assert "600 pixels" in rows[1]["error"] and not rows[0]["error"] and not rows[2]["error"]
-    assert np.isfinite(float(rows[0]["score"])) and np.isfinite(float(rows[2]["score"]))
+    assert np.isfinite(float(rows[0]["pred_score"])) and np.isfinite(float(rows[2]["pred_score"]))
 
 
 def test_pixel_mode_skip_bad_files_leaves_a_huge_training_file_out(tmp_path, monkeypatch):

@@ -96,8 +96,8 @@ def base_run(tmp_path_factory):
     cfg = DxMIConfig(dim=192, sampler_hidden=8, value_hidden=8, energy_hidden=8, latent_dim=4, time_dim=8,
                      spherical=True)
     det = ImageDetector(cfg, FeatureSettings(image_size=64, weights=str(weights)))
-    det.model = build_model(cfg)
-    det.calibration = Calibration.fit(np.linspace(0.0, 1.0, 50), fpr=0.05)
+    det.model_ = build_model(cfg)
+    det.calibration_ = Calibration.fit(np.linspace(0.0, 1.0, 50), fpr=0.05)
     det.save(root / "run")
     image = root / "img.png"
     Image.fromarray((np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8)).save(image)
@@ -240,7 +240,7 @@ def _killed_train(tmp_path: Path, out: Path, patch: str) -> int:
 KILL_IN_PRETRAINING = """
 def dying(*a, **k):
     os.kill(os.getpid(), signal.SIGKILL)
-fit.pretrain_autoencoder = dying
+fit.StagedTraining.pretrain = dying
 """
 
 KILL_WRITING_ITER_2 = """

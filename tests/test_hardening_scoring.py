@@ -42,7 +42,7 @@ def _tiny_detector(calibrate: bool = True):
     det = ImageDetector(DxMIConfig(), FeatureSettings(image_size=SIZE))
     cfg = DxMIConfig(dim=det._extractor().channels, spherical=True, latent_dim=8, energy_hidden=32,
                      sampler_hidden=16, value_hidden=16, time_dim=8, seed=0)
-    det.config, det.model = cfg, build_model(cfg).eval()
+    det.config, det.model_ = cfg, build_model(cfg).eval()
     if calibrate:
         g = torch.Generator().manual_seed(1)
         scores = det.predict(torch.rand(9, 3, 40, 48, generator=g))["pred_score"].double().numpy()
@@ -119,8 +119,8 @@ def test_nonfinite_scores_become_errors_in_every_decision_path(runs, tmp_path, m
     rows = _rows(out_csv)
     assert [bool(r["error"]) for r in rows] == [False, True, True, False]
     for r in rows[1:3]:
-        assert r["is_anomaly"] == "" and r["score"] == "" and r["p_value"] == "" and "non-finite" in r["error"]
-    assert rows[0]["is_anomaly"] in ("0", "1") and result["n_errors"] == 2
+        assert r["pred_label"] == "" and r["pred_score"] == "" and r["p_value"] == "" and "non-finite" in r["error"]
+    assert rows[0]["pred_label"] in ("0", "1") and result["n_errors"] == 2
     # calibration / evaluation read files through score_samples: the same rows are errors, not scores
     samples = [ImageSample(p, "c", "test", "good", 0, None) for p in sorted(folder.iterdir())]
     scored = det.score_samples(samples)
@@ -148,8 +148,8 @@ def test_nan_pixels_read_from_a_file_are_an_error_row(runs, tmp_path, monkeypatc
     monkeypatch.setattr(image_mod, "load_image", nan_for_001)
     result = images.score_paths(runs[2], [folder], None, None)
     rows = list(csv.DictReader(io.StringIO(result["text"])))
-    assert rows[1]["is_anomaly"] == "" and "NaN or infinite pixel" in rows[1]["error"]
-    assert rows[0]["is_anomaly"] in ("0", "1") and rows[2]["is_anomaly"] in ("0", "1")
+    assert rows[1]["pred_label"] == "" and "NaN or infinite pixel" in rows[1]["error"]
+    assert rows[0]["pred_label"] in ("0", "1") and rows[2]["pred_label"] in ("0", "1")
 
 
 def test_pixel_detector_refuses_a_nonfinite_energy():
@@ -188,7 +188,7 @@ def test_model_without_rule_writes_no_decisions(runs, tmp_path):
     assert res.exit_code == 0, res.output
     rows = _rows(out_csv)
     assert len(rows) == 3
-    assert all(r["is_anomaly"] == "" and r["threshold"] == "" and r["p_value"] == "" and r["score"] for r in rows)
+    assert all(r["pred_label"] == "" and r["threshold"] == "" and r["p_value"] == "" and r["pred_score"] for r in rows)
     assert "no decision rule" in _flat(res) and "dxmi-ad calibrate" in _flat(res)
     import dxmi_ad
 
@@ -217,17 +217,17 @@ def test_anomalib_to_detector_carries_a_calibration(tmp_path):
     small = {"latent_dim": 8, "energy_hidden": 32, "sampler_hidden": 16, "value_hidden": 16, "time_dim": 8}
     module = Dxmi(model_overrides=small, image_size=SIZE)
     with pytest.warns(UserWarning, match="no decision rule"):
-        assert module.to_detector().calibration is None
+        assert module.to_detector().calibration_ is None
     cal_dir = _images(tmp_path / "held_out_good", 5, seed=3)
     det = module.to_detector(calibration_images=cal_dir, fpr=0.2)
-    assert det.calibration is not None and len(det.calibration.scores) == 5 and det.calibration.fpr == 0.2
+    assert det.calibration_ is not None and len(det.calibration_.scores) == 5 and det.calibration_.fpr == 0.2
     expected = np.sort(det.predict(sorted(cal_dir.iterdir()))["pred_score"].double().numpy())
-    assert np.allclose(det.calibration.scores, expected)
+    assert np.allclose(det.calibration_.scores, expected)
     det.save(tmp_path / "run")
     out_csv = tmp_path / "s.csv"
     res = runner.invoke(app, ["score", str(cal_dir), "--model", str(tmp_path / "run"), "--out", str(out_csv)])
     assert res.exit_code == 0, res.output
-    assert all(r["is_anomaly"] in ("0", "1") and r["threshold"] for r in _rows(out_csv))
+    assert all(r["pred_label"] in ("0", "1") and r["threshold"] for r in _rows(out_csv))
 
 
 # ---------------------------------------------------------------- item 10: what was found and skipped
@@ -255,7 +255,7 @@ def test_score_refuses_folders_with_nothing_to_score(runs, tmp_path):
 
 # ---------------------------------------------------------------- item 12: clear errors before any work
 def test_score_output_paths_are_checked_before_any_work(runs, tmp_path, monkeypatch):
-    import dxmi_ad.cli.main as main
+    import dxmi_ad.cli.models as main
 
     run = runs[0]
     folder = _images(tmp_path / "in", 2)
@@ -327,7 +327,7 @@ def test_report_plots_of_a_one_class_set_raise_no_warnings(runs, tmp_path):
     scored = det.score_samples(samples)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        write_report(tmp_path / "rep", samples, scored, metrics_table(samples, scored), det.calibration, {})
+        write_report(tmp_path / "rep", samples, scored, metrics_table(samples, scored), det.calibration_, {})
 
 
 def test_every_metrics_writer_is_strict_json():
@@ -346,8 +346,8 @@ def test_score_ends_with_a_summary(runs, tmp_path):
     res = runner.invoke(app, ["score", str(folder), "--model", str(run), "--out", str(out_csv)])
     assert res.exit_code == 1
     rows = _rows(out_csv)
-    n_flag = sum(r["is_anomaly"] == "1" for r in rows)
-    n_norm = sum(r["is_anomaly"] == "0" for r in rows)
+    n_flag = sum(r["pred_label"] == "1" for r in rows)
+    n_norm = sum(r["pred_label"] == "0" for r in rows)
     assert f"scored 4 of 5 file(s): {n_flag} flagged anomalous, {n_norm} normal, 1 error(s)" in _flat(res)
     assert "rule: target FPR 0.2" in _flat(res)
 

@@ -147,7 +147,7 @@ def test_train_evaluate_score_end_to_end(tree, tiny_recipe, tmp_path, monkeypatc
     failed = [r for r in rows if r["error"]]
     assert [r["path"].rsplit("/", 1)[-1] for r in failed] == ["corrupt.jpg"]
     ok = [r for r in rows if not r["error"]]
-    assert all(np.isfinite(float(r["score"])) and r["is_anomaly"] in ("0", "1") for r in ok)
+    assert all(np.isfinite(float(r["pred_score"])) and r["pred_label"] in ("0", "1") for r in ok)
     assert len(list((tmp_path / "maps").glob("*.png"))) == len(ok)
     p_values = np.array([float(r["p_value"]) for r in ok])
     assert ((p_values >= 1 / 5) & (p_values <= 1)).all()  # (1 + #{cal >= s}) / (n + 1) with n = 4: never 0
@@ -185,7 +185,7 @@ def test_train_evaluate_score_end_to_end(tree, tiny_recipe, tmp_path, monkeypatc
     from dxmi_ad.calibration import bh_reject
 
     expected = bh_reject(np.array([float(r["p_value"]) for r in rows]), 0.2)
-    assert [r["is_anomaly"] == "1" for r in rows] == list(expected)
+    assert [r["pred_label"] == "1" for r in rows] == list(expected)
     import dxmi_ad
 
     assert dxmi_ad.load(run).calibration.rule == "fdr"

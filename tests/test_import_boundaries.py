@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -16,9 +17,18 @@ FRONT_ENDS = ("dxmi_ad.cli", "dxmi_ad.estimator", "dxmi_ad.anomalib", "dxmi_ad.i
      ("lightning", "typer", "anomalib", "sklearn", "pandas", "matplotlib", "dxmi_ad.export", *FRONT_ENDS)),
     # the one scorer and the deployment graph: no front end, no training loop
     (("dxmi_ad.scoring", "dxmi_ad.export"), ("typer", "anomalib", "dxmi_ad.training.fit", *FRONT_ENDS)),
+    # the decision layer and the stage schedule: below every front end
+    (("dxmi_ad.decision", "dxmi_ad.training.schedule"), ("typer", "anomalib", "lightning", *FRONT_ENDS)),
 ])
 def test_layers_import_nothing_above_them(modules, forbidden):
     code = (f"import sys\nfor m in {modules!r}: __import__(m)\n"
             f"print(','.join(m for m in {forbidden!r} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
     assert out.stdout.strip() == "", f"{modules} pulled in {out.stdout.strip()}"
+
+
+def test_public_api_docstrings_follow_pydocstyle():
+    """ruff's pydocstyle rules (Google convention, pyproject.toml) hold for the whole package."""
+    out = subprocess.run([sys.executable, "-m", "ruff", "check", "--select", "D", "--ignore", "D107,D205",
+                          "--output-format", "concise", str(Path(__file__).resolve().parents[1] / "dxmi_ad")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr

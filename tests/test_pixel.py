@@ -86,8 +86,8 @@ def test_pixel_config_validation():
     cfg = pixel_config(1, 8)
     assert cfg.dim == 64 and cfg.mode == "pixel" and cfg.time_cost == "sigmoid" and cfg.energy_l2_weight == 1.0
     assert (cfg.entropy_weight, cfg.velocity_weight, cfg.avr_momentum) == (0.1, 0.01, 0.99)
-    with pytest.raises(ValueError, match="energy='shared'"):
-        pixel_config(1, 8, energy="autoencoder")
+    with pytest.raises(ValueError, match="energy_model='shared'"):
+        pixel_config(1, 8, energy_model="autoencoder")
     with pytest.raises(ValueError, match="image_size"):
         pixel_config(1, 128)
     with pytest.raises(ValueError, match="unknown config key"):
@@ -97,7 +97,7 @@ def test_pixel_config_validation():
 def test_detector_fit_predict_sample_save_load(tmp_path):
     torch.manual_seed(0)
     det = PixelDetector(pixel_config(1, 8, **TINY)).fit(_digits(0), calibration=0.25, fpr=0.1)
-    assert det.stage == "dxmi" and det.calibration is not None and len(det.calibration.scores) == round(0.25 * 178)
+    assert det.stage == "dxmi" and det.calibration_ is not None and len(det.calibration_.scores) == round(0.25 * 178)
     test = _digits(1)[:10]
     out = det.predict(test)
     assert out["pred_score"].shape == (10,) and out["anomaly_map"].shape == (10, 8, 8)
@@ -143,12 +143,12 @@ def test_init_sampler_must_fit(tmp_path):
     # a different T is fine: the pre-trained network is re-scheduled
     ok = PixelDetector(pixel_config(1, 8, **{**TINY, "n_steps": 6, "n_iter": 0})).fit(
         _digits(0), calibration=0.0, init_sampler=pre)
-    assert ok.model.sampler.n_steps == 6
-    a, b = ok.model.sampler.net.state_dict(), pre.model.sampler.net.state_dict()
+    assert ok.model_.sampler.n_steps == 6
+    a, b = ok.model_.sampler.net.state_dict(), pre.model_.sampler.net.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the weights were transferred
     # AVR starts from the re-scheduled chain's forward betas (reference image trainer), RL order
-    s2 = ok.model.velocity_scale_sq
-    ab = ok.model.sampler.level_alpha_bar
+    s2 = ok.model_.velocity_scale_sq
+    ab = ok.model_.sampler.level_alpha_bar
     assert torch.allclose(s2, (1 - ab[1:] / ab[:-1]).flip(0))
 
 
@@ -164,7 +164,7 @@ def test_cli_pretrain_train_sample_cycle(tmp_path):
                             "--init-sampler", str(pre), "--out", str(run), *sets])
     assert r.exit_code == 0, r.output
     m = json.loads((run / "metrics.json").read_text())
-    assert m["mode"] == "pixel" and 0 <= m["AUROC"] <= 1 and m["n_test_anomalous"] > 1000
+    assert m["mode"] == "pixel" and 0 <= m["image_AUROC"] <= 1 and m["n_test_anomalous"] > 1000
     assert {"model.safetensors", "config.json", "calibration.json", "samples.png", "metrics.json"} <= {
         p.name for p in run.iterdir()}
     r = runner.invoke(app, ["sample", "--model", str(run), "-n", "9", "--out", str(tmp_path / "g.png")])
@@ -204,14 +204,14 @@ def test_pixel_metrics_orientation():
     mask[2:, 1, 1] = True
 
     class Stub:
-        calibration = None
+        calibration_ = None
 
         def predict(self, images):
             return {"pred_score": label + 0.1 * np.arange(5), "anomaly_map": mask.astype(np.float32)}
 
     split = PixelSplit(np.zeros((3, 4, 4)), np.zeros((5, 4, 4)), label, mask, "stub")
     m = pixel_metrics(Stub(), split)
-    assert m["AUROC"] == 1.0 and m["pixel_AUROC"] == 1.0 and m["n_test_anomalous"] == 3
+    assert m["image_AUROC"] == 1.0 and m["pixel_AUROC"] == 1.0 and m["n_test_anomalous"] == 3
 
 
 def test_dxmi_fine_tuning_improves_a_few_step_sampler_on_digits():

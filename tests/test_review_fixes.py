@@ -14,7 +14,7 @@ from dxmi_ad.config import DxMIConfig
 from dxmi_ad.training.fit import train_model
 from dxmi_ad.training.runtime import Runtime
 
-SMALL = dict(dim=8, n_steps=2, energy="mlp", spherical=True, sampler_hidden=16, value_hidden=16, energy_hidden=16,
+SMALL = dict(dim=8, n_steps=2, energy_model="mlp", spherical=True, sampler_hidden=16, value_hidden=16, energy_hidden=16,
              sampler_layers=1, value_layers=1, energy_layers=1, batch_size=16, n_iter=6, warmup_iter=0,
              ae_pretrain_iter=0, energy_lr=1e-2, validate_every=1, time_dim=8, initial="gaussian")
 
@@ -99,10 +99,10 @@ def test_a_features_section_that_does_not_fit_the_weights_is_refused(tmp_path):
     from dxmi_ad.image import FeatureSettings, ImageDetector
     from dxmi_ad.training.fit import build_model
 
-    cfg = DxMIConfig(dim=192, energy="autoencoder", spherical=True, energy_hidden=16, energy_layers=1, latent_dim=4,
+    cfg = DxMIConfig(dim=192, energy_model="autoencoder", spherical=True, energy_hidden=16, energy_layers=1, latent_dim=4,
                      sampler_hidden=16, sampler_layers=1, value_hidden=16, value_layers=1, time_dim=8, n_steps=2)
     det = ImageDetector(cfg, FeatureSettings(image_size=64))
-    det.model = build_model(cfg).eval()
+    det.model_ = build_model(cfg).eval()
     det.save(tmp_path / "run")
     path = tmp_path / "run" / "config.json"
     meta = json.loads(path.read_text())
@@ -131,11 +131,11 @@ def test_traced_scorer_resizes_inputs_of_any_size():
     from dxmi_ad.image import FeatureSettings, ImageDetector
     from dxmi_ad.training.fit import build_model
 
-    det = ImageDetector(DxMIConfig(energy="autoencoder", spherical=True, energy_hidden=16, energy_layers=1,
+    det = ImageDetector(DxMIConfig(energy_model="autoencoder", spherical=True, energy_hidden=16, energy_layers=1,
                                    latent_dim=4, sampler_hidden=16, sampler_layers=1, value_hidden=16, value_layers=1,
                                    time_dim=8, n_steps=2), FeatureSettings(image_size=64))
     det.config = det.config.replace(dim=det._extractor().channels)
-    det.model = build_model(det.config).eval()
+    det.model_ = build_model(det.config).eval()
     traced = torch.jit.trace(Scorer(det), torch.rand(1, 3, 64, 64))  # traced at the model size
     other = torch.rand(2, 3, 40, 72, generator=torch.Generator().manual_seed(0))
     score, amap = traced(other)

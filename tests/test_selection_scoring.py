@@ -17,7 +17,7 @@ from dxmi_ad.config import DxMIConfig
 from dxmi_ad.scoring import MapScorer, ScoringSettings, blur_map
 from dxmi_ad.training.fit import build_model, train_model
 
-TINY_HEAD = dict(energy="autoencoder", spherical=True, energy_hidden=16, energy_layers=1, latent_dim=4,
+TINY_HEAD = dict(energy_model="autoencoder", spherical=True, energy_hidden=16, energy_layers=1, latent_dim=4,
                  sampler_hidden=16, sampler_layers=1, value_hidden=16, value_layers=1, time_dim=8, n_steps=2,
                  batch_size=64, n_iter=6, warmup_iter=0, ae_pretrain_iter=10, init_noise_low=0.005,
                  init_noise_high=0.05)
@@ -54,7 +54,7 @@ def detector():
     det = ImageDetector(DxMIConfig(**TINY_HEAD), feats, scoring=ScoringSettings(blur_sigma=1.0))
     channels = det._extractor().channels
     det.config = det.config.replace(dim=channels)
-    det.model = build_model(det.config).eval()  # random weights: parity needs no training
+    det.model_ = build_model(det.config).eval()  # random weights: parity needs no training
     return det
 
 
@@ -67,14 +67,14 @@ def test_blur_parity_across_scoring_paths(detector, tmp_path):
     ref = detector.predict(images)
     eager = Scorer(detector)(images)
     traced = torch.jit.trace(Scorer(detector), images)(images)
-    anomalib_out = DxmiTorchModel(detector._extractor(), detector.model, detector.scoring)(
+    anomalib_out = DxmiTorchModel(detector._extractor(), detector.model_, detector.scoring)(
         torch.nn.functional.interpolate(images, size=(64, 64), mode="bilinear", antialias=True))
     for score, amap in (eager, traced):
         torch.testing.assert_close(score, ref["pred_score"], rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(amap, ref["anomaly_map"], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(anomalib_out.pred_score, ref["pred_score"], rtol=1e-4, atol=1e-6)
     # the blur is really applied: the plain maximum differs
-    plain = MapScorer(detector.model.energy, ScoringSettings())
+    plain = MapScorer(detector.model_.energy, ScoringSettings())
     with torch.no_grad():
         feats = detector._extractor()(torch.nn.functional.interpolate(images, size=(64, 64), mode="bilinear",
                                                                      antialias=True))
@@ -163,7 +163,7 @@ def test_image_selection_never_reads_the_test_set(tmp_path, monkeypatch):
     det.fit(samples, calibration=0.2, fpr=0.5, cache_dir=tmp_path / "cache")
     assert read, "the spy saw no image reads"
     assert not test_paths & set(read), "the test set was read during training"
-    final = det.history[-1]
+    final = det.history_[-1]
     assert final["selected_iteration"] in (0, 3, 6)
     assert 0.0 <= final["best_val_auroc"] <= 1.0
     assert np.isfinite(final["best_val_auroc"])

@@ -1,0 +1,1 @@
+"""The ``dxmi-ad`` command line (Typer): one module per command group, see :mod:`dxmi_ad.cli.main`."""

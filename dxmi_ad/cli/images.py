@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from dxmi_ad.checkpoint import atomic_directory, atomic_write_text, read_yaml_mapping
+from dxmi_ad.cli.options import TrainOptions, check_one_rule
 from dxmi_ad.scoring import ScoringSettings
 
 IMAGE_DATASETS = ("textures", "mvtec", "folder", "features")
@@ -38,11 +39,10 @@ def load_image_recipe(path: Path | None, sets: dict[str, Any]) -> dict[str, Any]
     Raises:
         ImageCLIError: Missing/invalid file, sections that are not mappings, unknown keys, or invalid values.
     """
+    from dxmi_ad import recipes
     from dxmi_ad.config import DxMIConfig
     from dxmi_ad.features.extractor import check_feature_settings
     from dxmi_ad.image import FeatureSettings
-
-    from dxmi_ad import recipes
 
     try:
         path = recipes.resolve(path) if path is not None else recipes.path("textures")
@@ -128,8 +128,8 @@ def print_metrics(table: Any, console: Any, title: str) -> None:
 
 def print_calibration(det: Any, console: Any) -> None:
     """The decision rule of an image model, and what its calibration set can and cannot support (in numbers)."""
-    if det.calibration is not None:
-        console.print(f"decisions: {det.calibration.summary()}", highlight=False)
+    if det.calibration_ is not None:
+        console.print(f"decisions: {det.calibration_.summary()}", highlight=False)
     else:
         console.print(f"[yellow]decisions: {NO_DECISION_RULE}[/]", highlight=False)
 
@@ -149,9 +149,9 @@ def _write_evaluation(out: Path, test: list, scored: dict, table: Any, det: Any,
 
     labels = np.array([s.label for s in test], int)
     metrics = {"per_category": table.to_dict(orient="records"), "mean": table.iloc[-1].to_dict(), **extra}
-    if det.calibration is not None:
-        metrics["decisions"] = decision_summary(det.calibration, np.asarray(scored["pred_score"]), labels)
-        metrics["decision_rule"] = det.calibration.describe()
+    if det.calibration_ is not None:
+        metrics["decisions"] = decision_summary(det.calibration_, np.asarray(scored["pred_score"]), labels)
+        metrics["decision_rule"] = det.calibration_.describe()
     else:
         metrics["decisions"] = None
         metrics["decision_rule"] = NO_DECISION_RULE
@@ -159,7 +159,7 @@ def _write_evaluation(out: Path, test: list, scored: dict, table: Any, det: Any,
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "metrics.json", dumps_json(metrics, indent=2))
     atomic_write_text(out / "metrics.csv", table.to_csv(index=False))
-    write_report(out, test, scored, table, det.calibration, settings, with_images=with_images)
+    write_report(out, test, scored, table, det.calibration_, settings, with_images=with_images)
     return metrics
 
 
@@ -172,7 +172,7 @@ def run_settings(det: Any, extra: dict[str, Any] | None = None) -> dict[str, Any
     from dataclasses import asdict
 
     return {**(extra or {}), "features": asdict(det.features), "model": det.config.to_dict(),
-            "calibration": det.calibration.describe() if det.calibration is not None else None}
+            "calibration": det.calibration_.describe() if det.calibration_ is not None else None}
 
 
 def evaluate_and_write(det: Any, samples: list, out: Path, console: Any, progress: Any = None,
@@ -236,44 +236,42 @@ def _feature_samples(split: Any) -> list:
             for i, (c, lab) in enumerate(zip(split.clsname, split.label))]
 
 
-def train_features(params: dict[str, Any], config: Any, console: Any, progress: Any) -> Path:
+def train_features(opts: TrainOptions, recipe: dict[str, Any], config: Any, console: Any, progress: Any) -> Path:
     """Train from a feature dataset (``--dataset features``) and evaluate on its test split when present."""
     from dxmi_ad.data.features import read_feature_dir
     from dxmi_ad.evaluation import metrics_table
     from dxmi_ad.image import FeatureSettings, ImageDetector
 
-    if params["data_root"] is None:
+    if opts.data_root is None:
         msg = "--dataset features needs --data-root (a folder written by `dxmi-ad extract-features`)"
         raise ImageCLIError(msg)
-    if params.get("calibration_dir") or params.get("validation_dir"):
+    if opts.calibration_dir or opts.validation_dir:
         msg = ("--calibration-dir / --validation-dir take image folders; feature files calibrate on "
                "--calibration-fraction of their training maps")
         raise ImageCLIError(msg)
-    if params.get("fpr") is not None and params.get("fdr") is not None:
-        msg = "choose one decision rule: --fpr or --fdr"
-        raise ImageCLIError(msg)
-    train, test, meta = read_feature_dir(params["data_root"], params.get("trust_pickle", False))
+    check_one_rule(opts.fpr, opts.fdr)
+    train, test, meta = read_feature_dir(opts.data_root, opts.trust_pickle)
     feats = dict(meta.get("features") or {"backbone": "efficientnet_b4", "image_size": 224})
     feats["out_indices"] = tuple(feats.get("out_indices", (0, 1, 2, 3)))
-    console.print(f"[bold]dxmi-ad train[/] features at {params['data_root']}: {tuple(train.features.shape)} train"
+    console.print(f"[bold]dxmi-ad train[/] features at {opts.data_root}: {tuple(train.features.shape)} train"
                   + (f", {tuple(test.features.shape)} test" if test is not None else ""))
-    det = ImageDetector(config, FeatureSettings(**feats), make_runtime(params["recipe"]),
-                        scoring=ScoringSettings.from_dict(params["recipe"].get("scoring")))
+    det = ImageDetector(config, FeatureSettings(**feats), make_runtime(recipe),
+                        scoring=ScoringSettings.from_dict(recipe.get("scoring")))
     normal = train.label == 0
     t0 = time.perf_counter()
     det.fit_features(train.features[torch.from_numpy(normal)].permute(0, 2, 3, 1).contiguous().numpy(),
-                     sorted(set(train.clsname)), progress, calibration_fraction=params["calibration_fraction"],
-                     fpr=params.get("fpr"), fdr=params.get("fdr"))
+                     sorted(set(train.clsname)), progress, calibration_fraction=opts.calibration_fraction,
+                     fpr=opts.fpr, fdr=opts.fdr)
     from dxmi_ad.training.runtime import is_global_zero
 
     if not is_global_zero():
-        return params["out"]
+        return opts.out
     print_calibration(det, console)
     seconds = time.perf_counter() - t0
-    out: Path = params["out"]
+    out: Path = opts.out
     with atomic_directory(out) as tmp:
         det.save(tmp, extra={"train_seconds": round(seconds, 2), "dataset": "features",
-                             "data_root": str(params["data_root"])})
+                             "data_root": str(opts.data_root)})
         if hasattr(progress, "write_logs"):
             progress.write_logs(tmp)
         if test is not None and 0 < test.label.sum() < len(test.label):
@@ -286,7 +284,7 @@ def train_features(params: dict[str, Any], config: Any, console: Any, progress: 
             print_metrics(table, console, "DxMI on feature files (fractions in [0, 1]; higher is better)")
             metrics = _write_evaluation(tmp, samples, scored, table, det,
                                         run_settings(det, {"dataset": "features",
-                                                           "data_root": str(params["data_root"])}),
+                                                           "data_root": str(opts.data_root)}),
                                         {}, with_images=False)
             _print_decisions(metrics, console)
         else:
@@ -296,29 +294,29 @@ def train_features(params: dict[str, Any], config: Any, console: Any, progress: 
     return out
 
 
-def feature_settings(params: dict[str, Any]) -> dict[str, Any]:
+def feature_settings(opts: TrainOptions, recipe: dict[str, Any]) -> dict[str, Any]:
     """The recipe's ``features`` section with the command-line backbone options applied."""
-    feats = {**params["recipe"]["features"], "pretrained": params["pretrained"]}
-    if params.get("weights"):
-        feats["weights"] = str(params["weights"])
-    if params.get("backbone"):
-        feats["backbone"] = params["backbone"]
+    feats = {**recipe["features"], "pretrained": opts.pretrained}
+    if opts.weights:
+        feats["weights"] = str(opts.weights)
+    if opts.backbone:
+        feats["backbone"] = opts.backbone
     feats["out_indices"] = tuple(feats.get("out_indices", (0, 1, 2, 3)))
     return feats
 
 
-def extract_features(params: dict[str, Any], console: Any, progress: Any) -> Path:
+def extract_features(opts: TrainOptions, recipe: dict[str, Any], console: Any, progress: Any) -> Path:
     """``dxmi-ad extract-features``: per-image feature maps of an image dataset, with labels, masks, categories."""
     from dataclasses import asdict
 
     from dxmi_ad.data.features import FeatureSplit, write_feature_split
     from dxmi_ad.image import FeatureSettings, iter_batches
 
-    settings = FeatureSettings(**feature_settings(params))
+    settings = FeatureSettings(**feature_settings(opts, recipe))
     extractor = settings.build()
-    samples, description = list_dataset(params["dataset"], params["data_root"], params["category"])
+    samples, description = list_dataset(opts.dataset, opts.data_root, opts.category)
     console.print(f"[bold]dxmi-ad extract-features[/] {description}")
-    out: Path = params["out"]
+    out: Path = opts.out
     with atomic_directory(out) as tmp:
         for split_name in ("train", "test"):
             subset = [s for s in samples if s.split == split_name]
@@ -334,7 +332,7 @@ def extract_features(params: dict[str, Any], console: Any, progress: Any) -> Pat
                     names += [subset[i].category for i in idx]
                 if progress is not None:
                     progress(f"features {split_name}", len(labels) + len(bad), len(subset), {})
-            if bad and not params["skip_bad_files"]:
+            if bad and not opts.skip_bad_files:
                 from dxmi_ad.image import BadFilesError
 
                 raise BadFilesError({Path(p): r for p, r in bad.items()}, f"{split_name} set")
@@ -362,7 +360,7 @@ def keep_checkpoints(runtime: Any, run_tmp: Path) -> None:
         shutil.move(str(runtime.checkpoint_dir), run_tmp / "checkpoints")
 
 
-def calibration_inputs(params: dict[str, Any]) -> tuple[Any, list | None]:
+def calibration_inputs(opts: TrainOptions) -> tuple[Any, list | None]:
     """``(calibration, validation)`` for :meth:`ImageDetector.fit` from ``--calibration-dir`` /
     ``--calibration-fraction`` / ``--validation-dir``.
 
@@ -371,56 +369,52 @@ def calibration_inputs(params: dict[str, Any]) -> tuple[Any, list | None]:
     """
     from dxmi_ad.data.mvtec import list_labelled_dir, list_normal_dir
 
-    if params.get("fpr") is not None and params.get("fdr") is not None:
-        msg = "choose one decision rule: --fpr or --fdr"
-        raise ImageCLIError(msg)
-    if params.get("fdr") is not None and params.get("validation_dir") is not None:
+    check_one_rule(opts.fpr, opts.fdr)
+    if opts.fdr is not None and opts.validation_dir is not None:
         msg = "choose one decision rule: --fdr or an F1-optimal threshold from --validation-dir"
         raise ImageCLIError(msg)
     try:
-        calibration = (list_normal_dir(params["calibration_dir"]) if params.get("calibration_dir")
-                       else params["calibration_fraction"])
-        validation = list_labelled_dir(params["validation_dir"]) if params.get("validation_dir") else None
+        calibration = (list_normal_dir(opts.calibration_dir) if opts.calibration_dir
+                       else opts.calibration_fraction)
+        validation = list_labelled_dir(opts.validation_dir) if opts.validation_dir else None
     except (FileNotFoundError, ValueError) as err:
         raise ImageCLIError(str(err)) from err
     return calibration, validation
 
 
-def train_images(params: dict[str, Any], console: Any, progress: Any) -> Path:
+def train_images(opts: TrainOptions, recipe: dict[str, Any], console: Any, progress: Any) -> Path:
     """Train an image detector; write the run directory atomically; evaluate when test data exist."""
     from dxmi_ad.config import DxMIConfig
     from dxmi_ad.image import FeatureSettings, ImageDetector
-
     from dxmi_ad.training.runtime import is_global_zero
 
-    recipe = params["recipe"]
-    feats = feature_settings(params)
-    config = DxMIConfig.from_dict({**recipe["model"], "seed": params["seed"]})
+    feats = feature_settings(opts, recipe)
+    config = DxMIConfig.from_dict({**recipe["model"], "seed": opts.seed})
     runtime = make_runtime(recipe)
-    if params["dataset"] == "features":
-        return train_features(params, config, console, progress)
-    samples, description = list_dataset(params["dataset"], params["data_root"], params["category"])
+    if opts.dataset == "features":
+        return train_features(opts, recipe, config, console, progress)
+    samples, description = list_dataset(opts.dataset, opts.data_root, opts.category)
     console.print(f"[bold]dxmi-ad train[/] {description}: {sum(s.split == 'train' for s in samples)} training, "
                   f"{sum(s.split == 'test' for s in samples)} test images")
-    out: Path = params["out"]
-    calibration, validation = calibration_inputs(params)
+    out: Path = opts.out
+    calibration, validation = calibration_inputs(opts)
     if validation is not None:  # thresholds tuned on test or training images would be optimistic
         from dxmi_ad.image import refuse_overlap
 
         refuse_overlap(validation, samples, "validation", "training or test")
     det = ImageDetector(config, FeatureSettings(**feats), runtime,
-                        scoring=ScoringSettings.from_dict(params["recipe"].get("scoring")))
+                        scoring=ScoringSettings.from_dict(recipe.get("scoring")))
     t0 = time.perf_counter()
-    det.fit(samples, skip_bad_files=params["skip_bad_files"], progress=progress, calibration=calibration,
-            fpr=params.get("fpr"), fdr=params.get("fdr"))
+    det.fit(samples, skip_bad_files=opts.skip_bad_files, progress=progress, calibration=calibration,
+            fpr=opts.fpr, fdr=opts.fdr)
     if not is_global_zero():  # data-parallel run: rank 0 writes the results
         return out
     if validation is not None:
-        det.calibrate(fpr=params.get("fpr"), validation=validation, skip_bad_files=params["skip_bad_files"])
+        det.calibrate(fpr=opts.fpr, validation=validation, skip_bad_files=opts.skip_bad_files)
     seconds = time.perf_counter() - t0
     print_calibration(det, console)
-    info = {"train_seconds": round(seconds, 2), "dataset": params["dataset"],
-            "data_root": str(params["data_root"]) if params["data_root"] else None, "category": params["category"]}
+    info = {"train_seconds": round(seconds, 2), "dataset": opts.dataset,
+            "data_root": str(opts.data_root) if opts.data_root else None, "category": opts.category}
     with atomic_directory(out) as tmp:
         det.save(tmp, extra=info)
         if hasattr(progress, "write_logs"):
@@ -432,7 +426,7 @@ def train_images(params: dict[str, Any], console: Any, progress: Any) -> Path:
     return out
 
 
-NO_RULE = "no decision rule: is_anomaly left empty; set one with `dxmi-ad calibrate --model {model} --calibration-dir NORMAL_IMAGES`"
+NO_RULE = "no decision rule: pred_label left empty; set one with `dxmi-ad calibrate --model {model} --calibration-dir NORMAL_IMAGES`"
 
 
 def check_score_outputs(out_csv: Path | None, heatmaps: Path | None) -> None:
@@ -474,12 +468,12 @@ def score_paths(det: Any, paths: list[Path], out_csv: Path | None, heatmaps: Pat
                 batch_size: int = 32, model: Path | str = "RUN_DIR", on_batch: Any = None) -> dict[str, Any]:
     """Score files and folders (recursive, :func:`~dxmi_ad.data.images.find_images`); write the CSV.
 
-    Columns: ``path, score, threshold, is_anomaly, p_value, normalized_score, error``. ``score`` is the raw
-    ``pred_score`` (energy); ``p_value`` the split-conformal p-value against the calibration images; under an
-    ``fdr`` rule ``is_anomaly`` is the Benjamini-Hochberg decision over all files of this call. A row gets an
+    Columns: ``path, pred_score, threshold, pred_label, p_value, normalized_score, error``. ``pred_score`` is the raw
+    anomaly score (energy); ``p_value`` the split-conformal p-value against the calibration images; under an
+    ``fdr`` rule ``pred_label`` is the Benjamini-Hochberg decision over all files of this call. A row gets an
     ``error`` (and empty score and decision columns) when its file is unreadable or its pixels or score are not
     finite: a non-finite score is never a decision. Without a decision rule (no calibration) ``threshold``,
-    ``is_anomaly``, ``p_value`` and ``normalized_score`` are empty.
+    ``pred_label``, ``p_value`` and ``normalized_score`` are empty.
 
     Args:
         det: The image detector.
@@ -509,7 +503,7 @@ def score_paths(det: Any, paths: list[Path], out_csv: Path | None, heatmaps: Pat
         raise ImageCLIError(str(err)) from err
     files = listing.files
     samples = [ImageSample(f, "input", "test", "unknown", 0, None) for f in files]
-    cal = det.calibration
+    cal = det.calibration_
     scores = np.full(len(files), np.nan)
     errors: dict[int, str] = {}
     if heatmaps is not None:
@@ -547,7 +541,7 @@ def score_paths(det: Any, paths: list[Path], out_csv: Path | None, heatmaps: Pat
     thr_text = "" if thr is None else f"{thr:.6g}"
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["path", "score", "threshold", "is_anomaly", "p_value", "normalized_score", "error"])
+    writer.writerow(["path", "pred_score", "threshold", "pred_label", "p_value", "normalized_score", "error"])
     for i, f in enumerate(files):
         if i in errors or not ok[i]:
             writer.writerow([str(f), "", thr_text, "", "", "", errors.get(i, "no score")])

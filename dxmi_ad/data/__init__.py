@@ -1,0 +1,1 @@
+"""Data sets and readers: image folders (MVTec layout), embedded textures, feature files, tables."""

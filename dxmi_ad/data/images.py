@@ -66,7 +66,8 @@ def is_hidden(path: Path, root: Path | None = None) -> bool:
 
 def list_images(folder: Path) -> list[Path]:
     """Image files directly inside ``folder`` (:data:`IMAGE_SUFFIXES`, case-insensitive; hidden names skipped),
-    sorted by name; ``[]`` when ``folder`` is not a folder."""
+    sorted by name; ``[]`` when ``folder`` is not a folder.
+    """
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir()
@@ -89,7 +90,8 @@ class ImageListing:
 
     def describe_skipped(self) -> str:
         """One line on what was skipped, e.g. ``"skipped 2 hidden (.DS_Store, .ipynb_checkpoints), 3 with
-        unsupported extensions (2 .txt, 1 .svg; supported: .png, ...)"``; empty when nothing was."""
+        unsupported extensions (2 .txt, 1 .svg; supported: .png, ...)"``; empty when nothing was.
+        """
         parts = []
         if self.hidden:
             names = ", ".join(p.name for p in self.hidden[:3]) + (", ..." if len(self.hidden) > 3 else "")

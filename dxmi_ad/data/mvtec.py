@@ -82,7 +82,8 @@ def _list_category(cat_dir: Path, category: str) -> list[ImageSample]:
 
 def _unpaired_text(cat_dir: Path, gt_dir: Path, missing: list[Path], held: list[Path]) -> str:
     """``"3 of test/scratch (000.png, ...) expected ground_truth/scratch/000_mask.png or 000.png, which holds
-    000_gt.png, ..."``."""
+    000_gt.png, ..."``.
+    """
     def few(names: list[str]) -> str:
         return ", ".join(names[:3]) + (f", ... ({len(names)} in all)" if len(names) > 3 else "")
 

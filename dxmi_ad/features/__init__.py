@@ -1,0 +1,1 @@
+"""Frozen pretrained backbones that turn images into per-location feature vectors."""

@@ -1,0 +1,1 @@
+"""The networks of DxMI: sampler, value function, energies (vector and pixel mode)."""

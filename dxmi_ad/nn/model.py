@@ -53,9 +53,9 @@ class DxMIModel(nn.Module):
                 c.init_sigma, c.last_sigma, c.fix_last_sigma, c.spherical, c.activation, c.project_samples,
             )
             self.value = ValueNet(c.dim, c.value_hidden, c.value_layers, c.time_dim, c.activation)
-        if c.energy == "shared":
+        if c.energy_model == "shared":
             self.energy: nn.Module = SharedValueEnergy(self.value, c.n_steps)
-        elif c.energy == "mlp":
+        elif c.energy_model == "mlp":
             self.energy = MLPEnergy(c.dim, c.energy_hidden, c.energy_layers, c.activation)
         else:
             self.energy = AutoencoderEnergy(c.dim, c.latent_dim, c.energy_hidden, c.energy_layers, c.spherical)
@@ -184,7 +184,7 @@ class DxMIModel(nn.Module):
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         """State tensors without duplicates (the shared energy's keys alias the value net's), for safetensors."""
         state = self.state_dict()
-        if self.config.energy == "shared":
+        if self.config.energy_model == "shared":
             state = {k: v for k, v in state.items() if not k.startswith("energy.")}
         return state
 

@@ -36,7 +36,8 @@ def ddpm_alpha_bar(n_steps: int = 1000, beta_start: float = 1e-4, beta_end: floa
 
     Args:
         n_steps: Chain length ``K``.
-        beta_start, beta_end: First and last beta.
+        beta_start: First beta.
+        beta_end: Last beta.
 
     Returns:
         ``alpha_bar`` of shape ``(K + 1,)``, float64, diffusion order: index 0 = clean data (1.0), index K = noise.

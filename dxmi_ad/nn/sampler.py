@@ -84,6 +84,7 @@ class StepSampler(nn.Module):
         self.register_buffer("last_log_sigma", torch.tensor(math.log(max(last_sigma, MIN_SIGMA))))
 
     def mean(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """The step's mean ``mu(x_t, t)`` ``(B, D)`` (implemented by each parameterization)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ noise levels
@@ -104,7 +105,8 @@ class StepSampler(nn.Module):
 
     def initial_velocity_scale_sq(self) -> torch.Tensor:
         """Initial AVR ``s_t^2``, shape ``(T,)``: the sampler's noise levels ``sigma_t^2`` ("s_t <- sigma_t",
-        docs/paper_map.md)."""
+        docs/paper_map.md).
+        """
         return self.sigmas().detach().pow(2).clone()
 
     def mean_parameters(self) -> list[nn.Parameter]:
@@ -329,7 +331,8 @@ class PixelSampler(StepSampler):
 
     def initial_velocity_scale_sq(self) -> torch.Tensor:
         """Initial AVR ``s_t^2``, shape ``(T,)``: the re-scheduled chain's forward betas in RL order (the reference
-        image trainer's ``betas_for_q = user_defined_eta``, docs/paper_map.md), not the smaller posterior variances."""
+        image trainer's ``betas_for_q = user_defined_eta``, docs/paper_map.md), not the smaller posterior variances.
+        """
         i = torch.arange(self.n_steps, 0, -1)
         return (1 - self.level_alpha_bar[i] / self.level_alpha_bar[i - 1]).detach().clone()
 
@@ -343,7 +346,8 @@ class PixelSampler(StepSampler):
 
     def with_steps(self, n_steps: int, kind: str | None = None) -> PixelSampler:
         """A copy sharing this noise network, re-scheduled to ``n_steps`` levels with posterior sigmas (no learned
-        sigmas): the DDPM baseline at any number of steps, e.g. 1000 for the many-step reference."""
+        sigmas): the DDPM baseline at any number of steps, e.g. 1000 for the many-step reference.
+        """
         import copy
 
         out = copy.copy(self)  # shallow: same network

@@ -43,7 +43,7 @@ from dxmi_ad.nn.energy import AutoencoderEnergy
 from dxmi_ad.nn.model import DxMIModel
 from dxmi_ad.objectives import avr_update, energy_loss, running_cost, td_target, time_cost
 
-__all__ = ["AutoencoderPretrainer", "DxDPTrainer", "TrainingHealthWarning", "pretrain_autoencoder",
+__all__ = ["AutoencoderPretrainer", "DxDPTrainer", "SamplerPretrainer", "TrainingHealthWarning", "pretrain_autoencoder",
            "pretrain_sampler", "sync_grads"]
 
 
@@ -104,7 +104,7 @@ class DxDPTrainer:
         self.model = model
         self.sync = sync
         self.config = c = config or model.config
-        self.shared = c.energy == "shared"
+        self.shared = c.energy_model == "shared"
         self.opt_sampler = torch.optim.Adam(
             [{"params": model.sampler.mean_parameters(), "lr": c.sampler_lr},
              {"params": model.sampler.sigma_parameters(), "lr": c.effective_sigma_lr}]
@@ -341,6 +341,42 @@ class AutoencoderPretrainer:
         return float(loss.detach())
 
 
+class SamplerPretrainer:
+    """Adam steps (cosine decay over ``n_iter``) of DDPM pre-training of an ``"eps"`` sampler, one batch at a time.
+
+    Args:
+        model: The model whose sampler mean network is trained in place.
+        lr: Learning rate.
+        n_iter: Length of the stage (the cosine schedule's horizon).
+        sync: Data-parallel gradient averaging hook (see :class:`DxDPTrainer`), or None.
+    """
+
+    def __init__(self, model: DxMIModel, lr: float, n_iter: int,
+                 sync: Callable[[torch.Tensor], None] | None = None) -> None:
+        self.model = model
+        self.sync = sync
+        self.opt = torch.optim.Adam(model.sampler.mean_parameters(), lr=lr)
+        n = max(1, int(n_iter))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, n) / n)))
+
+    def step(self, x: torch.Tensor, generator: torch.Generator) -> float:
+        """One step of the DDPM loss on a batch ``x`` (``(B, D)`` or ``(B, C, H, W)``); returns the loss."""
+        sampler = self.model.sampler
+        sampler.train()
+        loss = sampler.ddpm_loss(x, generator)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        sync_grads(list(sampler.mean_parameters()), self.sync)
+        self.opt.step()
+        self.sched.step()
+        return float(loss.detach())
+
+    def finish(self) -> None:
+        """End of the stage: eval mode, and AVR starts from the pre-trained sampler's velocity scales."""
+        self.model.sampler.eval()
+        self.model.velocity_scale_sq.copy_(self.model.sampler.initial_velocity_scale_sq())
+
+
 def pretrain_autoencoder(
     ae: AutoencoderEnergy,
     data: torch.Tensor,
@@ -401,21 +437,11 @@ def pretrain_sampler(
     Returns:
         The DDPM loss per step.
     """
-    sampler = model.sampler
-    opt = torch.optim.Adam(sampler.mean_parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, n_iter) / n_iter)))
+    pre = SamplerPretrainer(model, lr, n_iter, sync)
     losses = []
-    sampler.train()
     for i in range(n_iter):
-        loss = sampler.ddpm_loss(_batches(data, batch_size, generator), generator)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        sync_grads(list(sampler.mean_parameters()), sync)
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
+        losses.append(pre.step(_batches(data, batch_size, generator), generator))
         if callback is not None:
             callback(i, losses[-1])
-    sampler.eval()
-    model.velocity_scale_sq.copy_(sampler.initial_velocity_scale_sq())
+    pre.finish()
     return losses

@@ -2,7 +2,7 @@
 
 Stages (each skipped when its length is 0):
 
-1. autoencoder reconstruction pre-training (``energy="autoencoder"``), then the frozen start copy (docs/paper_map.md);
+1. autoencoder reconstruction pre-training (``energy_model="autoencoder"``), then the frozen start copy (docs/paper_map.md);
 2. DDPM pre-training of the sampler (``sampler_pretrain_iter``, ``parameterization="eps"``);
 3. ``n_iter`` DxMI iterations (:class:`~dxmi_ad.training.dxdp.DxDPTrainer`), the first ``warmup_iter`` with the
    energy frozen.
@@ -30,9 +30,8 @@ import torch
 
 from dxmi_ad.checkpoint import load_model_dir, save_model_dir
 from dxmi_ad.config import DxMIConfig
-from dxmi_ad.nn.energy import AutoencoderEnergy
 from dxmi_ad.nn.model import DxMIModel
-from dxmi_ad.training.dxdp import DxDPTrainer, _batches, pretrain_autoencoder, pretrain_sampler
+from dxmi_ad.training.dxdp import DxDPTrainer, _batches
 from dxmi_ad.training.runtime import (
     Runtime,
     all_reduce_mean,
@@ -42,79 +41,19 @@ from dxmi_ad.training.runtime import (
     release_process_group,
     save_checkpoint,
 )
+from dxmi_ad.training.schedule import (
+    SCHEDULE_KEYS,
+    StagedTraining,
+    StageSchedule,
+    is_autoencoder,
+    plan_stages,
+)
 
 __all__ = ["ProgressCallback", "StageSchedule", "build_model", "count_updates", "plan_stages", "restore_model",
            "sample_shape", "scale_schedule", "train_model"]
 
 ProgressCallback = Callable[[str, int, int, dict[str, float]], None]
 """Called as ``callback(stage, iteration, total, metrics)``; stage in {"autoencoder", "sampler", "dxmi"}."""
-
-
-SCHEDULE_KEYS = ("ae_pretrain_iter", "sampler_pretrain_iter", "n_iter", "warmup_iter")
-"""The lengths that make up a training schedule (DxMIConfig / DxMIDetector parameters of the same names)."""
-
-WARMUP_SHARE = 1 / 3
-"""Share of the DxMI iterations a warm-up may take when it would otherwise take all of them (the shipped recipes and
-the estimator defaults give it 100 of 300 iterations)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class StageSchedule:
-    """The stages a training run will go through, in updates (optimizer steps), in order.
-
-    Attributes:
-        ae_pretrain: Autoencoder reconstruction pre-training updates (0 unless the energy is an autoencoder).
-        sampler_pretrain: DDPM pre-training updates of the sampler.
-        dxmi: DxMI iterations.
-        warmup: The first DxMI iterations, in which the energy is frozen (value and sampler only).
-    """
-
-    ae_pretrain: int
-    sampler_pretrain: int
-    dxmi: int
-    warmup: int
-
-    @property
-    def energy_updates(self) -> int:
-        """DxMI iterations that update the energy: ``dxmi - warmup`` (never negative)."""
-        return max(0, self.dxmi - self.warmup)
-
-    @property
-    def total(self) -> int:
-        """All updates of the run."""
-        return self.ae_pretrain + self.sampler_pretrain + self.dxmi
-
-    def describe(self) -> str:
-        """One line, e.g. ``"576 autoencoder + 174 DxMI updates (58 with the energy frozen)"``."""
-        parts = [f"{self.ae_pretrain} autoencoder"] if self.ae_pretrain else []
-        parts += [f"{self.sampler_pretrain} sampler (DDPM)"] if self.sampler_pretrain else []
-        parts.append(f"{self.dxmi} DxMI")
-        frozen = f" ({self.warmup} with the energy frozen)" if self.warmup and self.dxmi else ""
-        return " + ".join(parts) + f" updates{frozen}"
-
-
-def _is_autoencoder(params: Mapping[str, Any]) -> bool:
-    return params.get("energy", params.get("energy_model", "autoencoder")) == "autoencoder"
-
-
-def plan_stages(config: DxMIConfig | Mapping[str, Any]) -> StageSchedule:
-    """The stages a fresh training run of ``config`` goes through (what :func:`train_model` runs).
-
-    Args:
-        config: A :class:`DxMIConfig` or a mapping with the :data:`SCHEDULE_KEYS` (and ``energy`` /
-            ``energy_model``; missing lengths count as 0).
-
-    Returns:
-        The :class:`StageSchedule`; a warm-up that would cover every DxMI iteration is cut to the first
-        :data:`WARMUP_SHARE` of them (see :func:`train_model`).
-    """
-    params = config.to_dict() if isinstance(config, DxMIConfig) else dict(config)
-    n_iter = int(params.get("n_iter") or 0)
-    warmup = int(params.get("warmup_iter") or 0)
-    if 0 < n_iter <= warmup:
-        warmup = int(n_iter * WARMUP_SHARE)
-    ae = int(params.get("ae_pretrain_iter") or 0) if _is_autoencoder(params) else 0
-    return StageSchedule(ae, int(params.get("sampler_pretrain_iter") or 0), n_iter, warmup)
 
 
 def count_updates(n_images: int, images_per_batch: int, locations_per_image: int, batch_size: int, epochs: int,
@@ -185,7 +124,7 @@ def scale_schedule(recipe: Mapping[str, Any], overrides: Mapping[str, Any] | Non
     merged = {**recipe, **overrides}
     given = {k for k in SCHEDULE_KEYS if k in overrides}
     length = {k: int(merged.get(k) or 0) for k in SCHEDULE_KEYS}
-    if not _is_autoencoder(merged):
+    if not is_autoencoder(merged):
         length["ae_pretrain_iter"] = 0
     ref = {k: int(recipe.get(k) or 0) for k in SCHEDULE_KEYS}
     new = dict(length)
@@ -318,7 +257,7 @@ def train_model(
     if tuple(data.shape[1:]) != shape or data.shape[0] < 2:
         msg = f"training data must have shape (N >= 2, {', '.join(map(str, shape))}), got {tuple(data.shape)}"
         raise ValueError(msg)
-    if config.mode != "pixel" and config.energy == "autoencoder":  # every trainer: bottleneck < input width
+    if config.mode != "pixel" and config.energy_model == "autoencoder":  # every trainer: bottleneck < input width
         from dxmi_ad.nn.energy import autoencoder_latent_dim
 
         autoencoder_latent_dim(config.dim, config.latent_dim, config.spherical)
@@ -417,15 +356,11 @@ def _train(
         start, history = load_checkpoint(resume_from, model, trainer, rank, world, generator)
         if progress is not None:
             progress("resume", start, config.n_iter, {})
-    else:
-        if fresh and isinstance(model.energy, AutoencoderEnergy) and config.ae_pretrain_iter:
-            pretrain_autoencoder(model.energy, data, config.ae_pretrain_iter, config.ae_lr, config.batch_size,
-                                 generator, report("autoencoder", config.ae_pretrain_iter), sync)
-        if fresh:
-            model.freeze_initial()
-        if fresh and config.sampler_pretrain_iter:
-            pretrain_sampler(model, data, config.sampler_pretrain_iter, config.sampler_pretrain_lr,
-                             config.batch_size, generator, report("sampler", config.sampler_pretrain_iter), sync)
+    else:  # a model given by the caller continues from its own pre-training
+        stages = plan_stages(config) if fresh else StageSchedule(0, 0, config.n_iter, config.warmup_iter)
+        staged = StagedTraining(model, config, stages, sync, trainer, pretrained=not fresh)
+        staged.pretrain(lambda: _batches(data, config.batch_size, generator), generator,
+                        lambda stage, i, total, loss: report(stage, total)(i, loss))
 
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None  # model selection: (score, iteration, state)
 

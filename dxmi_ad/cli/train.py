@@ -1,0 +1,507 @@
+"""``dxmi-ad train`` and ``dxmi-ad pretrain-sampler``: recipes, data sets, run directories, checkpoints and resume.
+
+Commands are thin: parse typed options (:class:`~dxmi_ad.cli.options.TrainOptions`), resolve the recipe, call the
+library, print a table.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from dxmi_ad import recipes
+from dxmi_ad.checkpoint import atomic_directory, read_yaml_mapping
+from dxmi_ad.cli.common import (
+    CLIError,
+    _check_out,
+    _console_warnings,
+    _fail,
+    _parse_sets,
+    _Progress,
+    _rate_option,
+    console,
+    err_console,
+)
+from dxmi_ad.cli.images import IMAGE_DATASETS, ImageCLIError
+from dxmi_ad.cli.options import (
+    PERMISSIONS,
+    RUNTIME_KEYS,
+    Accelerator,
+    Mode,
+    Precision,
+    Strategy,
+    TrainOptions,
+    check_one_rule,
+)
+
+DATASETS = ("textures", "mvtec", "folder", "digits", "mnist", "eight-gaussians", "wbc", "wine", "csv:PATH")
+DEFAULT_DATASET = "textures"
+
+
+def load_recipe(path: Path | None, dataset: str, sets: list[str]) -> dict[str, Any]:
+    """Read a recipe (YAML mapping of DxMIDetector parameters), defaulting to the dataset's bundled recipe.
+
+    Raises:
+        CLIError: If the file is missing, not a mapping, or names unknown parameters.
+    """
+    from dxmi_ad.estimator import DxMIDetector
+
+    if path is None:
+        stem = "eight_gaussians" if dataset == "eight-gaussians" else "digits"
+        path = recipes.path(stem)
+    try:
+        path = recipes.resolve(path)
+        recipe = read_yaml_mapping(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise CLIError(str(err)) from err
+    base = dict(recipe)
+    overrides = _parse_sets(sets)
+    recipe.update(overrides)
+    known = set(DxMIDetector().get_params())
+    unknown = sorted(set(recipe) - known)
+    if unknown:
+        msg = f"unknown recipe key(s) {unknown} in {path} / --set; known: {sorted(known)}"
+        raise CLIError(msg)
+    recipe.update(_scaled_schedule({**DxMIDetector().get_params(), **base}, overrides))
+    try:  # every range checked before any data is read (scikit-learn's parameter constraints)
+        DxMIDetector(**{k: v for k, v in recipe.items() if k != "runtime"})._validate_params()
+    except (TypeError, ValueError) as err:
+        msg = f"invalid recipe value in {path} / --set: {err}"
+        raise CLIError(msg) from None
+    return recipe
+
+
+def _scaled_schedule(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Schedule lengths that follow the user's ``--set`` (:func:`~dxmi_ad.training.fit.scale_schedule`): e.g.
+    ``--set n_iter=100`` on a recipe with ``n_iter: 300, warmup_iter: 100`` scales the warm-up to 33. Each change
+    is printed as one ``info:`` line on stderr (stdout stays clean for ``--dry-run``).
+
+    Raises:
+        CLIError: Lengths given by the user that leave the energy without an update (with the arithmetic).
+    """
+    from dxmi_ad.training.fit import scale_schedule
+
+    try:
+        changes, notes = scale_schedule(base, overrides)
+    except ValueError as err:
+        raise CLIError(f"--set: {err}") from None
+    for note in notes:
+        err_console.print(f"info: {note}", highlight=False, markup=False, soft_wrap=True)
+    return changes
+
+
+def load_dataset(dataset: str, normal_class: int, seed: int) -> Any:
+    """Return a :class:`~dxmi_ad.data.tabular.OneClassSplit` for a dataset name.
+
+    Raises:
+        CLIError: For an unknown name or unreadable CSV.
+    """
+    import numpy as np
+
+    from dxmi_ad.data import tabular
+    from dxmi_ad.data.synthetic import eight_gaussians, uniform_box
+
+    if dataset == "digits":
+        return tabular.digits_split(normal_class, seed)
+    if dataset == "mnist":
+        try:
+            return tabular.mnist_split(normal_class, seed)
+        except ModuleNotFoundError as err:
+            raise CLIError(str(err)) from err
+    if dataset in ("wbc", "wine"):
+        return tabular.odds_split(dataset, seed)
+    if dataset == "eight-gaussians":
+        test = np.r_[eight_gaussians(10_000, seed + 123), uniform_box(10_000, seed + 7)]
+        label = np.r_[np.zeros(10_000, int), np.ones(10_000, int)]
+        return tabular.OneClassSplit(eight_gaussians(50_000, seed), test, label, "eight-gaussians")
+    if dataset.startswith("csv:"):
+        try:
+            X, label, _ = tabular.load_csv(dataset[4:])
+        except (FileNotFoundError, ValueError) as err:
+            raise CLIError(str(err)) from err
+        if label is None:
+            return tabular.OneClassSplit(X.astype("float32"), X[:0].astype("float32"), np.zeros(0, int), dataset)
+        return tabular.split_labelled(X, label, 0.7, seed, dataset)
+    msg = f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}"
+    raise CLIError(msg)
+
+
+def _evaluate(det: Any, split: Any, dataset: str) -> dict[str, Any]:
+    from dxmi_ad.metrics import auroc, sliced_wasserstein
+
+    metrics: dict[str, Any] = {"dataset": split.name, "n_train": int(len(split.train)), "n_test": int(len(split.test))}
+    if len(split.test_label) and 0 < split.test_label.sum() < len(split.test_label):
+        energy = det.energy(split.test)
+        metrics["image_AUROC"] = auroc(energy[split.test_label == 0], energy[split.test_label == 1])
+        metrics["n_test_anomalous"] = int(split.test_label.sum())
+        flagged = det.predict(split.test) == -1  # the calibrated rule (FPR threshold or BH over the test set)
+        metrics["FPR"] = float(flagged[split.test_label == 0].mean())
+        metrics["TPR"] = float(flagged[split.test_label == 1].mean())
+    if dataset == "eight-gaussians":
+        normal = split.test[split.test_label == 0]
+        metrics["SW"] = sliced_wasserstein(det.sample(len(normal), random_state=0), normal)
+    return metrics
+
+
+# ---------------------------------------------------------------------- commands
+@_console_warnings
+def train(
+    dataset: Annotated[str, typer.Option(help="textures | mvtec | folder | features | digits | mnist | eight-gaussians | wbc | wine | csv:PATH")] = DEFAULT_DATASET,
+    data_root: Annotated[Path | None, typer.Option(help="image datasets: dataset root (textures: cache folder)")] = None,
+    category: Annotated[str, typer.Option(help="mvtec/textures: comma-separated categories, or all")] = "all",
+    normal_class: Annotated[int, typer.Option(min=-1, max=9, help="digits / mnist: the class taken as normal (0-9; pixel mode: -1 = "
+                                                   "all classes, generation only)")] = 0,
+    mode: Annotated[Mode, typer.Option(help="auto (image datasets: pretrained features; others: vectors) | pixel "
+                                           "(DxMI on raw pixels: U-Net sampler + ResNet energy, images up to 64x64)")] = Mode.auto,
+    init_sampler: Annotated[Path | None, typer.Option(help="pixel mode: start DxMI from this `dxmi-ad pretrain-sampler` "
+                                                           "run (skips DDPM pre-training; its network shape is used)")] = None,
+    recipe: Annotated[Path | None, typer.Option(help="YAML recipe (vector: DxMIDetector parameters; image: features + model)")] = None,
+    out: Annotated[Path | None, typer.Option(help="run directory (default runs/<dataset>-<time>)")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a recipe key: KEY=VALUE")] = None,
+    seed: Annotated[int, typer.Option(help="random seed (fixes results on the CPU)")] = 0,
+    skip_bad_files: Annotated[bool, typer.Option(help="leave unreadable training images out instead of stopping")] = False,
+    pretrained: Annotated[bool, typer.Option(help="ImageNet backbone weights; --no-pretrained = random weights")] = True,
+    weights: Annotated[Path | None, typer.Option(help="backbone weights file (state dict)")] = None,
+    backbone: Annotated[str | None, typer.Option(help="timm backbone name (default from the recipe)")] = None,
+    trust_pickle: Annotated[bool, typer.Option(help="features: allow unpickling the authors' .pth/.pkl files "
+                                                    "(can run arbitrary code; only for trusted files)")] = False,
+    calibration_fraction: Annotated[float | None, typer.Option(
+        min=0.0, max=0.9, help="fraction of the normal training data held out to calibrate decisions [default: 0.2]")] = None,
+    calibration_dir: Annotated[Path | None, typer.Option(help="image datasets: folder of held-out normal images to "
+                                                              "calibrate on (instead of a training split)")] = None,
+    fpr: Annotated[float | None, typer.Option(callback=_rate_option,
+                                              help="target false-positive rate of the decision threshold "
+                                                   "[default: 0.01, or the smallest the calibration set supports]")] = None,
+    fdr: Annotated[float | None, typer.Option(callback=_rate_option, help="decide by Benjamini-Hochberg at this "
+                                                                          "false discovery rate, in (0, 1)")] = None,
+    validation_dir: Annotated[Path | None, typer.Option(help="image datasets: labelled folder (good/, <defect>/) "
+                                                             "for an F1-optimal threshold")] = None,
+    accelerator: Annotated[Accelerator | None, typer.Option(help="Lightning Fabric accelerator")] = None,
+    devices: Annotated[int | None, typer.Option(min=1, help="devices per node (data-parallel DxMI above 1)")] = None,
+    num_nodes: Annotated[int | None, typer.Option(min=1, help="nodes (launch with torchrun on each)")] = None,
+    strategy: Annotated[Strategy | None, typer.Option(help="data-parallel strategy")] = None,
+    precision: Annotated[Precision | None, typer.Option(help="numeric precision of the DxMI stage")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(min=0, help="DxMI iterations between checkpoints (written to "
+                                                              "OUT.checkpoints/ while training)")] = None,
+    keep_checkpoints: Annotated[int | None, typer.Option(min=1, help="newest checkpoints kept [default: 3]")] = None,
+    resume: Annotated[Path | None, typer.Option(help="continue an interrupted run (its --out) from its newest "
+                                                     "complete checkpoint, with the settings it started with")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing run directory")] = False,
+    dry_run: Annotated[bool, typer.Option(help="print the resolved recipe and exit")] = False,
+) -> None:
+    """Train a DxMI detector, calibrate its decisions on held-out normal data, report AUROC on the test split.
+
+    With no arguments: the embedded textures (real CC0 photos with SYNTHETIC defects), one model for all three.
+    """
+    opts = TrainOptions(
+        dataset=dataset, data_root=data_root, category=category, normal_class=normal_class, mode=mode.value,
+        init_sampler=init_sampler, recipe=recipe, out=out, set_=set_, seed=seed, skip_bad_files=skip_bad_files,
+        pretrained=pretrained, weights=weights, backbone=backbone, trust_pickle=trust_pickle,
+        calibration_fraction=calibration_fraction, calibration_dir=calibration_dir, fpr=fpr, fdr=fdr,
+        validation_dir=validation_dir, accelerator=accelerator.value if accelerator else None, devices=devices,
+        num_nodes=num_nodes, strategy=strategy.value if strategy else None,
+        precision=precision.value if precision else None, checkpoint_every=checkpoint_every,
+        keep_checkpoints=keep_checkpoints, resume=resume, overwrite=overwrite, dry_run=dry_run)
+    try:
+        if resume is not None:
+            opts = _resume_args(resume, opts)
+        elif opts.out is None:
+            stem = opts.dataset.replace(":", "_").replace("/", "_")
+            opts = opts.replace(out=Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+        check_one_rule(opts.fpr, opts.fdr)
+    except (CLIError, ValueError) as err:
+        raise _fail(str(err)) from None
+    if opts.mode == Mode.pixel.value:
+        _train_pixel(opts)
+        return
+    if opts.init_sampler is not None:
+        raise _fail("--init-sampler is for --mode pixel")
+    if opts.dataset in IMAGE_DATASETS:
+        _train_images(opts)
+        return
+    _train_vectors(opts)
+
+
+def _train_pixel(opts: TrainOptions, pretrain_only: bool = False) -> None:
+    from dxmi_ad.calibration import CalibrationError
+    from dxmi_ad.cli.pixel import PixelCLIError, load_pixel_recipe, train_pixel
+
+    try:
+        for key in ("calibration_dir", "validation_dir", "weights", "backbone"):
+            if getattr(opts, key) is not None:
+                raise CLIError(f"--{key.replace('_', '-')} does not apply to pixel mode")
+        recipe = load_pixel_recipe(opts.recipe, opts.dataset, _parse_sets(opts.sets),
+                                   opts.normal_class)
+        from dxmi_ad.config import DxMIConfig
+        from dxmi_ad.pixel import PIXEL_DEFAULTS
+
+        base = load_pixel_recipe(opts.recipe, opts.dataset, {}, opts.normal_class)["model"]
+        sets = {k.removeprefix("model."): v for k, v in _parse_sets(opts.sets).items()}
+        recipe["model"].update(_scaled_schedule({**DxMIConfig().to_dict(), **PIXEL_DEFAULTS, **base}, sets))
+        if not _prepare_run(opts, recipe):
+            return
+        explicit = set(_parse_sets(opts.sets)) | (set(recipe["model"]) if opts.recipe else set())
+        with _Progress() as progress:
+            metrics = train_pixel(opts, recipe, explicit, console, progress, pretrain_only)
+    except (CLIError, PixelCLIError, CalibrationError, FileNotFoundError, ModuleNotFoundError, ValueError,
+            FloatingPointError) as err:
+        raise _fail(str(err)) from None
+    if not metrics:
+        return
+    table = Table(title=f"DxMI pixel mode on {metrics['dataset']}")
+    for col in ("metric", "value"):
+        table.add_column(col)
+    for key in ("image_AUROC", "pixel_AUROC", "FPR", "TPR", "n_train", "n_test", "n_test_anomalous", "train_seconds"):
+        if metrics.get(key) is not None:
+            v = metrics[key]
+            table.add_row(key, f"{v:.4f}" if isinstance(v, float) and key != "train_seconds" else str(v))
+    console.print(table)
+    if metrics.get("note"):
+        console.print(metrics["note"])
+    console.print(f"run directory: {opts.out} (samples.png: 64 generated images)")
+
+
+@_console_warnings
+def pretrain_sampler(
+    dataset: Annotated[str, typer.Option(help="digits | mnist | textures | mvtec | folder")] = "digits",
+    normal_class: Annotated[int, typer.Option(min=-1, max=9, help="digits / mnist: class to learn (0-9), -1 = all")] = -1,
+    data_root: Annotated[Path | None, typer.Option(help="image-folder datasets: dataset root")] = None,
+    category: Annotated[str, typer.Option(help="mvtec/textures: categories, or all")] = "all",
+    recipe: Annotated[Path | None, typer.Option(help="pixel recipe YAML (default: recipes/pixel_<dataset>.yaml for "
+                                                     "all classes, pixel_<dataset>_ad.yaml for one)")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a recipe key: KEY=VALUE")] = None,
+    out: Annotated[Path | None, typer.Option(help="run directory (default runs/pretrain-<dataset>-<time>)")] = None,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing run directory")] = False,
+) -> None:
+    """DDPM pre-training of a pixel-mode sampler (the paper's starting point); then `dxmi-ad train --mode pixel
+    --init-sampler OUT` fine-tunes it with DxMI (any number of steps T: the network is re-scheduled).
+    """
+    stem = f"pretrain-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    opts = TrainOptions(dataset=dataset, normal_class=normal_class, data_root=data_root, category=category,
+                        recipe=recipe, set_=set_, out=out or Path("runs") / stem, seed=seed, overwrite=overwrite,
+                        mode=Mode.pixel.value)
+    _train_pixel(opts, pretrain_only=True)
+
+
+def checkpoint_dir(out: Path) -> Path:
+    """Where a run writes its checkpoints while it trains: ``OUT.checkpoints`` beside ``OUT``."""
+    return out.parent / f"{out.name}.checkpoints"
+
+
+def _resume_args(run: Path, given: TrainOptions) -> TrainOptions:
+    """The arguments an interrupted run started with (``RUN.checkpoints/run.json``), with ``resume`` set.
+
+    Permissions are never read from ``run.json``: ``--trust-pickle`` and ``--overwrite`` come from this command
+    line only (they may be given with ``--resume``); a ``trust_pickle: true`` in the file is ignored.
+
+    Raises:
+        CLIError: Nothing to resume; other (non-permission) options given with ``--resume`` (the run's own settings
+            are used); an invalid ``run.json`` (named, with the field); a run directory ``RUN`` that already exists
+            without ``--overwrite``.
+    """
+    extra = sorted(k for k in given.given() if k not in ("resume", *PERMISSIONS))
+    if extra:
+        flags = ", ".join("--" + k.rstrip("_").replace("_", "-") for k in extra)
+        msg = f"--resume continues a run with the settings it started with; drop {flags}"
+        raise CLIError(msg)
+    ck = checkpoint_dir(run)
+    if not (ck / "run.json").is_file():
+        why = "it finished" if run.is_dir() else "it was not started with --checkpoint-every"
+        msg = f"nothing to resume: {ck / 'run.json'} not found ({why}?)"
+        raise CLIError(msg)
+    try:
+        record = json.loads((ck / "run.json").read_text(encoding="utf-8"))
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        msg = f"{ck / 'run.json'} is not valid JSON: {err}"
+        raise CLIError(msg) from None
+    recorded = TrainOptions.from_record(record, ck / "run.json")
+    if run.exists() and not given.overwrite:
+        msg = f"run directory {run} exists; pass --overwrite with --resume to replace it"
+        raise CLIError(msg)
+    # the run directory as given now (run.json may hold a path relative to another working directory); the
+    # permissions as given now
+    return recorded.replace(**{k: getattr(given, k) for k in PERMISSIONS}, out=run, resume=run, dry_run=False)
+
+
+def _runtime(opts: TrainOptions, recipe_runtime: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Fabric runtime settings from the recipe's ``runtime:`` section and the flags (flags win), or None."""
+    from dxmi_ad.training.runtime import Runtime
+
+    merged = {**(recipe_runtime or {}), **opts.runtime_flags()}
+    if not merged and opts.resume is None:
+        return None
+    unknown = sorted(set(merged) - set(RUNTIME_KEYS))
+    if unknown:
+        msg = f"unknown runtime key(s) {unknown}; known: {list(RUNTIME_KEYS)}"
+        raise CLIError(msg)
+    if merged.get("checkpoint_every") or opts.resume is not None:
+        merged["checkpoint_dir"] = str(checkpoint_dir(opts.out))
+    merged["resume"] = opts.resume is not None
+    if merged["resume"]:
+        from dxmi_ad.training.runtime import latest_checkpoint
+
+        if latest_checkpoint(Path(merged["checkpoint_dir"])) is None:  # killed before its first checkpoint
+            merged["resume"] = False
+            err_console.print(f"info: {merged['checkpoint_dir']} holds no complete checkpoint yet (the run was "
+                              "stopped before its first one): starting it again from the beginning with its "
+                              "recorded settings", highlight=False, markup=False, soft_wrap=True)
+    Runtime(**{**merged, "checkpoint_dir": None, "resume": False})  # validates values (clear errors)
+    return merged
+
+
+def _start_checkpoints(opts: TrainOptions, runtime: dict[str, Any] | None) -> None:
+    """Record the run's arguments beside its checkpoints so that `--resume OUT` needs nothing else.
+
+    What a killed run left in ``OUT.checkpoints`` decides (the same on every rank; only rank 0 writes):
+
+    * nothing but ``run.json`` and temporary folders (killed before its first checkpoint): removed, the run starts
+      again from the beginning;
+    * complete checkpoints of the same command (the same recorded settings): the run continues from the newest
+      (``runtime["resume"]`` is set), so the original command restarts a killed run;
+    * checkpoints of other settings: refused with the exact command to continue it, unless ``--overwrite``.
+
+    Raises:
+        CLIError: Checkpoints of a run with other settings, without ``--overwrite``.
+    """
+    import shutil
+
+    from dxmi_ad.checkpoint import atomic_write_text
+    from dxmi_ad.training.runtime import is_global_zero, latest_checkpoint
+
+    if runtime is None or runtime.get("checkpoint_dir") is None or runtime["resume"]:
+        return
+    ck = Path(runtime["checkpoint_dir"])
+    writer = is_global_zero()
+    if ck.exists() and any(ck.iterdir()):  # an interrupted run's checkpoints: never mix them with a new run's
+        newest = latest_checkpoint(ck)
+        leftovers = all(p.name == "run.json" or p.name.startswith(".") for p in ck.iterdir())
+        try:
+            recorded = json.loads((ck / "run.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            recorded = None
+        if newest is None and leftovers:
+            err_console.print(f"info: {ck} holds no complete checkpoint (a run stopped before its first one): "
+                              "starting over", highlight=False, markup=False, soft_wrap=True)
+            if writer:
+                shutil.rmtree(ck)
+        elif newest is not None and recorded == opts.record() and not opts.overwrite:
+            runtime["resume"] = True
+            err_console.print(f"info: continuing the interrupted run of this command from {newest} (pass "
+                              "--overwrite to start over)", highlight=False, markup=False, soft_wrap=True)
+            return
+        elif not opts.overwrite:
+            msg = (f"{ck} holds the checkpoints of an interrupted run with other settings: continue it with "
+                   f"`dxmi-ad train --resume {opts.out}`, or pass --overwrite to start over")
+            raise CLIError(msg)
+        elif writer:
+            shutil.rmtree(ck)
+    if writer:
+        atomic_write_text(ck / "run.json", json.dumps(opts.record(), indent=2))
+
+
+def _train_vectors(opts: TrainOptions) -> None:
+    from dxmi_ad.cli import images
+    from dxmi_ad.training.runtime import is_global_zero
+
+    dataset, seed, out = opts.dataset, opts.seed, opts.out
+    try:
+        params = load_recipe(opts.recipe, dataset, opts.sets)
+        params.setdefault("random_state", seed)
+        if opts.calibration_dir is not None or opts.validation_dir is not None:
+            msg = "--calibration-dir and --validation-dir are for image datasets; vector models hold out " \
+                  "--calibration-fraction of the training rows (or use `dxmi-ad calibrate --calibration-csv`)"
+            raise CLIError(msg)
+        for key in ("calibration_fraction", "fpr", "fdr"):
+            if getattr(opts, key) is not None:
+                params[key] = getattr(opts, key)
+        params["runtime"] = _runtime(opts, params.get("runtime"))
+        from dxmi_ad.estimator import DxMIDetector
+
+        DxMIDetector(**{k: v for k, v in params.items() if k != "runtime"})._validate_params()  # ranges, before work
+        if opts.dry_run:
+            console.print_json(json.dumps(params, default=str))
+            return
+        split = load_dataset(dataset, opts.normal_class, seed)
+        if opts.resume is None:
+            _check_out(out, opts.overwrite)
+        _start_checkpoints(opts, params["runtime"])
+    except (CLIError, ValueError) as err:
+        raise _fail(str(err)) from None
+    from dxmi_ad.estimator import DxMIDetector
+
+    console.print(f"[bold]dxmi-ad train[/] dataset={split.name} train={split.train.shape} test={split.test.shape}")
+    t0 = time.perf_counter()
+    try:
+        with _Progress() as progress:
+            det = DxMIDetector(**{**params, "verbose": progress}).fit(split.train)
+    except (ValueError, FloatingPointError, FileNotFoundError) as err:
+        raise _fail(f"training failed: {err}") from None
+    seconds = time.perf_counter() - t0
+    if not is_global_zero():  # data-parallel run: rank 0 writes the results
+        return
+    console.print(f"decisions: {det.calibration_.summary()}", highlight=False)
+    metrics = _evaluate(det, split, dataset)
+    metrics.update({"train_seconds": round(seconds, 2), "recipe": params})
+    with atomic_directory(out) as tmp:  # a failed run never leaves a half-written run directory
+        det.save(tmp)
+        progress.write_logs(tmp)
+        from dxmi_ad.metrics import dumps_json  # strict JSON: an undefined metric is null, never NaN
+
+        (tmp / "metrics.json").write_text(dumps_json(metrics, indent=2), encoding="utf-8")
+        images.keep_checkpoints(images.make_runtime(params), tmp)  # last: a failure above keeps them resumable
+    table = Table(title=f"DxMI on {split.name}")
+    for col in ("metric", "value"):
+        table.add_column(col)
+    for key in ("image_AUROC", "FPR", "TPR", "SW", "n_train", "n_test", "n_test_anomalous", "train_seconds"):
+        if key in metrics:
+            v = metrics[key]
+            table.add_row(key, f"{v:.1f}" if key == "train_seconds" else f"{v:.4f}" if isinstance(v, float) else str(v))
+    console.print(table)
+    console.print(f"run directory: {out}")
+
+
+def _prepare_run(opts: TrainOptions, recipe: dict[str, Any]) -> bool:
+    """Resolve the recipe's ``runtime`` section with the flags; print the recipe and return False for ``--dry-run``;
+    else check ``--out`` and record the run for ``--resume`` (:func:`_start_checkpoints`) and return True.
+
+    Raises:
+        CLIError: A bad runtime section, an existing run directory, checkpoints of other settings.
+    """
+    recipe["runtime"] = _runtime(opts, recipe.get("runtime"))
+    if opts.dry_run:
+        console.print_json(json.dumps(recipe, default=str))
+        return False
+    if opts.resume is None:
+        _check_out(opts.out, opts.overwrite)
+    _start_checkpoints(opts, recipe["runtime"])
+    return True
+
+
+def _train_images(opts: TrainOptions) -> None:
+    from dxmi_ad.cli import images
+    from dxmi_ad.features.extractor import PretrainedWeightsError
+    from dxmi_ad.image import BadFilesError
+
+    try:
+        recipe = images.load_image_recipe(opts.recipe, _parse_sets(opts.sets))
+        from dxmi_ad.config import DxMIConfig
+
+        base = images.load_image_recipe(opts.recipe, {})["model"]
+        sets = {k.rpartition(".")[2]: v for k, v in _parse_sets(opts.sets).items()
+                if k.rpartition(".")[0] in ("", "model")}
+        recipe["model"].update(_scaled_schedule({**DxMIConfig().to_dict(), **base}, sets))
+        if not _prepare_run(opts, recipe):
+            return
+        if opts.calibration_fraction is None:
+            opts = opts.replace(calibration_fraction=0.2)
+        with _Progress() as progress:
+            images.train_images(opts, recipe, console, progress)
+    except (CLIError, ImageCLIError, BadFilesError, PretrainedWeightsError, FileNotFoundError, ValueError,
+            FloatingPointError) as err:
+        raise _fail(str(err)) from None
