@@ -153,7 +153,7 @@ class DxMIConfig:
     time_dim: int = 128
     activation: str = "silu"
     entropy_weight: float = 0.1
-    velocity_weight: float = 0.1
+    velocity_weight: float = 0.01
     energy_l2_weight: float = 0.0
     negative_l2_weight: float = 0.0
     health_window: int = 20

@@ -256,7 +256,7 @@ def test_cli_calibrate_and_print_calibration_show_the_summary(tmp_path):
     assert "the maximum calibration score" in " ".join(res.output.split())
 
     class _Image:
-        calibration = Calibration.fit(np.arange(24.0), fdr=0.1, fpr=0.04)
+        calibration_ = Calibration.fit(np.arange(24.0), fdr=0.1, fpr=0.04)
 
     console = Console(record=True, width=300)
     print_calibration(_Image(), console)

@@ -188,7 +188,7 @@ def test_train_evaluate_score_end_to_end(tree, tiny_recipe, tmp_path, monkeypatc
     assert [r["pred_label"] == "1" for r in rows] == list(expected)
     import dxmi_ad
 
-    assert dxmi_ad.load(run).calibration.rule == "fdr"
+    assert dxmi_ad.load(run).calibration_.rule == "fdr"
     # the sampler of a feature-mode model refines perturbed features of --start images into feature vectors
     feats = tmp_path / "feats.npy"
     smp = runner.invoke(app, ["sample", "--model", str(run), "--start", str(tree / "brick/train/good"), "-n", "50",

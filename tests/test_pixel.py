@@ -214,6 +214,7 @@ def test_pixel_metrics_orientation():
     assert m["image_AUROC"] == 1.0 and m["pixel_AUROC"] == 1.0 and m["n_test_anomalous"] == 3
 
 
+@pytest.mark.slow  # about 3.5 minutes on 2 cores: run with -m slow
 def test_dxmi_fine_tuning_improves_a_few_step_sampler_on_digits():
     """The issue's cycle on real data: DDPM pre-training, re-scheduling to T = 4 (the paper's starting point), DxMI
     fine-tuning, sampling. The fine-tuned sampler's Frechet distance (digit-classifier features, 500 samples against
