@@ -30,7 +30,8 @@ import pandas as pd
 import torch
 import yaml
 
-from dxmi_ad.cli.pixel import RECIPES, write_grid
+from dxmi_ad import recipes
+from dxmi_ad.cli.pixel import write_grid
 from dxmi_ad.data.tabular import load_mnist5k
 from dxmi_ad.pixel import PixelDetector, pixel_config
 from dxmi_ad.sample_quality import fit_digit_classifier, sample_quality
@@ -49,7 +50,7 @@ def load_images(name: str) -> tuple[np.ndarray, np.ndarray]:
 
 def recipe_for(name: str, overrides: dict) -> dict:
     """The dataset's pixel recipe with overrides (sizes, lengths)."""
-    recipe = yaml.safe_load((RECIPES / f"pixel_{name}.yaml").read_text())
+    recipe = yaml.safe_load(recipes.path(f"pixel_{name}").read_text())
     return {**recipe, **overrides}
 
 

@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from benchmarks.digits import RECIPE, score_split
-from dxmi_ad.cli.pixel import RECIPES
+from dxmi_ad import recipes
 from dxmi_ad.data.tabular import digits_split, mnist_split
 from dxmi_ad.metrics import auroc
 from dxmi_ad.pixel import PixelDetector, pixel_config
@@ -60,7 +60,7 @@ def main() -> None:
     tables = []
     t_all = time.perf_counter()
     for name in args.datasets.split(","):
-        recipe = {**yaml.safe_load((RECIPES / f"pixel_{name}_ad.yaml").read_text()), **overrides}
+        recipe = {**yaml.safe_load(recipes.path(f"pixel_{name}_ad").read_text()), **overrides}
         rows = []
         for c in classes:
             split = (digits_split if name == "digits" else mnist_split)(c, seed=args.seed)

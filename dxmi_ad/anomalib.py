@@ -139,14 +139,14 @@ class Dxmi(AnomalibModule):
         self.automatic_optimization = False
         extractor = FeatureExtractor(backbone, tuple(out_indices), pretrained, weights, neighbourhood=neighbourhood)
         recipe_map = read_yaml_mapping(recipes.resolve(recipe) if recipe else DEFAULT_RECIPE)
-        params = dict(recipe_map.get("model") or {})
+        params = DxMIConfig.rename_old_keys(dict(recipe_map.get("model") or {}), "recipe")
         scoring = dict(recipe_map.get("scoring") or {})
         if blur_sigma is not None:
             scoring["blur_sigma"] = blur_sigma
         self.scoring = ScoringSettings.from_dict(scoring)
         self._recipe_params = {**DxMIConfig().to_dict(), **params}  # the schedule scales from these (training_step)
-        self._overrides = dict(model_overrides or {})
-        params.update(model_overrides or {})
+        self._overrides = DxMIConfig.rename_old_keys(dict(model_overrides or {}), "model_overrides")
+        params.update(self._overrides)
         self.dxmi_config = DxMIConfig.from_dict({**params, "dim": extractor.channels, "seed": seed})
         if self.dxmi_config.energy_model == "autoencoder":  # bottleneck < feature channels, refused before any training
             from dxmi_ad.nn.energy import autoencoder_latent_dim

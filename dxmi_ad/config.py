@@ -36,7 +36,7 @@ class DxMIConfig:
     Attributes:
         dim: Data dimension ``D`` (features per vector). Set from the data by the estimator.
         n_steps: Number of sampler steps [T] (paper: 5).
-        energy: ``"autoencoder"`` (reconstruction energy, paper AD), ``"mlp"`` (free MLP energy, separate from the
+        energy_model: ``"autoencoder"`` (reconstruction energy, paper AD), ``"mlp"`` (free MLP energy, separate from the
             value) or ``"shared"`` (``E(x) = V(x, T)``, the paper's 2-D variant).
         spherical: Data lie on the unit sphere (L2-normalized features): the sampler mean and the autoencoder output
             are projected onto it.
@@ -328,14 +328,31 @@ class DxMIConfig:
         if not isinstance(data, dict):
             msg = f"model settings must be a mapping of field: value, got {type(data).__name__} {data!r:.80}"
             raise ValueError(msg)
-        if "energy" in data:  # the field's name before version 0.2 (run directories written then still load)
-            data = {("energy_model" if k == "energy" else k): v for k, v in data.items()}
+        data = cls.rename_old_keys(data)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known, key=str)
         if unknown:
             msg = f"unknown config key(s) {unknown}; known keys: {sorted(known)}"
             raise ValueError(msg)
         return cls(**data)
+
+    @staticmethod
+    def rename_old_keys(data: dict[str, Any], where: str = "model settings") -> dict[str, Any]:
+        """A copy of ``data`` with the field names of earlier versions renamed (``energy`` -> ``energy_model``,
+        version 0.2), so that recipes, run directories and checkpoints written before still load.
+
+        Raises:
+            ValueError: Both the old and the new name, with different values (``where`` names the source).
+        """
+        if "energy" not in data:
+            return dict(data)
+        if "energy_model" in data and data["energy_model"] != data["energy"]:
+            msg = (f"{where}: 'energy' (the name before version 0.2) and 'energy_model' disagree "
+                   f"({data['energy']!r} vs {data['energy_model']!r}); keep energy_model")
+            raise ValueError(msg)
+        out = {k: v for k, v in data.items() if k not in ("energy", "energy_model")}
+        out["energy_model"] = data.get("energy_model", data["energy"])
+        return out
 
     def replace(self, **changes: Any) -> DxMIConfig:
         """A copy with some fields changed (validated; unknown keys rejected)."""

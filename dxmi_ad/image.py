@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from dxmi_ad.calibration import Calibration
 from dxmi_ad.checkpoint import atomic_write_text, load_model_dir, save_model_dir
@@ -33,11 +32,16 @@ from dxmi_ad.config import DxMIConfig
 from dxmi_ad.data.images import ImageReadError, load_image, load_mask, resize_images
 from dxmi_ad.data.mvtec import ImageSample
 from dxmi_ad.data.textures import default_cache_dir
-from dxmi_ad.decision import CalibratedDetector, check_calibration_fraction, check_rates, holdout_split, \
-    refuse_unsupported_rates
+from dxmi_ad.decision import (
+    CalibratedDetector,
+    check_calibration_fraction,
+    check_rates,
+    holdout_split,
+    refuse_unsupported_rates,
+)
 from dxmi_ad.features.extractor import FeatureExtractor
-from dxmi_ad.scoring import MapScorer, ScoringSettings
 from dxmi_ad.nn.model import DxMIModel
+from dxmi_ad.scoring import MapScorer, ScoringSettings
 from dxmi_ad.training.fit import ProgressCallback, restore_model, train_model
 
 __all__ = ["BadFilesError", "FeatureSettings", "ImageDetector", "check_output_size", "iter_batches",

@@ -25,11 +25,16 @@ import numpy as np
 import torch
 
 from dxmi_ad.calibration import Calibration
-from dxmi_ad.decision import CalibratedDetector, check_calibration_fraction, check_rates, holdout_split, \
-    refuse_unsupported_rates
 from dxmi_ad.checkpoint import load_model_dir, save_model_dir
 from dxmi_ad.config import DxMIConfig
 from dxmi_ad.data.images import resize_images
+from dxmi_ad.decision import (
+    CalibratedDetector,
+    check_calibration_fraction,
+    check_rates,
+    holdout_split,
+    refuse_unsupported_rates,
+)
 from dxmi_ad.nn.model import DxMIModel
 from dxmi_ad.training.fit import build_model, restore_model, train_model
 

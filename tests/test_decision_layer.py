@@ -132,3 +132,16 @@ def test_stored_calibration_round_trip_through_the_base(tmp_path):
     other.calibration_ = None
     other._save_calibration(tmp_path)  # no rule: a stale file is removed
     assert not (tmp_path / "calibration.json").exists()
+
+
+def test_old_energy_key_is_read_by_every_recipe_loader(tmp_path):
+    from dxmi_ad.cli.images import ImageCLIError, load_image_recipe
+    from dxmi_ad.cli.pixel import load_pixel_recipe
+    from dxmi_ad.training.schedule import is_autoencoder
+
+    recipe = load_image_recipe(None, {"model.energy": "autoencoder"})  # a --set written for version 0.1
+    assert recipe["model"]["energy_model"] == "autoencoder" and "energy" not in recipe["model"]
+    with pytest.raises(ImageCLIError, match="disagree"):
+        load_image_recipe(None, {"model.energy": "mlp", "model.energy_model": "autoencoder"})
+    assert load_pixel_recipe(None, "digits", {"energy": "shared"}, 0)["model"]["energy_model"] == "shared"
+    assert not is_autoencoder({"energy": "mlp"}) and is_autoencoder({})

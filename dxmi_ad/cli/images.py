@@ -63,6 +63,10 @@ def load_image_recipe(path: Path | None, sets: dict[str, Any]) -> dict[str, Any]
     for key, value in sets.items():
         section, _, name = key.rpartition(".")
         {"features": features, "scoring": scoring}.get(section, model)[name] = value
+    try:
+        model = DxMIConfig.rename_old_keys(model, f"{path} / --set")
+    except ValueError as err:
+        raise ImageCLIError(str(err)) from None
     known_model = set(DxMIConfig().to_dict())
     known_feat = set(FeatureSettings.__dataclass_fields__)
     unknown = sorted({f"model.{k}" for k in set(model) - known_model} | {f"features.{k}" for k in set(features)

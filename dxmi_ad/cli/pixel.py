@@ -150,6 +150,10 @@ def load_pixel_recipe(path: Path | None, dataset: str, sets: dict[str, Any], nor
         raise PixelCLIError(str(err)) from err
     runtime = recipe.pop("runtime", None)
     recipe.update({k.removeprefix("model."): v for k, v in sets.items()})
+    try:
+        recipe = DxMIConfig.rename_old_keys(recipe, f"{path or default} / --set")
+    except ValueError as err:
+        raise PixelCLIError(str(err)) from None
     unknown = sorted(set(recipe) - set(DxMIConfig().to_dict()))
     if unknown:
         msg = f"unknown pixel recipe key(s) {unknown} in {path or default} / --set"

@@ -42,9 +42,9 @@ class FeatureSplit:
 
 def write_feature_split(directory: Path, name: str, split: FeatureSplit, meta: dict[str, Any]) -> None:
     """Write ``<name>.safetensors`` and record its categories in ``meta.json`` (both atomically)."""
-    from dxmi_ad.checkpoint import atomic_replace, atomic_write_text
-
     from safetensors.torch import save_file
+
+    from dxmi_ad.checkpoint import atomic_replace, atomic_write_text
 
     tensors = {"feature_align": split.features.float().contiguous(), "label": torch.as_tensor(split.label).long()}
     if split.mask is not None:

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from dxmi_ad.checkpoint import atomic_directory, load_model_dir, remove_stale_temporaries, save_model_dir
+from dxmi_ad.config import DxMIConfig
 
 __all__ = ["Runtime", "is_global_zero", "latest_checkpoint"]
 
@@ -166,8 +167,9 @@ def load_checkpoint(path: Path, model: Any, trainer: Any, rank: int, world: int,
     if meta.get("kind") != "DxMITrainingCheckpoint":
         msg = f"{path} is not a DxMI training checkpoint"
         raise ValueError(msg)
-    if meta["config"] != model.config.to_dict():
-        diff = sorted(k for k in meta["config"] if meta["config"][k] != model.config.to_dict().get(k))
+    stored = DxMIConfig.rename_old_keys(meta["config"], str(path))  # checkpoints of earlier versions still resume
+    if stored != model.config.to_dict():
+        diff = sorted(k for k in stored if stored[k] != model.config.to_dict().get(k))
         msg = f"{path} was written with other settings ({', '.join(diff)}); resume with the same recipe"
         raise ValueError(msg)
     if meta["world_size"] != world:

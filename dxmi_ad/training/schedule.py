@@ -32,8 +32,8 @@ SCHEDULE_KEYS = ("ae_pretrain_iter", "sampler_pretrain_iter", "n_iter", "warmup_
 """The lengths that make up a training schedule (DxMIConfig / DxMIDetector parameters of the same names)."""
 
 WARMUP_SHARE = 1 / 3
-"""Share of the DxMI iterations a warm-up may take when it would otherwise take all of them (the shipped recipes and
-the estimator defaults give it 100 of 300 iterations)."""
+"""Share of the DxMI iterations a warm-up may take when it would otherwise take all of them (the textures recipes
+give it 100 of 300 iterations, the estimator defaults 50 of 150)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +73,7 @@ class StageSchedule:
 
 def is_autoencoder(params: Mapping[str, Any]) -> bool:
     """Whether a config mapping trains an autoencoder energy (the default)."""
-    return params.get("energy_model", params.get("energy", "autoencoder")) == "autoencoder"
+    return DxMIConfig.rename_old_keys(dict(params)).get("energy_model", "autoencoder") == "autoencoder"
 
 
 def plan_stages(config: DxMIConfig | Mapping[str, Any]) -> StageSchedule:
@@ -138,9 +138,11 @@ class StagedTraining:
 
     @property
     def trainer(self) -> DxDPTrainer:
-        """The DxMI stage's :class:`DxDPTrainer` (built on first use)."""
+        """The DxMI stage's :class:`DxDPTrainer` (built on first use, with the warm-up the schedule planned)."""
         if self._trainer is None:
-            self._trainer = DxDPTrainer(self.model, self.config, sync=self.sync)
+            config = self.config.replace(warmup_iter=self.stages.warmup) \
+                if self.stages.warmup != self.config.warmup_iter else self.config
+            self._trainer = DxDPTrainer(self.model, config, sync=self.sync)
         return self._trainer
 
     def _end_of_autoencoder(self) -> None:
