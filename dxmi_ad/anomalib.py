@@ -52,7 +52,7 @@ from dxmi_ad.config import DxMIConfig
 from dxmi_ad.features.extractor import FeatureExtractor
 from dxmi_ad.nn.model import DxMIModel
 from dxmi_ad.scoring import MapScorer, ScoringSettings
-from dxmi_ad.training.dxdp import DxDPTrainer, _batches
+from dxmi_ad.training.dxdp import DxDPTrainer, random_batch
 from dxmi_ad.training.fit import build_model, count_updates, scale_schedule
 from dxmi_ad.training.schedule import StagedTraining, StageSchedule, plan_stages
 
@@ -268,7 +268,7 @@ class Dxmi(AnomalibModule):
         names = {"ae_loss": "train/ae_loss", "ddpm_loss": "train/sampler_ddpm_loss"}
         out: dict[str, torch.Tensor] = {}
         for _ in range(n_updates):
-            diag = self._staged.step(_batches(vectors, cfg.batch_size, gen), gen)
+            diag = self._staged.step(random_batch(vectors, cfg.batch_size, gen), gen)
             if "ae_loss" in diag or "ddpm_loss" in diag:
                 (key, loss), = diag.items()
                 out = {"loss": loss}

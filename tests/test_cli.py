@@ -101,3 +101,14 @@ def test_out_pointing_at_a_file_is_refused_before_training(tmp_path):
 def test_dry_run_prints_recipe():
     result = runner.invoke(app, ["train", "--dataset", "digits", "--dry-run", "--set", "n_iter=7"])
     assert result.exit_code == 0 and '"n_iter": 7' in result.output
+
+
+def test_vector_recipes_take_the_sectioned_layout_and_model_prefixed_sets(tmp_path):
+    """One recipe layout for every mode: ``model:`` (+ ``runtime:``) sections and ``--set model.KEY=V``."""
+    recipe = tmp_path / "vec.yaml"
+    recipe.write_text("model:\n  n_iter: 60\n  hidden: 64\n")
+    res = runner.invoke(app, ["train", "--dataset", "digits", "--dry-run", "--recipe", str(recipe),
+                              "--set", "model.n_steps=3"])
+    assert res.exit_code == 0, res.output
+    shown = json.loads(res.stdout[res.stdout.index("{"):])
+    assert (shown["n_iter"], shown["hidden"], shown["n_steps"]) == (60, 64, 3)

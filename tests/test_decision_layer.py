@@ -85,9 +85,9 @@ def test_the_stage_schedule_is_the_same_object_for_the_loop_and_for_step_by_step
     looped = build_model(cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     staged = StagedTraining(looped, cfg, plan_stages(cfg))
-    from dxmi_ad.training.dxdp import _batches
+    from dxmi_ad.training.dxdp import random_batch
 
-    staged.pretrain(lambda: _batches(data, cfg.batch_size, gen), gen)
+    staged.pretrain(lambda: random_batch(data, cfg.batch_size, gen), gen)
     torch.manual_seed(0)
     stepped = build_model(cfg)
     gen2 = torch.Generator().manual_seed(cfg.seed)
@@ -95,7 +95,7 @@ def test_the_stage_schedule_is_the_same_object_for_the_loop_and_for_step_by_step
     stages = []
     while one.stage != "dxmi":
         stages.append(one.stage)
-        one.step(_batches(data, cfg.batch_size, gen2), gen2)
+        one.step(random_batch(data, cfg.batch_size, gen2), gen2)
     assert stages == ["autoencoder"] * 5 + ["sampler"] * 3
     for (k, a), b in zip(looped.state_dict().items(), stepped.state_dict().values(), strict=True):
         assert torch.equal(a, b), k

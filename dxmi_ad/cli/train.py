@@ -44,7 +44,11 @@ DEFAULT_DATASET = "textures"
 
 
 def load_recipe(path: Path | None, dataset: str, sets: list[str]) -> dict[str, Any]:
-    """Read a recipe (YAML mapping of DxMIDetector parameters), defaulting to the dataset's bundled recipe.
+    """Read a vector recipe, defaulting to the dataset's bundled recipe.
+
+    The same layout as image and pixel recipes is accepted: a ``model:`` section (here: ``DxMIDetector``
+    parameters) and an optional ``runtime:`` section; the flat form (parameters at the top level) is read too. ``--set``
+    keys may carry the ``model.`` prefix (``--set model.n_iter=100``) as in the other modes.
 
     Raises:
         CLIError: If the file is missing, not a mapping, or names unknown parameters.
@@ -59,8 +63,10 @@ def load_recipe(path: Path | None, dataset: str, sets: list[str]) -> dict[str, A
         recipe = read_yaml_mapping(path)
     except (FileNotFoundError, ValueError) as err:
         raise CLIError(str(err)) from err
+    if isinstance(recipe.get("model"), dict):  # the sectioned layout of image / pixel recipes
+        recipe = {**recipe.pop("model"), **recipe}
     base = dict(recipe)
-    overrides = _parse_sets(sets)
+    overrides = {k.removeprefix("model."): v for k, v in _parse_sets(sets).items()}
     recipe.update(overrides)
     known = set(DxMIDetector().get_params())
     unknown = sorted(set(recipe) - known)

@@ -44,7 +44,7 @@ from dxmi_ad.nn.model import DxMIModel
 from dxmi_ad.objectives import avr_update, energy_loss, running_cost, td_target, time_cost
 
 __all__ = ["AutoencoderPretrainer", "DxDPTrainer", "SamplerPretrainer", "TrainingHealthWarning", "pretrain_autoencoder",
-           "pretrain_sampler", "sync_grads"]
+           "pretrain_sampler", "random_batch", "sync_grads"]
 
 
 class TrainingHealthWarning(UserWarning):
@@ -77,8 +77,10 @@ def sync_grads(params: list[nn.Parameter], sync: Callable[[torch.Tensor], None] 
         offset += g.numel()
 
 
-def _batches(data: torch.Tensor, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-    """A random batch of rows (with replacement across calls, without within a batch when possible)."""
+def random_batch(data: torch.Tensor, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """A random batch ``(batch_size, ...)`` of the rows of ``data`` ``(N, ...)``: without replacement within the
+    batch when ``N >= batch_size``, with replacement otherwise; drawn from ``generator`` and returned on its device.
+    """
     n = data.shape[0]
     if n >= batch_size:
         idx = torch.randperm(n, generator=generator, device=generator.device)[:batch_size]
@@ -405,7 +407,7 @@ def pretrain_autoencoder(
     pre = AutoencoderPretrainer(ae, lr, sync)
     losses = []
     for i in range(n_iter):
-        losses.append(pre.step(_batches(data, batch_size, generator)))
+        losses.append(pre.step(random_batch(data, batch_size, generator)))
         if callback is not None:
             callback(i, losses[-1])
     ae.eval()
@@ -440,7 +442,7 @@ def pretrain_sampler(
     pre = SamplerPretrainer(model, lr, n_iter, sync)
     losses = []
     for i in range(n_iter):
-        losses.append(pre.step(_batches(data, batch_size, generator), generator))
+        losses.append(pre.step(random_batch(data, batch_size, generator), generator))
         if callback is not None:
             callback(i, losses[-1])
     pre.finish()

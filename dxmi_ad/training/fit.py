@@ -31,7 +31,7 @@ import torch
 from dxmi_ad.checkpoint import load_model_dir, save_model_dir
 from dxmi_ad.config import DxMIConfig
 from dxmi_ad.nn.model import DxMIModel
-from dxmi_ad.training.dxdp import DxDPTrainer, _batches
+from dxmi_ad.training.dxdp import DxDPTrainer, random_batch
 from dxmi_ad.training.runtime import (
     Runtime,
     all_reduce_mean,
@@ -359,7 +359,7 @@ def _train(
     else:  # a model given by the caller continues from its own pre-training
         stages = plan_stages(config) if fresh else StageSchedule(0, 0, config.n_iter, config.warmup_iter)
         staged = StagedTraining(model, config, stages, sync, trainer, pretrained=not fresh)
-        staged.pretrain(lambda: _batches(data, config.batch_size, generator), generator,
+        staged.pretrain(lambda: random_batch(data, config.batch_size, generator), generator,
                         lambda stage, i, total, loss: report(stage, total)(i, loss))
 
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None  # model selection: (score, iteration, state)
@@ -401,7 +401,7 @@ def _train(
     bf16 = runtime is not None and runtime.precision == "bf16-mixed" and fabric is not None
     for i in range(start, stop):
         with fabric.autocast() if bf16 else contextlib.nullcontext():
-            diag = trainer.step(_batches(data, config.batch_size, generator), generator)
+            diag = trainer.step(random_batch(data, config.batch_size, generator), generator)
         if i % log_every == 0 or i == config.n_iter - 1:
             rec = {k: (v.float().tolist() if v.ndim else float(v)) for k, v in diag.items()}
             rec["iteration"] = i + 1
