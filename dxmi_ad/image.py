@@ -317,7 +317,7 @@ def _array_to_chw(a: np.ndarray, what: str) -> torch.Tensor:
     else:
         msg = f"{what}: expected (H, W), (H, W, 3) or (3, H, W), got shape {a.shape}"
         raise ValueError(msg)
-    return _scale(torch.from_numpy(np.ascontiguousarray(a)), what).expand(3, -1, -1)
+    return _scale(torch.from_numpy(np.array(a, order="C", copy=True)), what).expand(3, -1, -1)  # read-only inputs too
 
 
 def _scale(x: torch.Tensor, what: str) -> torch.Tensor:

@@ -28,14 +28,25 @@ app.command("export")(models.export)
 app.command("score")(models.score)
 
 
+def _version(value: bool) -> None:
+    if value:
+        import dxmi_ad
+
+        typer.echo(f"dxmi-ad {dxmi_ad.__version__}")
+        raise typer.Exit
+
+
 @app.callback()
 def _options(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="print the version and exit")] = False,
     threads: Annotated[int | None, typer.Option(
         "--threads", min=1, envvar="DXMI_AD_THREADS",
         help="CPU threads for every command (torch.set_num_threads; give it before the command: dxmi-ad --threads 2 "
              "train ...); default: torch's choice, usually one per core")] = None,
 ) -> None:
     """Anomaly detection with DxMI energy models."""
+    del version
     if threads is not None:
         set_threads(threads)
 
