@@ -14,8 +14,8 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)  # long lines stay whole in logs and pipes (tables keep their layout)
+err_console = Console(stderr=True, soft_wrap=True)
 
 def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
     err_console.print(f"[yellow]warning:[/] {message}", highlight=False)
