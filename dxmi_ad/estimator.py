@@ -519,10 +519,7 @@ class DxMIDetector(CalibratedDetector, OutlierMixin, BaseEstimator):
     def _flag(self, X: Any) -> np.ndarray:
         check_is_fitted(self, "model_")
         self._require_calibration("call calibrate(X) with normal rows")
-        energy = self.energy(X)
-        if self.calibration_.rule == "fdr":
-            return self.calibration_.decide(energy)
-        return energy > self.threshold_
+        return self.decide(self.energy(X))  # threshold_ == calibration_.threshold (offset_ is set from it)
 
     @property
     def threshold_(self) -> float:

@@ -44,7 +44,7 @@ from dxmi_ad.nn.model import DxMIModel
 from dxmi_ad.objectives import avr_update, energy_loss, running_cost, td_target, time_cost
 
 __all__ = ["AutoencoderPretrainer", "DxDPTrainer", "SamplerPretrainer", "TrainingHealthWarning", "pretrain_autoencoder",
-           "pretrain_sampler", "random_batch", "sync_grads"]
+           "random_batch", "sync_grads"]
 
 
 class TrainingHealthWarning(UserWarning):
@@ -411,39 +411,4 @@ def pretrain_autoencoder(
         if callback is not None:
             callback(i, losses[-1])
     ae.eval()
-    return losses
-
-
-def pretrain_sampler(
-    model: DxMIModel,
-    data: torch.Tensor,
-    n_iter: int,
-    lr: float,
-    batch_size: int,
-    generator: torch.Generator,
-    callback: Callable[[int, float], None] | None = None,
-    sync: Callable[[torch.Tensor], None] | None = None,
-) -> list[float]:
-    """DDPM pre-training of an ``"eps"`` sampler on its own T-step schedule (Table 1 "Pretrain" rows).
-
-    Args:
-        model: The model whose sampler is trained in place.
-        data: Training vectors of shape ``(N, D)``.
-        n_iter: Adam steps.
-        lr: Learning rate.
-        batch_size: Rows per step.
-        generator: Torch generator.
-        callback: Called as ``callback(i, loss)`` after each step.
-        sync: Data-parallel gradient averaging hook, or None.
-
-    Returns:
-        The DDPM loss per step.
-    """
-    pre = SamplerPretrainer(model, lr, n_iter, sync)
-    losses = []
-    for i in range(n_iter):
-        losses.append(pre.step(random_batch(data, batch_size, generator), generator))
-        if callback is not None:
-            callback(i, losses[-1])
-    pre.finish()
     return losses

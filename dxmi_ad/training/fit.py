@@ -332,12 +332,9 @@ def _train(
     if data.numel() <= 50_000_000:  # small sets move to the device; large (memory-mapped) stay
         data = data.to(dev)
 
-    def report(stage: str, total: int) -> Callable[[int, float], None]:
-        def cb(i: int, loss: float) -> None:
-            if progress is not None and (i % log_every == 0 or i == total - 1):
-                progress(stage, i + 1, total, {"loss": loss})
-
-        return cb
+    def report(stage: str, i: int, total: int, loss: float) -> None:
+        if progress is not None and (i % log_every == 0 or i == total - 1):
+            progress(stage, i + 1, total, {"loss": loss})
 
     ckdir = runtime.checkpoint_dir if runtime is not None else None
     resume_from = latest_checkpoint(ckdir) if runtime is not None and runtime.resume else None
@@ -360,7 +357,7 @@ def _train(
         stages = plan_stages(config) if fresh else StageSchedule(0, 0, config.n_iter, config.warmup_iter)
         staged = StagedTraining(model, config, stages, sync, trainer, pretrained=not fresh)
         staged.pretrain(lambda: random_batch(data, config.batch_size, generator), generator,
-                        lambda stage, i, total, loss: report(stage, total)(i, loss))
+                        report)
 
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None  # model selection: (score, iteration, state)
 
