@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 import yaml
 
+from dxmi_ad import recipes
 from dxmi_ad.calibration import calibration_check, summarize_checks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +39,7 @@ def digits_checks(params: dict, n_splits: int, seed: int = 0) -> tuple[list, flo
     unseen; anomalies: as many rows of the other classes as unseen normals (FDR batches), all of them for p-values."""
     from sklearn.datasets import load_digits
 
-    from dxmi_ad import DxMIDetector
+    from dxmi_ad import DxMIDetector, recipes
 
     X, y = load_digits(return_X_y=True)
     checks, t0 = [], time.perf_counter()
@@ -85,7 +86,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = {}
-    digits_params = yaml.safe_load((ROOT / "dxmi_ad" / "recipes" / "digits.yaml").read_text())
+    digits_params = recipes.detector_params(yaml.safe_load(recipes.path("digits").read_text()))
     checks, seconds = digits_checks(digits_params, args.splits)
     rows["digits (10 classes, recipes/digits.yaml)"] = {**summarize_checks(checks, FPR, FDR), "seconds": seconds}
     if not args.skip_textures:

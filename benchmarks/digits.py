@@ -29,7 +29,7 @@ from sklearn.neighbors import LocalOutlierFactor
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from dxmi_ad import DxMIDetector
+from dxmi_ad import DxMIDetector, recipes
 from dxmi_ad.data.tabular import OneClassSplit, digits_split, odds_split
 from dxmi_ad.metrics import auroc
 
@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=10, help="digits classes 0..N-1")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    recipe = {} if args.defaults else yaml.safe_load(args.recipe.read_text())
+    recipe = {} if args.defaults else recipes.detector_params(yaml.safe_load(args.recipe.read_text()), str(args.recipe))
     table = run(recipe, args.odds_seeds, range(args.classes))
     if args.timing:
         table = pd.concat([table, pd.DataFrame([{"dataset": "synthetic 10000 x 100 (timing)", **timing_row(recipe)}])])

@@ -15,6 +15,20 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+#: Total signal fraction of the FastDPM "VAR" schedule at T = 10 (sqrt(beta) linear from 0.01 in steps of 0.095):
+#: about 0.0208. Pixel-mode step schedules end at this signal level (:mod:`dxmi_ad.nn.pixel`).
+VAR_TOTAL_SIGNAL = math.prod(1 - (0.01 + 0.095 * i) ** 2 for i in range(10))
+
+
+def ddpm_last_alpha_bar(n_steps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> float:
+    """Signal fraction left at the end of the K-step linear-beta DDPM chain (Ho et al. 2020), in (0, 1).
+
+    The same chain as :func:`dxmi_ad.nn.pixel.ddpm_alpha_bar` (its last entry), without torch, so that the
+    configuration can be checked without importing the networks.
+    """
+    step = (beta_end - beta_start) / (n_steps - 1) if n_steps > 1 else 0.0
+    return math.prod(1 - (beta_start + step * k) for k in range(n_steps))
+
 __all__ = ["DxMIConfig"]
 
 _CHOICES = {
@@ -289,9 +303,7 @@ class DxMIConfig:
             if self.n_steps > self.diffusion_steps:
                 msg = f"n_steps ({self.n_steps}) cannot exceed diffusion_steps ({self.diffusion_steps})"
                 raise ValueError(msg)
-            from dxmi_ad.nn.pixel import VAR_TOTAL_SIGNAL, ddpm_alpha_bar
-
-            if float(ddpm_alpha_bar(self.diffusion_steps)[-1]) > VAR_TOTAL_SIGNAL:
+            if ddpm_last_alpha_bar(self.diffusion_steps) > VAR_TOTAL_SIGNAL:
                 msg = (f"diffusion_steps={self.diffusion_steps} is too short for betas 1e-4 .. 0.02: the chain never "
                        f"reaches noise (its last alpha_bar must be <= {VAR_TOTAL_SIGNAL:.4f}; use >= 400)")
                 raise ValueError(msg)

@@ -112,3 +112,23 @@ def test_vector_recipes_take_the_sectioned_layout_and_model_prefixed_sets(tmp_pa
     assert res.exit_code == 0, res.output
     shown = json.loads(res.stdout[res.stdout.index("{"):])
     assert (shown["n_iter"], shown["hidden"], shown["n_steps"]) == (60, 64, 3)
+
+
+def test_a_dxmi_config_field_means_the_same_in_a_vector_recipe(tmp_path):
+    """A ``model:`` key that is a DxMIConfig field (not an estimator parameter) reaches the fitted config."""
+    from dxmi_ad import DxMIDetector, recipes
+
+    recipe = tmp_path / "vec.yaml"
+    recipe.write_text("model:\n  n_iter: 60\n  sampler_hidden: 48\n  lr_schedule: cosine\n")
+    res = runner.invoke(app, ["train", "--dataset", "digits", "--dry-run", "--recipe", str(recipe),
+                              "--set", "model.last_sigma=0.02"])
+    assert res.exit_code == 0, res.output
+    shown = json.loads(res.stdout[res.stdout.index("{"):])
+    assert shown["config_overrides"] == {"last_sigma": 0.02, "lr_schedule": "cosine", "sampler_hidden": 48}
+    params = recipes.detector_params({"model": {"sampler_hidden": 48, "hidden": 32, "energy": "autoencoder"}})
+    config = DxMIDetector(**params)._make_config(dim=16, n_rows=100)
+    assert (config.sampler_hidden, config.value_hidden, config.energy_model) == (48, 32, "autoencoder")
+    bad = runner.invoke(app, ["train", "--dataset", "digits", "--dry-run", "--set", "model.last_sigma=-1"])
+    assert bad.exit_code != 0 and "last_sigma" in bad.output
+    fixed = runner.invoke(app, ["train", "--dataset", "digits", "--dry-run", "--set", "dim=3"])
+    assert fixed.exit_code != 0 and "dim" in fixed.output

@@ -27,6 +27,16 @@ def test_layers_import_nothing_above_them(modules, forbidden):
     assert out.stdout.strip() == "", f"{modules} pulled in {out.stdout.strip()}"
 
 
+def test_the_config_checks_every_mode_without_importing_the_networks():
+    """``config.py`` sits below ``nn/`` (which imports it): validating a pixel config loads neither ``nn`` nor torch."""
+    code = ("import sys\nfrom dxmi_ad.config import DxMIConfig\n"
+            "DxMIConfig(mode='pixel', dim=3 * 16 * 16, image_channels=3, image_size=16, energy_model='shared', "
+            "parameterization='eps', initial='gaussian', diffusion_steps=1000)\n"
+            "print(','.join(m for m in sys.modules if m == 'torch' or m.startswith('dxmi_ad.nn')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    assert out.stdout.strip() == "", out.stdout
+
+
 def test_public_api_docstrings_follow_pydocstyle():
     """ruff's pydocstyle rules (Google convention, pyproject.toml) hold for the whole package."""
     out = subprocess.run([sys.executable, "-m", "ruff", "check", "--select", "D", "--ignore", "D107,D205",

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import yaml
 
-from dxmi_ad import DxMIDetector
+from dxmi_ad import DxMIDetector, recipes
 from dxmi_ad.data.synthetic import eight_gaussians, uniform_box
 from dxmi_ad.data.tabular import digits_split
 from dxmi_ad.metrics import auroc
@@ -26,7 +26,7 @@ RECIPES = Path(__file__).resolve().parents[1] / "dxmi_ad" / "recipes"
 
 
 def _eight_gaussians_auc(tau: float, n_iter: int) -> float:
-    recipe = yaml.safe_load((RECIPES / "eight_gaussians.yaml").read_text())
+    recipe = recipes.detector_params(yaml.safe_load((RECIPES / "eight_gaussians.yaml").read_text()))
     recipe.update(entropy_weight=tau, velocity_weight=tau, n_iter=n_iter, random_state=0, device="cpu")
     det = DxMIDetector(**recipe).fit(eight_gaussians(50_000, 0))
     return auroc(det.energy(eight_gaussians(10_000, 123)), det.energy(uniform_box(10_000, 7)))
@@ -43,7 +43,7 @@ def test_eight_gaussians_entropy_makes_the_energy_useful():
 def _digits_vs_mahalanobis(classes: range) -> None:
     from benchmarks.digits import mahalanobis_scores
 
-    recipe = yaml.safe_load((RECIPES / "digits.yaml").read_text())
+    recipe = recipes.detector_params(yaml.safe_load((RECIPES / "digits.yaml").read_text()))
     recipe.update(n_iter=150, ae_pretrain_iter=800, random_state=0, device="cpu")
     ours, maha = [], []
     for c in classes:

@@ -46,12 +46,16 @@ DEFAULT_DATASET = "textures"
 def load_recipe(path: Path | None, dataset: str, sets: list[str]) -> dict[str, Any]:
     """Read a vector recipe, defaulting to the dataset's bundled recipe.
 
-    The same layout as image and pixel recipes is accepted: a ``model:`` section (here: ``DxMIDetector``
-    parameters) and an optional ``runtime:`` section; the flat form (parameters at the top level) is read too. ``--set``
-    keys may carry the ``model.`` prefix (``--set model.n_iter=100``) as in the other modes.
+    The same layout as image and pixel recipes is accepted: a ``model:`` section and an optional ``runtime:``
+    section; the flat form (parameters at the top level) is read too. ``--set`` keys may carry the ``model.`` prefix
+    (``--set model.n_iter=100``) as in the other modes. A key in ``model:`` means the same in every mode: a
+    :class:`~dxmi_ad.config.DxMIConfig` field (``sampler_hidden``, ``project_samples``, ``last_sigma``, ...) sets that
+    field here too (passed to ``DxMIDetector(config_overrides=...)``); the estimator's own parameters (``hidden`` and
+    ``n_layers`` for all three networks, ``contamination``, ``calibration_fraction``, ``standardize``, ...) are
+    vector-only.
 
     Raises:
-        CLIError: If the file is missing, not a mapping, or names unknown parameters.
+        CLIError: If the file is missing, not a mapping, names unknown parameters or has an invalid value.
     """
     from dxmi_ad.estimator import DxMIDetector
 
@@ -63,15 +67,17 @@ def load_recipe(path: Path | None, dataset: str, sets: list[str]) -> dict[str, A
         recipe = read_yaml_mapping(path)
     except (FileNotFoundError, ValueError) as err:
         raise CLIError(str(err)) from err
-    if isinstance(recipe.get("model"), dict):  # the sectioned layout of image / pixel recipes
-        recipe = {**recipe.pop("model"), **recipe}
-    base = dict(recipe)
     overrides = {k.removeprefix("model."): v for k, v in _parse_sets(sets).items()}
-    recipe.update(overrides)
+    try:  # the sectioned layout lifted, DxMIConfig fields routed to config_overrides; --set keys win
+        base = recipes.detector_params(recipe, str(path))
+        recipe = recipes.detector_params({**recipe, **overrides}, str(path))
+    except ValueError as err:
+        raise CLIError(str(err)) from None
     known = set(DxMIDetector().get_params())
     unknown = sorted(set(recipe) - known)
     if unknown:
-        msg = f"unknown recipe key(s) {unknown} in {path} / --set; known: {sorted(known)}"
+        msg = (f"unknown recipe key(s) {unknown} in {path} / --set; known: {sorted(known)} and the DxMIConfig "
+               "fields (docs/paper_map.md)")
         raise CLIError(msg)
     try:  # types and ranges first (scikit-learn's constraints name the parameter), then the schedule arithmetic
         DxMIDetector(**{k: v for k, v in recipe.items() if k != "runtime"})._validate_params()
@@ -79,8 +85,11 @@ def load_recipe(path: Path | None, dataset: str, sets: list[str]) -> dict[str, A
         msg = f"invalid recipe value in {path} / --set: {err}"
         raise CLIError(msg) from None
     recipe.update(_scaled_schedule({**DxMIDetector().get_params(), **base}, overrides))
-    try:  # every range checked before any data is read (scikit-learn's parameter constraints)
-        DxMIDetector(**{k: v for k, v in recipe.items() if k != "runtime"})._validate_params()
+    try:  # every range checked before any data is read (scikit-learn's parameter constraints, then the DxMIConfig
+        # the parameters resolve to, with a placeholder width that any latent size fits)
+        detector = DxMIDetector(**{k: v for k, v in recipe.items() if k != "runtime"})
+        detector._validate_params()
+        detector._make_config(dim=1 << 16, n_rows=1 << 16)
     except (TypeError, ValueError) as err:
         msg = f"invalid recipe value in {path} / --set: {err}"
         raise CLIError(msg) from None

@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dxmi_ad.config import VAR_TOTAL_SIGNAL
 from dxmi_ad.nn.layers import SinusoidalTimeEmbedding
 
 __all__ = ["ConvEnergy", "TimeIndependentValue", "UNet", "ddpm_alpha_bar", "reschedule"]
 
-VAR_TOTAL_SIGNAL = float(torch.prod(1 - (0.01 + 0.095 * torch.arange(10, dtype=torch.float64)) ** 2))  # 0.0208
 
 
 def ddpm_alpha_bar(n_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
