@@ -51,6 +51,11 @@ VARIANTS: dict[str, dict] = {
     "DxMI paper lrs + guards + feature-noise start": {**PAPER_LRS, **GUARDS, "initial": "feature_noise",
                                                       "init_noise_low": 0.02, "init_noise_high": 0.1},
     "tau=0, paper lrs + guards": {**PAPER_LRS, **GUARDS, "entropy_weight": 0.0, "velocity_weight": 0.0},
+    # the sampler catching up: one energy update in 10 iterations (energy_update_every), at the paper's lrs and with
+    # the sampler and value 10x faster
+    "DxMI paper lrs + guards, energy 1 in 10": {**PAPER_LRS, **GUARDS, "energy_update_every": 10},
+    "DxMI fast sampler + guards, energy 1 in 10": {**PAPER_LRS, **GUARDS, "energy_update_every": 10,
+                                                   "sampler_lr": 1e-4, "value_lr": 1e-4},
 }
 BLURS = (0.0, 0.5, 1.0, 2.0)
 

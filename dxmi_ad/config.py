@@ -107,6 +107,10 @@ class DxMIConfig:
             (a stabilising deviation, docs/paper_map.md; 0 = paper). One that covers every DxMI iteration
             (``warmup_iter >= n_iter``) is cut to a third of them when training (with a warning), and a shorter
             ``n_iter`` given on the command line scales it (:func:`dxmi_ad.training.fit.scale_schedule`).
+        energy_update_every: Update the energy at one DxMI iteration in this many (after the warm-up); value and
+            sampler update at every iteration. 1 = paper (Alg. 1: one energy step per iteration). A research switch
+            (issue #13, named deviation, docs/paper_map.md): k > 1 gives the sampler k updates per energy update so
+            that it can catch up with the energy (like the ``n_critic`` ratio of GAN training, reversed).
         sampler_lr, value_lr, energy_lr: Adam learning rates (paper AD: 1e-5, 1e-5, 1e-4).
         sigma_lr: Learning rate of the log-sigmas (paper: 100 x sampler_lr); ``None`` = 100 x sampler_lr.
         lr_schedule: ``"constant"`` (paper) or ``"cosine"`` decay to 0 over ``n_iter``.
@@ -177,6 +181,7 @@ class DxMIConfig:
     batch_size: int = 784
     n_iter: int = 1000
     warmup_iter: int = 0
+    energy_update_every: int = 1
     sampler_lr: float = 1e-5
     value_lr: float = 1e-5
     energy_lr: float = 1e-4
@@ -249,6 +254,9 @@ class DxMIConfig:
             if int(getattr(self, name)) < 0:
                 msg = f"{name} must be >= 0, got {getattr(self, name)}"
                 raise ValueError(msg)
+        if int(self.energy_update_every) < 1:
+            msg = f"energy_update_every must be >= 1, got {self.energy_update_every}"
+            raise ValueError(msg)
         for name in ("entropy_weight", "velocity_weight", "energy_l2_weight", "negative_l2_weight",
                      "init_input_noise", "init_recovery_weight"):
             if getattr(self, name) < 0:

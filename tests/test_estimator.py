@@ -67,6 +67,8 @@ def test_save_load_roundtrip(fitted, blobs, tmp_path):
     np.testing.assert_array_equal(loaded.energy(X), fitted.energy(X))
     np.testing.assert_array_equal(loaded.predict(X), fitted.predict(X))
     np.testing.assert_array_equal(loaded.sample(5, random_state=1), fitted.sample(5, random_state=1))
+    assert (loaded.selected_iteration_, loaded.validation_auroc_) == (fitted.selected_iteration_,
+                                                                      fitted.validation_auroc_)
 
 
 def test_load_errors(tmp_path):

@@ -203,3 +203,88 @@ def test_neighbourhood_aggregation_averages_each_stage():
     torch.testing.assert_close(f_agg[:, 24:], want, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="features.neighbourhood"):
         check_feature_settings({"neighbourhood": 2})
+
+
+# ---------------------------------------------------------------- vectors: DxMIDetector selection (issue #13, item 6)
+def test_feature_swap_anomalies_keep_marginals_and_break_rows():
+    from dxmi_ad.data.synthetic import feature_swap_anomalies
+    from dxmi_ad.data.tabular import digits_split
+
+    rows = digits_split(0).train[:50]
+    fake = feature_swap_anomalies(rows, 300, seed=3)
+    assert fake.shape == (300, 64)
+    np.testing.assert_array_equal(fake, feature_swap_anomalies(rows, 300, seed=3))
+    for j in range(64):  # every value is some normal row's value in that column
+        assert np.isin(fake[:, j], rows[:, j]).all()
+    # each anomaly differs from its closest normal row (a real change), and no anomaly is a copy of a row
+    diff = (fake[:, None, :] != rows[None, :, :]).sum(-1).min(1)
+    assert (diff >= 1).mean() > 0.95
+    two = feature_swap_anomalies(np.array([[0.0, 1.0], [2.0, 3.0]]), 20, seed=0)
+    assert {tuple(r) for r in two} <= {(0.0, 3.0), (2.0, 1.0)}  # exactly one of two coordinates swapped
+    with pytest.raises(ValueError, match="2 rows and 2 features"):
+        feature_swap_anomalies(np.zeros((5, 1)), 3)
+
+
+def test_detector_selection_keeps_the_best_validated_state():
+    from dxmi_ad import DxMIDetector
+    from dxmi_ad.data.tabular import digits_split
+
+    split = digits_split(1)
+    kw = dict(n_iter=20, warmup_iter=0, ae_pretrain_iter=60, hidden=32, batch_size=64, random_state=0,
+              device="cpu", energy_lr=1e-3)
+    det = DxMIDetector(validate_every=10, **kw).fit(split.train)
+    vals = [(r["iteration"], r["val_auroc"]) for r in det.history_ if "val_auroc" in r]
+    assert [i for i, _ in vals] == [0, 10, 20]  # the pre-trained start competes
+    best_it, best_val = max(vals, key=lambda v: (v[1], -v[0]))
+    assert (det.selected_iteration_, det.validation_auroc_) == (best_it, best_val)
+    assert 0.5 < best_val <= 1.0
+    off = DxMIDetector(validate_every=0, **kw).fit(split.train)
+    assert off.selected_iteration_ is None and not any("val_auroc" in r for r in off.history_)
+    few = DxMIDetector(validate_every=10, **kw).fit(split.train[:40])  # 40 rows: 3 validation rows < 10
+    assert few.selected_iteration_ is None
+
+
+def test_energy_update_every_skips_energy_steps():
+    base = DxMIConfig.from_dict({**TINY_HEAD, "dim": 8, "n_iter": 6, "energy_update_every": 3, "seed": 0})
+    data = torch.nn.functional.normalize(torch.randn(256, 8, generator=torch.Generator().manual_seed(0)), dim=1)
+    _, history = train_model(data, base, log_every=1)
+    assert [r["energy_step"] for r in history if "energy_step" in r] == [1, 0, 0, 1, 0, 0]
+    model = build_model(base)
+    before = [p.detach().clone() for p in model.energy_params()]
+    from dxmi_ad.training.dxdp import DxDPTrainer
+    trainer = DxDPTrainer(model, base)
+    trainer.step(data[:64], torch.Generator().manual_seed(1))
+    moved = any(not torch.equal(a, b) for a, b in zip(before, model.energy_params()))
+    trainer.step(data[:64], torch.Generator().manual_seed(2))
+    after_second = [p.detach().clone() for p in model.energy_params()]
+    trainer.step(data[:64], torch.Generator().manual_seed(3))
+    assert moved  # iteration 0 updates the energy
+    assert all(torch.equal(a, b) for a, b in zip(after_second, model.energy_params()))  # iteration 2 does not
+    with pytest.raises(ValueError, match="energy_update_every"):
+        DxMIConfig(energy_update_every=0)
+
+
+def test_detector_selection_edge_cases():
+    """Review findings: no calibration hold-out still calibrates on every fit row; a spawned runtime skips selection
+    with a warning; config_overrides' selection fields are the ones used."""
+    from dxmi_ad import DxMIDetector
+
+    X = np.random.default_rng(0).standard_normal((120, 4))
+    kw = dict(n_iter=4, ae_pretrain_iter=10, hidden=8, warmup_iter=0, validate_every=2, random_state=0, device="cpu")
+    det = DxMIDetector(calibration_fraction=0, fpr=0.01, **kw).fit(X)  # 120 rows support 0.01; 108 would too
+    assert det.selected_iteration_ is not None and len(det.calibration_.scores) == 120
+    spawn = DxMIDetector(**kw, runtime={"strategy": "ddp_spawn"})
+    with pytest.warns(UserWarning, match="spawn"):
+        rows, val = spawn._validation_split(X, spawn._make_config(4, 120), 0)
+    assert val is None and len(rows) == 120
+    wide = DxMIDetector(**{**kw, "config_overrides": {"validation_fraction": 0.4}})
+    rows, val = wide._validation_split(X, wide._make_config(4, 120), 0)
+    assert (len(rows), len(val)) == (72, 48)
+
+
+def test_set_wins_over_the_recipe_key_by_key():
+    from dxmi_ad.cli.train import load_recipe
+
+    got = load_recipe(None, "eight-gaussians", ["config_overrides={lr_schedule: constant}"])
+    assert got["config_overrides"] == {"last_sigma": 0.01, "lr_schedule": "constant"}
+    assert load_recipe(None, "digits", ["energy=shared"])["energy_model"] == "shared"  # the old name, as an override

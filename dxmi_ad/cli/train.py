@@ -68,9 +68,13 @@ def load_recipe(path: Path | None, dataset: str, sets: list[str]) -> dict[str, A
     except (FileNotFoundError, ValueError) as err:
         raise CLIError(str(err)) from err
     overrides = {k.removeprefix("model."): v for k, v in _parse_sets(sets).items()}
-    try:  # the sectioned layout lifted, DxMIConfig fields routed to config_overrides; --set keys win
+    try:  # the sectioned layout lifted, DxMIConfig fields routed to config_overrides, each layer on its own (old
+        # names renamed there); then --set wins key by key, config_overrides merged field by field
         base = recipes.detector_params(recipe, str(path))
-        recipe = recipes.detector_params({**recipe, **overrides}, str(path))
+        given = recipes.detector_params(overrides, "--set")
+        recipe = {**base, **given}
+        if "config_overrides" in base and "config_overrides" in given:
+            recipe["config_overrides"] = {**(base["config_overrides"] or {}), **(given["config_overrides"] or {})}
     except ValueError as err:
         raise CLIError(str(err)) from None
     known = set(DxMIDetector().get_params())
@@ -84,7 +88,7 @@ def load_recipe(path: Path | None, dataset: str, sets: list[str]) -> dict[str, A
     except (TypeError, ValueError) as err:
         msg = f"invalid recipe value in {path} / --set: {err}"
         raise CLIError(msg) from None
-    recipe.update(_scaled_schedule({**DxMIDetector().get_params(), **base}, overrides))
+    recipe.update(_scaled_schedule({**DxMIDetector().get_params(), **base}, given))
     try:  # every range checked before any data is read (scikit-learn's parameter constraints, then the DxMIConfig
         # the parameters resolve to, with a placeholder width that any latent size fits)
         detector = DxMIDetector(**{k: v for k, v in recipe.items() if k != "runtime"})
@@ -162,6 +166,9 @@ def _evaluate(det: Any, split: Any, dataset: str) -> dict[str, Any]:
         flagged = det.predict(split.test) == -1  # the calibrated rule (FPR threshold or BH over the test set)
         metrics["FPR"] = float(flagged[split.test_label == 0].mean())
         metrics["TPR"] = float(flagged[split.test_label == 1].mean())
+    if getattr(det, "selected_iteration_", None) is not None:  # model selection on held-out rows (never the test)
+        metrics["selected_iteration"] = det.selected_iteration_
+        metrics["validation_AUROC"] = det.validation_auroc_
     if dataset == "eight-gaussians":
         normal = split.test[split.test_label == 0]
         metrics["SW"] = sliced_wasserstein(det.sample(len(normal), random_state=0), normal)
@@ -480,7 +487,8 @@ def _train_vectors(opts: TrainOptions) -> None:
     table = Table(title=f"DxMI on {split.name}")
     for col in ("metric", "value"):
         table.add_column(col)
-    for key in ("image_AUROC", "FPR", "TPR", "SW", "n_train", "n_test", "n_test_anomalous", "train_seconds"):
+    for key in ("image_AUROC", "FPR", "TPR", "SW", "selected_iteration", "validation_AUROC", "n_train", "n_test",
+                "n_test_anomalous", "train_seconds"):
         if key in metrics:
             v = metrics[key]
             table.add_row(key, f"{v:.1f}" if key == "train_seconds" else f"{v:.4f}" if isinstance(v, float) else str(v))

@@ -253,7 +253,7 @@ class DxDPTrainer:
         loss_e, d = energy_loss(e[:B], e[B:], c.energy_l2_weight, c.negative_l2_weight)
         diag.update(d)
         self._health(energy, traj[-1], d["energy_samples"], diag)
-        if self.iteration >= c.warmup_iter:
+        if self.iteration >= c.warmup_iter and (self.iteration - c.warmup_iter) % c.energy_update_every == 0:
             loss_e.backward()
             sync_grads(m.energy_params(), self.sync)
             _clip(m.energy_params(), c.energy_grad_clip)

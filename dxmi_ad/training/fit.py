@@ -402,7 +402,8 @@ def _train(
         if i % log_every == 0 or i == config.n_iter - 1:
             rec = {k: (v.float().tolist() if v.ndim else float(v)) for k, v in diag.items()}
             rec["iteration"] = i + 1
-            rec["energy_step"] = float(i >= config.warmup_iter)  # 1: this iteration updated the energy
+            rec["energy_step"] = float(i >= config.warmup_iter and  # 1: this iteration updated the energy
+                                       (i - config.warmup_iter) % config.energy_update_every == 0)
             history.append(rec)
             if progress is not None:
                 progress("dxmi", i + 1, config.n_iter, rec)
