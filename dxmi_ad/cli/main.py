@@ -52,7 +52,18 @@ def _options(
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point.
+
+    Help read through a pipe or a log (no terminal) is laid out 120 columns wide instead of rich's 80, so that the
+    option table stays readable; Typer's ``TERMINAL_WIDTH`` (or ``COLUMNS``) still wins when set.
+    """
+    import os
+    import sys
+
+    import typer.rich_utils
+
+    if typer.rich_utils.MAX_WIDTH is None and "COLUMNS" not in os.environ and not sys.stdout.isatty():
+        typer.rich_utils.MAX_WIDTH = 120
     app()
 
 

@@ -22,9 +22,14 @@ class OptionsError(ValueError):
 
 
 class Mode(str, Enum):
-    """``--mode``: ``auto`` (image datasets: pretrained features; others: vectors) or ``pixel`` (raw pixels)."""
+    """``--mode``: ``auto`` / ``vector`` (DxMI on vectors) or ``pixel`` (raw pixels).
+
+    ``auto`` and ``vector`` are the same: table rows, or per-location pretrained feature vectors of image datasets
+    (the ``mode`` that ``config.json`` records).
+    """
 
     auto = "auto"
+    vector = "vector"
     pixel = "pixel"
 
 

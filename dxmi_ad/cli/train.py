@@ -183,7 +183,8 @@ def train(
     category: Annotated[str, typer.Option(help="mvtec/textures: comma-separated categories, or all")] = "all",
     normal_class: Annotated[int, typer.Option(min=-1, max=9, help="digits / mnist: the class taken as normal (0-9; pixel mode: -1 = "
                                                    "all classes, generation only)")] = 0,
-    mode: Annotated[Mode, typer.Option(help="auto (image datasets: pretrained features; others: vectors) | pixel "
+    mode: Annotated[Mode, typer.Option(help="auto or vector (DxMI on vectors: table rows, or per-location "
+                                           "pretrained features of image datasets) | pixel "
                                            "(DxMI on raw pixels: U-Net sampler + ResNet energy, images up to 64x64)")] = Mode.auto,
     init_sampler: Annotated[Path | None, typer.Option(help="pixel mode: start DxMI from this `dxmi-ad pretrain-sampler` "
                                                            "run (skips DDPM pre-training; its network shape is used)")] = None,
