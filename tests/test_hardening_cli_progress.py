@@ -40,7 +40,10 @@ def test_train_off_a_terminal_prints_stage_and_percent_lines(tmp_path):
     ae = [m for m in map(PERCENT_LINE.match, lines) if m and m.group(1) == "autoencoder"]
     assert len(dxmi) >= 3 and len(ae) >= 3
     assert dxmi[-1].group(2) == "40" and dxmi[-1].group(4) == "100"  # the stage's end is always printed
-    assert all("E(data)=" in m.group(0) and "V loss=" in m.group(0) for m in dxmi)
+    # training lines carry the losses; model-selection lines (iteration 0, then every validate_every) the AUROC
+    assert all(("E(data)=" in m.group(0) and "V loss=" in m.group(0)) or "validation AUROC=" in m.group(0)
+               for m in dxmi)
+    assert any("E(data)=" in m.group(0) for m in dxmi) and any("validation AUROC=" in m.group(0) for m in dxmi)
     assert not any("━━━━" in line for line in lines if line.startswith(("dxmi", "autoencoder")))  # no bars
 
 

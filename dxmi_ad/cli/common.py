@@ -96,7 +96,8 @@ class _Progress:
     """
 
     SHOWN = {"loss": "loss", "energy_data": "E(data)", "energy_samples": "E(samples)",
-             "energy_saturation": "E/Emax", "value_loss": "V loss", "unreadable": "unreadable"}
+             "energy_saturation": "E/Emax", "value_loss": "V loss", "val_auroc": "validation AUROC",
+             "unreadable": "unreadable"}
 
     def __init__(self, out: Console | None = None, percent_step: float = 5.0, every_seconds: float = 30.0) -> None:
         self.console = out if out is not None else console
