@@ -35,7 +35,7 @@ from dxmi_ad.decision import (
     refuse_unsupported_rates,
 )
 from dxmi_ad.nn.energy import autoencoder_latent_dim
-from dxmi_ad.training.fit import ProgressCallback, build_model, train_model
+from dxmi_ad.training.fit import ProgressCallback, build_model, selection_of, train_model
 
 __all__ = ["DxMIDetector", "PyODDxMIDetector"]
 
@@ -316,9 +316,7 @@ class DxMIDetector(CalibratedDetector, OutlierMixin, BaseEstimator):
 
     def _read_selection(self) -> None:
         """Set ``selected_iteration_`` / ``validation_auroc_`` from the selection record of ``history_`` (or None)."""
-        chosen = [r for r in self.history_ if "selected_iteration" in r]
-        self.selected_iteration_ = int(chosen[-1]["selected_iteration"]) if chosen else None
-        self.validation_auroc_ = float(chosen[-1]["best_val_auroc"]) if chosen else None
+        self.selected_iteration_, self.validation_auroc_ = selection_of(self.history_) or (None, None)
 
     def _validator(self, X_val: np.ndarray, seed: int) -> Any:
         """``validate(model) -> AUROC`` of held-out normal rows ``X_val`` ``(m, D)`` against SYNTHETIC anomalies.

@@ -167,6 +167,10 @@ def test_image_selection_never_reads_the_test_set(tmp_path, monkeypatch):
     assert final["selected_iteration"] in (0, 3, 6)
     assert 0.0 <= final["best_val_auroc"] <= 1.0
     assert np.isfinite(final["best_val_auroc"])
+    from dxmi_ad.training.fit import selection_of  # what metrics.json / the CLI report
+
+    assert selection_of(det.history_) == (final["selected_iteration"], final["best_val_auroc"])
+    assert selection_of([{"iteration": 3, "val_auroc": 0.5}]) is None
 
 
 @pytest.mark.parametrize("variant", [1, 2])

@@ -213,6 +213,13 @@ def evaluate_and_write(det: Any, samples: list, out: Path, console: Any, progres
         console.print(f"[yellow]{len(bad)} unreadable test file(s) left out of the metrics[/]")
     extra = {"score_seconds": round(seconds, 3), "images_per_second": round(len(test) / max(seconds, 1e-9), 2),
              "unreadable_test_files": bad}
+    from dxmi_ad.training.fit import selection_of
+
+    selected = selection_of(det.history_)
+    if selected is not None:  # chosen on the validation split (held-out training images), never on this test set
+        extra["selected_iteration"], extra["validation_AUROC"] = selected
+        console.print(f"model selection: kept DxMI iteration {selected[0]} (0 = the pre-trained autoencoder), "
+                      f"validation AUROC {selected[1]:.4f}", highlight=False)
     metrics = _write_evaluation(out, test, scored, table, det, run_settings(det, settings), extra, True)
     _print_decisions(metrics, console)
     return metrics

@@ -50,7 +50,7 @@ from dxmi_ad.training.schedule import (
 )
 
 __all__ = ["ProgressCallback", "StageSchedule", "build_model", "count_updates", "plan_stages", "restore_model",
-           "sample_shape", "scale_schedule", "train_model"]
+           "sample_shape", "scale_schedule", "selection_of", "train_model"]
 
 ProgressCallback = Callable[[str, int, int, dict[str, float]], None]
 """Called as ``callback(stage, iteration, total, metrics)``; stage in {"autoencoder", "sampler", "dxmi"}."""
@@ -201,6 +201,17 @@ def restore_model(config: dict[str, Any], tensors: dict[str, torch.Tensor], dire
         msg = f"{directory} holds an invalid or tampered model description: {err}"
         raise ValueError(msg) from err
     return model.eval()
+
+
+def selection_of(history: list[dict[str, Any]]) -> tuple[int, float] | None:
+    """The model selection recorded in a :func:`train_model` history.
+
+    Returns:
+        ``(selected_iteration, best_val_auroc)`` (iteration 0 = the pre-trained start; AUROC in [0, 1]), or None
+        when the run did not select.
+    """
+    chosen = [r for r in history if "selected_iteration" in r]
+    return (int(chosen[-1]["selected_iteration"]), float(chosen[-1]["best_val_auroc"])) if chosen else None
 
 
 def train_model(
