@@ -261,6 +261,29 @@ def atomic_directory(final: str | os.PathLike[str]) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def safe_load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` (plain values only: tags such as ``!!python/object`` are refused) that reads numbers as
+    YAML 1.2 and JSON do: ``1e-5`` and ``1E+3`` are floats (PyYAML's YAML 1.1 resolver reads them as strings, so a
+    recipe with ``energy_lr: 1e-5``, or the JSON that ``--dry-run`` prints, would not load).
+
+    Raises:
+        yaml.YAMLError: Invalid YAML.
+    """
+    import re
+
+    import yaml
+
+    class _Loader(yaml.SafeLoader):
+        pass
+
+    _Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    _Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"))
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no object construction
+
+
 def read_yaml_mapping(path: str | os.PathLike[str], what: str = "recipe") -> dict[str, Any]:
     """Read a YAML file that must hold a mapping (recipes).
 
@@ -275,7 +298,7 @@ def read_yaml_mapping(path: str | os.PathLike[str], what: str = "recipe") -> dic
         msg = f"{what} {path} not found"
         raise FileNotFoundError(msg)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = safe_load_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         msg = f"{what} {path} is not valid YAML: {err}"
         raise ValueError(msg) from err

@@ -311,6 +311,9 @@ class DxMIDetector(CalibratedDetector, OutlierMixin, BaseEstimator):
             return X, None
         fit_rows, val_rows = holdout_split(len(X), config.validation_fraction, seed + 1)
         if len(val_rows) < MIN_VALIDATION_ROWS:
+            warnings.warn(f"validate_every={config.validate_every}: model selection skipped, {len(X)} training rows "
+                          f"leave {len(val_rows)} validation rows (at least {MIN_VALIDATION_ROWS} needed; raise "
+                          "validation_fraction or add rows); the last iterate is kept", UserWarning, stacklevel=3)
             return X, None
         return X[fit_rows], X[val_rows]
 

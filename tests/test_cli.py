@@ -132,3 +132,23 @@ def test_a_dxmi_config_field_means_the_same_in_a_vector_recipe(tmp_path):
     assert bad.exit_code != 0 and "last_sigma" in bad.output
     fixed = runner.invoke(app, ["train", "--dataset", "digits", "--dry-run", "--set", "dim=3"])
     assert fixed.exit_code != 0 and "dim" in fixed.output
+
+
+def test_recipes_read_exponent_numbers_and_dry_runs_refuse_unknown_datasets(tmp_path):
+    """New-user findings: ``energy_lr: 1e-5`` (YAML 1.1 reads it as text) and the JSON that --dry-run prints load
+    back as recipes; a dry run refuses a dataset the real run would refuse."""
+    recipe = tmp_path / "lr.yaml"
+    recipe.write_text("model:\n  energy_lr: 1e-5\n  sampler_lr: 2E-4\n")
+    res = runner.invoke(app, ["train", "--dataset", "digits", "--dry-run", "--recipe", str(recipe)])
+    assert res.exit_code == 0, res.output
+    shown = json.loads(res.stdout[res.stdout.index("{"):])
+    assert (shown["energy_lr"], shown["sampler_lr"]) == (1e-5, 2e-4)
+    printed = tmp_path / "printed.json"
+    printed.write_text(res.stdout[res.stdout.index("{"):])
+    again = runner.invoke(app, ["train", "--dataset", "digits", "--dry-run", "--recipe", str(printed)])
+    assert again.exit_code == 0, again.output
+    for dataset, words in (("wines", "unknown dataset"), ("t.csv", "csv:t.csv"), ("csv:nope.csv", "not found")):
+        bad = runner.invoke(app, ["train", "--dataset", dataset, "--dry-run"])
+        assert bad.exit_code != 0 and words in bad.output, bad.output
+    typo = runner.invoke(app, ["train", "--dataset", "digits", "--dry-run", "--set", "n_itr=5"])
+    assert typo.exit_code != 0 and "did you mean 'n_iter'" in typo.output and "--set n_itr" in typo.output

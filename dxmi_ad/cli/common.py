@@ -55,6 +55,8 @@ def _fail(message: str) -> typer.Exit:
 
 
 def _parse_sets(sets: list[str]) -> dict[str, Any]:
+    from dxmi_ad.checkpoint import safe_load_yaml
+
     out: dict[str, Any] = {}
     for item in sets:
         if "=" not in item:
@@ -62,17 +64,12 @@ def _parse_sets(sets: list[str]) -> dict[str, Any]:
             raise CLIError(msg)
         key, value = item.split("=", 1)
         try:
-            parsed = yaml.safe_load(value)  # plain values only: safe_load refuses tags such as !!python/object
+            parsed = safe_load_yaml(value)  # plain values only: tags such as !!python/object are refused
         except yaml.YAMLError as err:
             reason = str(err).splitlines()[0]
             msg = (f"--set {key.strip()}: {value!r} is not a plain value (a number, true/false, a string or a "
                    f"[list]; YAML tags are refused): {reason}")
             raise CLIError(msg) from None
-        if isinstance(parsed, str):  # YAML 1.1 reads 1e-5 as a string
-            try:
-                parsed = float(parsed) if any(c in parsed for c in ".eE") else int(parsed)
-            except ValueError:
-                pass
         out[key.strip()] = parsed
     return out
 

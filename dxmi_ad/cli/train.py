@@ -39,7 +39,7 @@ from dxmi_ad.cli.options import (
     check_one_rule,
 )
 
-DATASETS = ("textures", "mvtec", "folder", "digits", "mnist", "eight-gaussians", "wbc", "wine", "csv:PATH")
+DATASETS = ("textures", "mvtec", "folder", "features", "digits", "mnist", "eight-gaussians", "wbc", "wine", "csv:PATH")
 DEFAULT_DATASET = "textures"
 
 
@@ -80,8 +80,17 @@ def load_recipe(path: Path | None, dataset: str, sets: list[str]) -> dict[str, A
     known = set(DxMIDetector().get_params())
     unknown = sorted(set(recipe) - known)
     if unknown:
-        msg = (f"unknown recipe key(s) {unknown} in {path} / --set; known: {sorted(known)} and the DxMIConfig "
-               "fields (docs/paper_map.md)")
+        import dataclasses
+        import difflib
+
+        from dxmi_ad.config import DxMIConfig
+
+        every = sorted(known | {f.name for f in dataclasses.fields(DxMIConfig)} - {"dim", "mode", "seed"})
+        where = [f"--set {k}" if k in given else f"recipe {path}" for k in unknown]
+        hints = [f"{k!r} ({w}{'; did you mean ' + repr(m[0]) + '?' if m else ''})" for k, w in zip(unknown, where)
+                 for m in [difflib.get_close_matches(k, every, n=1)]]
+        msg = (f"unknown recipe key(s): {', '.join(hints)}; a model key is a DxMIDetector parameter or a DxMIConfig field: "
+               f"{', '.join(every)}")
         raise CLIError(msg)
     try:  # types and ranges first (scikit-learn's constraints name the parameter), then the schedule arithmetic
         DxMIDetector(**{k: v for k, v in recipe.items() if k != "runtime"})._validate_params()
@@ -153,6 +162,23 @@ def load_dataset(dataset: str, normal_class: int, seed: int) -> Any:
         return tabular.split_labelled(X, label, 0.7, seed, dataset)
     msg = f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}"
     raise CLIError(msg)
+
+
+def _check_dataset_name(dataset: str) -> None:
+    """Refuse, without reading data, a vector dataset name that :func:`load_dataset` would refuse.
+
+    Raises:
+        CLIError: An unknown name (a ``.csv`` path without the ``csv:`` prefix is named as such) or a ``csv:`` file
+            that does not exist.
+    """
+    if dataset.startswith("csv:"):
+        if not Path(dataset[4:]).expanduser().is_file():
+            raise CLIError(f"{dataset}: CSV file {dataset[4:]!r} not found")
+        return
+    if dataset not in DATASETS:
+        hint = f" (a CSV file is given as csv:{dataset})" if dataset.lower().endswith(".csv") else ""
+        msg = f"unknown dataset {dataset!r}{hint}; expected one of {', '.join(DATASETS)}"
+        raise CLIError(msg)
 
 
 def _evaluate(det: Any, split: Any, dataset: str) -> dict[str, Any]:
@@ -454,6 +480,7 @@ def _train_vectors(opts: TrainOptions) -> None:
         from dxmi_ad.estimator import DxMIDetector
 
         DxMIDetector(**{k: v for k, v in params.items() if k != "runtime"})._validate_params()  # ranges, before work
+        _check_dataset_name(dataset)  # a dry run must refuse what the real run would
         if opts.dry_run:
             console.print_json(json.dumps(params, default=str))
             return
