@@ -481,6 +481,9 @@ def _train_vectors(opts: TrainOptions) -> None:
 
         DxMIDetector(**{k: v for k, v in params.items() if k != "runtime"})._validate_params()  # ranges, before work
         _check_dataset_name(dataset)  # a dry run must refuse what the real run would
+        if opts.normal_class != 0 and dataset not in ("digits", "mnist"):
+            err_console.print(f"warning: --normal-class is for digits / mnist; ignored for {dataset}",
+                              highlight=False, markup=False, soft_wrap=True)
         if opts.dry_run:
             console.print_json(json.dumps(params, default=str))
             return
