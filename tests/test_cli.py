@@ -150,5 +150,7 @@ def test_recipes_read_exponent_numbers_and_dry_runs_refuse_unknown_datasets(tmp_
     for dataset, words in (("wines", "unknown dataset"), ("t.csv", "csv:t.csv"), ("csv:nope.csv", "not found")):
         bad = runner.invoke(app, ["train", "--dataset", dataset, "--dry-run"])
         assert bad.exit_code != 0 and words in bad.output, bad.output
+    pixel = runner.invoke(app, ["train", "--mode", "pixel", "--dataset", "wine", "--dry-run"])
+    assert pixel.exit_code != 0 and "pixel mode trains on" in pixel.output
     typo = runner.invoke(app, ["train", "--dataset", "digits", "--dry-run", "--set", "n_itr=5"])
     assert typo.exit_code != 0 and "did you mean 'n_iter'" in typo.output and "--set n_itr" in typo.output

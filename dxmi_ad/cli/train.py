@@ -285,9 +285,11 @@ def train(
 
 def _train_pixel(opts: TrainOptions, pretrain_only: bool = False) -> None:
     from dxmi_ad.calibration import CalibrationError
-    from dxmi_ad.cli.pixel import PixelCLIError, load_pixel_recipe, train_pixel
+    from dxmi_ad.cli.pixel import PIXEL_DATASETS, PixelCLIError, load_pixel_recipe, train_pixel
 
     try:
+        if opts.dataset not in PIXEL_DATASETS:  # before the recipe: a dry run refuses what the real run would
+            raise CLIError(f"pixel mode trains on {', '.join(PIXEL_DATASETS)}; got --dataset {opts.dataset}")
         for key in ("calibration_dir", "validation_dir", "weights", "backbone"):
             if getattr(opts, key) is not None:
                 raise CLIError(f"--{key.replace('_', '-')} does not apply to pixel mode")
