@@ -8,6 +8,7 @@ flushed, fsync'ed and renamed, so a crash never leaves a half-written file under
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -261,16 +262,9 @@ def atomic_directory(final: str | os.PathLike[str]) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def safe_load_yaml(text: str) -> Any:
-    """``yaml.safe_load`` (plain values only: tags such as ``!!python/object`` are refused) that reads numbers as
-    YAML 1.2 and JSON do: ``1e-5`` and ``1E+3`` are floats (PyYAML's YAML 1.1 resolver reads them as strings, so a
-    recipe with ``energy_lr: 1e-5``, or the JSON that ``--dry-run`` prints, would not load).
-
-    Raises:
-        yaml.YAMLError: Invalid YAML.
-    """
-    import re
-
+@functools.cache
+def _yaml_loader() -> type:
+    """A ``yaml.SafeLoader`` subclass that also resolves ``1e-5`` / ``1E+3`` as floats (built once)."""
     import yaml
 
     class _Loader(yaml.SafeLoader):
@@ -281,7 +275,28 @@ def safe_load_yaml(text: str) -> Any:
         "tag:yaml.org,2002:float",
         re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
         list("-+0123456789"))
-    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no object construction
+    return _Loader
+
+
+def safe_load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that reads numbers as YAML 1.2 and JSON do.
+
+    ``1e-5`` and ``1E+3`` are floats (PyYAML's YAML 1.1 resolver reads them as strings, so a recipe with
+    ``energy_lr: 1e-5``, or the JSON that ``--dry-run`` prints, would not load). Plain values only: tags such as
+    ``!!python/object`` are refused (a SafeLoader subclass constructs no objects).
+
+    Args:
+        text: YAML (or JSON) text.
+
+    Returns:
+        The parsed value (mapping, list, str, int, float, bool or None).
+
+    Raises:
+        yaml.YAMLError: Invalid YAML or a tag.
+    """
+    import yaml
+
+    return yaml.load(text, Loader=_yaml_loader())
 
 
 def read_yaml_mapping(path: str | os.PathLike[str], what: str = "recipe") -> dict[str, Any]:

@@ -21,10 +21,18 @@ VAR_TOTAL_SIGNAL = math.prod(1 - (0.01 + 0.095 * i) ** 2 for i in range(10))
 
 
 def ddpm_last_alpha_bar(n_steps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> float:
-    """Signal fraction left at the end of the K-step linear-beta DDPM chain (Ho et al. 2020), in (0, 1).
+    """Signal fraction left at the end of the K-step linear-beta DDPM chain (Ho et al. 2020).
 
     The same chain as :func:`dxmi_ad.nn.pixel.ddpm_alpha_bar` (its last entry), without torch, so that the
     configuration can be checked without importing the networks.
+
+    Args:
+        n_steps: Chain length ``K >= 1``.
+        beta_start: First beta.
+        beta_end: Last beta.
+
+    Returns:
+        ``alpha_bar_K = prod_k (1 - beta_k)``, in (0, 1).
     """
     step = (beta_end - beta_start) / (n_steps - 1) if n_steps > 1 else 0.0
     return math.prod(1 - (beta_start + step * k) for k in range(n_steps))
@@ -320,6 +328,14 @@ class DxMIConfig:
             if value is not None and not value > 0:
                 msg = f"{name} must be > 0 or null, got {value}"
                 raise ValueError(msg)
+
+    def updates_energy_at(self, iteration: int) -> bool:
+        """Whether DxMI iteration ``iteration`` (0-based) updates the energy.
+
+        After ``warmup_iter``, one iteration in ``energy_update_every`` (Alg. 1 with the warm-up and update-ratio
+        deviations, docs/paper_map.md).
+        """
+        return iteration >= self.warmup_iter and (iteration - self.warmup_iter) % self.energy_update_every == 0
 
     @property
     def effective_time_cost_scale(self) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -103,14 +104,19 @@ def test_dry_run_prints_recipe():
     assert result.exit_code == 0 and '"n_iter": 7' in result.output
 
 
+def _dry_run_recipe(recipe: Path, text: str, *args: str) -> tuple[dict, str]:
+    """Write ``text`` to ``recipe``, run ``train --dataset digits --dry-run`` on it; (printed JSON, the JSON text)."""
+    recipe.write_text(text)
+    res = runner.invoke(app, ["train", "--dataset", "digits", "--dry-run", "--recipe", str(recipe), *args])
+    assert res.exit_code == 0, res.output
+    printed = res.stdout[res.stdout.index("{"):]
+    return json.loads(printed), printed
+
+
 def test_vector_recipes_take_the_sectioned_layout_and_model_prefixed_sets(tmp_path):
     """One recipe layout for every mode: ``model:`` (+ ``runtime:``) sections and ``--set model.KEY=V``."""
-    recipe = tmp_path / "vec.yaml"
-    recipe.write_text("model:\n  n_iter: 60\n  hidden: 64\n")
-    res = runner.invoke(app, ["train", "--dataset", "digits", "--dry-run", "--recipe", str(recipe),
-                              "--set", "model.n_steps=3"])
-    assert res.exit_code == 0, res.output
-    shown = json.loads(res.stdout[res.stdout.index("{"):])
+    shown, _ = _dry_run_recipe(tmp_path / "vec.yaml", "model:\n  n_iter: 60\n  hidden: 64\n", "--set",
+                               "model.n_steps=3")
     assert (shown["n_iter"], shown["hidden"], shown["n_steps"]) == (60, 64, 3)
 
 
@@ -118,12 +124,8 @@ def test_a_dxmi_config_field_means_the_same_in_a_vector_recipe(tmp_path):
     """A ``model:`` key that is a DxMIConfig field (not an estimator parameter) reaches the fitted config."""
     from dxmi_ad import DxMIDetector, recipes
 
-    recipe = tmp_path / "vec.yaml"
-    recipe.write_text("model:\n  n_iter: 60\n  sampler_hidden: 48\n  lr_schedule: cosine\n")
-    res = runner.invoke(app, ["train", "--dataset", "digits", "--dry-run", "--recipe", str(recipe),
-                              "--set", "model.last_sigma=0.02"])
-    assert res.exit_code == 0, res.output
-    shown = json.loads(res.stdout[res.stdout.index("{"):])
+    shown, _ = _dry_run_recipe(tmp_path / "vec.yaml", "model:\n  n_iter: 60\n  sampler_hidden: 48\n  lr_schedule: cosine\n",
+                               "--set", "model.last_sigma=0.02")
     assert shown["config_overrides"] == {"last_sigma": 0.02, "lr_schedule": "cosine", "sampler_hidden": 48}
     params = recipes.detector_params({"model": {"sampler_hidden": 48, "hidden": 32, "energy": "autoencoder"}})
     config = DxMIDetector(**params)._make_config(dim=16, n_rows=100)
@@ -137,16 +139,10 @@ def test_a_dxmi_config_field_means_the_same_in_a_vector_recipe(tmp_path):
 def test_recipes_read_exponent_numbers_and_dry_runs_refuse_unknown_datasets(tmp_path):
     """New-user findings: ``energy_lr: 1e-5`` (YAML 1.1 reads it as text) and the JSON that --dry-run prints load
     back as recipes; a dry run refuses a dataset the real run would refuse."""
-    recipe = tmp_path / "lr.yaml"
-    recipe.write_text("model:\n  energy_lr: 1e-5\n  sampler_lr: 2E-4\n")
-    res = runner.invoke(app, ["train", "--dataset", "digits", "--dry-run", "--recipe", str(recipe)])
-    assert res.exit_code == 0, res.output
-    shown = json.loads(res.stdout[res.stdout.index("{"):])
+    shown, printed = _dry_run_recipe(tmp_path / "lr.yaml", "model:\n  energy_lr: 1e-5\n  sampler_lr: 2E-4\n")
     assert (shown["energy_lr"], shown["sampler_lr"]) == (1e-5, 2e-4)
-    printed = tmp_path / "printed.json"
-    printed.write_text(res.stdout[res.stdout.index("{"):])
-    again = runner.invoke(app, ["train", "--dataset", "digits", "--dry-run", "--recipe", str(printed)])
-    assert again.exit_code == 0, again.output
+    again, _ = _dry_run_recipe(tmp_path / "printed.json", printed)  # the printed JSON loads back as a recipe
+    assert (again["energy_lr"], again["sampler_lr"]) == (1e-5, 2e-4)
     for dataset, words in (("wines", "unknown dataset"), ("t.csv", "csv:t.csv"), ("csv:nope.csv", "not found")):
         bad = runner.invoke(app, ["train", "--dataset", dataset, "--dry-run"])
         assert bad.exit_code != 0 and words in bad.output, bad.output

@@ -64,8 +64,19 @@ def load_pixel_split(dataset: str, normal_class: int, seed: int, data_root: Path
                           split.test_label, None, split.name)
     if dataset in ("textures", "mvtec", "folder"):
         return _image_folder_split(dataset, data_root, category, image_size, skip_bad_files)
-    msg = f"pixel mode trains on {', '.join(PIXEL_DATASETS)}; got --dataset {dataset}"
-    raise PixelCLIError(msg)
+    check_pixel_dataset(dataset)
+    raise AssertionError(dataset)  # every pixel dataset is handled above
+
+
+def check_pixel_dataset(dataset: str) -> None:
+    """Refuse, without reading data, a ``--dataset`` pixel mode cannot train on.
+
+    Raises:
+        PixelCLIError: ``dataset`` is not one of :data:`PIXEL_DATASETS`.
+    """
+    if dataset not in PIXEL_DATASETS:
+        msg = f"pixel mode trains on {', '.join(PIXEL_DATASETS)}; got --dataset {dataset}"
+        raise PixelCLIError(msg)
 
 
 def read_samples(samples: list, size: int, skip_bad_files: bool = False, what: str = "images"

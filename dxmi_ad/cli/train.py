@@ -92,20 +92,23 @@ def load_recipe(path: Path | None, dataset: str, sets: list[str]) -> dict[str, A
         msg = (f"unknown recipe key(s): {', '.join(hints)}; a model key is a DxMIDetector parameter or a DxMIConfig field: "
                f"{', '.join(every)}")
         raise CLIError(msg)
-    try:  # types and ranges first (scikit-learn's constraints name the parameter), then the schedule arithmetic
-        DxMIDetector(**{k: v for k, v in recipe.items() if k != "runtime"})._validate_params()
-    except (TypeError, ValueError) as err:
-        msg = f"invalid recipe value in {path} / --set: {err}"
-        raise CLIError(msg) from None
+
+    def check(resolve_config: bool) -> None:
+        """Ranges before any data is read: scikit-learn's constraints (they name the parameter), then the config.
+
+        The DxMIConfig the parameters resolve to is built with a placeholder width that any latent size fits.
+        """
+        try:
+            detector = DxMIDetector(**{k: v for k, v in recipe.items() if k != "runtime"})
+            detector._validate_params()
+            if resolve_config:
+                detector._make_config(dim=1 << 16, n_rows=1 << 16)
+        except (TypeError, ValueError) as err:
+            raise CLIError(f"invalid recipe value in {path} / --set: {err}") from None
+
+    check(resolve_config=False)  # types first: the schedule arithmetic below needs numbers
     recipe.update(_scaled_schedule({**DxMIDetector().get_params(), **base}, given))
-    try:  # every range checked before any data is read (scikit-learn's parameter constraints, then the DxMIConfig
-        # the parameters resolve to, with a placeholder width that any latent size fits)
-        detector = DxMIDetector(**{k: v for k, v in recipe.items() if k != "runtime"})
-        detector._validate_params()
-        detector._make_config(dim=1 << 16, n_rows=1 << 16)
-    except (TypeError, ValueError) as err:
-        msg = f"invalid recipe value in {path} / --set: {err}"
-        raise CLIError(msg) from None
+    check(resolve_config=True)
     return recipe
 
 
@@ -160,8 +163,8 @@ def load_dataset(dataset: str, normal_class: int, seed: int) -> Any:
         if label is None:
             return tabular.OneClassSplit(X.astype("float32"), X[:0].astype("float32"), np.zeros(0, int), dataset)
         return tabular.split_labelled(X, label, 0.7, seed, dataset)
-    msg = f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}"
-    raise CLIError(msg)
+    _check_dataset_name(dataset)
+    raise CLIError(f"{dataset} is an image dataset, not a table")  # routed to the image path before this point
 
 
 def _check_dataset_name(dataset: str) -> None:
@@ -192,7 +195,7 @@ def _evaluate(det: Any, split: Any, dataset: str) -> dict[str, Any]:
         flagged = det.predict(split.test) == -1  # the calibrated rule (FPR threshold or BH over the test set)
         metrics["FPR"] = float(flagged[split.test_label == 0].mean())
         metrics["TPR"] = float(flagged[split.test_label == 1].mean())
-    if getattr(det, "selected_iteration_", None) is not None:  # model selection on held-out rows (never the test)
+    if det.selected_iteration_ is not None:  # model selection on held-out rows (never the test)
         metrics["selected_iteration"] = det.selected_iteration_
         metrics["validation_AUROC"] = det.validation_auroc_
     if dataset == "eight-gaussians":
@@ -285,11 +288,10 @@ def train(
 
 def _train_pixel(opts: TrainOptions, pretrain_only: bool = False) -> None:
     from dxmi_ad.calibration import CalibrationError
-    from dxmi_ad.cli.pixel import PIXEL_DATASETS, PixelCLIError, load_pixel_recipe, train_pixel
+    from dxmi_ad.cli.pixel import PixelCLIError, check_pixel_dataset, load_pixel_recipe, train_pixel
 
     try:
-        if opts.dataset not in PIXEL_DATASETS:  # before the recipe: a dry run refuses what the real run would
-            raise CLIError(f"pixel mode trains on {', '.join(PIXEL_DATASETS)}; got --dataset {opts.dataset}")
+        check_pixel_dataset(opts.dataset)  # before the recipe: a dry run refuses what the real run would
         for key in ("calibration_dir", "validation_dir", "weights", "backbone"):
             if getattr(opts, key) is not None:
                 raise CLIError(f"--{key.replace('_', '-')} does not apply to pixel mode")

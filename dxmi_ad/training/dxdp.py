@@ -78,8 +78,16 @@ def sync_grads(params: list[nn.Parameter], sync: Callable[[torch.Tensor], None] 
 
 
 def random_batch(data: torch.Tensor, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-    """A random batch ``(batch_size, ...)`` of the rows of ``data`` ``(N, ...)``: without replacement within the
-    batch when ``N >= batch_size``, with replacement otherwise; drawn from ``generator`` and returned on its device.
+    """A random batch of rows: without replacement within the batch when ``N >= batch_size``, with replacement
+    otherwise.
+
+    Args:
+        data: Rows ``(N, ...)``, ``N >= 1`` (any device; a memory-mapped CPU tensor is indexed, not copied).
+        batch_size: Rows to draw, ``>= 1``.
+        generator: Torch generator of the draw; the batch is returned on its device.
+
+    Returns:
+        ``(batch_size, ...)`` tensor on ``generator.device``.
     """
     n = data.shape[0]
     if n >= batch_size:
@@ -253,7 +261,7 @@ class DxDPTrainer:
         loss_e, d = energy_loss(e[:B], e[B:], c.energy_l2_weight, c.negative_l2_weight)
         diag.update(d)
         self._health(energy, traj[-1], d["energy_samples"], diag)
-        if self.iteration >= c.warmup_iter and (self.iteration - c.warmup_iter) % c.energy_update_every == 0:
+        if c.updates_energy_at(self.iteration):
             loss_e.backward()
             sync_grads(m.energy_params(), self.sync)
             _clip(m.energy_params(), c.energy_grad_clip)

@@ -206,6 +206,9 @@ def restore_model(config: dict[str, Any], tensors: dict[str, torch.Tensor], dire
 def selection_of(history: list[dict[str, Any]]) -> tuple[int, float] | None:
     """The model selection recorded in a :func:`train_model` history.
 
+    Args:
+        history: The history list :func:`train_model` returns (dicts of floats).
+
     Returns:
         ``(selected_iteration, best_val_auroc)`` (iteration 0 = the pre-trained start; AUROC in [0, 1]), or None
         when the run did not select.
@@ -413,8 +416,7 @@ def _train(
         if i % log_every == 0 or i == config.n_iter - 1:
             rec = {k: (v.float().tolist() if v.ndim else float(v)) for k, v in diag.items()}
             rec["iteration"] = i + 1
-            rec["energy_step"] = float(i >= config.warmup_iter and  # 1: this iteration updated the energy
-                                       (i - config.warmup_iter) % config.energy_update_every == 0)
+            rec["energy_step"] = float(config.updates_energy_at(i))  # 1: this iteration updated the energy
             history.append(rec)
             if progress is not None:
                 progress("dxmi", i + 1, config.n_iter, rec)
