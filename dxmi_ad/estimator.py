@@ -657,6 +657,8 @@ class DxMIDetector(CalibratedDetector, OutlierMixin, BaseEstimator):
             tensors["decision_scores"] = torch.from_numpy(np.asarray(self.decision_scores_, dtype=np.float64))
         meta = {"kind": type(self).__name__, "params": params, "config": self.config_.to_dict(),
                 "n_features_in": int(self.n_features_in_), "history": self.history_[-1:]}
+        if hasattr(self, "feature_names_in_"):  # fitted on a DataFrame: scoring checks the names (scikit-learn)
+            meta["feature_names_in"] = [str(n) for n in self.feature_names_in_]
         save_model_dir(path, tensors, meta)
         self._save_calibration(path)
 
@@ -696,6 +698,13 @@ class DxMIDetector(CalibratedDetector, OutlierMixin, BaseEstimator):
                               UserWarning, stacklevel=2)
                 det.calibration_, det.offset_ = None, float("nan")
             det.n_features_in_ = int(meta["n_features_in"])
+            names = meta.get("feature_names_in")
+            if names is not None:
+                if not isinstance(names, list) or len(names) != det.n_features_in_ or not all(
+                        isinstance(n, str) for n in names):
+                    msg = f"feature_names_in must be a list of {det.n_features_in_} strings"
+                    raise ValueError(msg)
+                det.feature_names_in_ = np.asarray(names, dtype=object)
         except (KeyError, TypeError, ValueError, InvalidParameterError) as err:
             msg = f"{Path(path)} holds an invalid or tampered model description: {err}"
             raise ValueError(msg) from err

@@ -47,7 +47,51 @@ def test_train_csv_and_sample(tmp_path):
     assert json.loads((out / "metrics.json").read_text())["image_AUROC"] > 0.9
     s = runner.invoke(app, ["sample", "--model", str(out), "-n", "50", "--out", str(tmp_path / "s.csv")])
     assert s.exit_code == 0, s.output
+    assert (tmp_path / "s.csv").read_text().splitlines()[0] == "a,b,c"  # the training columns
     assert len((tmp_path / "s.csv").read_text().splitlines()) == 51
+
+
+def test_score_tables_with_a_vector_model(tmp_path):
+    """`dxmi-ad score` scores the rows of CSV tables with a vector model: columns checked by name, one CSV row per
+    table row (path, row = line in the file), decisions from the stored calibration, nothing written on a bad table."""
+    rng = np.random.default_rng(1)
+    normal = rng.normal(0, 1, (300, 3))
+    csv = tmp_path / "table.csv"
+    csv.write_text("a,b,c\n" + "\n".join(",".join(f"{v:.5f}" for v in row) for row in normal) + "\n")
+    out = tmp_path / "run"
+    assert runner.invoke(app, ["train", "--dataset", f"csv:{csv}", "--out", str(out), *FAST]).exit_code == 0
+    assert json.loads((out / "config.json").read_text())["feature_names_in"] == ["a", "b", "c"]
+    new = tmp_path / "new.csv"  # columns in another order are matched by name; a label column is ignored
+    new.write_text("c,label,a,b\n0,0,0,0\n\n9,1,9,9\n0.1,0,-0.1,0.2\n")
+    scores = tmp_path / "scores.csv"
+    r = runner.invoke(app, ["score", str(new), "--model", str(out), "--out", str(scores)])
+    assert r.exit_code == 0, r.output
+    assert "scored 3 of 3 row(s): 1 flagged anomalous, 2 normal" in r.output
+    rows = scores.read_text().splitlines()
+    assert rows[0] == "path,row,pred_score,threshold,pred_label,p_value,normalized_score,error"
+    table = [line.split(",") for line in rows[1:]]
+    assert [t[1] for t in table] == ["2", "4", "5"]  # physical lines: the blank line 3 is skipped
+    assert [t[4] for t in table] == ["0", "1", "0"]
+    assert float(table[1][2]) > float(table[1][3]) > float(table[0][2])  # the far row is above the threshold
+    from dxmi_ad import load
+
+    det = load(out)  # the same energies as the Python API
+    import pandas as pd
+
+    expected = det.energy(pd.DataFrame([[0, 0, 0], [9, 9, 9], [-0.1, 0.2, 0.1]], columns=["a", "b", "c"]))
+    np.testing.assert_allclose([float(t[2]) for t in table], expected, rtol=1e-5)
+    for bad, words in ((tmp_path, "is a folder"), (out / "config.json", "CSV files")):
+        r = runner.invoke(app, ["score", str(bad), "--model", str(out)])
+        assert r.exit_code == 2 and words in r.output, r.output
+    wide = tmp_path / "wide.csv"
+    wide.write_text("a,b,c,d\n1,2,3,4\n")
+    r = runner.invoke(app, ["score", str(wide), "--model", str(out), "--out", str(tmp_path / "w.csv")])
+    assert r.exit_code == 2 and "not seen in training ['d']" in r.output and "expected: a, b, c" in r.output
+    assert not (tmp_path / "w.csv").exists()
+    r = runner.invoke(app, ["score", str(csv), str(tmp_path / "none.csv"), "--model", str(out)])
+    assert r.exit_code == 2 and "none.csv" in r.output
+    r = runner.invoke(app, ["score", str(new), "--model", str(out), "--heatmaps", str(tmp_path / "h")])
+    assert r.exit_code == 2 and "image models" in r.output
 
 
 def test_sample_2d_writes_png(tmp_path):
@@ -148,5 +192,7 @@ def test_recipes_read_exponent_numbers_and_dry_runs_refuse_unknown_datasets(tmp_
         assert bad.exit_code != 0 and words in bad.output, bad.output
     pixel = runner.invoke(app, ["train", "--mode", "pixel", "--dataset", "wine", "--dry-run"])
     assert pixel.exit_code != 0 and "pixel mode trains on" in pixel.output
+    rule = runner.invoke(app, ["train", "--mode", "pixel", "--set", "project_samples=true", "--dry-run"])
+    assert rule.exit_code == 2 and "needs spherical=true" in rule.output  # the config's cross-field rules, as a run
     typo = runner.invoke(app, ["train", "--dataset", "digits", "--dry-run", "--set", "n_itr=5"])
     assert typo.exit_code != 0 and "did you mean 'n_iter'" in typo.output and "--set n_itr" in typo.output

@@ -539,45 +539,72 @@ def score_paths(det: Any, paths: list[Path], out_csv: Path | None, heatmaps: Pat
                 else:
                     title += " (no decision rule)"
                 _write_heatmap(images[j], amap[k].numpy(), title, heatmaps / f"{i:06d}_{files[i].stem}.png")
-    ok = np.isfinite(scores)  # unreadable files and non-finite scores are left out of every decision
+    result = decision_csv([[str(f)] for f in files], ["path"], scores, errors, cal, out_csv,
+                          NO_RULE.format(model=model))
+    return {**result, "n_files": len(files), "listing": listing}
+
+
+def decision_csv(ids: list[list[str]], id_columns: list[str], scores: np.ndarray, errors: dict[int, str],
+                 cal: Any, out_csv: Path | None, no_rule: str) -> dict[str, Any]:
+    """The scoring CSV of ``dxmi-ad score`` (images and table rows alike), written atomically when ``out_csv`` is set.
+
+    Columns: ``id_columns`` (e.g. ``path``, or ``path, row``), then ``pred_score, threshold, pred_label, p_value,
+    normalized_score, error``. Items with an entry in ``errors`` or a non-finite score get the error and empty score
+    and decision columns (a non-finite score is never a decision); the others are decided by ``cal`` (under an
+    ``fdr`` rule, Benjamini-Hochberg over the scored items of this call), or left undecided without a rule.
+
+    Args:
+        ids: One list of identifier strings per item, ``len(id_columns)`` each.
+        id_columns: Names of the identifier columns.
+        scores: ``(n,)`` anomaly scores (energy; NaN = not scored).
+        errors: ``{item index: reason}``.
+        cal: The :class:`~dxmi_ad.calibration.Calibration`, or None.
+        out_csv: Destination, or None.
+        no_rule: The ``rule`` text when ``cal`` is None (how to set one).
+
+    Returns:
+        ``text`` (the CSV), ``n_errors``, ``n_flagged`` and ``n_normal`` (None without a rule), ``rule`` (one line).
+    """
+    n = len(ids)
+    ok = np.isfinite(scores)
+    ok[list(errors)] = False
     if cal is not None:
         finite = scores[ok]
-        flags = np.zeros(len(files), bool)
-        flags[ok] = cal.decide(finite)  # under fdr: Benjamini-Hochberg over the scored files of this call only
-        p_values, norm = np.full(len(files), np.nan), np.full(len(files), np.nan)
+        flags = np.zeros(n, bool)
+        flags[ok] = cal.decide(finite)  # under fdr: Benjamini-Hochberg over the scored items of this call only
+        p_values, norm = np.full(n, np.nan), np.full(n, np.nan)
         p_values[ok], norm[ok] = cal.p_values(finite), cal.normalized(finite)
         thr = cal.decision_threshold  # None under the fdr rule: decisions are Benjamini-Hochberg over this call
     else:
-        flags, p_values, norm, thr = None, np.full(len(files), np.nan), np.full(len(files), np.nan), None
+        flags, p_values, norm, thr = None, np.full(n, np.nan), np.full(n, np.nan), None
     thr_text = "" if thr is None else f"{thr:.6g}"
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["path", "pred_score", "threshold", "pred_label", "p_value", "normalized_score", "error"])
-    for i, f in enumerate(files):
-        if i in errors or not ok[i]:
-            writer.writerow([str(f), "", thr_text, "", "", "", errors.get(i, "no score")])
+    writer.writerow([*id_columns, "pred_score", "threshold", "pred_label", "p_value", "normalized_score", "error"])
+    for i, key in enumerate(ids):
+        if not ok[i]:
+            writer.writerow([*key, "", thr_text, "", "", "", errors.get(i, "no score")])
         else:
-            writer.writerow([str(f), f"{scores[i]:.6g}", thr_text, "" if flags is None else int(flags[i]),
+            writer.writerow([*key, f"{scores[i]:.6g}", thr_text, "" if flags is None else int(flags[i]),
                              "" if np.isnan(p_values[i]) else f"{p_values[i]:.6g}",
                              "" if np.isnan(norm[i]) else f"{norm[i]:.4f}", ""])
     text = buf.getvalue()
     if out_csv is not None:
         atomic_write_text(out_csv, text)
-    n_err = int((~ok).sum())
-    return {"text": text, "n_files": len(files), "n_errors": n_err,
+    return {"text": text, "n_errors": int((~ok).sum()),
             "n_flagged": None if flags is None else int(flags[ok].sum()),
             "n_normal": None if flags is None else int((~flags[ok]).sum()),
-            "rule": cal.describe() if cal is not None else NO_RULE.format(model=model), "listing": listing}
+            "rule": cal.describe() if cal is not None else no_rule}
 
 
-def score_summary(result: dict[str, Any]) -> str:
-    """One line closing ``dxmi-ad score``: files, flagged, normal, errors, under which rule."""
-    n, bad = result["n_files"], result["n_errors"]
+def score_summary(result: dict[str, Any], unit: str = "file") -> str:
+    """One line closing ``dxmi-ad score``: items (``unit``: file or row), flagged, normal, errors, under which rule."""
+    n, bad = result.get("n_rows", result.get("n_files")), result["n_errors"]
     errs = f"{bad} error(s) (see the error column)" if bad else "0 errors"
     if result["n_flagged"] is None:
-        return f"scored {n - bad} of {n} file(s), {errs}; {result['rule']}"
-    return (f"scored {n - bad} of {n} file(s): {result['n_flagged']} flagged anomalous, {result['n_normal']} normal, "
-            f"{errs}; rule: {result['rule']}")
+        return f"scored {n - bad} of {n} {unit}(s), {errs}; {result['rule']}"
+    return (f"scored {n - bad} of {n} {unit}(s): {result['n_flagged']} flagged anomalous, {result['n_normal']} "
+            f"normal, {errs}; rule: {result['rule']}")
 
 
 def _write_heatmap(image: Any, amap: np.ndarray, title: str, path: Path) -> None:

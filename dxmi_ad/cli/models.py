@@ -98,7 +98,8 @@ def sample(
         np.save(tmp, xs)
         tmp.replace(out)
     else:
-        header = ",".join(f"x{i}" for i in range(xs.shape[1]))
+        names = getattr(det, "feature_names_in_", None)  # a model trained on a CSV: its columns, in order
+        header = ",".join(map(str, names) if names is not None else (f"x{i}" for i in range(xs.shape[1])))
         lines = [header] + [",".join(f"{v:.7g}" for v in row) for row in xs]
         atomic_write_text(out, "\n".join(lines) + "\n")
     console.print(f"wrote {n} samples of dimension {xs.shape[1]} to {out}")
@@ -200,14 +201,77 @@ def extract_features(
         raise _fail(str(err)) from None
 
 
+def _model_kind(model: Path) -> str | None:
+    """The ``kind`` recorded in a run directory's config.json, or None when it cannot be read."""
+    from dxmi_ad.checkpoint import CONFIG_FILE
+
+    try:
+        return json.loads((model / CONFIG_FILE).read_text(encoding="utf-8")).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+TABLE_NO_RULE = ("no decision rule: pred_label left empty; set one with `dxmi-ad calibrate --model {model} "
+                 "--calibration-csv NORMAL_ROWS.csv`")
+
+
+def _score_tables(model: Path, paths: list[Path], out: Path | None) -> dict[str, Any]:
+    """Score every row of the CSV ``paths`` with the vector model in ``model``; returns :func:`decision_csv`'s
+    result plus ``n_rows``. All tables are read and checked before anything is written.
+
+    Raises:
+        CLIError: A folder or a non-CSV file, or columns that differ from the training columns (named).
+        ValueError: A table :func:`~dxmi_ad.data.tabular.load_csv` refuses (file, line and column named).
+    """
+    import warnings
+
+    import numpy as np
+    import pandas as pd
+
+    import dxmi_ad
+    from dxmi_ad.cli.images import decision_csv
+    from dxmi_ad.data.tabular import load_csv
+
+    for p in paths:
+        if p.is_dir():
+            raise CLIError(f"{p} is a folder: a vector model scores CSV files; give their paths")
+        if p.suffix.lower() != ".csv":
+            raise CLIError(f"{p}: a vector model scores CSV files with a header row (.csv), not {p.suffix or 'this file'}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "no calibration.json" is said by the rule column and summary
+        det = dxmi_ad.load(model)
+    names = getattr(det, "feature_names_in_", None)
+    tables = []
+    for p in paths:  # every table is read and checked before any is scored
+        X, label, columns, lines = load_csv(p, min_rows=1, return_lines=True)
+        if names is not None and list(columns) != list(names):
+            missing = [c for c in names if c not in columns]
+            extra = [c for c in columns if c not in names]
+            if missing or extra:
+                detail = "; ".join(([f"missing {missing}"] if missing else [])
+                                   + ([f"not seen in training {extra}"] if extra else []))
+                raise CLIError(f"{p}: the columns differ from the model's training columns ({detail}); expected: "
+                               f"{', '.join(map(str, names))}")
+            X, columns = X[:, [columns.index(c) for c in names]], list(names)  # same names, another order
+        if X.shape[1] != det.n_features_in_:
+            raise CLIError(f"{p}: {X.shape[1]} feature column(s), the model was trained on {det.n_features_in_}")
+        if label is not None:
+            err_console.print(f"{p}: the label column is not a feature; ignored", highlight=False)
+        tables.append((p, pd.DataFrame(X, columns=columns) if names is not None else X, lines))
+    ids, scores = [], []
+    for p, X, lines in tables:
+        scores.append(det.energy(X))
+        ids += [[str(p), str(int(line))] for line in lines]
+    result = decision_csv(ids, ["path", "row"], np.concatenate(scores), {}, det.calibration_, out,
+                          TABLE_NO_RULE.format(model=model))
+    return {**result, "n_rows": len(ids)}
+
+
 def _load_image_model(model: Path) -> Any:
     from dxmi_ad.checkpoint import CONFIG_FILE
     from dxmi_ad.image import ImageDetector
 
-    try:
-        kind = json.loads((model / CONFIG_FILE).read_text(encoding="utf-8")).get("kind")
-    except (OSError, ValueError, AttributeError):
-        kind = None
+    kind = _model_kind(model)
     if kind == "PixelDetector":
         raise _fail(f"{model} is a pixel-mode model: its metrics are in {model / 'metrics.json'}; use `dxmi-ad "
                     "sample` to generate, `dxmi-ad calibrate` to re-calibrate, or PixelDetector.predict in Python")
@@ -364,20 +428,24 @@ def export(
 
 @_console_warnings
 def score(
-    paths: Annotated[list[Path], typer.Argument(help="image files and/or folders (recursive)")],
-    model: Annotated[Path, typer.Option(help="run directory of an image model")],
+    paths: Annotated[list[Path], typer.Argument(help="image files and/or folders (recursive); CSV files for a "
+                                                     "vector model")],
+    model: Annotated[Path, typer.Option(help="run directory of an image or vector model")],
     out: Annotated[Path | None, typer.Option(help="CSV file (default: print to the terminal)")] = None,
     heatmaps: Annotated[Path | None, typer.Option(help="folder for heat-map overlay PNGs")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="images per batch (bounds memory)")] = 32,
 ) -> None:
-    """Score images: one CSV row per file, then a summary line on stderr; exit 1 if a file failed.
+    """Score images (one CSV row per file) or, with a vector model, the rows of CSV tables (one per row); then a
+    summary line on stderr; exit 1 if an image failed.
 
-    Columns: path, pred_score (max per-location energy, higher = more anomalous), threshold (from the
-    model's calibration; empty when its rule is a false discovery rate, set with `dxmi-ad calibrate --fdr`),
-    pred_label (the stored rule; for an FDR rule, Benjamini-Hochberg over all files of this call; empty without a
-    rule or for a row with an error), p_value (split-conformal, against held-out normal images), normalized_score
-    (0.5 = threshold), error (unreadable file, NaN / infinite pixels or score). Nothing to score (no supported image
-    in the folders), --out a folder or --heatmaps a file: exit 2 before any image is read, no CSV written.
+    Columns: path (and row, the line in the table file, for tables), pred_score (the energy; for images the max
+    per-location energy; higher = more anomalous), threshold (from the model's calibration; empty when its rule is a
+    false discovery rate, set with `dxmi-ad calibrate --fdr`), pred_label (the stored rule; for an FDR rule,
+    Benjamini-Hochberg over everything scored in this call; empty without a rule or for a row with an error),
+    p_value (split-conformal, against held-out normal data), normalized_score (0.5 = threshold), error (unreadable
+    file, NaN / infinite pixels or score). Tables need the training columns (by name when the model was trained on
+    a CSV), a label column is ignored; a bad table stops the run (exit 2) before anything is written. Nothing to
+    score, --out a folder or --heatmaps a file: exit 2 before any input is read, no CSV written.
     """
     from dxmi_ad.cli import images
     from dxmi_ad.data.images import find_images
@@ -385,6 +453,20 @@ def score(
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise _fail(f"not found: {', '.join(missing)}")
+    if _model_kind(model) in ("DxMIDetector", "PyODDxMIDetector"):
+        if heatmaps is not None:
+            raise _fail("--heatmaps is for image models; a vector model scores table rows")
+        try:
+            images.check_score_outputs(out, None)
+            result = _score_tables(model, paths, out)
+        except (CLIError, ImageCLIError, FileNotFoundError, ValueError) as err:
+            raise _fail(str(err)) from None
+        if out is None:
+            console.print(result["text"], end="", highlight=False, markup=False, soft_wrap=True)
+        else:
+            console.print(f"wrote {out}")
+        err_console.print(images.score_summary(result, unit="row"), highlight=False, soft_wrap=True)
+        return
     try:  # everything that can be refused is refused before the model is loaded or any image is read
         images.check_score_outputs(out, heatmaps)
         listing = find_images(paths, require=True)

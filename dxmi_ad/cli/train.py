@@ -157,12 +157,14 @@ def load_dataset(dataset: str, normal_class: int, seed: int) -> Any:
         return tabular.OneClassSplit(eight_gaussians(50_000, seed), test, label, "eight-gaussians")
     if dataset.startswith("csv:"):
         try:
-            X, label, _ = tabular.load_csv(dataset[4:])
+            X, label, names = tabular.load_csv(dataset[4:])
         except (FileNotFoundError, ValueError) as err:
             raise CLIError(str(err)) from err
         if label is None:
-            return tabular.OneClassSplit(X.astype("float32"), X[:0].astype("float32"), np.zeros(0, int), dataset)
-        return tabular.split_labelled(X, label, 0.7, seed, dataset)
+            split = tabular.OneClassSplit(X.astype("float32"), X[:0].astype("float32"), np.zeros(0, int), dataset)
+        else:
+            split = tabular.split_labelled(X, label, 0.7, seed, dataset)
+        return split._replace(feature_names=tuple(names))  # kept with the model: `dxmi-ad score` checks them
     _check_dataset_name(dataset)
     raise CLIError(f"{dataset} is an image dataset, not a table")  # routed to the image path before this point
 
@@ -184,15 +186,25 @@ def _check_dataset_name(dataset: str) -> None:
         raise CLIError(msg)
 
 
+def _named(split: Any, rows: np.ndarray) -> Any:
+    """``rows`` ``(n, D)`` as a DataFrame with the split's column names (a CSV's header), or as they are."""
+    if split.feature_names is None:
+        return rows
+    import pandas as pd
+
+    return pd.DataFrame(rows, columns=list(split.feature_names))
+
+
 def _evaluate(det: Any, split: Any, dataset: str) -> dict[str, Any]:
     from dxmi_ad.metrics import auroc, sliced_wasserstein
 
     metrics: dict[str, Any] = {"dataset": split.name, "n_train": int(len(split.train)), "n_test": int(len(split.test))}
     if len(split.test_label) and 0 < split.test_label.sum() < len(split.test_label):
-        energy = det.energy(split.test)
+        test = _named(split, split.test)
+        energy = det.energy(test)
         metrics["image_AUROC"] = auroc(energy[split.test_label == 0], energy[split.test_label == 1])
         metrics["n_test_anomalous"] = int(split.test_label.sum())
-        flagged = det.predict(split.test) == -1  # the calibrated rule (FPR threshold or BH over the test set)
+        flagged = det.predict(test) == -1  # the calibrated rule (FPR threshold or BH over the test set)
         metrics["FPR"] = float(flagged[split.test_label == 0].mean())
         metrics["TPR"] = float(flagged[split.test_label == 1].mean())
     if det.selected_iteration_ is not None:  # model selection on held-out rows (never the test)
@@ -298,11 +310,13 @@ def _train_pixel(opts: TrainOptions, pretrain_only: bool = False) -> None:
         recipe = load_pixel_recipe(opts.recipe, opts.dataset, _parse_sets(opts.sets),
                                    opts.normal_class)
         from dxmi_ad.config import DxMIConfig
-        from dxmi_ad.pixel import PIXEL_DEFAULTS
+        from dxmi_ad.pixel import PIXEL_DEFAULTS, pixel_config
 
         base = load_pixel_recipe(opts.recipe, opts.dataset, {}, opts.normal_class)["model"]
         sets = {k.removeprefix("model."): v for k, v in _parse_sets(opts.sets).items()}
         recipe["model"].update(_scaled_schedule({**DxMIConfig().to_dict(), **PIXEL_DEFAULTS, **base}, sets))
+        model = dict(recipe["model"])  # the config's ranges and cross-field rules, checked as the real run will
+        pixel_config(int(model.pop("image_channels", 1)), int(model.pop("image_size", 64)), **model)
         if not _prepare_run(opts, recipe):
             return
         explicit = set(_parse_sets(opts.sets)) | (set(recipe["model"]) if opts.recipe else set())
@@ -503,7 +517,7 @@ def _train_vectors(opts: TrainOptions) -> None:
     t0 = time.perf_counter()
     try:
         with _Progress() as progress:
-            det = DxMIDetector(**{**params, "verbose": progress}).fit(split.train)
+            det = DxMIDetector(**{**params, "verbose": progress}).fit(_named(split, split.train))
     except (ValueError, FloatingPointError, FileNotFoundError) as err:
         raise _fail(f"training failed: {err}") from None
     seconds = time.perf_counter() - t0

@@ -15,7 +15,7 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -30,12 +30,14 @@ class OneClassSplit(NamedTuple):
         test: Test rows, ``(n_test, D)`` float32.
         test_label: ``(n_test,)`` int, 1 = anomaly; empty when no labels exist.
         name: Short description.
+        feature_names: Column names of the features (a CSV's header), or None.
     """
 
     train: np.ndarray
     test: np.ndarray
     test_label: np.ndarray
     name: str
+    feature_names: tuple[str, ...] | None = None
 
 
 def split_labelled(
@@ -169,7 +171,8 @@ def _normalize_name(name: str) -> str:
     return name.strip().casefold()
 
 
-def load_csv(path: str | Path, label_column: str = "label") -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+def load_csv(path: str | Path, label_column: str = "label", min_rows: int = 2,
+             return_lines: bool = False) -> tuple[Any, ...]:
     """Read a numeric CSV with a header row; every non-label column is a feature.
 
     The label column is matched ignoring case and surrounding spaces (``label``, ``Label``, `` LABEL `` all
@@ -179,16 +182,19 @@ def load_csv(path: str | Path, label_column: str = "label") -> tuple[np.ndarray,
     Args:
         path: CSV file.
         label_column: Name of the optional label column (0 = normal, 1 = anomaly).
+        min_rows: Fewest data rows accepted (2 to train; 1 to score).
+        return_lines: Also return each row's physical line number.
 
     Returns:
-        ``(X, label, feature_names)``: ``X`` ``(N, D)`` float64, ``label`` ``(N,)`` int or None.
+        ``(X, label, feature_names)``: ``X`` ``(N, D)`` float64, ``label`` ``(N,)`` int or None; with
+        ``return_lines``, ``(X, label, feature_names, lines)``, ``lines`` ``(N,)`` int64.
 
     Raises:
         FileNotFoundError: If the file does not exist.
         ValueError: Naming the file, line and column, for an unreadable file, a missing header, a row with the
             wrong number of fields, a non-numeric or non-finite value, a value beyond the float32 range
             (``|x| > 3.4e38``, which the models cannot hold), a label outside {0, 1}, two label columns, no feature
-            column, or fewer than 2 rows.
+            column, or fewer than ``min_rows`` rows.
     """
     path = Path(path)
     if not path.is_file():
@@ -244,8 +250,8 @@ def load_csv(path: str | Path, label_column: str = "label") -> tuple[np.ndarray,
         lines[n] = line_no
         n += 1
     values, lines = values[:n], lines[:n]
-    if n < 2:
-        msg = f"{path}: need at least 2 data rows, found {n}"
+    if n < min_rows:
+        msg = f"{path}: need at least {min_rows} data row{'s' if min_rows != 1 else ''}, found {n}"
         raise ValueError(msg)
     label = None
     features = list(header)
@@ -263,4 +269,4 @@ def load_csv(path: str | Path, label_column: str = "label") -> tuple[np.ndarray,
     if not features:
         msg = f"{path}: no feature columns (only {header[label_cols[0]]!r})"
         raise ValueError(msg)
-    return values, label, features
+    return (values, label, features, lines) if return_lines else (values, label, features)
