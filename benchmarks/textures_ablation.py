@@ -11,6 +11,7 @@ defects) without blur and with the chosen blur, validation AUROC, E(data) / E(sa
 mean and standard deviation over seeds and the change against the autoencoder alone.
 
     python benchmarks/textures_ablation.py [--seeds 0 1 2] [--n-iter 300] [--only NAME ...] [--threads 2]
+        [--set ae_pretrain_iter=3000 ...]
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 
 from dxmi_ad import recipes
 from dxmi_ad.checkpoint import read_yaml_mapping
+from dxmi_ad.cli.common import _parse_sets as parse_sets
 from dxmi_ad.config import DxMIConfig
 from dxmi_ad.data.mvtec import list_mvtec
 from dxmi_ad.data.textures import write_textures
@@ -70,9 +72,14 @@ def main() -> None:
     parser.add_argument("--validate-every", type=int, default=50)
     parser.add_argument("--only", nargs="+", default=None, help="variant names (substring match)")
     parser.add_argument("--skip", nargs="+", default=None, help="variant names to leave out (substring match)")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=V",
+                        help="override a key of the recipe's model section for every row, the autoencoder start "
+                             "included (e.g. ae_pretrain_iter=3000); repeatable")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     recipe = read_yaml_mapping(recipes.resolve(args.recipe))
+    sets = {k.removeprefix("model."): v for k, v in parse_sets(args.sets).items()}
+    recipe = {**recipe, "model": {**recipe["model"], **sets}}
     feats = FeatureSettings(**{**recipe["features"], "out_indices": tuple(recipe["features"]["out_indices"])})
     samples = list_mvtec(write_textures())
     train = [s for s in samples if s.split == "train"]
@@ -157,7 +164,7 @@ def main() -> None:
     out["d pixel blur"] = [f"{v:+.3f}" for v in mean["pixel blur"] - ae["pixel blur"]]
     out["seconds"] = table.groupby("variant", sort=False)["seconds"].mean().round(0).astype(int)
     print(f"\nTextures ablation (mean over brick, grass, gravel; SYNTHETIC defects), seeds {args.seeds}, mean ± std; "
-          f"recipe {args.recipe}; DxMI rows start from the seed's autoencoder, {args.n_iter} iterations (the recipe "
+          f"recipe {args.recipe} {' '.join(args.sets)}; DxMI rows start from the seed's autoencoder, {args.n_iter} iterations (the recipe "
           f"row: its own n_iter); blur chosen on validation per seed; threads {args.threads}")
     print(out.to_string())
 

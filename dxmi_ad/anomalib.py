@@ -189,8 +189,8 @@ class Dxmi(AnomalibModule):
 
         A run makes :func:`~dxmi_ad.training.fit.count_updates` updates (e.g. 100 images in batches of 32 at 224 px
         for 30 epochs: 750). When that is fewer than the recipe's ``ae_pretrain_iter + sampler_pretrain_iter +
-        n_iter`` (textures: 1000 + 0 + 300), the pre-training stages keep their share of it and DxMI runs the rest
-        (576 + 174 updates, the warm-up scaled to 58); lengths given in ``model_overrides`` are kept as given. An
+        n_iter`` (textures: 6000 + 0 + 300), the pre-training stages keep their share of it and DxMI runs the rest
+        (714 + 36 updates, the warm-up scaled to 12); lengths given in ``model_overrides`` are kept as given. An
         info line says what was scaled. Called by the first :meth:`training_step`; ``dxmi_config`` is updated.
 
         Args:

@@ -449,11 +449,12 @@ class DxMIDetector(CalibratedDetector, OutlierMixin, BaseEstimator):
         self._read_selection()
         keep = torch.randperm(len(data), generator=torch.Generator().manual_seed(self.config_.seed))[:_START_BANK]
         self.start_bank_ = data[keep].clone()
-        all_energy = self.energy(X_all)
+        all_energy = self._energy_rows(self._transform(X_all))  # validated arrays: no feature-name check again
         if not np.isfinite(all_energy).all():
             msg = "training diverged: non-finite energies on the training data; lower the learning rates"
             raise FloatingPointError(msg)
-        self._calibrate(self.energy(X_cal) if X_cal is not None else self.energy(X_fit), source, all_energy)
+        cal_rows = X_cal if X_cal is not None else X_fit
+        self._calibrate(self._energy_rows(self._transform(cal_rows)), source, all_energy)
         return self
 
     def _calibrate(self, cal_energy: np.ndarray | None, source: str, fit_energy: np.ndarray | None,
@@ -550,7 +551,10 @@ class DxMIDetector(CalibratedDetector, OutlierMixin, BaseEstimator):
             NotFittedError: Before ``fit``.
             ValueError: On NaN/inf, wrong dimensionality or a feature count that differs from ``fit``.
         """
-        data = self._check(X)
+        return self._energy_rows(self._check(X))
+
+    def _energy_rows(self, data: torch.Tensor) -> np.ndarray:
+        """Energies ``(n,)`` float64 of already checked and transformed rows ``(n, D)`` (see :meth:`energy`)."""
         device = self.model_.velocity_scale_sq.device
         if device.type != "cpu":
             return self.model_.score(data.to(device)).cpu().numpy().astype(np.float64)

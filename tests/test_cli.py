@@ -44,6 +44,7 @@ def test_train_csv_and_sample(tmp_path):
     out = tmp_path / "run"
     result = runner.invoke(app, ["train", "--dataset", f"csv:{csv}", "--out", str(out), *FAST])
     assert result.exit_code == 0, result.output
+    assert "feature names" not in result.output  # a named fit scores its own rows without scikit-learn's warning
     assert json.loads((out / "metrics.json").read_text())["image_AUROC"] > 0.9
     s = runner.invoke(app, ["sample", "--model", str(out), "-n", "50", "--out", str(tmp_path / "s.csv")])
     assert s.exit_code == 0, s.output
@@ -92,6 +93,22 @@ def test_score_tables_with_a_vector_model(tmp_path):
     assert r.exit_code == 2 and "none.csv" in r.output
     r = runner.invoke(app, ["score", str(new), "--model", str(out), "--heatmaps", str(tmp_path / "h")])
     assert r.exit_code == 2 and "image models" in r.output
+    dup = tmp_path / "dup.csv"
+    dup.write_text("a,b,c,a\n1,2,3,4\n")
+    r = runner.invoke(app, ["score", str(dup), "--model", str(out)])
+    assert r.exit_code == 2 and "must be unique" in r.output and "columns 1, 4" in r.output
+    # calibration rows are matched by name too (reordered columns give the same rule as the original order)
+    cal = tmp_path / "cal.csv"
+    cal.write_text("c,a,b\n" + "\n".join(",".join(f"{v:.5f}" for v in row[[2, 0, 1]]) for row in normal[:120]))
+    r = runner.invoke(app, ["calibrate", "--model", str(out), "--calibration-csv", str(cal), "--fpr", "0.05"])
+    assert r.exit_code == 0 and "feature names" not in r.output, r.output
+    from dxmi_ad import load as load_again
+
+    expected_threshold = load_again(out).calibration_.threshold
+    plain = tmp_path / "plain.csv"
+    plain.write_text("a,b,c\n" + "\n".join(",".join(f"{v:.5f}" for v in row) for row in normal[:120]))
+    r = runner.invoke(app, ["calibrate", "--model", str(out), "--calibration-csv", str(plain), "--fpr", "0.05"])
+    assert r.exit_code == 0 and load_again(out).calibration_.threshold == pytest.approx(expected_threshold)
 
 
 def test_sample_2d_writes_png(tmp_path):

@@ -154,12 +154,12 @@ def test_train_model_updates_the_energy_when_the_warmup_would_cover_everything()
 def test_anomalib_schedule_100_images_30_epochs_reaches_dxmi():
     # the README example: Folder of 100 images, batches of 32, Lite0 at 224 px (14 x 14 locations), 30 epochs
     total = count_updates(100, 32, 196, 784, 30)
-    assert total == 750  # (8 + 8 + 8 + 1) updates per epoch, fewer than the recipe's 1000 + 300
+    assert total == 750  # (8 + 8 + 8 + 1) updates per epoch, fewer than the recipe's 6000 + 300
     changes, notes = scale_schedule(_textures_model(), {}, total=total)
-    assert changes == {"ae_pretrain_iter": 576, "n_iter": 174, "warmup_iter": 58}
+    assert changes == {"ae_pretrain_iter": 714, "n_iter": 36, "warmup_iter": 12}
     assert notes and "750 updates" in notes[0]
     stages = plan_stages({**_textures_model(), **changes})
-    assert stages.total == total and stages.dxmi == 174 and stages.energy_updates == 116
+    assert stages.total == total and stages.dxmi == 36 and stages.energy_updates == 24
     # overrides are kept: the existing anomalib test (150 autoencoder updates of 180) still gets 30 DxMI updates
     assert scale_schedule(_textures_model(), {"ae_pretrain_iter": 150}, total=180)[0] == {"n_iter": 30,
                                                                                         "warmup_iter": 10}
@@ -177,8 +177,8 @@ def test_anomalib_module_plans_its_schedule():
         warnings.simplefilter("ignore")
         model = Dxmi(pretrained=False)
     stages = model.plan_schedule(n_images=100, images_per_batch=32, locations_per_image=196, epochs=30)
-    assert (stages.ae_pretrain, stages.dxmi, stages.warmup) == (576, 174, 58)
-    assert model.dxmi_config.ae_pretrain_iter == 576 and model.dxmi_config.n_iter == 174
+    assert (stages.ae_pretrain, stages.dxmi, stages.warmup) == (714, 36, 12)
+    assert model.dxmi_config.ae_pretrain_iter == 714 and model.dxmi_config.n_iter == 36
 
 
 # ---------------------------------------------------------------------- item 19: --threads

@@ -98,10 +98,15 @@ def sample(
         np.save(tmp, xs)
         tmp.replace(out)
     else:
+        import csv
+        import io
+
         names = getattr(det, "feature_names_in_", None)  # a model trained on a CSV: its columns, in order
-        header = ",".join(map(str, names) if names is not None else (f"x{i}" for i in range(xs.shape[1])))
-        lines = [header] + [",".join(f"{v:.7g}" for v in row) for row in xs]
-        atomic_write_text(out, "\n".join(lines) + "\n")
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")  # quotes names holding commas or quotes
+        writer.writerow(list(map(str, names)) if names is not None else [f"x{i}" for i in range(xs.shape[1])])
+        writer.writerows([f"{v:.7g}" for v in row] for row in xs)
+        atomic_write_text(out, buf.getvalue())
     console.print(f"wrote {n} samples of dimension {xs.shape[1]} to {out}")
     if xs.shape[1] == 2:
         png = out.with_suffix(".png")
@@ -155,7 +160,13 @@ def _scatter_png(det: Any, xs: Any, png: Path) -> None:
     lim = min(lim, 8.0)
     grid = np.linspace(-lim, lim, 200)
     gx, gy = np.meshgrid(grid, grid)
-    energy = det.energy(np.c_[gx.ravel(), gy.ravel()]).reshape(gx.shape)
+    grid_rows = np.c_[gx.ravel(), gy.ravel()]
+    names = getattr(det, "feature_names_in_", None)
+    if names is not None:  # a model trained on a named table takes named rows (no scikit-learn warning)
+        import pandas as pd
+
+        grid_rows = pd.DataFrame(grid_rows, columns=list(names))
+    energy = det.energy(grid_rows).reshape(gx.shape)
     fig, ax = plt.subplots(figsize=(6, 6), dpi=100)
     cs = ax.contourf(gx, gy, energy, levels=30, cmap="viridis")
     fig.colorbar(cs, ax=ax, label="energy (higher = more anomalous)")
@@ -215,6 +226,30 @@ TABLE_NO_RULE = ("no decision rule: pred_label left empty; set one with `dxmi-ad
                  "--calibration-csv NORMAL_ROWS.csv`")
 
 
+def _model_columns(det: Any, X: Any, columns: list[str], path: Path) -> Any:
+    """Table rows ``X`` ``(n, D)`` with CSV ``columns``, as the vector model ``det`` takes them: a DataFrame in the
+    training columns' order when the model knows their names (matched by name, any order), else the array.
+
+    Raises:
+        CLIError: Missing or unknown columns (named, with the expected list), or a different column count.
+    """
+    import pandas as pd
+
+    names = getattr(det, "feature_names_in_", None)
+    if names is not None and list(columns) != list(names):
+        missing = [c for c in names if c not in columns]
+        extra = [c for c in columns if c not in names]
+        if missing or extra:
+            detail = "; ".join(([f"missing {missing}"] if missing else [])
+                               + ([f"not seen in training {extra}"] if extra else []))
+            raise CLIError(f"{path}: the columns differ from the model's training columns ({detail}); expected: "
+                           f"{', '.join(map(str, names))}")
+        X, columns = X[:, [columns.index(c) for c in names]], list(names)  # same names, another order
+    if X.shape[1] != det.n_features_in_:
+        raise CLIError(f"{path}: {X.shape[1]} feature column(s), the model was trained on {det.n_features_in_}")
+    return pd.DataFrame(X, columns=list(columns)) if names is not None else X
+
+
 def _score_tables(model: Path, paths: list[Path], out: Path | None) -> dict[str, Any]:
     """Score every row of the CSV ``paths`` with the vector model in ``model``; returns :func:`decision_csv`'s
     result plus ``n_rows``. All tables are read and checked before anything is written.
@@ -226,7 +261,6 @@ def _score_tables(model: Path, paths: list[Path], out: Path | None) -> dict[str,
     import warnings
 
     import numpy as np
-    import pandas as pd
 
     import dxmi_ad
     from dxmi_ad.cli.images import decision_csv
@@ -240,27 +274,18 @@ def _score_tables(model: Path, paths: list[Path], out: Path | None) -> dict[str,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "no calibration.json" is said by the rule column and summary
         det = dxmi_ad.load(model)
-    names = getattr(det, "feature_names_in_", None)
     tables = []
     for p in paths:  # every table is read and checked before any is scored
         X, label, columns, lines = load_csv(p, min_rows=1, return_lines=True)
-        if names is not None and list(columns) != list(names):
-            missing = [c for c in names if c not in columns]
-            extra = [c for c in columns if c not in names]
-            if missing or extra:
-                detail = "; ".join(([f"missing {missing}"] if missing else [])
-                                   + ([f"not seen in training {extra}"] if extra else []))
-                raise CLIError(f"{p}: the columns differ from the model's training columns ({detail}); expected: "
-                               f"{', '.join(map(str, names))}")
-            X, columns = X[:, [columns.index(c) for c in names]], list(names)  # same names, another order
-        if X.shape[1] != det.n_features_in_:
-            raise CLIError(f"{p}: {X.shape[1]} feature column(s), the model was trained on {det.n_features_in_}")
         if label is not None:
             err_console.print(f"{p}: the label column is not a feature; ignored", highlight=False)
-        tables.append((p, pd.DataFrame(X, columns=columns) if names is not None else X, lines))
+        tables.append((p, _model_columns(det, X, columns, p), lines))
     ids, scores = [], []
     for p, X, lines in tables:
-        scores.append(det.energy(X))
+        try:
+            scores.append(det.energy(X))
+        except ValueError as err:  # e.g. a value the standardization cannot hold: name the table
+            raise CLIError(f"{p}: {err} (row indices count data rows from 0; see the row column for lines)") from None
         ids += [[str(p), str(int(line))] for line in lines]
     result = decision_csv(ids, ["path", "row"], np.concatenate(scores), {}, det.calibration_, out,
                           TABLE_NO_RULE.format(model=model))
@@ -365,7 +390,7 @@ def calibrate(
             if calibration_csv is not None:
                 from dxmi_ad.data.tabular import load_csv
 
-                X, label, _ = load_csv(calibration_csv)
+                X, label, columns = load_csv(calibration_csv)
                 if label is not None:  # calibration rows must be normal: a label column is never a feature
                     if not (label == 0).any():
                         raise CLIError(f"{calibration_csv}: every row has label 1 (anomaly); calibration needs "
@@ -375,6 +400,7 @@ def calibrate(
                                           f"{int((label == 0).sum())} rows with label 0; {int(label.sum())} "
                                           "rows with label 1 (anomalies) left out", highlight=False)
                     X = X[label == 0]
+                X = _model_columns(det, X, columns, calibration_csv)  # by name, as `score` reads tables
             det.calibrate(X, fpr=fpr, fdr=fdr)
             cal = det.calibration_
         cal.save(model)

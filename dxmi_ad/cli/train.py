@@ -298,6 +298,9 @@ def train(
     _train_vectors(opts)
 
 
+PIXEL_SIZES = {"digits": 8, "mnist": 28}  # image sides of the built-in pixel datasets without an image_size
+
+
 def _train_pixel(opts: TrainOptions, pretrain_only: bool = False) -> None:
     from dxmi_ad.calibration import CalibrationError
     from dxmi_ad.cli.pixel import PixelCLIError, check_pixel_dataset, load_pixel_recipe, train_pixel
@@ -316,14 +319,17 @@ def _train_pixel(opts: TrainOptions, pretrain_only: bool = False) -> None:
         sets = {k.removeprefix("model."): v for k, v in _parse_sets(opts.sets).items()}
         recipe["model"].update(_scaled_schedule({**DxMIConfig().to_dict(), **PIXEL_DEFAULTS, **base}, sets))
         model = dict(recipe["model"])  # the config's ranges and cross-field rules, checked as the real run will
-        pixel_config(int(model.pop("image_channels", 1)), int(model.pop("image_size", 64)), **model)
+        size = model.pop("image_size", PIXEL_SIZES.get(opts.dataset, 64))  # digits / mnist: the data's own size
+        if isinstance(size, bool) or not isinstance(size, int):
+            raise CLIError(f"image_size must be a whole number of pixels, got {size!r}")
+        pixel_config(model.pop("image_channels", 1), size, **model)
         if not _prepare_run(opts, recipe):
             return
         explicit = set(_parse_sets(opts.sets)) | (set(recipe["model"]) if opts.recipe else set())
         with _Progress() as progress:
             metrics = train_pixel(opts, recipe, explicit, console, progress, pretrain_only)
     except (CLIError, PixelCLIError, CalibrationError, FileNotFoundError, ModuleNotFoundError, ValueError,
-            FloatingPointError) as err:
+            TypeError, FloatingPointError) as err:
         raise _fail(str(err)) from None
     if not metrics:
         return

@@ -192,7 +192,7 @@ def load_csv(path: str | Path, label_column: str = "label", min_rows: int = 2,
     Raises:
         FileNotFoundError: If the file does not exist.
         ValueError: Naming the file, line and column, for an unreadable file, a missing header, a row with the
-            wrong number of fields, a non-numeric or non-finite value, a value beyond the float32 range
+            wrong number of fields, repeated column names, a non-numeric or non-finite value, a value beyond the float32 range
             (``|x| > 3.4e38``, which the models cannot hold), a label outside {0, 1}, two label columns, no feature
             column, or fewer than ``min_rows`` rows.
     """
@@ -223,6 +223,14 @@ def load_csv(path: str | Path, label_column: str = "label", min_rows: int = 2,
         named = ", ".join(f"{header_row[j]!r} (column {j + 1})" for j in label_cols)
         msg = (f"{path}, line {header_line}: {len(label_cols)} columns are the label column {label_column!r} "
                f"(names are matched ignoring case and spaces): {named}; keep one")
+        raise ValueError(msg)
+    seen: dict[str, list[int]] = {}
+    for j, h in enumerate(header):
+        seen.setdefault(h, []).append(j + 1)
+    repeated = {h: cols for h, cols in seen.items() if len(cols) > 1}
+    if repeated:
+        named = "; ".join(f"{h!r} in columns {', '.join(map(str, cols))}" for h, cols in repeated.items())
+        msg = f"{path}, line {header_line}: column names must be unique (a model scores columns by name): {named}"
         raise ValueError(msg)
     values = np.empty((len(records) - 1, width), dtype=np.float64)
     lines = np.empty(len(records) - 1, dtype=np.int64)

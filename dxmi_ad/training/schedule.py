@@ -63,7 +63,7 @@ class StageSchedule:
         return self.ae_pretrain + self.sampler_pretrain + self.dxmi
 
     def describe(self) -> str:
-        """One line, e.g. ``"576 autoencoder + 174 DxMI updates (58 with the energy frozen)"``."""
+        """One line, e.g. ``"714 autoencoder + 36 DxMI updates (12 with the energy frozen)"``."""
         parts = [f"{self.ae_pretrain} autoencoder"] if self.ae_pretrain else []
         parts += [f"{self.sampler_pretrain} sampler (DDPM)"] if self.sampler_pretrain else []
         parts.append(f"{self.dxmi} DxMI")
