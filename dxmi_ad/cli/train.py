@@ -177,6 +177,8 @@ def _check_dataset_name(dataset: str) -> None:
             that does not exist.
     """
     if dataset.startswith("csv:"):
+        if Path(dataset[4:]).expanduser().is_dir():
+            raise CLIError(f"{dataset}: {dataset[4:]!r} is a folder, not a CSV file")
         if not Path(dataset[4:]).expanduser().is_file():
             raise CLIError(f"{dataset}: CSV file {dataset[4:]!r} not found")
         return

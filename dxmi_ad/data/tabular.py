@@ -191,12 +191,15 @@ def load_csv(path: str | Path, label_column: str = "label", min_rows: int = 2,
 
     Raises:
         FileNotFoundError: If the file does not exist.
-        ValueError: Naming the file, line and column, for an unreadable file, a missing header, a row with the
+        ValueError: A folder given as the file; naming the file, line and column, for an unreadable file, a missing header, a row with the
             wrong number of fields, repeated column names, a non-numeric or non-finite value, a value beyond the float32 range
             (``|x| > 3.4e38``, which the models cannot hold), a label outside {0, 1}, two label columns, no feature
             column, or fewer than ``min_rows`` rows.
     """
     path = Path(path)
+    if path.is_dir():
+        msg = f"{path} is a folder, not a CSV file"
+        raise ValueError(msg)
     if not path.is_file():
         msg = f"CSV file {path} not found"
         raise FileNotFoundError(msg)
