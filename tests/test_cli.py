@@ -91,6 +91,9 @@ def test_score_tables_with_a_vector_model(tmp_path):
     assert not (tmp_path / "w.csv").exists()
     r = runner.invoke(app, ["score", str(csv), str(tmp_path / "none.csv"), "--model", str(out)])
     assert r.exit_code == 2 and "none.csv" in r.output
+    for model in (tmp_path / "nope", csv):  # a wrong --model is named before any input is listed
+        r = runner.invoke(app, ["score", str(csv), "--model", str(model)])
+        assert r.exit_code == 2 and "run directory" in r.output and "image file" not in r.output, r.output
     r = runner.invoke(app, ["score", str(new), "--model", str(out), "--heatmaps", str(tmp_path / "h")])
     assert r.exit_code == 2 and "image models" in r.output
     dup = tmp_path / "dup.csv"

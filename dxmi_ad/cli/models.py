@@ -479,6 +479,9 @@ def score(
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise _fail(f"not found: {', '.join(missing)}")
+    if not model.is_dir():  # before any input is listed: the model decides whether images or tables are read
+        raise _fail(f"--model {model}: {'not found' if not model.exists() else 'is a file'}; give the run directory "
+                    "written by `dxmi-ad train`")
     if _model_kind(model) in ("DxMIDetector", "PyODDxMIDetector"):
         if heatmaps is not None:
             raise _fail("--heatmaps is for image models; a vector model scores table rows")
