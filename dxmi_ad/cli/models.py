@@ -160,12 +160,9 @@ def _scatter_png(det: Any, xs: Any, png: Path) -> None:
     lim = min(lim, 8.0)
     grid = np.linspace(-lim, lim, 200)
     gx, gy = np.meshgrid(grid, grid)
-    grid_rows = np.c_[gx.ravel(), gy.ravel()]
-    names = getattr(det, "feature_names_in_", None)
-    if names is not None:  # a model trained on a named table takes named rows (no scikit-learn warning)
-        import pandas as pd
+    from dxmi_ad.data.tabular import with_column_names
 
-        grid_rows = pd.DataFrame(grid_rows, columns=list(names))
+    grid_rows = with_column_names(np.c_[gx.ravel(), gy.ravel()], getattr(det, "feature_names_in_", None))
     energy = det.energy(grid_rows).reshape(gx.shape)
     fig, ax = plt.subplots(figsize=(6, 6), dpi=100)
     cs = ax.contourf(gx, gy, energy, levels=30, cmap="viridis")
@@ -233,7 +230,7 @@ def _model_columns(det: Any, X: Any, columns: list[str], path: Path) -> Any:
     Raises:
         CLIError: Missing or unknown columns (named, with the expected list), or a different column count.
     """
-    import pandas as pd
+    from dxmi_ad.data.tabular import with_column_names
 
     names = getattr(det, "feature_names_in_", None)
     if names is not None and list(columns) != list(names):
@@ -244,10 +241,10 @@ def _model_columns(det: Any, X: Any, columns: list[str], path: Path) -> Any:
                                + ([f"not seen in training {extra}"] if extra else []))
             raise CLIError(f"{path}: the columns differ from the model's training columns ({detail}); expected: "
                            f"{', '.join(map(str, names))}")
-        X, columns = X[:, [columns.index(c) for c in names]], list(names)  # same names, another order
+        X = X[:, [columns.index(c) for c in names]]  # same names, another order
     if X.shape[1] != det.n_features_in_:
         raise CLIError(f"{path}: {X.shape[1]} feature column(s), the model was trained on {det.n_features_in_}")
-    return pd.DataFrame(X, columns=list(columns)) if names is not None else X
+    return with_column_names(X, names)
 
 
 def _score_tables(model: Path, paths: list[Path], out: Path | None) -> dict[str, Any]:

@@ -189,12 +189,10 @@ def _check_dataset_name(dataset: str) -> None:
 
 
 def _named(split: Any, rows: np.ndarray) -> Any:
-    """``rows`` ``(n, D)`` as a DataFrame with the split's column names (a CSV's header), or as they are."""
-    if split.feature_names is None:
-        return rows
-    import pandas as pd
+    """``rows`` ``(n, D)`` with the split's column names (a CSV's header), or as they are."""
+    from dxmi_ad.data.tabular import with_column_names
 
-    return pd.DataFrame(rows, columns=list(split.feature_names))
+    return with_column_names(rows, split.feature_names)
 
 
 def _evaluate(det: Any, split: Any, dataset: str) -> dict[str, Any]:

@@ -40,6 +40,17 @@ class OneClassSplit(NamedTuple):
     feature_names: tuple[str, ...] | None = None
 
 
+def with_column_names(rows: np.ndarray, names: Any) -> Any:
+    """Rows ``(n, D)`` as a pandas DataFrame with the column ``names`` (a model fitted on named columns takes named
+    rows: scikit-learn checks them), or the array itself when ``names`` is None.
+    """
+    if names is None:
+        return rows
+    import pandas as pd
+
+    return pd.DataFrame(rows, columns=[str(n) for n in names])
+
+
 def split_labelled(
     X: np.ndarray, is_anomaly: np.ndarray, train_fraction: float, seed: int, name: str
 ) -> OneClassSplit:
