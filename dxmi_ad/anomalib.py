@@ -113,6 +113,7 @@ class Dxmi(AnomalibModule):
 
     Raises:
         dxmi_ad.features.extractor.PretrainedWeightsError: No pretrained weights (lists the options).
+        ValueError: A recipe or override with ``energy_refit_iter > 0`` (the refit runs in ``train_model`` only).
     """
 
     def __init__(
@@ -148,6 +149,10 @@ class Dxmi(AnomalibModule):
         self._overrides = DxMIConfig.rename_old_keys(dict(model_overrides or {}), "model_overrides")
         params.update(self._overrides)
         self.dxmi_config = DxMIConfig.from_dict({**params, "dim": extractor.channels, "seed": seed})
+        if self.dxmi_config.energy_refit_iter:  # the refit runs after the last DxMI iteration of train_model only
+            msg = (f"energy_refit_iter={self.dxmi_config.energy_refit_iter}: the energy refit runs in `dxmi-ad train` "
+                   "and DxMIDetector, not in anomalib's Engine; set it to 0 in the recipe or model_overrides")
+            raise ValueError(msg)
         if self.dxmi_config.energy_model == "autoencoder":  # bottleneck < feature channels, refused before any training
             from dxmi_ad.nn.energy import autoencoder_latent_dim
 

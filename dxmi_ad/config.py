@@ -91,6 +91,10 @@ class DxMIConfig:
         sampler_hidden, sampler_layers: Sampler MLP (paper: 3 x 2048).
         value_hidden, value_layers: Value MLP (paper: 3 x 1024).
         energy_hidden, energy_layers: Energy MLP / autoencoder encoder and decoder (paper: 3 x 1024).
+        energy_fourier_features, energy_fourier_scale: ``energy_model="mlp"`` only: the energy reads ``F`` random
+            Fourier features of ``x`` (``sin``/``cos`` of ``2 pi x W``, ``W ~ N(0, scale^2)`` fixed; 0 = raw input,
+            paper). A named deviation (issue #13, docs/paper_map.md): a plain MLP on raw 2-D input learns the
+            8-Gaussians modes only after a long plateau.
         latent_dim: Autoencoder latent width (paper: 128).
         time_dim: Sinusoidal step-embedding width (paper: 128).
         activation: Hidden activation of sampler and value nets.
@@ -119,6 +123,13 @@ class DxMIConfig:
             sampler update at every iteration. 1 = paper (Alg. 1: one energy step per iteration). A research switch
             (issue #13, named deviation, docs/paper_map.md): k > 1 gives the sampler k updates per energy update so
             that it can catch up with the energy (like the ``n_critic`` ratio of GAN training, reversed).
+        energy_refit_iter: Energy-only Adam steps after the DxMI stage (0 = paper, off): the sampler is frozen and
+            each step pushes ``E`` down on a fresh data batch and up on fresh samples of the final sampler, with the
+            game's loss (Eq. 5 with ``gamma`` / ``gamma_neg``) at the energy's learning rate (``value_lr`` for the
+            shared variant), constant, a fresh Adam. It brings the energy to its best response to the final sampler
+            (the inner problem of the bi-level objective, Eq. 5) where one energy step per iteration leaves it behind
+            (issue #13, named deviation, docs/paper_map.md: on 8 Gaussians the game's energy stays a ring while the
+            samples already carry the eight modes).
         sampler_lr, value_lr, energy_lr: Adam learning rates (paper AD: 1e-5, 1e-5, 1e-4).
         sigma_lr: Learning rate of the log-sigmas (paper: 100 x sampler_lr); ``None`` = 100 x sampler_lr.
         lr_schedule: ``"constant"`` (paper) or ``"cosine"`` decay to 0 over ``n_iter``.
@@ -175,6 +186,8 @@ class DxMIConfig:
     value_layers: int = 3
     energy_hidden: int = 1024
     energy_layers: int = 3
+    energy_fourier_features: int = 0
+    energy_fourier_scale: float = 1.0
     latent_dim: int = 128
     time_dim: int = 128
     activation: str = "silu"
@@ -190,6 +203,7 @@ class DxMIConfig:
     n_iter: int = 1000
     warmup_iter: int = 0
     energy_update_every: int = 1
+    energy_refit_iter: int = 0
     sampler_lr: float = 1e-5
     value_lr: float = 1e-5
     energy_lr: float = 1e-4
@@ -258,7 +272,7 @@ class DxMIConfig:
             msg = f"validation_fraction must be in (0, 0.5], got {self.validation_fraction}"
             raise ValueError(msg)
         for name in ("n_iter", "warmup_iter", "ae_pretrain_iter", "sampler_pretrain_iter", "validate_every", "init_input_steps",
-                     "health_window"):
+                     "health_window", "energy_refit_iter", "energy_fourier_features"):
             if int(getattr(self, name)) < 0:
                 msg = f"{name} must be >= 0, got {getattr(self, name)}"
                 raise ValueError(msg)
@@ -271,7 +285,7 @@ class DxMIConfig:
                 msg = f"{name} must be >= 0, got {getattr(self, name)}"
                 raise ValueError(msg)
         for name in ("sampler_lr", "value_lr", "energy_lr", "ae_lr", "sampler_pretrain_lr", "init_sigma",
-                     "last_sigma", "init_input_step_size"):
+                     "last_sigma", "init_input_step_size", "energy_fourier_scale"):
             if not getattr(self, name) > 0:
                 msg = f"{name} must be > 0, got {getattr(self, name)}"
                 raise ValueError(msg)
@@ -290,6 +304,10 @@ class DxMIConfig:
             raise ValueError(msg)
         if self.init_input_steps and self.mode != "vector":
             msg = f"init_input_steps > 0 needs mode='vector', got mode={self.mode!r}"
+            raise ValueError(msg)
+        if self.energy_fourier_features and self.energy_model != "mlp":
+            msg = (f"energy_fourier_features={self.energy_fourier_features} needs energy_model='mlp' (the features "
+                   f"feed the free MLP energy only), got energy_model={self.energy_model!r}")
             raise ValueError(msg)
         if self.initial == "autoencoder" and self.energy_model != "autoencoder":
             msg = "initial='autoencoder' needs energy_model='autoencoder' (the start is perturbed by a frozen copy of it)"

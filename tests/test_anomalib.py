@@ -82,6 +82,12 @@ def test_grayscale_batch_gets_a_clear_error(fitted):
         model.model(torch.rand(2, 1, 96, 96))
 
 
+def test_energy_refit_is_refused_with_a_clear_error():
+    # the refit runs after train_model's last DxMI iteration; anomalib's Engine has no such stage
+    with pytest.raises(ValueError, match="energy_refit_iter=5"):
+        Dxmi(model_overrides={**SMALL, "energy_refit_iter": 5}, image_size=96)
+
+
 def test_anomalib_cli_accepts_the_class_path(tmp_path):
     root = write_textures()
     cmd = [sys.executable, "-m", "anomalib.cli.cli", "fit", "--model", "dxmi_ad.anomalib.Dxmi",

@@ -72,3 +72,31 @@ def test_one_iteration_updates_each_network_and_stays_finite():
     assert {"sampler", "value", "energy", "velocity_scale_sq"} <= changed
     assert "initial_ae" not in changed  # the start autoencoder stays frozen (docs/paper_map.md)
     assert all(torch.isfinite(v).all() for v in diag.values())
+
+
+def test_fourier_feature_energy_shapes_checkpoint_and_checks():
+    import pytest
+
+    from dxmi_ad.nn.energy import MLPEnergy
+
+    torch.manual_seed(0)
+    energy = MLPEnergy(2, hidden=8, n_layers=1, fourier_features=6, fourier_scale=0.5)
+    x = torch.randn(5, 2)
+    assert energy(x).shape == (5,)
+    assert energy.net[0].in_features == 12  # sin and cos of 6 projections
+    assert energy.fourier_matrix.shape == (2, 6) and "fourier_matrix" in energy.state_dict()
+    torch.manual_seed(1)  # another draw of W and of the weights: the checkpoint restores both
+    again = MLPEnergy(2, hidden=8, n_layers=1, fourier_features=6, fourier_scale=0.5)
+    assert not torch.allclose(again(x), energy(x))
+    again.load_state_dict(energy.state_dict())
+    assert torch.allclose(again(x), energy(x))
+    plain = MLPEnergy(2, hidden=8, n_layers=1)
+    assert plain.fourier_matrix is None and plain.net[0].in_features == 2
+    with pytest.raises(ValueError, match="fourier"):
+        MLPEnergy(2, fourier_features=4, fourier_scale=0.0)
+    with pytest.raises(ValueError, match="energy_fourier_features must be >= 0"):
+        DxMIConfig(dim=2, energy_model="mlp", energy_fourier_features=-1)
+    model = DxMIModel(DxMIConfig(dim=2, energy_model="mlp", energy_fourier_features=4, energy_hidden=8,
+                                 energy_layers=1, sampler_hidden=8, value_hidden=8, time_dim=8, initial="gaussian",
+                                 parameterization="eps"))
+    assert model.energy.net[0].in_features == 8

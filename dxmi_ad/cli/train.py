@@ -107,7 +107,15 @@ def load_recipe(path: Path | None, dataset: str, sets: list[str]) -> dict[str, A
             raise CLIError(f"invalid recipe value in {path} / --set: {err}") from None
 
     check(resolve_config=False)  # types first: the schedule arithmetic below needs numbers
-    recipe.update(_scaled_schedule({**DxMIDetector().get_params(), **base}, given))
+    def lifted(params: dict[str, Any]) -> dict[str, Any]:  # the refit length travels in config_overrides here
+        extra = params.get("config_overrides") or {}
+        return {**params, **({"energy_refit_iter": extra["energy_refit_iter"]} if "energy_refit_iter" in extra else {})}
+
+    changes = _scaled_schedule({**DxMIDetector().get_params(), **lifted(base)}, lifted(given))
+    if "energy_refit_iter" in changes:
+        recipe["config_overrides"] = {**(recipe.get("config_overrides") or {}),
+                                      "energy_refit_iter": changes.pop("energy_refit_iter")}
+    recipe.update(changes)
     check(resolve_config=True)
     return recipe
 

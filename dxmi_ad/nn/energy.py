@@ -14,6 +14,8 @@ References:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -104,21 +106,40 @@ class ValueNet(nn.Module):
 
 
 class MLPEnergy(nn.Module):
-    """Free MLP energy ``E(x)``.
+    """Free MLP energy ``E(x)``, optionally on random Fourier features of ``x``.
 
     Args:
         dim: Data dimension ``D``.
         hidden: Hidden width.
         n_layers: Hidden layers.
         activation: Hidden activation.
+        fourier_features: ``F > 0``: the MLP reads ``[sin(2 pi x W), cos(2 pi x W)]`` (``2F`` inputs) with a fixed
+            ``W`` of shape ``(D, F)`` drawn from ``N(0, fourier_scale^2)`` at construction (Tancik et al., NeurIPS
+            2020; a named deviation, issue #13: a plain MLP on raw low-dimensional input learns narrow modes only after
+            a long plateau). 0 = the raw input (paper).
+        fourier_scale: Standard deviation of ``W``, in cycles per input unit (> 0).
+
+    Raises:
+        ValueError: ``fourier_features < 0`` or ``fourier_scale <= 0``.
     """
 
-    def __init__(self, dim: int, hidden: int = 256, n_layers: int = 3, activation: str = "silu") -> None:
+    def __init__(self, dim: int, hidden: int = 256, n_layers: int = 3, activation: str = "silu",
+                 fourier_features: int = 0, fourier_scale: float = 1.0) -> None:
         super().__init__()
-        self.net = make_mlp(dim, hidden, n_layers, 1, activation)
+        if fourier_features < 0 or not fourier_scale > 0:
+            msg = f"fourier_features must be >= 0 and fourier_scale > 0, got {fourier_features}, {fourier_scale}"
+            raise ValueError(msg)
+        if fourier_features:
+            self.register_buffer("fourier_matrix", torch.randn(dim, fourier_features) * fourier_scale)
+        else:
+            self.fourier_matrix = None
+        self.net = make_mlp(2 * fourier_features if fourier_features else dim, hidden, n_layers, 1, activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Energy of ``x`` of shape ``(B, D)``; returns ``(B,)``, higher = more anomalous."""
+        if self.fourier_matrix is not None:
+            z = 2 * math.pi * x @ self.fourier_matrix.to(x.dtype)  # (B, F)
+            x = torch.cat([torch.sin(z), torch.cos(z)], dim=-1)  # (B, 2F)
         return self.net(x).squeeze(-1)
 
     def energy_bound(self, x: torch.Tensor) -> None:

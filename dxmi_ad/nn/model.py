@@ -56,7 +56,8 @@ class DxMIModel(nn.Module):
         if c.energy_model == "shared":
             self.energy: nn.Module = SharedValueEnergy(self.value, c.n_steps)
         elif c.energy_model == "mlp":
-            self.energy = MLPEnergy(c.dim, c.energy_hidden, c.energy_layers, c.activation)
+            self.energy = MLPEnergy(c.dim, c.energy_hidden, c.energy_layers, c.activation,
+                                    c.energy_fourier_features, c.energy_fourier_scale)
         else:
             self.energy = AutoencoderEnergy(c.dim, c.latent_dim, c.energy_hidden, c.energy_layers, c.spherical)
         self.initial_ae: AutoencoderEnergy | None = None

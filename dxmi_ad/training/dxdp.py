@@ -43,7 +43,7 @@ from dxmi_ad.nn.energy import AutoencoderEnergy
 from dxmi_ad.nn.model import DxMIModel
 from dxmi_ad.objectives import avr_update, energy_loss, running_cost, td_target, time_cost
 
-__all__ = ["AutoencoderPretrainer", "DxDPTrainer", "SamplerPretrainer", "TrainingHealthWarning", "pretrain_autoencoder",
+__all__ = ["AutoencoderPretrainer", "DxDPTrainer", "EnergyRefitter", "SamplerPretrainer", "TrainingHealthWarning", "pretrain_autoencoder",
            "random_batch", "sync_grads"]
 
 
@@ -323,6 +323,49 @@ class DxDPTrainer:
         diag["value_loss"] = torch.stack(value_losses).mean()
         diag["sampler_loss"] = loss_pi.detach()
         diag["sigma"] = sampler.sigmas().detach()
+        return diag
+
+
+class EnergyRefitter:
+    """Energy-only steps against the frozen final sampler (``energy_refit_iter``, a named deviation, issue #13).
+
+    Each step draws a fresh batch of samples ``x_T`` from the sampler (no gradient) and takes one Adam step of the
+    energy loss of the game (Eq. 5 with ``gamma`` / ``gamma_neg``, the same gradient clipping) on the data batch and
+    those samples, at the energy's learning rate (``value_lr`` for the shared variant, whose energy is ``V(., T)``),
+    constant, with a fresh Adam. The sampler, and for a separate energy the value net, do not change.
+
+    Args:
+        model: The trained model (its energy is updated in place).
+        config: Its config.
+        sync: Data-parallel gradient averaging hook (see :class:`DxDPTrainer`), or None.
+    """
+
+    def __init__(self, model: DxMIModel, config: DxMIConfig,
+                 sync: Callable[[torch.Tensor], None] | None = None) -> None:
+        self.model, self.config, self.sync = model, config, sync
+        lr = config.value_lr if config.energy_model == "shared" else config.energy_lr
+        self.opt = torch.optim.Adam(model.energy_params(), lr=lr)
+
+    def step(self, x_data: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """One energy step on a data batch ``(B, ...)``.
+
+        Returns:
+            Detached ``energy_data``, ``energy_samples`` and ``energy_gap`` (batch means).
+        """
+        m, c = self.model, self.config
+        m.sampler.eval()
+        with torch.no_grad():
+            x_T = m.sampler.sample(m.initial_states(x_data.shape[0], x_data, generator), generator)[-1]
+        m.energy.train()
+        e = m.energy(torch.cat([x_data, x_T]))
+        loss, diag = energy_loss(e[: x_data.shape[0]], e[x_data.shape[0]:], c.energy_l2_weight, c.negative_l2_weight)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        sync_grads(m.energy_params(), self.sync)
+        _clip(m.energy_params(), c.energy_grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        m.energy.eval()
         return diag
 
 

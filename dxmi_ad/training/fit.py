@@ -5,7 +5,8 @@ Stages (each skipped when its length is 0):
 1. autoencoder reconstruction pre-training (``energy_model="autoencoder"``), then the frozen start copy (docs/paper_map.md);
 2. DDPM pre-training of the sampler (``sampler_pretrain_iter``, ``parameterization="eps"``);
 3. ``n_iter`` DxMI iterations (:class:`~dxmi_ad.training.dxdp.DxDPTrainer`), the first ``warmup_iter`` with the
-   energy frozen.
+   energy frozen;
+4. ``energy_refit_iter`` energy-only steps against the frozen final sampler (:class:`~dxmi_ad.training.dxdp.EnergyRefitter`).
 
 :func:`plan_stages` says what a config will run; :func:`scale_schedule` fits a recipe's lengths to what the user
 asked for (a shorter ``n_iter``, or the fixed number of updates of an anomalib ``Engine`` run, counted by
@@ -31,7 +32,7 @@ import torch
 from dxmi_ad.checkpoint import load_model_dir, save_model_dir
 from dxmi_ad.config import DxMIConfig
 from dxmi_ad.nn.model import DxMIModel
-from dxmi_ad.training.dxdp import DxDPTrainer, random_batch
+from dxmi_ad.training.dxdp import DxDPTrainer, EnergyRefitter, random_batch
 from dxmi_ad.training.runtime import (
     Runtime,
     all_reduce_mean,
@@ -53,7 +54,8 @@ __all__ = ["ProgressCallback", "StageSchedule", "build_model", "count_updates", 
            "sample_shape", "scale_schedule", "selection_of", "train_model"]
 
 ProgressCallback = Callable[[str, int, int, dict[str, float]], None]
-"""Called as ``callback(stage, iteration, total, metrics)``; stage in {"autoencoder", "sampler", "dxmi"}."""
+"""Called as ``callback(stage, iteration, total, metrics)``; stage in {"autoencoder", "sampler", "dxmi", "energy refit",
+"resume"}."""
 
 
 def count_updates(n_images: int, images_per_batch: int, locations_per_image: int, batch_size: int, epochs: int,
@@ -100,7 +102,8 @@ def scale_schedule(recipe: Mapping[str, Any], overrides: Mapping[str, Any] | Non
 
     * ``total`` None (the CLI: ``n_iter`` is the length of the DxMI stage): when ``n_iter`` is set below the
       recipe's, a warm-up left at the recipe's value is scaled by the same factor (``--set n_iter=100`` on a recipe
-      with ``n_iter: 300, warmup_iter: 100`` gives ``warmup_iter=33``); a longer ``n_iter`` keeps it.
+      with ``n_iter: 300, warmup_iter: 100`` gives ``warmup_iter=33``); a longer ``n_iter`` keeps it. An
+      ``energy_refit_iter`` left at the recipe's value is scaled the same way (any ``total``).
     * ``total`` given (every update of the run): when it is smaller than the recipe's stages together
       (``ae_pretrain_iter + sampler_pretrain_iter + n_iter``), the pre-training stages not set by the user keep
       their share of it; DxMI gets the remaining updates (``n_iter = total - pre-training``, also when ``total`` is
@@ -164,6 +167,11 @@ def scale_schedule(recipe: Mapping[str, Any], overrides: Mapping[str, Any] | Non
         raise ValueError(msg)
     changes = {k: new[k] for k in SCHEDULE_KEYS if new[k] != length[k] or (k == "n_iter" and total is not None
                                                                           and new[k] != int(merged.get(k) or 0))}
+    refit = int(merged.get("energy_refit_iter") or 0)
+    if "energy_refit_iter" not in overrides and refit and dxmi_ref and new["n_iter"] < dxmi_ref:
+        changes["energy_refit_iter"] = int(refit * new["n_iter"] / dxmi_ref)
+        notes.append(f"n_iter={new['n_iter']} is below the recipe's {dxmi_ref}: energy_refit_iter scaled by the same "
+                     f"factor, {refit} -> {changes['energy_refit_iter']} (set energy_refit_iter to choose)")
     return changes, notes
 
 
@@ -243,7 +251,8 @@ def train_model(
         validate: Model selection (``docs/paper_map.md``, a deviation: the paper keeps the last iterate):
             ``validate(model) -> score`` (higher = better, e.g. the AUROC on held-out normals vs synthetic
             anomalies; it must never read the test set) is called after pre-training and every
-            ``config.validate_every`` DxMI iterations (and after the last); the best state is restored at the end and
+            ``config.validate_every`` DxMI iterations (and after the last, or after the energy refit when
+            ``energy_refit_iter > 0``); the best state is restored at the end and
             recorded in the history (``val_auroc`` per call, then ``selected_iteration`` / ``best_val_auroc``).
             Ignored when ``config.validate_every`` is 0; not with ``ddp_spawn`` (a callable does not cross process
             boundaries). After ``--resume`` the selection restarts at the resumed iteration.
@@ -410,6 +419,8 @@ def _train(
         checkpoint(0)  # after pre-training: a crash in the DxMI stage never repeats it
     stop = config.n_iter if runtime is None or runtime.stop_after is None else min(config.n_iter, runtime.stop_after)
     bf16 = runtime is not None and runtime.precision == "bf16-mixed" and fabric is not None
+    # after the last DxMI iteration only (a pre-training-only run, n_iter = 0, has no final sampler to refit against)
+    refit = config.energy_refit_iter if 0 < config.n_iter == stop else 0
     for i in range(start, stop):
         with fabric.autocast() if bf16 else contextlib.nullcontext():
             diag = trainer.step(random_batch(data, config.batch_size, generator), generator)
@@ -420,10 +431,21 @@ def _train(
             history.append(rec)
             if progress is not None:
                 progress("dxmi", i + 1, config.n_iter, rec)
-        if validate is not None and ((i + 1) % config.validate_every == 0 or i + 1 == stop):
+        if validate is not None and ((i + 1) % config.validate_every == 0 or i + 1 == stop) \
+                and not (refit and i + 1 == stop):  # with a refit, the last iterate is validated after it
             select(i + 1)
         if ckdir is not None and runtime.checkpoint_every and (i + 1) % runtime.checkpoint_every == 0:
             checkpoint(i + 1)
+    if refit:  # energy-only steps against the frozen final sampler (EnergyRefitter, a named deviation)
+        refitter = EnergyRefitter(model, config, sync)
+        for j in range(refit):
+            diag = refitter.step(random_batch(data, config.batch_size, generator), generator)
+            if j % log_every == 0 or j == refit - 1:
+                history.append({**{k: float(v) for k, v in diag.items()}, "iteration": stop, "energy_refit_step": j + 1})
+                if progress is not None:
+                    progress("energy refit", j + 1, refit, {"energy_gap": float(diag["energy_gap"])})
+        if validate is not None:
+            select(stop)  # the refitted model is the last iterate's candidate
     if best is not None:
         if best[1] != stop:
             model.load_checkpoint_tensors(best[2])

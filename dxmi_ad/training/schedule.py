@@ -6,7 +6,9 @@ A run goes through (each stage skipped when its length is 0):
    starts the sampler (docs/paper_map.md);
 2. DDPM pre-training of the sampler (``sampler_pretrain_iter``, ``parameterization="eps"``; Table 1 "Pretrain");
 3. ``n_iter`` DxMI iterations (:class:`~dxmi_ad.training.dxdp.DxDPTrainer`, Algorithm 1), the first ``warmup_iter``
-   with the energy frozen (a named deviation).
+   with the energy frozen (a named deviation);
+4. ``energy_refit_iter`` energy-only steps against the frozen final sampler
+   (:class:`~dxmi_ad.training.dxdp.EnergyRefitter`, a named deviation; :func:`~dxmi_ad.training.fit.train_model` only).
 
 :func:`plan_stages` says how long each stage is; :class:`StagedTraining` advances a model through them one batch at a
 time. Both the CLI / library loop (:func:`~dxmi_ad.training.fit.train_model`) and the anomalib module's
@@ -45,12 +47,16 @@ class StageSchedule:
         sampler_pretrain: DDPM pre-training updates of the sampler.
         dxmi: DxMI iterations.
         warmup: The first DxMI iterations, in which the energy is frozen (value and sampler only).
+        energy_refit: Energy-only updates after the DxMI stage (``energy_refit_iter``; 0 without DxMI iterations).
+            Run by :func:`~dxmi_ad.training.fit.train_model` only: :class:`StagedTraining` (the anomalib module,
+            which refuses a refit) never enters it.
     """
 
     ae_pretrain: int
     sampler_pretrain: int
     dxmi: int
     warmup: int
+    energy_refit: int = 0
 
     @property
     def energy_updates(self) -> int:
@@ -60,13 +66,14 @@ class StageSchedule:
     @property
     def total(self) -> int:
         """All updates of the run."""
-        return self.ae_pretrain + self.sampler_pretrain + self.dxmi
+        return self.ae_pretrain + self.sampler_pretrain + self.dxmi + self.energy_refit
 
     def describe(self) -> str:
         """One line, e.g. ``"714 autoencoder + 36 DxMI updates (12 with the energy frozen)"``."""
         parts = [f"{self.ae_pretrain} autoencoder"] if self.ae_pretrain else []
         parts += [f"{self.sampler_pretrain} sampler (DDPM)"] if self.sampler_pretrain else []
         parts.append(f"{self.dxmi} DxMI")
+        parts += [f"{self.energy_refit} energy refit"] if self.energy_refit else []
         frozen = f" ({self.warmup} with the energy frozen)" if self.warmup and self.dxmi else ""
         return " + ".join(parts) + f" updates{frozen}"
 
@@ -93,7 +100,8 @@ def plan_stages(config: DxMIConfig | Mapping[str, Any]) -> StageSchedule:
     if 0 < n_iter <= warmup:
         warmup = int(n_iter * WARMUP_SHARE)
     ae = int(params.get("ae_pretrain_iter") or 0) if is_autoencoder(params) else 0
-    return StageSchedule(ae, int(params.get("sampler_pretrain_iter") or 0), n_iter, warmup)
+    return StageSchedule(ae, int(params.get("sampler_pretrain_iter") or 0), n_iter, warmup,
+                         int(params.get("energy_refit_iter") or 0) if n_iter else 0)
 
 
 class StagedTraining:
