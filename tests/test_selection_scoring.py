@@ -290,5 +290,5 @@ def test_set_wins_over_the_recipe_key_by_key():
     from dxmi_ad.cli.train import load_recipe
 
     got = load_recipe(None, "eight-gaussians", ["config_overrides={lr_schedule: constant}"])
-    assert got["config_overrides"] == {"last_sigma": 0.01, "lr_schedule": "constant"}
+    assert got["config_overrides"] == {"activation": "leaky_relu", "last_sigma": 0.01, "lr_schedule": "constant"}
     assert load_recipe(None, "digits", ["energy=shared"])["energy_model"] == "shared"  # the old name, as an override
