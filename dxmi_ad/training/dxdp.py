@@ -43,8 +43,8 @@ from dxmi_ad.nn.energy import AutoencoderEnergy
 from dxmi_ad.nn.model import DxMIModel
 from dxmi_ad.objectives import avr_update, energy_loss, running_cost, td_target, time_cost
 
-__all__ = ["AutoencoderPretrainer", "DxDPTrainer", "EnergyRefitter", "SamplerPretrainer", "TrainingHealthWarning", "pretrain_autoencoder",
-           "random_batch", "sync_grads"]
+__all__ = ["AutoencoderPretrainer", "DxDPTrainer", "EnergyRefitter", "SamplerPretrainer", "TrainingHealthWarning",
+           "energy_step", "pretrain_autoencoder", "random_batch", "sync_grads"]
 
 
 class TrainingHealthWarning(UserWarning):
@@ -95,6 +95,46 @@ def random_batch(data: torch.Tensor, batch_size: int, generator: torch.Generator
     else:
         idx = torch.randint(n, (batch_size,), generator=generator, device=generator.device)
     return data[idx.to(data.device)].to(generator.device)  # e.g. a memory-mapped CPU set feeding a GPU model
+
+
+def energy_step(model: DxMIModel, config: DxMIConfig, opt: torch.optim.Optimizer, x_data: torch.Tensor,
+                x_T: torch.Tensor, sync: Callable[[torch.Tensor], None] | None = None, update: bool = True,
+                health: Callable[[dict[str, torch.Tensor]], None] | None = None) -> dict[str, torch.Tensor]:
+    """The energy update of Eq. 5: push ``E`` down on data ``(B, ...)`` and up on samples ``x_T`` ``(B', ...)``.
+
+    The loss is :func:`~dxmi_ad.objectives.energy_loss` (with ``gamma`` / ``gamma_neg``); gradients are averaged
+    over data-parallel ranks (``sync``) and clipped (``energy_grad_clip``) before ``opt`` steps. Used by
+    :meth:`DxDPTrainer.step` and :class:`EnergyRefitter`.
+
+    Args:
+        model: The model whose energy is updated in place.
+        config: Its config (``energy_l2_weight``, ``negative_l2_weight``, ``energy_grad_clip``).
+        opt: The energy's optimizer (the value optimizer for the shared variant).
+        x_data: Data batch ``(B, ...)``.
+        x_T: Sampler outputs ``(B', ...)``, no gradient needed.
+        sync: Data-parallel gradient averaging hook (see :class:`DxDPTrainer`), or None.
+        update: False: compute the loss and diagnostics only (a frozen energy: warm-up, ``energy_update_every``).
+        health: Called with the diagnostics before the update (the training-health signal adds to them).
+
+    Returns:
+        Detached ``energy_data``, ``energy_samples``, ``energy_gap`` (batch means) and what ``health`` added.
+    """
+    energy = model.energy
+    energy.train()
+    opt.zero_grad(set_to_none=True)
+    e = energy(torch.cat([x_data, x_T]))
+    n = x_data.shape[0]
+    loss, diag = energy_loss(e[:n], e[n:], config.energy_l2_weight, config.negative_l2_weight)
+    if health is not None:
+        health(diag)
+    if update:
+        loss.backward()
+        sync_grads(model.energy_params(), sync)
+        _clip(model.energy_params(), config.energy_grad_clip)
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    energy.eval()
+    return diag
 
 
 class DxDPTrainer:
@@ -255,19 +295,9 @@ class DxDPTrainer:
         s2 = m.velocity_scale_sq if c.avr_momentum is not None else torch.ones_like(m.velocity_scale_sq)
         diag: dict[str, torch.Tensor] = {}
         # 3. Energy step: push E(data) down and E(x_T) up (Eq. 5).
-        energy.train()
-        self.opt_energy.zero_grad(set_to_none=True)
-        e = energy(torch.cat([x_data, traj[-1]]))
-        loss_e, d = energy_loss(e[:B], e[B:], c.energy_l2_weight, c.negative_l2_weight)
-        diag.update(d)
-        self._health(energy, traj[-1], d["energy_samples"], diag)
-        if c.updates_energy_at(self.iteration):
-            loss_e.backward()
-            sync_grads(m.energy_params(), self.sync)
-            _clip(m.energy_params(), c.energy_grad_clip)
-            self.opt_energy.step()
-        self.opt_energy.zero_grad(set_to_none=True)
-        energy.eval()
+        diag.update(energy_step(m, c, self.opt_energy, x_data, traj[-1], self.sync,
+                                update=c.updates_energy_at(self.iteration),
+                                health=lambda d: self._health(energy, traj[-1], d["energy_samples"], d)))
         # 4. Value TD steps, backward in time (Eq. 10).
         value_losses = []
         for t in range(T - 1, -1, -1):
@@ -356,17 +386,7 @@ class EnergyRefitter:
         m.sampler.eval()
         with torch.no_grad():
             x_T = m.sampler.sample(m.initial_states(x_data.shape[0], x_data, generator), generator)[-1]
-        m.energy.train()
-        e = m.energy(torch.cat([x_data, x_T]))
-        loss, diag = energy_loss(e[: x_data.shape[0]], e[x_data.shape[0]:], c.energy_l2_weight, c.negative_l2_weight)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        sync_grads(m.energy_params(), self.sync)
-        _clip(m.energy_params(), c.energy_grad_clip)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        m.energy.eval()
-        return diag
+        return energy_step(m, c, self.opt, x_data, x_T, self.sync)
 
 
 class AutoencoderPretrainer:
