@@ -24,6 +24,7 @@ Examples:
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,9 @@ __all__ = ["MAX_CALIBRATION_FRACTION", "CalibratedDetector", "NotCalibratedError
 
 MAX_CALIBRATION_FRACTION = 0.9
 """Largest share of the normal training data that may be held out for calibration (the rest trains)."""
+#: ``calibrate(fpr=a)`` warns when the calibration set resolves ``a`` to an expected false-positive rate below this
+#: fraction of it (p-values move in steps of ``1/(n+1)``: e.g. ``fpr=0.05`` with 30 samples gives ``1/31 = 0.032``).
+COARSE_FPR_RATIO = 0.8
 
 
 class NotCalibratedError(RuntimeError, ValueError):
@@ -160,8 +164,13 @@ class CalibratedDetector:
             NotCalibratedError: ``scores`` None and nothing stored.
             dxmi_ad.calibration.CalibrationError: A set too small for the rate, empty, or non-finite scores.
             ValueError: Rates outside (0, 1).
+
+        Warns:
+            UserWarning: An ``fpr`` asked for that the set resolves to an expected false-positive rate below
+                :data:`COARSE_FPR_RATIO` times it (the numbers are given).
         """
         check_rates(fpr, fdr)
+        asked_fpr = fpr if fdr is None and validation is None else None
         if scores is None:
             stored = self._require_calibration("pass normal calibration data to calibrate()")
             scores, files, source = stored.scores, stored.files, source or stored.source
@@ -172,6 +181,12 @@ class CalibratedDetector:
                               fdr=fdr, validation=validation, source=source)
         cal.files = [files[i] for i in order] if files else []
         self.calibration_ = cal
+        if asked_fpr is not None and cal.rule == "fpr" and cal.expected_fpr() < COARSE_FPR_RATIO * asked_fpr:
+            n = len(cal.scores)
+            warnings.warn(f"fpr={asked_fpr:g} is not resolvable with {n} calibration samples (p-values move in "
+                          f"steps of 1/{n + 1}): the threshold gives an expected false-positive rate of "
+                          f"{cal.expected_fpr():.3g}; calibration_.support() says what this set supports, and more "
+                          "normal calibration data gives a finer rate", UserWarning, stacklevel=3)
         return cal
 
     def _require_calibration(self, remedy: str = "call fit() or calibrate()") -> Calibration:

@@ -114,6 +114,41 @@ def test_score_tables_with_a_vector_model(tmp_path):
     assert r.exit_code == 0 and load_again(out).calibration_.threshold == pytest.approx(expected_threshold)
 
 
+def test_table_workflow_mistakes_get_named(tmp_path, monkeypatch):
+    """New-user leftovers: an extra text column is an unknown column (not "not a number"); a workbook is told to be
+    saved as CSV (by name and by content); `score --out` must be CSV; `sample` writes CSV by default and `score`
+    reads it back; the train table says what validation_AUROC and image_AUROC mean."""
+    rng = np.random.default_rng(2)
+    csv = tmp_path / "table.csv"
+    csv.write_text("a,b\n" + "\n".join(",".join(f"{v:.5f}" for v in row) for row in rng.normal(0, 1, (300, 2))))
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["train", "--dataset", f"csv:{csv}", "--out", str(out), *FAST])
+    assert r.exit_code == 0, r.output
+    assert "validation_AUROC: held-out normal training rows vs SYNTHETIC anomalies" in " ".join(r.output.split())
+    ids = tmp_path / "ids.csv"
+    ids.write_text("id,a,b\nrow-1,0.1,0.2\n")
+    for args in (["score", str(ids), "--model", str(out)],
+                 ["calibrate", "--model", str(out), "--calibration-csv", str(ids), "--fpr", "0.1"]):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2 and "not seen in training ['id']" in r.output and "not a number" not in r.output
+    book = tmp_path / "book.xlsx"
+    book.write_bytes(b"PK\x03\x04" + bytes(60))
+    r = runner.invoke(app, ["score", str(book), "--model", str(out)])
+    assert r.exit_code == 2 and "save the sheet as CSV" in r.output
+    renamed = tmp_path / "book.csv"
+    renamed.write_bytes(book.read_bytes())
+    for args in (["score", str(renamed), "--model", str(out)], ["train", "--dataset", f"csv:{renamed}"]):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2 and "Excel .xlsx" in r.output and "save the table as CSV" in r.output, r.output
+    r = runner.invoke(app, ["score", str(csv), "--model", str(out), "--out", str(tmp_path / "scores.xlsx")])
+    assert r.exit_code == 2 and "name the file .csv" in r.output and not (tmp_path / "scores.xlsx").exists()
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(app, ["sample", "--model", str(out), "-n", "20"])
+    assert r.exit_code == 0 and (tmp_path / "samples.csv").read_text().splitlines()[0] == "a,b", r.output
+    r = runner.invoke(app, ["score", "samples.csv", "--model", str(out), "--out", "s.csv"])
+    assert r.exit_code == 0 and len((tmp_path / "s.csv").read_text().splitlines()) == 21, r.output
+
+
 def test_sample_2d_writes_png(tmp_path):
     out = tmp_path / "g"
     args = ["train", "--dataset", "eight-gaussians", "--out", str(out), "--set", "n_iter=10",

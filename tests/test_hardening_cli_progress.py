@@ -26,7 +26,7 @@ runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
 TINY_VECTOR = ["--set", "ae_pretrain_iter=40", "--set", "n_iter=40", "--set", "warmup_iter=2", "--set", "hidden=16",
                "--set", "n_layers=1", "--set", "latent_dim=4", "--set", "batch_size=32", "--set", "device=cpu"]
-PERCENT_LINE = re.compile(r"^(\w+) (\d+)/(\d+) \((\d+)%\).*elapsed \d+:\d\d:\d\d  remaining \d+:\d\d:\d\d$")
+PERCENT_LINE = re.compile(r"^(\w+) (\d+)/(\d+) \((\d+)%\).*elapsed \d+:\d\d:\d\d  remaining (\d+:\d\d:\d\d|-:--:--)$")
 
 
 # ---------------------------------------------------------------------- item 15: silence off a terminal
@@ -76,6 +76,20 @@ def test_progress_prints_at_least_every_n_seconds(monkeypatch):
     lines = log.getvalue().splitlines()
     assert lines[0] == "stage autoencoder: 1000 steps"
     assert [m.group(2) for m in map(PERCENT_LINE.match, lines) if m] == ["1", "2", "3"]
+
+
+def test_remaining_time_ignores_the_set_up_before_the_first_step(monkeypatch):
+    """The first ETA was far off: the set-up before a stage's first step (60 s here) was counted as step time.
+    The rate is now measured from the first reported step (1 s per step here); unknown on the first line."""
+    times = iter([0.0, 60.0, 60.0, 64.0, 64.0, 69.0, 69.0])  # set-up 60 s, then 1 s per step
+    monkeypatch.setattr("dxmi_ad.cli.common.time.monotonic", lambda: float(next(times)))
+    log = io.StringIO()
+    progress = _Progress(Console(file=log, force_terminal=False, width=200))
+    for i in (1, 5, 10):  # of 100 steps
+        progress("dxmi", i, 100, {})
+    lines = [m for m in map(PERCENT_LINE.match, log.getvalue().splitlines()) if m]
+    assert [m.group(5) for m in lines] == ["-:--:--", "0:01:35", "0:01:30"]  # 95 and 90 steps left at 1 s each
+    assert "elapsed 0:01:09" in lines[-1].group(0)  # elapsed still counts the set-up
 
 
 def test_scoring_and_feature_progress_print_off_a_terminal():

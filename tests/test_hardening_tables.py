@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -219,6 +220,18 @@ def test_small_calibration_set_summary_gives_the_numbers():
     assert "fpr=0.01 needs 99" in text
     big = Calibration.fit(np.arange(200.0), fpr=0.05).summary()
     assert "rank 191 of the 200" in big and "[10/201, 11/201)" in big
+
+
+def test_python_calibrate_warns_when_the_set_cannot_resolve_the_rate(small_det):
+    """The CLI prints the support lines; in Python `calibrate(fpr=0.05)` on 30 rows used to stay silent."""
+    rows = np.random.default_rng(1).normal(size=(200, 3))
+    with pytest.warns(UserWarning, match=r"fpr=0.05 is not resolvable with 30 calibration samples .*1/31.* 0.0323"):
+        small_det.calibrate(rows[:30], fpr=0.05)
+    assert small_det.calibration_.expected_fpr() == pytest.approx(1 / 31)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 199 rows: 10/200 = 0.05 exactly, no warning
+        small_det.calibrate(rows[:199], fpr=0.05)
+    assert small_det.calibration_.expected_fpr() == pytest.approx(0.05)
 
 
 def test_fdr_summary_has_no_threshold_and_the_batch_arithmetic():

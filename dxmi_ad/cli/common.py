@@ -138,15 +138,22 @@ class _Progress:
             self.console.print(f"stage {stage}: {total} {unit}", highlight=False, markup=False, soft_wrap=True)
             i0 = self._stages["resume"]["i0"] if stage == "dxmi" and "resume" in self._stages else 0.0
             st = self._stages[stage] = {"start": self._last_event, "bucket": -1.0, "printed": self._last_event,
-                                        "i0": i0}
+                                        "i0": i0, "t1": now, "i1": float(i)}
         bucket = float(int(100.0 * i / total // self.percent_step)) if total else 0.0
         if bucket > st["bucket"] or i >= total or now - st["printed"] >= self.every_seconds:
             elapsed = now - st["start"]
-            ran = i - st["i0"]  # steps run in this process (a resumed stage starts at its checkpoint)
-            remaining = elapsed * (total - i) / ran if ran > 0 and total else 0.0
+            # the rate is measured from the stage's first reported step, so the set-up before it (model building,
+            # the first batch, a resumed stage's checkpoint) does not inflate the estimate; unknown until then
+            ran = i - st["i1"]
+            if i >= total:
+                remaining = "0:00:00"
+            elif ran > 0 and total:
+                remaining = self._clock((now - st["t1"]) * (total - i) / ran)
+            else:
+                remaining = "-:--:--"
             pct = f" ({100.0 * i / total:.0f}%)" if total else ""
             line = f"{stage} {i}/{total}{pct}" + (f"  {text}" if text else "")
-            line += f"  elapsed {self._clock(elapsed)}  remaining {self._clock(remaining)}"
+            line += f"  elapsed {self._clock(elapsed)}  remaining {remaining}"
             self.console.print(line, highlight=False, markup=False, soft_wrap=True)
             st["bucket"], st["printed"] = bucket, now
 

@@ -440,16 +440,26 @@ def train_images(opts: TrainOptions, recipe: dict[str, Any], console: Any, progr
 NO_RULE = "no decision rule: pred_label left empty; set one with `dxmi-ad calibrate --model {model} --calibration-dir NORMAL_IMAGES`"
 
 
+#: ``--out`` suffixes ``score`` accepts (it writes CSV text; no suffix is accepted too).
+CSV_OUT_SUFFIXES = (".csv", ".txt")
+
+
 def check_score_outputs(out_csv: Path | None, heatmaps: Path | None) -> None:
     """Refuse output paths that cannot be written, before any image is read or scored.
 
     Raises:
-        ImageCLIError: ``--out`` is a folder or lies under a file; ``--heatmaps`` is a file or lies under one.
+        ImageCLIError: ``--out`` is a folder, lies under a file or has a suffix other than
+            :data:`CSV_OUT_SUFFIXES` (e.g. ``.xlsx``: the content would be CSV text); ``--heatmaps`` is a file or lies
+            under one.
     """
     def under_file(path: Path) -> Path | None:
         return next((q for q in path.absolute().parents if q.exists() and not q.is_dir()), None)
 
     if out_csv is not None:
+        if out_csv.suffix and out_csv.suffix.lower() not in CSV_OUT_SUFFIXES:
+            msg = (f"--out {out_csv}: score writes comma-separated text; name the file .csv (spreadsheets such as "
+                   f"Excel open it), not {out_csv.suffix}")
+            raise ImageCLIError(msg)
         if out_csv.is_dir():
             msg = f"--out {out_csv} is a folder; give a CSV file name (e.g. {out_csv / 'scores.csv'})"
             raise ImageCLIError(msg)

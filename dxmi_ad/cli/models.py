@@ -28,8 +28,9 @@ from dxmi_ad.cli.options import ExportFormat, InputDtype, TrainOptions, check_on
 def sample(
     model: Annotated[Path, typer.Option(help="run directory written by `dxmi-ad train` or `pretrain-sampler`")],
     n: Annotated[int, typer.Option("-n", "--n", help="number of samples", min=1)] = 1000,
-    out: Annotated[Path | None, typer.Option(help="output file: .npy or .csv (vectors), .png (pixel models: a grid "
-                                                  "plus .npy beside it) [default: samples.npy / samples.png]")] = None,
+    out: Annotated[Path | None, typer.Option(help="output file: .csv or .npy (vectors; a .csv is what `score` "
+                                                  "reads), .png (pixel models: a grid plus .npy beside it) "
+                                                  "[default: samples.csv / samples.png]")] = None,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     steps_from_model: Annotated[bool, typer.Option("--steps-from-model", help="pixel models: the model's own T "
                                                    "steps and learned sigmas (the default unless --steps)")] = False,
@@ -75,9 +76,9 @@ def sample(
                 else f"the model's T={det.config.n_steps} steps and learned sigmas")
         console.print(f"wrote {n} images ({used}, guidance {guidance:g}) to {png} and {npy}", highlight=False)
         return
-    out = out or Path("samples.npy")
+    out = out or Path("samples.csv")  # the format `score` and `calibrate --calibration-csv` read back
     if out.suffix not in (".npy", ".csv"):
-        raise _fail(f"--out must end in .npy or .csv, got {out.name}")
+        raise _fail(f"--out must end in .csv or .npy, got {out.name}")
     if steps is not None or guidance:
         raise _fail("--steps and --guidance are for pixel-mode models")
     if start is not None and not isinstance(det, ImageDetector):
@@ -230,17 +231,14 @@ def _model_columns(det: Any, X: Any, columns: list[str], path: Path) -> Any:
     Raises:
         CLIError: Missing or unknown columns (named, with the expected list), or a different column count.
     """
-    from dxmi_ad.data.tabular import with_column_names
+    from dxmi_ad.data.tabular import check_columns, with_column_names
 
     names = getattr(det, "feature_names_in_", None)
     if names is not None and list(columns) != list(names):
-        missing = [c for c in names if c not in columns]
-        extra = [c for c in columns if c not in names]
-        if missing or extra:
-            detail = "; ".join(([f"missing {missing}"] if missing else [])
-                               + ([f"not seen in training {extra}"] if extra else []))
-            raise CLIError(f"{path}: the columns differ from the model's training columns ({detail}); expected: "
-                           f"{', '.join(map(str, names))}")
+        try:
+            check_columns(columns, names, str(path))
+        except ValueError as err:
+            raise CLIError(str(err)) from None
         X = X[:, [columns.index(c) for c in names]]  # same names, another order
     if X.shape[1] != det.n_features_in_:
         raise CLIError(f"{path}: {X.shape[1]} feature column(s), the model was trained on {det.n_features_in_}")
@@ -267,13 +265,16 @@ def _score_tables(model: Path, paths: list[Path], out: Path | None) -> dict[str,
         if p.is_dir():
             raise CLIError(f"{p} is a folder: a vector model scores CSV files; give their paths")
         if p.suffix.lower() != ".csv":
-            raise CLIError(f"{p}: a vector model scores CSV files with a header row (.csv), not {p.suffix or 'this file'}")
+            hint = " (save the sheet as CSV)" if p.suffix.lower() in (".xlsx", ".xls", ".ods") else ""
+            raise CLIError(f"{p}: a vector model scores CSV files with a header row (.csv), not "
+                           f"{p.suffix or 'this file'}{hint}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "no calibration.json" is said by the rule column and summary
         det = dxmi_ad.load(model)
     tables = []
     for p in paths:  # every table is read and checked before any is scored
-        X, label, columns, lines = load_csv(p, min_rows=1, return_lines=True)
+        X, label, columns, lines = load_csv(p, min_rows=1, return_lines=True,
+                                            expected_columns=getattr(det, "feature_names_in_", None))
         if label is not None:
             err_console.print(f"{p}: the label column is not a feature; ignored", highlight=False)
         tables.append((p, _model_columns(det, X, columns, p), lines))
@@ -387,7 +388,8 @@ def calibrate(
             if calibration_csv is not None:
                 from dxmi_ad.data.tabular import load_csv
 
-                X, label, columns = load_csv(calibration_csv)
+                X, label, columns = load_csv(calibration_csv,
+                                             expected_columns=getattr(det, "feature_names_in_", None))
                 if label is not None:  # calibration rows must be normal: a label column is never a feature
                     if not (label == 0).any():
                         raise CLIError(f"{calibration_csv}: every row has label 1 (anomaly); calibration needs "

@@ -556,7 +556,28 @@ def _train_vectors(opts: TrainOptions) -> None:
             v = metrics[key]
             table.add_row(key, f"{v:.1f}" if key == "train_seconds" else f"{v:.4f}" if isinstance(v, float) else str(v))
     console.print(table)
+    for line in _vector_metric_notes(metrics):
+        console.print(line, highlight=False)
     console.print(f"run directory: {out}")
+
+
+def _vector_metric_notes(metrics: dict[str, Any]) -> list[str]:
+    """What the vector run's table rows mean, where the names alone mislead: ``image_AUROC`` is the AUROC over
+    test rows (anomalib's key for a per-sample score), ``validation_AUROC`` is measured against SYNTHETIC anomalies,
+    and ``selected_iteration`` 0 means the pre-trained start was kept.
+    """
+    notes = []
+    if "image_AUROC" in metrics:
+        notes.append("image_AUROC: AUROC of the energy over the test rows (normal vs anomalous; anomalib's key "
+                     "for a per-sample score)")
+    if "validation_AUROC" in metrics:
+        notes.append("validation_AUROC: held-out normal training rows vs SYNTHETIC anomalies made from them "
+                     "(features swapped between rows), measured every validate_every iterations to choose the state "
+                     "kept; the test rows are never read for it")
+        if metrics.get("selected_iteration") == 0:
+            notes.append("selected_iteration 0: the pre-trained start scored best on validation, so it was kept "
+                         "(the DxMI iterations did not improve on it for this data)")
+    return notes
 
 
 def _prepare_run(opts: TrainOptions, recipe: dict[str, Any]) -> bool:

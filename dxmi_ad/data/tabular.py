@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
-__all__ = ["OneClassSplit", "digits_split", "load_csv", "load_mnist5k", "mnist_split", "odds_split", "split_labelled"]
+__all__ = ["OneClassSplit", "check_columns", "digits_split", "load_csv", "load_mnist5k", "mnist_split", "odds_split", "split_labelled"]
 
 
 class OneClassSplit(NamedTuple):
@@ -182,8 +183,44 @@ def _normalize_name(name: str) -> str:
     return name.strip().casefold()
 
 
+#: Leading bytes of binary files people pass as tables, and what they are (a clear error instead of a decode error).
+_BINARY_TABLES = (
+    (b"PK\x03\x04", "a zip archive (an Excel .xlsx or OpenDocument .ods workbook?)"),
+    (b"\xd0\xcf\x11\xe0", "an Excel 97-2003 .xls workbook"),
+    (b"PAR1", "a Parquet file"),
+    (b"\x93NUMPY", "a NumPy .npy array (load it with numpy.load and pass the array to DxMIDetector)"),
+)
+
+
+def _binary_table_kind(path: Path) -> str | None:
+    """What the binary file ``path`` is when its first bytes say so (:data:`_BINARY_TABLES`), else None."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(8)
+    except OSError:
+        return None  # the CSV reader reports the error
+    return next((kind for magic, kind in _BINARY_TABLES if head.startswith(magic)), None)
+
+
+def check_columns(columns: Sequence[str], expected: Sequence[str], where: str) -> None:
+    """Refuse feature ``columns`` (a table's, label excluded) that are not a reordering of a model's ``expected``.
+
+    Raises:
+        ValueError: Naming ``where`` (file and line), the missing and the unknown columns and the expected list.
+    """
+    expected = [str(c) for c in expected]
+    missing = [c for c in expected if c not in columns]
+    extra = [c for c in columns if c not in expected]
+    if missing or extra:
+        detail = "; ".join(([f"missing {missing}"] if missing else [])
+                           + ([f"not seen in training {extra}"] if extra else []))
+        msg = (f"{where}: the columns differ from the model's training columns ({detail}); expected: "
+               f"{', '.join(expected)}")
+        raise ValueError(msg)
+
+
 def load_csv(path: str | Path, label_column: str = "label", min_rows: int = 2,
-             return_lines: bool = False) -> tuple[Any, ...]:
+             return_lines: bool = False, expected_columns: Sequence[str] | None = None) -> tuple[Any, ...]:
     """Read a numeric CSV with a header row; every non-label column is a feature.
 
     The label column is matched ignoring case and surrounding spaces (``label``, ``Label``, `` LABEL `` all
@@ -195,6 +232,9 @@ def load_csv(path: str | Path, label_column: str = "label", min_rows: int = 2,
         label_column: Name of the optional label column (0 = normal, 1 = anomaly).
         min_rows: Fewest data rows accepted (2 to train; 1 to score).
         return_lines: Also return each row's physical line number.
+        expected_columns: A trained model's feature columns: the header must name each of them (any order) and no
+            other column but the label; checked before any value is read, so an extra text column is named as a
+            column the model does not know rather than as a value that is not a number. None: no check.
 
     Returns:
         ``(X, label, feature_names)``: ``X`` ``(N, D)`` float64, ``label`` ``(N,)`` int or None; with
@@ -203,7 +243,8 @@ def load_csv(path: str | Path, label_column: str = "label", min_rows: int = 2,
     Raises:
         FileNotFoundError: If the file does not exist.
         ValueError: A folder given as the file; naming the file, line and column, for an unreadable file, a missing header, a row with the
-            wrong number of fields, repeated column names, a non-numeric or non-finite value, a value beyond the float32 range
+            wrong number of fields, repeated column names, columns that differ from ``expected_columns`` (both lists
+            named), a binary workbook or array (Excel, OpenDocument, Parquet, NumPy: "save it as CSV"), a non-numeric or non-finite value, a value beyond the float32 range
             (``|x| > 3.4e38``, which the models cannot hold), a label outside {0, 1}, two label columns, no feature
             column, or fewer than ``min_rows`` rows.
     """
@@ -214,6 +255,9 @@ def load_csv(path: str | Path, label_column: str = "label", min_rows: int = 2,
     if not path.is_file():
         msg = f"CSV file {path} not found"
         raise FileNotFoundError(msg)
+    if (kind := _binary_table_kind(path)) is not None:
+        msg = f"{path} is {kind}, not CSV text: save the table as CSV (UTF-8, header row first) and pass that file"
+        raise ValueError(msg)
     records: list[tuple[int, list[str]]] = []  # (physical line where the record starts, fields)
     try:
         with path.open(newline="", encoding="utf-8-sig") as fh:
@@ -246,6 +290,9 @@ def load_csv(path: str | Path, label_column: str = "label", min_rows: int = 2,
         named = "; ".join(f"{h!r} in columns {', '.join(map(str, cols))}" for h, cols in repeated.items())
         msg = f"{path}, line {header_line}: column names must be unique (a model scores columns by name): {named}"
         raise ValueError(msg)
+    if expected_columns is not None:
+        check_columns([h for j, h in enumerate(header) if j not in label_cols], expected_columns,
+                      f"{path}, line {header_line}")
     values = np.empty((len(records) - 1, width), dtype=np.float64)
     lines = np.empty(len(records) - 1, dtype=np.int64)
     n = 0
