@@ -391,13 +391,17 @@ class Calibration:
         return min(math.ceil((n + 1) * (1.0 - self.fpr) - 1e-9), n)
 
     def expected_fpr(self) -> float:
-        """The false-positive rate the ``"fpr"`` threshold gives on new normal data, ``(n + 1 - k) / (n + 1)``
-        (at most the target; coarser than it when the calibration set is small), or NaN under another rule.
+        """The false-positive rate the stored threshold gives on new normal data exchangeable with the calibration
+        set, ``(1 + #{calibration scores > threshold}) / (n + 1)``.
+
+        For the conformal threshold of the ``"fpr"`` rule (the ``k``-th smallest score) this is
+        ``(n + 1 - k) / (n + 1)``: at most the target, coarser than it on a small set; it also holds for a threshold
+        set otherwise (a contamination quantile). NaN under ``"fdr"`` (no fixed threshold) or without a finite
+        threshold.
         """
-        if self.rule != "fpr":
+        if self.rule == "fdr" or not np.isfinite(self.threshold):
             return float("nan")
-        n = len(self.scores)
-        return (n + 1 - self._threshold_rank()) / (n + 1)
+        return (1 + int((self.scores > self.threshold).sum())) / (len(self.scores) + 1)
 
     def summary(self) -> str:
         """:meth:`describe` followed by :meth:`support`, one sentence per line: what the CLI prints."""

@@ -160,6 +160,11 @@ class DxMIConfig:
             0 = off (the paper: the last iterate). The test set is never read.
         validation_fraction: Fraction of each category's training images held out as that validation split
             (image models; in (0, 0.5]).
+        select_energy_only: With model selection, restore only the energy's state of the best validation AUROC
+            (the validation scores the energy alone); the sampler and the value function keep their last state, so
+            generation keeps every DxMI iteration. False: the whole model of the best iteration (sampler included).
+            The shared energy is the value net, which is then restored with it. No effect when no selection runs
+            (``validate_every=0``, or selection skipped with a warning). Issue #13 (a deviation, as selection).
         time_cost_scale: Scale of R(t); ``None`` = the paper's: 1 for ``"sigmoid"`` (``time_cost_sig``), c = 0.05 for
             ``"linear"``.
     """
@@ -229,6 +234,7 @@ class DxMIConfig:
     time_cost_scale: float | None = None
     validate_every: int = 0
     validation_fraction: float = 0.1
+    select_energy_only: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

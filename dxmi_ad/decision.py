@@ -39,7 +39,7 @@ from dxmi_ad.calibration import (
     resolve_fpr,
 )
 
-__all__ = ["MAX_CALIBRATION_FRACTION", "CalibratedDetector", "NotCalibratedError", "check_calibration_fraction",
+__all__ = ["MAX_CALIBRATION_FRACTION", "CalibratedDetector", "CoarseRateWarning", "NotCalibratedError", "check_calibration_fraction",
            "check_rates", "holdout_split", "refuse_unsupported_rates"]
 
 MAX_CALIBRATION_FRACTION = 0.9
@@ -47,6 +47,24 @@ MAX_CALIBRATION_FRACTION = 0.9
 #: ``calibrate(fpr=a)`` warns when the calibration set resolves ``a`` to an expected false-positive rate below this
 #: fraction of it (p-values move in steps of ``1/(n+1)``: e.g. ``fpr=0.05`` with 30 samples gives ``1/31 = 0.032``).
 COARSE_FPR_RATIO = 0.8
+
+
+class CoarseRateWarning(UserWarning):
+    """``calibrate(fpr=a)``: the calibration set resolves ``a`` only coarsely (see :meth:`Calibration.support`).
+
+    The command line prints the support lines itself and does not repeat this warning.
+    """
+
+
+def _caller_level() -> int:
+    """``stacklevel`` for :func:`warnings.warn` that names the first frame outside the dxmi_ad package."""
+    import sys
+
+    package = str(Path(__file__).resolve().parent)
+    frame, level = sys._getframe(1), 1
+    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class NotCalibratedError(RuntimeError, ValueError):
@@ -166,7 +184,7 @@ class CalibratedDetector:
             ValueError: Rates outside (0, 1).
 
         Warns:
-            UserWarning: An ``fpr`` asked for that the set resolves to an expected false-positive rate below
+            CoarseRateWarning: An ``fpr`` asked for that the set resolves to an expected false-positive rate below
                 :data:`COARSE_FPR_RATIO` times it (the numbers are given).
         """
         check_rates(fpr, fdr)
@@ -186,7 +204,7 @@ class CalibratedDetector:
             warnings.warn(f"fpr={asked_fpr:g} is not resolvable with {n} calibration samples (p-values move in "
                           f"steps of 1/{n + 1}): the threshold gives an expected false-positive rate of "
                           f"{cal.expected_fpr():.3g}; calibration_.support() says what this set supports, and more "
-                          "normal calibration data gives a finer rate", UserWarning, stacklevel=3)
+                          "normal calibration data gives a finer rate", CoarseRateWarning, stacklevel=_caller_level())
         return cal
 
     def _require_calibration(self, remedy: str = "call fit() or calibrate()") -> Calibration:

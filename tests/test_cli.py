@@ -142,6 +142,14 @@ def test_table_workflow_mistakes_get_named(tmp_path, monkeypatch):
         assert r.exit_code == 2 and "Excel .xlsx" in r.output and "save the table as CSV" in r.output, r.output
     r = runner.invoke(app, ["score", str(csv), "--model", str(out), "--out", str(tmp_path / "scores.xlsx")])
     assert r.exit_code == 2 and "name the file .csv" in r.output and not (tmp_path / "scores.xlsx").exists()
+    import os
+
+    fifo = tmp_path / "pipe"  # like /dev/stdout: not a regular file, which the atomic write would replace
+    os.mkfifo(fifo)
+    for target in (str(fifo), "-"):
+        r = runner.invoke(app, ["score", str(csv), "--model", str(out), "--out", target])
+        assert r.exit_code == 2 and "omit --out to print the CSV" in r.output, r.output
+    assert fifo.is_fifo() and not (tmp_path / "-").exists()
     monkeypatch.chdir(tmp_path)
     r = runner.invoke(app, ["sample", "--model", str(out), "-n", "20"])
     assert r.exit_code == 0 and (tmp_path / "samples.csv").read_text().splitlines()[0] == "a,b", r.output

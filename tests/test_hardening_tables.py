@@ -225,13 +225,33 @@ def test_small_calibration_set_summary_gives_the_numbers():
 def test_python_calibrate_warns_when_the_set_cannot_resolve_the_rate(small_det):
     """The CLI prints the support lines; in Python `calibrate(fpr=0.05)` on 30 rows used to stay silent."""
     rows = np.random.default_rng(1).normal(size=(200, 3))
-    with pytest.warns(UserWarning, match=r"fpr=0.05 is not resolvable with 30 calibration samples .*1/31.* 0.0323"):
+    with pytest.warns(UserWarning, match=r"fpr=0.05 is not resolvable with 30 calibration samples .*1/31.* 0.0323") \
+            as caught:
         small_det.calibrate(rows[:30], fpr=0.05)
+    assert caught[0].filename == __file__  # the warning names the caller's line, not the package's
     assert small_det.calibration_.expected_fpr() == pytest.approx(1 / 31)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # 199 rows: 10/200 = 0.05 exactly, no warning
         small_det.calibrate(rows[:199], fpr=0.05)
     assert small_det.calibration_.expected_fpr() == pytest.approx(0.05)
+
+
+def test_expected_fpr_follows_a_contamination_threshold():
+    """With ``contamination`` the threshold is a quantile of the fit rows' energies, not the conformal rank."""
+    X = np.random.default_rng(0).normal(size=(200, 3))
+    det = DxMIDetector(contamination=0.1, random_state=0, **QUICK).fit(X)
+    cal = det.calibration_
+    above = int((cal.scores > cal.threshold).sum())
+    assert cal.expected_fpr() == pytest.approx((1 + above) / (len(cal.scores) + 1))
+    assert above > 0  # the 0.9 quantile of the fit energies lies inside the calibration scores
+
+
+def test_a_csv_header_may_start_with_par1(tmp_path):
+    """Parquet's magic bytes are plain text: only signatures that cannot start UTF-8 text mark a binary file."""
+    path = tmp_path / "par.csv"
+    path.write_text("PAR1,PAR2\n0.1,0.2\n0.3,0.4\n")
+    X, _, names = load_csv(path)
+    assert names == ["PAR1", "PAR2"] and X.shape == (2, 2)
 
 
 def test_fdr_summary_has_no_threshold_and_the_batch_arithmetic():

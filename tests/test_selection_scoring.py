@@ -115,6 +115,38 @@ def test_selection_keeps_the_best_validated_state(trend):
     assert math.isclose(final["best_val_auroc"], max(r["val_auroc"] for r in vals))
 
 
+@pytest.mark.parametrize("energy_model", ["autoencoder", "mlp", "shared"])
+def test_energy_only_selection_restores_the_energy_and_keeps_the_last_sampler(energy_model):
+    """``select_energy_only``: the energy of the best validation (here the start) with the last iterate's sampler;
+    the same run without it restores the whole start. Shared: the energy is the value net, restored with it."""
+    head = TINY_HEAD if energy_model == "autoencoder" else {
+        "energy_model": energy_model, "energy_hidden": 16, "energy_layers": 1, "sampler_hidden": 16,
+        "value_hidden": 16, "sampler_layers": 1, "value_layers": 1, "n_iter": 6, "warmup_iter": 0, "batch_size": 32,
+        "initial": "gaussian", "parameterization": "eps", "energy_lr": 1e-2, "sampler_lr": 1e-2, "value_lr": 1e-2}
+    data = _unit_vectors(256, 8, 0)
+    runs = {}
+    for only in (False, True):
+        config = DxMIConfig(**{**head, "dim": 8, "validate_every": 2, "select_energy_only": only, "seed": 3})
+        calls: list[dict[str, torch.Tensor]] = []
+
+        def validate(model, calls=calls):
+            calls.append({k: v.detach().clone() for k, v in model.checkpoint_tensors().items()})
+            return 1.0 / len(calls)  # falling: the start wins
+
+        model, history = train_model(data, config, validate=validate)
+        assert history[-1]["selected_iteration"] == 0
+        assert history[-1]["selected_energy_only"] == float(only)
+        runs[only] = (model.checkpoint_tensors(), calls)
+    (whole, calls_whole), (partial, calls_partial) = runs[False], runs[True]
+    energy = "value." if energy_model == "shared" else "energy."
+    last = calls_partial[-1]  # the same seed: both runs trained identically up to the last validation
+    for name, tensor in partial.items():
+        torch.testing.assert_close(tensor, calls_partial[0 if name.startswith(energy) else -1][name])
+        torch.testing.assert_close(whole[name], calls_whole[0][name])
+    moved = [n for n in partial if n.startswith("sampler.") and not torch.equal(last[n], calls_partial[0][n])]
+    assert moved, "the sampler should have trained, or the test proves nothing"
+
+
 def test_selection_off_by_default_and_validated():
     model, history = train_model(_unit_vectors(128, 8, 1), DxMIConfig(**{**TINY_HEAD, "dim": 8}),
                                  validate=lambda m: pytest.fail("validate called with validate_every=0"))
@@ -290,5 +322,7 @@ def test_set_wins_over_the_recipe_key_by_key():
     from dxmi_ad.cli.train import load_recipe
 
     got = load_recipe(None, "eight-gaussians", ["config_overrides={lr_schedule: constant}"])
-    assert got["config_overrides"] == {"activation": "leaky_relu", "last_sigma": 0.01, "lr_schedule": "constant"}
+    assert got["config_overrides"] == {"activation": "leaky_relu", "last_sigma": 0.01, "lr_schedule": "constant",
+                                       "energy_fourier_features": 64, "energy_fourier_scale": 0.3,
+                                       "select_energy_only": True}
     assert load_recipe(None, "digits", ["energy=shared"])["energy_model"] == "shared"  # the old name, as an override

@@ -28,8 +28,11 @@ def _console_warnings(command: Any) -> Any:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from dxmi_ad.decision import CoarseRateWarning
+
         with warnings.catch_warnings():
             warnings.simplefilter("default")
+            warnings.simplefilter("ignore", CoarseRateWarning)  # the commands print Calibration.summary() instead
             warnings.showwarning = _show_warning
             return command(*args, **kwargs)
 
@@ -133,12 +136,11 @@ class _Progress:
             if stage == "resume":
                 self.console.print(f"resume: continuing at iteration {i}/{total}", highlight=False, markup=False,
                                    soft_wrap=True)
-                self._stages[stage] = {"start": now, "bucket": 0.0, "printed": now, "i0": float(i)}
+                self._stages[stage] = {"start": now, "bucket": 0.0, "printed": now}
                 return
             self.console.print(f"stage {stage}: {total} {unit}", highlight=False, markup=False, soft_wrap=True)
-            i0 = self._stages["resume"]["i0"] if stage == "dxmi" and "resume" in self._stages else 0.0
             st = self._stages[stage] = {"start": self._last_event, "bucket": -1.0, "printed": self._last_event,
-                                        "i0": i0, "t1": now, "i1": float(i)}
+                                        "t1": now, "i1": float(i)}
         bucket = float(int(100.0 * i / total // self.percent_step)) if total else 0.0
         if bucket > st["bucket"] or i >= total or now - st["printed"] >= self.every_seconds:
             elapsed = now - st["start"]

@@ -218,7 +218,8 @@ def evaluate_and_write(det: Any, samples: list, out: Path, console: Any, progres
     selected = selection_of(det.history_)
     if selected is not None:  # chosen on the validation split (held-out training images), never on this test set
         extra["selected_iteration"], extra["validation_AUROC"] = selected
-        console.print(f"model selection: kept DxMI iteration {selected[0]} (0 = the pre-trained autoencoder), "
+        what = "the energy of DxMI iteration" if det.config.select_energy_only else "DxMI iteration"
+        console.print(f"model selection: kept {what} {selected[0]} (0 = the pre-trained autoencoder), "
                       f"validation AUROC {selected[1]:.4f}", highlight=False)
     metrics = _write_evaluation(out, test, scored, table, det, run_settings(det, settings), extra, True)
     _print_decisions(metrics, console)
@@ -440,28 +441,34 @@ def train_images(opts: TrainOptions, recipe: dict[str, Any], console: Any, progr
 NO_RULE = "no decision rule: pred_label left empty; set one with `dxmi-ad calibrate --model {model} --calibration-dir NORMAL_IMAGES`"
 
 
-#: ``--out`` suffixes ``score`` accepts (it writes CSV text; no suffix is accepted too).
-CSV_OUT_SUFFIXES = (".csv", ".txt")
+#: ``--out`` suffixes ``score`` refuses: it writes CSV text, which a file of these formats would not hold.
+NOT_CSV_SUFFIXES = frozenset({".xlsx", ".xlsm", ".xls", ".ods", ".parquet", ".feather", ".json", ".npy", ".npz",
+                              ".pkl", ".pickle", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".html", ".pdf"})
 
 
 def check_score_outputs(out_csv: Path | None, heatmaps: Path | None) -> None:
     """Refuse output paths that cannot be written, before any image is read or scored.
 
     Raises:
-        ImageCLIError: ``--out`` is a folder, lies under a file or has a suffix other than
-            :data:`CSV_OUT_SUFFIXES` (e.g. ``.xlsx``: the content would be CSV text); ``--heatmaps`` is a file or lies
-            under one.
+        ImageCLIError: ``--out`` is a folder, ``-`` or an existing non-regular file (``/dev/stdout``: the CSV is
+            written atomically, through a temporary file; omit ``--out`` to print it), lies under a file, or has a
+            suffix of :data:`NOT_CSV_SUFFIXES` (e.g. ``.xlsx``: the content would be CSV text); ``--heatmaps`` is a
+            file or lies under one.
     """
     def under_file(path: Path) -> Path | None:
         return next((q for q in path.absolute().parents if q.exists() and not q.is_dir()), None)
 
     if out_csv is not None:
-        if out_csv.suffix and out_csv.suffix.lower() not in CSV_OUT_SUFFIXES:
-            msg = (f"--out {out_csv}: score writes comma-separated text; name the file .csv (spreadsheets such as "
-                   f"Excel open it), not {out_csv.suffix}")
-            raise ImageCLIError(msg)
         if out_csv.is_dir():
             msg = f"--out {out_csv} is a folder; give a CSV file name (e.g. {out_csv / 'scores.csv'})"
+            raise ImageCLIError(msg)
+        if str(out_csv) == "-" or (out_csv.exists() and not out_csv.is_file()):
+            msg = (f"--out {out_csv} is not a regular file (the CSV is written to a temporary file, then renamed); "
+                   "omit --out to print the CSV to the terminal, or redirect that output")
+            raise ImageCLIError(msg)
+        if out_csv.suffix.lower() in NOT_CSV_SUFFIXES:
+            msg = (f"--out {out_csv}: score writes comma-separated text; name the file .csv (spreadsheets such as "
+                   f"Excel open it), not {out_csv.suffix}")
             raise ImageCLIError(msg)
         if (blocker := under_file(out_csv)) is not None:
             msg = f"--out {out_csv} cannot be written: {blocker} is a file, not a folder"

@@ -30,7 +30,8 @@ def sample(
     n: Annotated[int, typer.Option("-n", "--n", help="number of samples", min=1)] = 1000,
     out: Annotated[Path | None, typer.Option(help="output file: .csv or .npy (vectors; a .csv is what `score` "
                                                   "reads), .png (pixel models: a grid plus .npy beside it) "
-                                                  "[default: samples.csv / samples.png]")] = None,
+                                                  "[default: samples.csv (vector models), samples.npy "
+                                                  "(image feature vectors), samples.png (pixel models)]")] = None,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     steps_from_model: Annotated[bool, typer.Option("--steps-from-model", help="pixel models: the model's own T "
                                                    "steps and learned sigmas (the default unless --steps)")] = False,
@@ -76,8 +77,9 @@ def sample(
                 else f"the model's T={det.config.n_steps} steps and learned sigmas")
         console.print(f"wrote {n} images ({used}, guidance {guidance:g}) to {png} and {npy}", highlight=False)
         return
-    out = out or Path("samples.csv")  # the format `score` and `calibrate --calibration-csv` read back
-    if out.suffix not in (".npy", ".csv"):
+    # vector models: CSV, what `score` and `calibrate --calibration-csv` read back; image feature vectors: .npy
+    out = out or Path("samples.npy" if isinstance(det, ImageDetector) else "samples.csv")
+    if out.suffix.lower() not in (".npy", ".csv"):
         raise _fail(f"--out must end in .csv or .npy, got {out.name}")
     if steps is not None or guidance:
         raise _fail("--steps and --guidance are for pixel-mode models")
@@ -94,7 +96,7 @@ def sample(
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise _fail(f"cannot write {out}: {err}") from None
-    if out.suffix == ".npy":
+    if out.suffix.lower() == ".npy":
         tmp = out.with_name(f".{out.name}.tmp.npy")
         np.save(tmp, xs)
         tmp.replace(out)
@@ -106,7 +108,7 @@ def sample(
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")  # quotes names holding commas or quotes
         writer.writerow(list(map(str, names)) if names is not None else [f"x{i}" for i in range(xs.shape[1])])
-        writer.writerows([f"{v:.7g}" for v in row] for row in xs)
+        writer.writerows([f"{v:.9g}" for v in row] for row in xs)  # 9 digits: float32 round-trips
         atomic_write_text(out, buf.getvalue())
     console.print(f"wrote {n} samples of dimension {xs.shape[1]} to {out}")
     if xs.shape[1] == 2:

@@ -310,6 +310,8 @@ def train_pixel(opts: TrainOptions, recipe: dict[str, Any], explicit_keys: set[s
     seconds = time.perf_counter() - t0
     if not is_global_zero():
         return {}
+    if det.calibration_ is not None:  # the rule and what the calibration set supports, as the other commands print
+        console.print(f"decisions: {det.calibration_.summary()}", highlight=False)
     metrics = {"mode": "pixel", "stage": det.stage, "train_seconds": round(seconds, 2), "recipe": recipe,
                "config": det.config.to_dict()}
     if not pretrain_only:

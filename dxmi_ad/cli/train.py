@@ -575,8 +575,8 @@ def _vector_metric_notes(metrics: dict[str, Any]) -> list[str]:
                      "(features swapped between rows), measured every validate_every iterations to choose the state "
                      "kept; the test rows are never read for it")
         if metrics.get("selected_iteration") == 0:
-            notes.append("selected_iteration 0: the pre-trained start scored best on validation, so it was kept "
-                         "(the DxMI iterations did not improve on it for this data)")
+            notes.append("selected_iteration 0: the pre-trained start's energy scored best on validation, so it "
+                         "was kept (the DxMI iterations did not improve the energy for this data)")
     return notes
 
 

@@ -184,10 +184,10 @@ def _normalize_name(name: str) -> str:
 
 
 #: Leading bytes of binary files people pass as tables, and what they are (a clear error instead of a decode error).
+#: Only signatures that cannot begin UTF-8 text (Parquet's ``PAR1`` can: a header naming a column ``PAR1``).
 _BINARY_TABLES = (
     (b"PK\x03\x04", "a zip archive (an Excel .xlsx or OpenDocument .ods workbook?)"),
     (b"\xd0\xcf\x11\xe0", "an Excel 97-2003 .xls workbook"),
-    (b"PAR1", "a Parquet file"),
     (b"\x93NUMPY", "a NumPy .npy array (load it with numpy.load and pass the array to DxMIDetector)"),
 )
 
@@ -244,7 +244,7 @@ def load_csv(path: str | Path, label_column: str = "label", min_rows: int = 2,
         FileNotFoundError: If the file does not exist.
         ValueError: A folder given as the file; naming the file, line and column, for an unreadable file, a missing header, a row with the
             wrong number of fields, repeated column names, columns that differ from ``expected_columns`` (both lists
-            named), a binary workbook or array (Excel, OpenDocument, Parquet, NumPy: "save it as CSV"), a non-numeric or non-finite value, a value beyond the float32 range
+            named), a binary workbook or array (Excel, OpenDocument, NumPy: "save it as CSV"), a non-numeric or non-finite value, a value beyond the float32 range
             (``|x| > 3.4e38``, which the models cannot hold), a label outside {0, 1}, two label columns, no feature
             column, or fewer than ``min_rows`` rows.
     """

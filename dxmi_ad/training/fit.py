@@ -383,6 +383,8 @@ def _train(
                         report)
 
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None  # model selection: (score, iteration, state)
+    # the tensors selection keeps: every one, or the energy's (the shared energy is the value net)
+    kept = ("value." if config.energy_model == "shared" else "energy.") if config.select_energy_only else ""
 
     def checkpoint(iteration: int) -> None:
         states = [generator.get_state()]
@@ -409,7 +411,8 @@ def _train(
         if progress is not None:
             progress("dxmi", max(iteration, 1), config.n_iter, {"val_auroc": score})
         if math.isfinite(score) and (best is None or score > best[0]):
-            best = (score, iteration, {k: v.detach().clone() for k, v in model.checkpoint_tensors().items()})
+            best = (score, iteration, {k: v.detach().clone() for k, v in model.checkpoint_tensors().items()
+                                       if k.startswith(kept)})
 
     if resume_from is not None:
         best = load_selection(resume_from)  # the best state so far travels with the checkpoint: exact resume
@@ -447,9 +450,14 @@ def _train(
         if validate is not None:
             select(stop)  # the refitted model is the last iterate's candidate
     if best is not None:
-        if best[1] != stop:
-            model.load_checkpoint_tensors(best[2])
-        history.append({"iteration": stop, "selected_iteration": best[1], "best_val_auroc": best[0]})
+        if best[1] != stop:  # a partial state (select_energy_only) completes with the last iterate's other tensors
+            current = model.checkpoint_tensors()
+            if not set(best[2]) <= set(current) or (not kept and set(best[2]) != set(current)):
+                msg = "the selected state does not match the model (a checkpoint of other settings?)"
+                raise ValueError(msg)
+            model.load_checkpoint_tensors({**current, **best[2]})
+        history.append({"iteration": stop, "selected_iteration": best[1], "best_val_auroc": best[0],
+                        "selected_energy_only": float(bool(kept))})
     if fabric is not None and world > 1:  # safety net: every rank must hold the same model
         flat = torch.cat([t.detach().float().reshape(-1) for t in model.checkpoint_tensors().values()])
         sums = fabric.all_gather(torch.stack([flat.sum(), flat.abs().sum()]))  # (world, 2)

@@ -168,8 +168,11 @@ def load_checkpoint(path: Path, model: Any, trainer: Any, rank: int, world: int,
         msg = f"{path} is not a DxMI training checkpoint"
         raise ValueError(msg)
     stored = DxMIConfig.rename_old_keys(meta["config"], str(path))  # checkpoints of earlier versions still resume
-    if stored != model.config.to_dict():
-        diff = sorted(k for k in stored if stored[k] != model.config.to_dict().get(k))
+    current = model.config.to_dict()
+    # a field added since the checkpoint was written holds its default there (what that version ran)
+    stored = {**{k: v for k, v in DxMIConfig().to_dict().items() if k not in stored}, **stored}
+    if stored != current:
+        diff = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
         msg = f"{path} was written with other settings ({', '.join(diff)}); resume with the same recipe"
         raise ValueError(msg)
     if meta["world_size"] != world:
