@@ -79,11 +79,16 @@ def check_rates(fpr: Any = None, fdr: Any = None) -> None:
     """Check ``fpr`` / ``fdr`` (each None or strictly in (0, 1)) before any work is done.
 
     Raises:
-        ValueError: A rate outside (0, 1), or not a number (the message names the option).
+        ValueError: A rate outside (0, 1), or not a number (the message names the option); both given (one
+            decision rule at a time, as the command line's ``--fpr`` / ``--fdr``).
     """
     for name, value in (("fpr", fpr), ("fdr", fdr)):
         if value is not None:
             check_rate(name, value)
+    if fpr is not None and fdr is not None:
+        msg = (f"choose one decision rule: fpr={fpr:g} (a fixed threshold) or fdr={fdr:g} (Benjamini-Hochberg per "
+               "scored batch), not both")
+        raise ValueError(msg)
 
 
 def check_calibration_fraction(fraction: Any) -> float:

@@ -406,6 +406,7 @@ class DxMIDetector(CalibratedDetector, OutlierMixin, BaseEstimator):
                 standardization that overflows float32 (the rows and columns are named).
         """
         self._validate_params()
+        check_rates(self.fpr, self.fdr)  # one decision rule (the CLI refuses both too)
         X_all = validate_data(self, X, ensure_min_samples=2, dtype=[np.float64, np.float32]).astype(np.float64)
         if self.spherical and X_all.shape[1] == 1:
             autoencoder_latent_dim(1, "auto", spherical=True)  # refused: one L2-normalized feature is only its sign
@@ -419,7 +420,9 @@ class DxMIDetector(CalibratedDetector, OutlierMixin, BaseEstimator):
             source = f"{len(cal_rows)} of the {len(X_all)} fit rows held out (seed {seed})"
         else:
             X, X_cal = X_all, None
-            source = "the training rows (too few rows to hold out a calibration set; p-values are optimistic)"
+            why = ("calibration_fraction=0: no rows held out" if self.calibration_fraction == 0
+                   else "too few rows to hold out a calibration set")
+            source = f"the training rows ({why}; p-values are optimistic)"
         refuse_unsupported_rates(self.fpr, self.fdr, len(X_cal) if X_cal is not None else len(X), "rows",
                                  "raise calibration_fraction, add rows, or ask for a larger rate")  # before training
         X_fit = X  # every row not held out for calibration (they calibrate when none is)

@@ -150,6 +150,23 @@ def test_table_workflow_mistakes_get_named(tmp_path, monkeypatch):
         r = runner.invoke(app, ["score", str(csv), "--model", str(out), "--out", target])
         assert r.exit_code == 2 and "omit --out to print the CSV" in r.output, r.output
     assert fifo.is_fifo() and not (tmp_path / "-").exists()
+    before = csv.read_bytes()  # the review's data-loss cases: the scored table, the model's own files
+    for target, words in ((csv, "is one of the files to score"), (out / "model.safetensors", "not .safetensors"),
+                          (out / "logs" / "train" / "metrics.csv", "would replace a file of the model")):
+        r = runner.invoke(app, ["score", str(csv), "--model", str(out), "--out", str(target)])
+        assert r.exit_code == 2 and words in r.output, r.output
+    assert csv.read_bytes() == before
+    r = runner.invoke(app, ["score", str(csv), "--model", str(out), "--out", str(out / "scores.csv")])
+    assert r.exit_code == 0  # a new file in the run directory is fine (and again: it is not a model file)
+    assert runner.invoke(app, ["score", str(csv), "--model", str(out), "--out", str(out / "scores.csv")]).exit_code == 0
+    for text, words in (("0.1,0.2\n0.3,0.4\n", "header holds numbers"), (",a,b\n0,0.1,0.2\n", "has no name")):
+        bad = tmp_path / "bad.csv"
+        bad.write_text(text)
+        r = runner.invoke(app, ["train", "--dataset", f"csv:{bad}", "--out", str(tmp_path / "x"), *FAST])
+        assert r.exit_code == 2 and words in r.output, r.output
+    for dataset, words in (("csv:", "needs the file's path"), ("CSV:t.csv", "lower case: csv:t.csv")):
+        r = runner.invoke(app, ["train", "--dataset", dataset])
+        assert r.exit_code == 2 and words in r.output, r.output
     monkeypatch.chdir(tmp_path)
     r = runner.invoke(app, ["sample", "--model", str(out), "-n", "20"])
     assert r.exit_code == 0 and (tmp_path / "samples.csv").read_text().splitlines()[0] == "a,b", r.output

@@ -236,6 +236,18 @@ def test_python_calibrate_warns_when_the_set_cannot_resolve_the_rate(small_det):
     assert small_det.calibration_.expected_fpr() == pytest.approx(0.05)
 
 
+def test_python_takes_one_decision_rule_and_says_why_the_training_rows_calibrate(small_det):
+    """New-user trial: fpr and fdr together were silently FDR in Python (the CLI refuses both); calibration_fraction=0
+    was described as "too few rows to hold out"."""
+    with pytest.raises(ValueError, match="choose one decision rule"):
+        small_det.calibrate(fpr=0.05, fdr=0.1)
+    X = np.random.default_rng(0).normal(size=(100, 3))
+    with pytest.raises(ValueError, match="choose one decision rule"):
+        DxMIDetector(fpr=0.05, fdr=0.1, **QUICK).fit(X)
+    det = DxMIDetector(calibration_fraction=0.0, random_state=0, **QUICK).fit(X)
+    assert "calibration_fraction=0: no rows held out" in det.calibration_.source
+
+
 def test_expected_fpr_follows_a_contamination_threshold():
     """With ``contamination`` the threshold is a quantile of the fit rows' energies, not the conformal rank."""
     X = np.random.default_rng(0).normal(size=(200, 3))

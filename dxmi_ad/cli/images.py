@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -443,14 +444,23 @@ NO_RULE = "no decision rule: pred_label left empty; set one with `dxmi-ad calibr
 
 #: ``--out`` suffixes ``score`` refuses: it writes CSV text, which a file of these formats would not hold.
 NOT_CSV_SUFFIXES = frozenset({".xlsx", ".xlsm", ".xls", ".ods", ".parquet", ".feather", ".json", ".npy", ".npz",
-                              ".pkl", ".pickle", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".html", ".pdf"})
+                              ".pkl", ".pickle", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".html", ".pdf",
+                              ".safetensors", ".pt", ".pth", ".onnx", ".yaml", ".yml"})
 
 
-def check_score_outputs(out_csv: Path | None, heatmaps: Path | None) -> None:
+#: Files of a run directory that ``score --out`` must not replace (besides everything under ``logs/``).
+RUN_FILES = frozenset({"model.safetensors", "config.json", "calibration.json", "metrics.json", "metrics.csv",
+                       "report.html", "model.onnx", "model.pt"})
+
+
+def check_score_outputs(out_csv: Path | None, heatmaps: Path | None, inputs: Sequence[Path] = (),
+                        model: Path | None = None) -> None:
     """Refuse output paths that cannot be written, before any image is read or scored.
 
     Raises:
-        ImageCLIError: ``--out`` is a folder, ``-`` or an existing non-regular file (``/dev/stdout``: the CSV is
+        ImageCLIError: ``--out`` is one of the ``inputs``, one of the ``model`` run directory's files
+            (:data:`RUN_FILES`, ``logs/``), a
+            folder, ``-`` or an existing non-regular file (``/dev/stdout``: the CSV is
             written atomically, through a temporary file; omit ``--out`` to print it), lies under a file, or has a
             suffix of :data:`NOT_CSV_SUFFIXES` (e.g. ``.xlsx``: the content would be CSV text); ``--heatmaps`` is a
             file or lies under one.
@@ -469,6 +479,15 @@ def check_score_outputs(out_csv: Path | None, heatmaps: Path | None) -> None:
         if out_csv.suffix.lower() in NOT_CSV_SUFFIXES:
             msg = (f"--out {out_csv}: score writes comma-separated text; name the file .csv (spreadsheets such as "
                    f"Excel open it), not {out_csv.suffix}")
+            raise ImageCLIError(msg)
+        target = out_csv.resolve()
+        if any(p.is_file() and p.resolve() == target for p in inputs):
+            msg = f"--out {out_csv} is one of the files to score; writing the scores would replace it: give another name"
+            raise ImageCLIError(msg)
+        run = model.resolve() if model is not None else None
+        if run is not None and out_csv.exists() and (
+                target.parent == run and target.name in RUN_FILES or run / "logs" in target.parents):
+            msg = f"--out {out_csv} would replace a file of the model {model}; give another name"
             raise ImageCLIError(msg)
         if (blocker := under_file(out_csv)) is not None:
             msg = f"--out {out_csv} cannot be written: {blocker} is a file, not a folder"

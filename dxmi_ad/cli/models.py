@@ -487,7 +487,7 @@ def score(
         if heatmaps is not None:
             raise _fail("--heatmaps is for image models; a vector model scores table rows")
         try:
-            images.check_score_outputs(out, None)
+            images.check_score_outputs(out, None, paths, model)
             result = _score_tables(model, paths, out)
         except (CLIError, ImageCLIError, FileNotFoundError, ValueError) as err:
             raise _fail(str(err)) from None
@@ -498,7 +498,7 @@ def score(
         err_console.print(images.score_summary(result, unit="row"), highlight=False, soft_wrap=True)
         return
     try:  # everything that can be refused is refused before the model is loaded or any image is read
-        images.check_score_outputs(out, heatmaps)
+        images.check_score_outputs(out, heatmaps, paths, model)
         listing = find_images(paths, require=True)
     except (ImageCLIError, ValueError) as err:
         raise _fail(str(err)) from None

@@ -185,13 +185,16 @@ def _check_dataset_name(dataset: str) -> None:
             that does not exist.
     """
     if dataset.startswith("csv:"):
+        if not dataset[4:].strip():
+            raise CLIError("--dataset csv: needs the file's path after the prefix, e.g. csv:my_table.csv")
         if Path(dataset[4:]).expanduser().is_dir():
             raise CLIError(f"{dataset}: {dataset[4:]!r} is a folder, not a CSV file")
         if not Path(dataset[4:]).expanduser().is_file():
             raise CLIError(f"{dataset}: CSV file {dataset[4:]!r} not found")
         return
     if dataset not in DATASETS:
-        hint = f" (a CSV file is given as csv:{dataset})" if dataset.lower().endswith(".csv") else ""
+        hint = (f" (the prefix is written in lower case: csv:{dataset[4:]})" if dataset.lower().startswith("csv:")
+                else f" (a CSV file is given as csv:{dataset})" if dataset.lower().endswith(".csv") else "")
         msg = f"unknown dataset {dataset!r}{hint}; expected one of {', '.join(DATASETS)}"
         raise CLIError(msg)
 

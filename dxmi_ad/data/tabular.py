@@ -202,6 +202,15 @@ def _binary_table_kind(path: Path) -> str | None:
     return next((kind for magic, kind in _BINARY_TABLES if head.startswith(magic)), None)
 
 
+def _is_number(text: str) -> bool:
+    """True when ``text`` parses as a float (a header field that is a value, not a name)."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def check_columns(columns: Sequence[str], expected: Sequence[str], where: str) -> None:
     """Refuse feature ``columns`` (a table's, label excluded) that are not a reordering of a model's ``expected``.
 
@@ -243,7 +252,8 @@ def load_csv(path: str | Path, label_column: str = "label", min_rows: int = 2,
     Raises:
         FileNotFoundError: If the file does not exist.
         ValueError: A folder given as the file; naming the file, line and column, for an unreadable file, a missing header, a row with the
-            wrong number of fields, repeated column names, columns that differ from ``expected_columns`` (both lists
+            wrong number of fields, a header of numbers (no header line), a column without a name (pandas' index),
+            repeated column names, columns that differ from ``expected_columns`` (both lists
             named), a binary workbook or array (Excel, OpenDocument, NumPy: "save it as CSV"), a non-numeric or non-finite value, a value beyond the float32 range
             (``|x| > 3.4e38``, which the models cannot hold), a label outside {0, 1}, two label columns, no feature
             column, or fewer than ``min_rows`` rows.
@@ -274,6 +284,16 @@ def load_csv(path: str | Path, label_column: str = "label", min_rows: int = 2,
         raise ValueError(msg)
     header_line, header_row = records[0]
     header = [h.strip() for h in header_row]
+    if all(_is_number(h) for h in header):
+        msg = (f"{path}, line {header_line}: the header holds numbers, not column names ({', '.join(header[:4])}"
+               f"{', ...' if len(header) > 4 else ''}): a CSV without a header line? Add one naming the columns")
+        raise ValueError(msg)
+    unnamed = [j + 1 for j, h in enumerate(header) if not h]
+    if unnamed:
+        msg = (f"{path}, line {header_line}: column {', '.join(map(str, unnamed))} has no name; pandas writes its "
+               "row index this way (df.to_csv(path) without index=False): write the table with index=False, or "
+               "name the column")
+        raise ValueError(msg)
     width = len(header)
     wanted = _normalize_name(label_column)
     label_cols = [j for j, h in enumerate(header) if _normalize_name(h) == wanted]
