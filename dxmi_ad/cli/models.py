@@ -228,19 +228,16 @@ TABLE_NO_RULE = ("no decision rule: pred_label left empty; set one with `dxmi-ad
 
 def _model_columns(det: Any, X: Any, columns: list[str], path: Path) -> Any:
     """Table rows ``X`` ``(n, D)`` with CSV ``columns``, as the vector model ``det`` takes them: a DataFrame in the
-    training columns' order when the model knows their names (matched by name, any order), else the array.
+    training columns' order when the model knows their names (matched by name, any order), else the array. The
+    names were checked by :func:`~dxmi_ad.data.tabular.load_csv` (``expected_columns``) when the table was read.
 
     Raises:
-        CLIError: Missing or unknown columns (named, with the expected list), or a different column count.
+        CLIError: A column count that differs from the model's (a model trained on unnamed arrays).
     """
-    from dxmi_ad.data.tabular import check_columns, with_column_names
+    from dxmi_ad.data.tabular import with_column_names
 
     names = getattr(det, "feature_names_in_", None)
     if names is not None and list(columns) != list(names):
-        try:
-            check_columns(columns, names, str(path))
-        except ValueError as err:
-            raise CLIError(str(err)) from None
         X = X[:, [columns.index(c) for c in names]]  # same names, another order
     if X.shape[1] != det.n_features_in_:
         raise CLIError(f"{path}: {X.shape[1]} feature column(s), the model was trained on {det.n_features_in_}")
