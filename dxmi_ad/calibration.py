@@ -372,7 +372,7 @@ class Calibration:
                     "there is no fixed threshold: a file's decision depends on the other files in its batch."]
         if self.rule == "f1":
             return [head + "; the threshold comes from the validation set (F1), not from this set."]
-        k = self._threshold_rank()
+        k = min(math.ceil((n + 1) * (1.0 - self.fpr) - 1e-9), n)
         lo, hi = (n + 1 - k) / (n + 1), (n + 2 - k) / (n + 1)
         which = "the maximum" if k == n else f"rank {k} of the {n} (ascending)"
         lines = [head + ".",
@@ -384,11 +384,6 @@ class Calibration:
                          f"needs at least ceil(1/a - 1) calibration samples: fpr=0.01 needs "
                          f"{min_calibration_size(0.01)}).")
         return lines
-
-    def _threshold_rank(self) -> int:
-        """``k``: the ``"fpr"`` threshold is the ``k``-th smallest of the ``n`` calibration scores (see :meth:`support`)."""
-        n = len(self.scores)
-        return min(math.ceil((n + 1) * (1.0 - self.fpr) - 1e-9), n)
 
     def expected_fpr(self) -> float:
         """The false-positive rate the stored threshold gives on new normal data exchangeable with the calibration

@@ -39,8 +39,8 @@ from dxmi_ad.calibration import (
     resolve_fpr,
 )
 
-__all__ = ["MAX_CALIBRATION_FRACTION", "CalibratedDetector", "CoarseRateWarning", "NotCalibratedError", "check_calibration_fraction",
-           "check_rates", "holdout_split", "refuse_unsupported_rates"]
+__all__ = ["MAX_CALIBRATION_FRACTION", "CalibratedDetector", "CoarseRateWarning", "NotCalibratedError",
+           "check_calibration_fraction", "check_rates", "holdout_split", "refuse_unsupported_rates"]
 
 MAX_CALIBRATION_FRACTION = 0.9
 """Largest share of the normal training data that may be held out for calibration (the rest trains)."""
