@@ -1,17 +1,24 @@
-"""Paper Table 1 on this machine: DxMI on 2-D 8 Gaussians (T = 5, value shared with the energy).
+"""Paper Table 1 on this machine: DxMI on 2-D 8 Gaussians (T = 5; the energy network: recipe and ablation).
 
 Prints sliced Wasserstein-2 (1,000 projections, 10k generated vs 10k test samples) and the AUC of the energy
 separating 10k test points from 10k uniform points on [-4, 4]^2 (the box matching the paper's ideal AUC of about
 0.906, docs/paper_map.md), beside the paper's numbers, with seconds per run. Settings: recipes/eight_gaussians.yaml.
 
     python benchmarks/eight_gaussians.py [--n-iter N] [--seed 0] [--defaults-seeds 3] [--ablation] [--ceilings]
+        [--energy-by-dimension 2,3,4,5,6,8 [--dimension-seeds 3]]
 
-``--defaults-seeds N`` adds the rows a user who tunes nothing gets: ``DxMIDetector()`` (no recipe) fitted on the same
-50k training points with seeds 0..N-1 (AUC against the uniform box, fit seconds), mean and standard deviation.
+``--defaults-seeds N`` adds the rows a user who tunes nothing gets: ``DxMIDetector()`` (no recipe; on 2-D data
+``energy_model="auto"`` builds the MLP energy) and ``DxMIDetector(energy_model="autoencoder")`` (the defaults of wider
+tables) fitted on the same 50k training points with seeds 0..N-1 (AUC against the uniform box on the test and on the
+validation draws, fit seconds), mean and standard deviation.
 ``--ablation`` trains the recipe with its issue-#13 switches undone one by one (energy-only selection, selection,
 Fourier features, the leaky ReLU, the separate energy: back to the paper's shared energy V(x, T)) and with the
 energy refit (``energy_refit_iter``) for ``--ablation-seeds`` seeds and prints the AUC on VALIDATION draws (fresh 8
 Gaussians vs the uniform box, seeds the test never uses: the choice is made there), the test AUC and SW beside it.
+``--energy-by-dimension 2,3,4,5,6,8`` compares ``DxMIDetector(energy_model="autoencoder")`` with
+``energy_model="mlp"`` (each with its defaults) on 8-Gaussian mixtures in D dimensions against the Gaussian with the
+same mean and covariance (near anomalies) and on a standard normal blob against the blob shifted by 2 in every
+feature (far anomalies): the synthetic choice set behind ``energy_model="auto"``'s switch (``LOW_DIM_FEATURES``).
 ``--ceilings`` prints two reference AUCs on the same test points and box: the true mixture density, and the best
 an autoencoder energy with a circle of codes can do here (the squared distance to the ring through the centres,
 the closed curve that passes through all eight modes; ``DxMIDetector()`` on 2-D data has such a code).
@@ -70,31 +77,83 @@ def run(n_iter: int | None, seed: int, quick: bool = False) -> pd.DataFrame:
 
 
 def defaults_rows(seeds: int) -> pd.DataFrame:
-    """``DxMIDetector()`` with nothing set, per seed: AUC (test vs uniform box) and fit seconds; plus mean / std."""
+    """``DxMIDetector()`` with nothing set (``energy_model="auto"``: the MLP energy on 2-D data) and with
+    ``energy_model="autoencoder"`` (the defaults of wider tables), per seed: AUC on the test draws and on the
+    validation draws (each vs its uniform box), fit seconds; plus mean / std per energy."""
     train = eight_gaussians(50_000, 0)
     test, noise = eight_gaussians(10_000, 123), uniform_box(10_000, 7)
+    val, val_noise = eight_gaussians(10_000, 555), uniform_box(10_000, 556)
     rows = []
-    for seed in range(seeds):
-        t0 = time.perf_counter()
-        det = DxMIDetector(random_state=seed).fit(train)
-        rows.append({"seed": seed, "AUC": auroc(det.energy(test), det.energy(noise)),
-                     "seconds": time.perf_counter() - t0})
+    for energy in ("auto", "autoencoder"):
+        for seed in range(seeds):
+            t0 = time.perf_counter()
+            det = DxMIDetector(energy_model=energy, random_state=seed).fit(train)
+            seconds = time.perf_counter() - t0
+            rows.append({"energy_model": energy, "seed": seed, "AUC": auroc(det.energy(test), det.energy(noise)),
+                         "validation AUC": auroc(det.energy(val), det.energy(val_noise)), "seconds": seconds})
     table = pd.DataFrame(rows)
-    summary = pd.DataFrame([{"seed": "mean", **table[["AUC", "seconds"]].mean().to_dict()},
-                            {"seed": "std", **table[["AUC", "seconds"]].std(ddof=0).to_dict()}])
+    cols = ["AUC", "validation AUC", "seconds"]
+    stats = table.groupby("energy_model", sort=False)[cols]
+    summary = pd.concat([stats.mean().assign(seed="mean"), stats.std(ddof=0).assign(seed="std")]).reset_index()
     return pd.concat([table, summary])
 
 
+def mixture_with_moment_matched_anomalies(dim: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A synthetic choice set for the energy by dimension: ``(train (20000, dim), normal (5000, dim), anomalies
+    (5000, dim))``; normal rows from 8 Gaussians (std 0.5) with centres uniform in ``[-3, 3]^dim``, anomalies from
+    the Gaussian with the training rows' mean and covariance (same first two moments, no modes)."""
+    rng = np.random.default_rng(100 + dim + 1000 * seed)
+    centres = rng.uniform(-3, 3, size=(8, dim))
+
+    def draw(n: int) -> np.ndarray:
+        return (centres[rng.integers(8, size=n)] + 0.5 * rng.standard_normal((n, dim))).astype(np.float32)
+
+    train, normal = draw(20_000), draw(5_000)
+    fake = rng.multivariate_normal(train.mean(0), np.cov(train.T), size=5_000).astype(np.float32)
+    return train, normal, fake
+
+
+def shifted_blob(dim: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The far-outlier counterpart: ``(train (2000, dim), normal (500, dim), anomalies (500, dim))``, standard
+    normal rows against the same shifted by 2 in every feature."""
+    rng = np.random.default_rng(200 + dim + 1000 * seed)
+    train, normal = rng.standard_normal((2_000, dim)), rng.standard_normal((500, dim))
+    return train, normal, rng.standard_normal((500, dim)) + 2.0
+
+
+def energy_by_dimension(dims: list[int], seeds: int) -> pd.DataFrame:
+    """AUROC of ``DxMIDetector`` defaults with the autoencoder and with the MLP energy on the mixtures of
+    :func:`mixture_with_moment_matched_anomalies` (near anomalies) and on :func:`shifted_blob` (far anomalies), data
+    seeds ``0..seeds-1``, model seed 0: where ``energy_model="auto"`` switches (``LOW_DIM_FEATURES``)."""
+    rows = []
+    for dim in dims:
+        for seed in range(seeds):
+            for task, make in (("mixture vs moment-matched Gaussian", mixture_with_moment_matched_anomalies),
+                               ("blob vs blob + 2", shifted_blob)):
+                train, normal, fake = make(dim, seed)
+                for energy in ("autoencoder", "mlp"):
+                    t0 = time.perf_counter()
+                    det = DxMIDetector(energy_model=energy, random_state=0).fit(train)
+                    rows.append({"task": task, "features": dim, "data seed": seed, "energy_model": energy,
+                                 "AUC": auroc(det.energy(normal), det.energy(fake)),
+                                 "seconds": time.perf_counter() - t0})
+    table = pd.DataFrame(rows)
+    return table.pivot_table(index=["task", "features"], columns="energy_model", values="AUC",
+                             aggfunc=["mean", "std"])
+
+
 # (label, model-key overrides of the recipe) -- the recipe's issue-#13 switches undone one at a time, and the refit
-_LAST_ITERATE = {"energy_fourier_features": 0, "validate_every": 0, "select_energy_only": False}
+_NO_BASE = {"energy_quadratic_weight": 0.0}
+_LAST_ITERATE = {**_NO_BASE, "energy_fourier_features": 0, "validate_every": 0, "select_energy_only": False}
 ABLATION = [
     ("paper: shared energy V(x, T), SiLU", {**_LAST_ITERATE, "energy_model": "shared", "activation": "silu"}),
     ("separate MLP energy, SiLU", {**_LAST_ITERATE, "activation": "silu"}),
-    ("separate MLP energy, leaky ReLU (previous recipe)", _LAST_ITERATE),
+    ("separate MLP energy, leaky ReLU", _LAST_ITERATE),
     ("  + energy refit (1000 steps)", {**_LAST_ITERATE, "energy_refit_iter": 1000}),
-    ("  + Fourier features, last iterate", {"validate_every": 0, "select_energy_only": False}),
-    ("  + Fourier features + selection of the whole model", {"select_energy_only": False}),
-    ("recipe: + Fourier features + selection of the energy", {}),
+    ("  + Fourier features, last iterate", {**_NO_BASE, "validate_every": 0, "select_energy_only": False}),
+    ("  + Fourier features + selection of the whole model", {**_NO_BASE, "select_energy_only": False}),
+    ("  + Fourier features + selection of the energy (previous recipe)", _NO_BASE),
+    ("recipe: + the Gaussian base energy 0.1 |x|^2 / 2", {}),
 ]
 
 
@@ -154,8 +213,17 @@ def main() -> None:
     parser.add_argument("--ablation-seeds", type=int, default=3, help="seeds per ablation row")
     parser.add_argument("--ablation-n-iter", type=int, default=None, help="DxMI iterations per ablation run "
                         "(default: the recipe's)")
+    parser.add_argument("--energy-by-dimension", default=None, metavar="DIMS",
+                        help="only the autoencoder vs MLP defaults on mixtures of these dimensions, e.g. 2,3,4,5,6,8")
+    parser.add_argument("--dimension-seeds", type=int, default=3, help="data seeds per dimension")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    if args.energy_by_dimension:
+        dims = [int(d) for d in args.energy_by_dimension.split(",")]
+        print(f"DxMIDetector defaults by energy: 8-Gaussian mixtures in D dims vs their moment-matched Gaussian, "
+              f"{args.dimension_seeds} data seeds (mean, std), torch threads=2")
+        print(energy_by_dimension(dims, args.dimension_seeds).to_string(float_format=lambda v: f"{v:.3f}"))
+        return
     if args.ceilings:
         print(ceilings().to_string(index=False, float_format=lambda v: f"{v:.4f}"))
         return

@@ -95,6 +95,10 @@ class DxMIConfig:
             Fourier features of ``x`` (``sin``/``cos`` of ``2 pi x W``, ``W ~ N(0, scale^2)`` fixed; 0 = raw input,
             paper). A named deviation (issue #13, docs/paper_map.md): a plain MLP on raw 2-D input learns the
             8-Gaussians modes only after a long plateau.
+        energy_quadratic_weight: ``energy_model="mlp"`` only: ``w >= 0`` adds ``w ||x||^2 / 2`` (a Gaussian base
+            energy in the model's input units) to the MLP energy; 0 = paper. A named deviation (issue #13,
+            docs/paper_map.md): the game shapes the energy only near data and samples, the base makes far rows score
+            high.
         latent_dim: Autoencoder latent width (paper: 128).
         time_dim: Sinusoidal step-embedding width (paper: 128).
         activation: Hidden activation of sampler and value nets.
@@ -193,6 +197,7 @@ class DxMIConfig:
     energy_layers: int = 3
     energy_fourier_features: int = 0
     energy_fourier_scale: float = 1.0
+    energy_quadratic_weight: float = 0.0
     latent_dim: int = 128
     time_dim: int = 128
     activation: str = "silu"
@@ -286,7 +291,7 @@ class DxMIConfig:
             msg = f"energy_update_every must be >= 1, got {self.energy_update_every}"
             raise ValueError(msg)
         for name in ("entropy_weight", "velocity_weight", "energy_l2_weight", "negative_l2_weight",
-                     "init_input_noise", "init_recovery_weight"):
+                     "init_input_noise", "init_recovery_weight", "energy_quadratic_weight"):
             if getattr(self, name) < 0:
                 msg = f"{name} must be >= 0, got {getattr(self, name)}"
                 raise ValueError(msg)
@@ -310,6 +315,10 @@ class DxMIConfig:
             raise ValueError(msg)
         if self.init_input_steps and self.mode != "vector":
             msg = f"init_input_steps > 0 needs mode='vector', got mode={self.mode!r}"
+            raise ValueError(msg)
+        if self.energy_quadratic_weight and self.energy_model != "mlp":
+            msg = (f"energy_quadratic_weight={self.energy_quadratic_weight} needs energy_model='mlp' (the base is "
+                   f"added to the free MLP energy only), got energy_model={self.energy_model!r}")
             raise ValueError(msg)
         if self.energy_fourier_features and self.energy_model != "mlp":
             msg = (f"energy_fourier_features={self.energy_fourier_features} needs energy_model='mlp' (the features "

@@ -55,37 +55,71 @@ def _resolve_device(device: str) -> torch.device:
 #: Fewest held-out normal rows for model selection (``DxMIDetector(validate_every=...)``); fewer: no selection.
 MIN_VALIDATION_ROWS = 10
 
+#: ``energy_model="auto"``: the MLP energy for data with at most this many features, the autoencoder above (issue
+#: #13, "vectors"; measured on validation draws, see :class:`DxMIDetector`).
+LOW_DIM_FEATURES = 3
+
+#: Values of the parameters left at None, per energy model ("mlp" also serves "shared"). The autoencoder column is
+#: the paper's AD recipe at CPU size (App. C.3); the MLP column is the 2-D recipe's (paper §5.1) at a defaults' size.
+ENERGY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "autoencoder": {"n_iter": 150, "sampler_pretrain_iter": 0, "batch_size": 128, "energy_lr": 1e-5,
+                    "value_lr": 1e-4, "warmup_iter": 50, "velocity_weight": 0.01, "energy_l2_weight": 0.0},
+    "mlp": {"n_iter": 300, "sampler_pretrain_iter": 500, "batch_size": 256, "energy_lr": 1e-3,
+            "value_lr": 1e-3, "warmup_iter": 0, "velocity_weight": 0.1, "energy_l2_weight": 1.0},
+}
+
+#: :class:`~dxmi_ad.config.DxMIConfig` fields set with the MLP / shared energy (``config_overrides`` win): random
+#: Fourier features of the (standardized) input and a Gaussian base energy ``0.1 ||x||^2 / 2`` for the MLP energy,
+#: leaky ReLU, cosine decay, a fixed last sigma of 0.01 and, with selection, the energy of the best validated
+#: iteration beside the last iteration's sampler.
+MLP_ENERGY_CONFIG: dict[str, Any] = {"energy_fourier_features": 64, "energy_fourier_scale": 0.6,
+                                     "energy_quadratic_weight": 0.1, "activation": "leaky_relu",
+                                     "lr_schedule": "cosine", "last_sigma": 0.01, "select_energy_only": True}
+
 
 class DxMIDetector(CalibratedDetector, OutlierMixin, BaseEstimator):
     """Anomaly detector whose score is the energy of an EBM trained by DxMI (the scikit-learn way).
 
-    ``fit`` standardises the features, pre-trains an autoencoder energy on the normal rows, then runs DxMI: the
-    energy learns low values on data and high values on the outputs of a T-step diffusion sampler that is itself
-    trained by DxDP to reach low energy with maximal entropy (paper §3-4).
+    ``fit`` standardises the features, builds the energy (by default an autoencoder energy pre-trained on the normal
+    rows; see ``energy_model``), then runs DxMI: the energy learns low values on data and high values on the outputs
+    of a T-step diffusion sampler that is itself trained by DxDP to reach low energy with maximal entropy (paper
+    §3-4).
 
     Named deviations from the paper's AD recipe (docs/paper_map.md), all CPU-motivated: the log-sigma learning rate is
     10 x ``sampler_lr`` (docs/paper_map.md: 100 x was unstable); with the autoencoder energy every sigma_t is learned
     (the AD sampler of the paper does not say whether the last is fixed); autoencoder pre-training uses lr 1e-3;
     the step embedding is 32-d for ``n_features <= 16`` (128 otherwise); ``warmup_iter`` freezes the energy first.
 
-    Default sizes (issue #13, "vectors"): 3 hidden layers of 128, 1000 autoencoder steps, 150 DxMI iterations (50 of
-    them warm-up), batch 128: a fit takes about 15 s on 2 CPU cores whatever the table's size (the number of
-    updates is fixed), e.g. 10,000 x 100 (``benchmarks/digits.py --defaults --timing``). The earlier 256-wide,
-    1500 + 300-step defaults took about 45 s; digits AUROC is unchanged (0.980), 8 Gaussians a little higher
-    (0.840 vs 0.829), wbc / wine about 0.01 lower (0.907 / 0.904 vs 0.920 / 0.913). Model selection on by default
-    (``validate_every=50``): digits 0.980, wbc 0.928, wine 0.904 (too few rows to hold out: no selection), 8 Gaussians
-    0.843, about 18 s per fit.
+    Two sets of defaults (issue #13, "vectors"; :data:`ENERGY_DEFAULTS`), chosen by ``energy_model="auto"`` from the
+    number of features, for the parameters left at None:
+
+    * one feature, or more than :data:`LOW_DIM_FEATURES` features: the autoencoder energy (paper App. C.3) with 1000 autoencoder
+      steps, 150 DxMI iterations (50 of them warm-up), batch 128, energy lr 1e-5, value lr 1e-4, tau2 0.01, gamma 0:
+      about 15 s per fit on 2 CPU cores whatever the table's size (the number of updates is fixed), e.g.
+      10,000 x 100 (``benchmarks/digits.py --defaults --timing``); digits 0.980, wbc 0.927, wine 0.904 AUROC.
+    * 2 to :data:`LOW_DIM_FEATURES` features: a free MLP energy on random Fourier features of the standardized
+      input plus a Gaussian base energy (the 2-D recipe of paper §5.1, :data:`MLP_ENERGY_CONFIG`) with 500 DDPM
+      pre-training steps of the sampler, 300 DxMI iterations, batch 256, energy and value lr 1e-3, tau2 0.1, gamma
+      1, cosine decay and, with selection, the energy of the best validated iteration kept beside the last sampler:
+      about 20-25 s per fit; 8 Gaussians AUC 0.898 +/- 0.002 against the uniform box (3 seeds), where the
+      autoencoder energy's ceiling is 0.843 (its code on a circle can only learn the ring through the eight modes).
+      The switch is set on synthetic choice sets (``benchmarks/eight_gaussians.py --energy-by-dimension``): mixtures
+      against their moment-matched Gaussian (near anomalies) and a blob against the shifted blob (far ones).
 
     Parameters (all stored unchanged; the model is built in ``fit``):
         n_steps: Sampler steps T (paper: 5).
-        energy_model: ``"autoencoder"`` (paper AD energy), ``"mlp"`` or ``"shared"`` (``E = V(., T)``, 2-D variant).
+        energy_model: ``"auto"`` (see above: ``"mlp"`` for 2 to :data:`LOW_DIM_FEATURES` features,
+            ``"autoencoder"`` otherwise; the choice is in ``config_.energy_model`` after ``fit``), ``"autoencoder"`` (paper AD energy),
+            ``"mlp"`` or ``"shared"`` (``E = V(., T)``, 2-D variant). ``"mlp"`` and ``"shared"`` take the MLP
+            defaults.
         entropy_weight: tau1, weight of the sampler entropy (paper tau = 0.1).
-        velocity_weight: tau2, weight of the velocity cost.
-        energy_l2_weight: gamma, energy-magnitude regularizer.
-        n_iter: DxMI iterations.
-        ae_pretrain_iter: Autoencoder pre-training steps (``energy_model="autoencoder"``).
-        sampler_pretrain_iter: DDPM pre-training steps of the sampler (uses the ``"eps"`` parameterization).
-        batch_size: Rows per iteration.
+        velocity_weight: tau2, weight of the velocity cost (None: 0.01 autoencoder, 0.1 MLP).
+        energy_l2_weight: gamma, energy-magnitude regularizer (None: 0 autoencoder, 1 MLP).
+        n_iter: DxMI iterations (None: 150 autoencoder, 300 MLP).
+        ae_pretrain_iter: Autoencoder pre-training steps (the autoencoder energy only).
+        sampler_pretrain_iter: DDPM pre-training steps of the sampler (uses the ``"eps"`` parameterization; None:
+            0 autoencoder, 500 MLP).
+        batch_size: Rows per iteration (None: 128 autoencoder, 256 MLP).
         hidden: Width of every hidden layer (sampler, value, energy).
         n_layers: Hidden layers of every network.
         latent_dim: Autoencoder latent width; ``"auto"`` = ``min(32, max(3, n_features // 4), n_features)``
@@ -93,8 +127,10 @@ class DxMIDetector(CalibratedDetector, OutlierMixin, BaseEstimator):
             than the input; an explicit ``latent_dim > n_features`` could learn the identity and is refused. With one feature
             the width is 1, whose spherical code is the two points {-1, +1} (see
             :func:`~dxmi_ad.nn.energy.autoencoder_latent_dim`); one feature with ``spherical=True`` is refused.
-        energy_lr, value_lr, sampler_lr: Adam learning rates.
-        warmup_iter: DxMI iterations with the energy frozen (a named deviation; 0 = paper).
+        energy_lr, value_lr, sampler_lr: Adam learning rates (None: energy 1e-5 and value 1e-4 autoencoder, both
+            1e-3 MLP; sampler 1e-4).
+        warmup_iter: DxMI iterations with the energy frozen (a named deviation; 0 = paper; None: 50 autoencoder, 0
+            MLP).
         validate_every: Model selection (a named deviation: the paper keeps the last iterate; issue #13): every this
             many DxMI iterations, and before the first (the pre-trained start competes), the model is scored on
             held-out normal rows against SYNTHETIC anomalies made from them
@@ -156,21 +192,21 @@ class DxMIDetector(CalibratedDetector, OutlierMixin, BaseEstimator):
 
     _parameter_constraints: dict[str, list[Any]] = {
         "n_steps": [Interval(Integral, 1, None, closed="left")],
-        "energy_model": [StrOptions({"autoencoder", "mlp", "shared"})],
+        "energy_model": [StrOptions({"auto", "autoencoder", "mlp", "shared"})],
         "entropy_weight": [Interval(Real, 0, None, closed="left")],
-        "velocity_weight": [Interval(Real, 0, None, closed="left")],
-        "energy_l2_weight": [Interval(Real, 0, None, closed="left")],
-        "n_iter": [Interval(Integral, 0, None, closed="left")],
+        "velocity_weight": [Interval(Real, 0, None, closed="left"), None],
+        "energy_l2_weight": [Interval(Real, 0, None, closed="left"), None],
+        "n_iter": [Interval(Integral, 0, None, closed="left"), None],
         "ae_pretrain_iter": [Interval(Integral, 0, None, closed="left")],
-        "sampler_pretrain_iter": [Interval(Integral, 0, None, closed="left")],
-        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "sampler_pretrain_iter": [Interval(Integral, 0, None, closed="left"), None],
+        "batch_size": [Interval(Integral, 1, None, closed="left"), None],
         "hidden": [Interval(Integral, 1, None, closed="left")],
         "n_layers": [Interval(Integral, 1, None, closed="left")],
         "latent_dim": [StrOptions({"auto"}), Interval(Integral, 1, None, closed="left")],
-        "energy_lr": [Interval(Real, 0, None, closed="neither")],
-        "value_lr": [Interval(Real, 0, None, closed="neither")],
+        "energy_lr": [Interval(Real, 0, None, closed="neither"), None],
+        "value_lr": [Interval(Real, 0, None, closed="neither"), None],
         "sampler_lr": [Interval(Real, 0, None, closed="neither")],
-        "warmup_iter": [Interval(Integral, 0, None, closed="left")],
+        "warmup_iter": [Interval(Integral, 0, None, closed="left"), None],
         "validate_every": [Interval(Integral, 0, None, closed="left")],
         "validation_fraction": [Interval(Real, 0, 0.5, closed="right")],
         "init_noise_low": [Interval(Real, 0, None, closed="left")],
@@ -192,21 +228,21 @@ class DxMIDetector(CalibratedDetector, OutlierMixin, BaseEstimator):
         self,
         *,
         n_steps: int = 5,
-        energy_model: str = "autoencoder",
+        energy_model: str = "auto",
         entropy_weight: float = 0.1,
-        velocity_weight: float = 0.01,
-        energy_l2_weight: float = 0.0,
-        n_iter: int = 150,
+        velocity_weight: float | None = None,
+        energy_l2_weight: float | None = None,
+        n_iter: int | None = None,
         ae_pretrain_iter: int = 1000,
-        sampler_pretrain_iter: int = 0,
-        batch_size: int = 128,
+        sampler_pretrain_iter: int | None = None,
+        batch_size: int | None = None,
         hidden: int = 128,
         n_layers: int = 3,
         latent_dim: int | str = "auto",
-        energy_lr: float = 1e-5,
-        value_lr: float = 1e-4,
+        energy_lr: float | None = None,
+        value_lr: float | None = None,
         sampler_lr: float = 1e-4,
-        warmup_iter: int = 50,
+        warmup_iter: int | None = None,
         validate_every: int = 50,
         validation_fraction: float = 0.1,
         init_noise_low: float = 0.01,
@@ -264,29 +300,47 @@ class DxMIDetector(CalibratedDetector, OutlierMixin, BaseEstimator):
             return int(rs)
         return int(rs.randint(2**31 - 1))
 
+    def resolved_energy_model(self, dim: int) -> str:
+        """The energy ``fit`` builds for ``dim`` features: ``energy_model``, with ``"auto"`` resolved to ``"mlp"`` for
+        2 to :data:`LOW_DIM_FEATURES` features and ``"autoencoder"`` otherwise (one feature included: the MLP
+        energy needs model selection to keep its early peak, and selection needs two features to make its
+        synthetic anomalies).
+        """
+        if self.energy_model != "auto":
+            return self.energy_model
+        return "mlp" if 2 <= dim <= LOW_DIM_FEATURES else "autoencoder"
+
     def _make_config(self, dim: int, n_rows: int) -> DxMIConfig:
-        """Resolve the constructor parameters into a :class:`DxMIConfig` for ``dim`` features."""
-        is_ae = self.energy_model == "autoencoder"
+        """Resolve the constructor parameters into a :class:`DxMIConfig` for ``dim`` features (None parameters take
+        the resolved energy model's :data:`ENERGY_DEFAULTS`).
+        """
+        energy = self.resolved_energy_model(dim)
+        is_ae = energy == "autoencoder"
+        profile = ENERGY_DEFAULTS["autoencoder" if is_ae else "mlp"]
+        own = {name: profile[name] if getattr(self, name) is None else getattr(self, name) for name in profile}
         params: dict[str, Any] = {
-            "dim": dim, "n_steps": self.n_steps, "energy_model": self.energy_model, "spherical": self.spherical,
+            "dim": dim, "n_steps": self.n_steps, "energy_model": energy, "spherical": self.spherical,
             "initial": "autoencoder" if is_ae else "gaussian",
-            "parameterization": "eps" if (self.sampler_pretrain_iter or not is_ae) else "residual",
+            "parameterization": "eps" if (own["sampler_pretrain_iter"] or not is_ae) else "residual",
             "fix_last_sigma": not is_ae,
             "init_noise_low": self.init_noise_low, "init_noise_high": max(self.init_noise_high, self.init_noise_low),
             "sampler_hidden": self.hidden, "value_hidden": self.hidden, "energy_hidden": self.hidden,
             "sampler_layers": self.n_layers, "value_layers": self.n_layers, "energy_layers": self.n_layers,
             "latent_dim": autoencoder_latent_dim(dim, "auto") if self.latent_dim == "auto" else self.latent_dim,
             "time_dim": 32 if dim <= 16 else 128,
-            "entropy_weight": self.entropy_weight, "velocity_weight": self.velocity_weight,
-            "energy_l2_weight": self.energy_l2_weight, "batch_size": min(self.batch_size, max(n_rows, 2)),
-            "n_iter": self.n_iter, "warmup_iter": self.warmup_iter, "ae_pretrain_iter": self.ae_pretrain_iter,
+            "entropy_weight": self.entropy_weight, "velocity_weight": own["velocity_weight"],
+            "energy_l2_weight": own["energy_l2_weight"], "batch_size": min(own["batch_size"], max(n_rows, 2)),
+            "n_iter": own["n_iter"], "warmup_iter": own["warmup_iter"], "ae_pretrain_iter": self.ae_pretrain_iter,
             "validate_every": self.validate_every, "validation_fraction": self.validation_fraction,
-            "sampler_pretrain_iter": self.sampler_pretrain_iter,
-            "energy_lr": self.energy_lr, "value_lr": self.value_lr, "sampler_lr": self.sampler_lr,
+            "sampler_pretrain_iter": own["sampler_pretrain_iter"],
+            "energy_lr": own["energy_lr"], "value_lr": own["value_lr"], "sampler_lr": self.sampler_lr,
             "ae_lr": 1e-3, "sigma_lr": 1e-2 * self.sampler_lr / 1e-3,
-            "energy_grad_clip": None if self.energy_model == "shared" else 0.1,
+            "energy_grad_clip": None if energy == "shared" else 0.1,
             "seed": self._seed(),
         }
+        if not is_ae:  # the 2-D recipe's network and schedule (Fourier features feed the free MLP energy only)
+            params.update({k: v for k, v in MLP_ENERGY_CONFIG.items()
+                           if energy == "mlp" or not k.startswith(("energy_fourier", "energy_quadratic"))})
         params.update(self.config_overrides or {})
         config = DxMIConfig.from_dict(params)
         if config.energy_model == "autoencoder":  # the bottleneck must be narrower than the input (refused otherwise)
@@ -324,13 +378,18 @@ class DxMIDetector(CalibratedDetector, OutlierMixin, BaseEstimator):
     def _validator(self, X_val: np.ndarray, seed: int) -> Any:
         """``validate(model) -> AUROC`` of held-out normal rows ``X_val`` ``(m, D)`` against SYNTHETIC anomalies.
 
-        The anomalies are made from those rows (:func:`~dxmi_ad.data.synthetic.feature_swap_anomalies`,
-        ``max(2 m, 200)`` rows).
+        The anomalies are made from those rows, ``max(2 m, 200)`` of them: half near-misses
+        (:func:`~dxmi_ad.data.synthetic.feature_swap_anomalies`), half far rows
+        (:func:`~dxmi_ad.data.synthetic.outward_anomalies`, 1.5-3 x as far from the mean): a model is kept only if it
+        ranks both kinds (issue #13: with swaps alone, an MLP energy that ranked far rows below normal ones could
+        win, on data whose features are independent the swaps look normal).
         """
-        from dxmi_ad.data.synthetic import feature_swap_anomalies
+        from dxmi_ad.data.synthetic import feature_swap_anomalies, outward_anomalies
         from dxmi_ad.metrics import auroc
 
-        fake = feature_swap_anomalies(X_val, max(2 * len(X_val), 200), seed + 2)
+        n_fake = max(2 * len(X_val), 200)
+        fake = np.concatenate([feature_swap_anomalies(X_val, n_fake - n_fake // 2, seed + 2),
+                               outward_anomalies(X_val, n_fake // 2, seed + 3)])
         rows = self._transform(np.concatenate([X_val, fake]))
         n_normal = len(X_val)
 

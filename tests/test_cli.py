@@ -45,6 +45,8 @@ def test_train_csv_and_sample(tmp_path):
     result = runner.invoke(app, ["train", "--dataset", f"csv:{csv}", "--out", str(out), *FAST])
     assert result.exit_code == 0, result.output
     assert "feature names" not in result.output  # a named fit scores its own rows without scikit-learn's warning
+    assert "3 feature columns: recipe tables_low_dim" in result.output  # what DxMIDetector() builds for 3 features
+    assert json.loads((out / "config.json").read_text())["config"]["energy_model"] == "mlp"
     assert json.loads((out / "metrics.json").read_text())["image_AUROC"] > 0.9
     s = runner.invoke(app, ["sample", "--model", str(out), "-n", "50", "--out", str(tmp_path / "s.csv")])
     assert s.exit_code == 0, s.output

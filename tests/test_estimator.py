@@ -158,4 +158,5 @@ def test_tampered_config_is_refused_cleanly(fitted, tmp_path, edit, match):
 
 def test_ddpm_pretraining_with_autoencoder_start_is_refused():
     with pytest.raises(ValueError, match="initial='gaussian'"):
-        DxMIDetector(sampler_pretrain_iter=5, **TINY).fit(np.random.default_rng(0).normal(size=(20, 3)))
+        DxMIDetector(energy_model="autoencoder", sampler_pretrain_iter=5, **TINY).fit(
+            np.random.default_rng(0).normal(size=(20, 3)))

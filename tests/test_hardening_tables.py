@@ -22,7 +22,9 @@ from dxmi_ad.nn.energy import autoencoder_latent_dim
 from dxmi_ad.training.fit import train_model
 
 runner = CliRunner()
-QUICK = dict(n_iter=2, ae_pretrain_iter=5, hidden=8, n_layers=1, batch_size=32, warmup_iter=1, device="cpu")
+# the autoencoder energy on purpose: these 3-feature tables would otherwise get energy_model="auto"'s MLP energy
+QUICK = dict(energy_model="autoencoder", n_iter=2, ae_pretrain_iter=5, hidden=8, n_layers=1, batch_size=32,
+             warmup_iter=1, device="cpu")
 
 
 def _write(path, text, bom=False):
@@ -108,7 +110,7 @@ def test_estimator_resolves_and_refuses_the_latent_width():
         PyODDxMIDetector(config_overrides={"latent_dim": 4}, **QUICK).fit(rng.normal(size=(40, 3)))
     with pytest.raises(ValueError, match="spherical=True"):
         DxMIDetector(spherical=True, **QUICK).fit(rng.normal(size=(40, 1)))
-    DxMIDetector(energy_model="mlp", latent_dim=5, **QUICK).fit(rng.normal(size=(40, 3)))  # no autoencoder: no rule
+    DxMIDetector(**{**QUICK, "energy_model": "mlp", "latent_dim": 5}).fit(rng.normal(size=(40, 3)))  # no rule
 
 
 def test_every_trainer_refuses_a_bottleneck_as_wide_as_the_input():

@@ -324,5 +324,5 @@ def test_set_wins_over_the_recipe_key_by_key():
     got = load_recipe(None, "eight-gaussians", ["config_overrides={lr_schedule: constant}"])
     assert got["config_overrides"] == {"activation": "leaky_relu", "last_sigma": 0.01, "lr_schedule": "constant",
                                        "energy_fourier_features": 64, "energy_fourier_scale": 0.3,
-                                       "select_energy_only": True}
+                                       "energy_quadratic_weight": 0.1, "select_energy_only": True}
     assert load_recipe(None, "digits", ["energy=shared"])["energy_model"] == "shared"  # the old name, as an override

@@ -177,6 +177,32 @@ def load_dataset(dataset: str, normal_class: int, seed: int) -> Any:
     raise CLIError(f"{dataset} is an image dataset, not a table")  # routed to the image path before this point
 
 
+def _table_recipe(dataset: str) -> Path | None:
+    """The bundled recipe for a ``csv:`` table without ``--recipe``: ``tables_low_dim`` for 2 to
+    :data:`~dxmi_ad.estimator.LOW_DIM_FEATURES` feature columns (what ``DxMIDetector(energy_model="auto")`` builds
+    there), None otherwise (the ``digits`` recipe). Says which on stderr.
+
+    Raises:
+        CLIError: The file is missing or unreadable (:func:`load_dataset`'s messages).
+    """
+    if not dataset.startswith("csv:"):
+        return None
+    from dxmi_ad.data import tabular
+    from dxmi_ad.estimator import LOW_DIM_FEATURES
+
+    _check_dataset_name(dataset)
+    try:
+        n_features = tabular.load_csv(dataset[4:])[0].shape[1]
+    except (FileNotFoundError, ValueError) as err:
+        raise CLIError(str(err)) from err
+    if not 2 <= n_features <= LOW_DIM_FEATURES:
+        return None
+    err_console.print(f"info: {n_features} feature columns: recipe tables_low_dim (an MLP energy on Fourier features, "
+                      "as DxMIDetector() builds for 2-3 features; --recipe digits for the autoencoder energy)",
+                      highlight=False, markup=False, soft_wrap=True)
+    return recipes.path("tables_low_dim")
+
+
 def _check_dataset_name(dataset: str) -> None:
     """Refuse, without reading data, a vector dataset name that :func:`load_dataset` would refuse.
 
@@ -240,7 +266,9 @@ def train(
                                            "(DxMI on raw pixels: U-Net sampler + ResNet energy, images up to 64x64)")] = Mode.auto,
     init_sampler: Annotated[Path | None, typer.Option(help="pixel mode: start DxMI from this `dxmi-ad pretrain-sampler` "
                                                            "run (skips DDPM pre-training; its network shape is used)")] = None,
-    recipe: Annotated[Path | None, typer.Option(help="YAML recipe (vector: DxMIDetector parameters; image: features + model)")] = None,
+    recipe: Annotated[Path | None, typer.Option(help="YAML recipe or a bundled recipe's name (vector: DxMIDetector "
+                                                     "parameters; image: features + model) [default: the dataset's; "
+                                                     "csv: tables_low_dim for 2-3 feature columns, digits otherwise]")] = None,
     out: Annotated[Path | None, typer.Option(help="run directory (default runs/<dataset>-<time>)")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="override a recipe key: KEY=VALUE")] = None,
     seed: Annotated[int, typer.Option(help="random seed (fixes results on the CPU)")] = 0,
@@ -502,7 +530,7 @@ def _train_vectors(opts: TrainOptions) -> None:
 
     dataset, seed, out = opts.dataset, opts.seed, opts.out
     try:
-        params = load_recipe(opts.recipe, dataset, opts.sets)
+        params = load_recipe(opts.recipe or _table_recipe(dataset), dataset, opts.sets)
         params.setdefault("random_state", seed)
         if opts.calibration_dir is not None or opts.validation_dir is not None:
             msg = "--calibration-dir and --validation-dir are for image datasets; vector models hold out " \

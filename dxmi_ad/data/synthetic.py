@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["BOX_HALF_WIDTH", "eight_gaussians", "feature_swap_anomalies", "uniform_box"]
+__all__ = ["BOX_HALF_WIDTH", "eight_gaussians", "feature_swap_anomalies", "outward_anomalies", "uniform_box"]
 
 BOX_HALF_WIDTH = 4.0  # [-4, 4]^2 matches the paper's ideal AUC of about 0.906 (docs/paper_map.md)
 
@@ -84,3 +84,42 @@ def feature_swap_anomalies(rows: np.ndarray, n: int, seed: int | None = 0, low: 
         cols = rng.choice(d, size=k[i], replace=False)
         out[i, cols] = rows[donor[i], cols]
     return out
+
+
+def outward_anomalies(rows: np.ndarray, n: int, seed: int | None = 0, low: float = 1.5,
+                      high: float = 3.0) -> np.ndarray:
+    """SYNTHETIC anomalies made from normal rows: each takes a random row and moves it away from the rows' mean,
+    ``mean + f (row - mean)`` with ``f ~ U(low, high)`` (the same factor for every feature).
+
+    The far-outlier counterpart of :func:`feature_swap_anomalies` (which keeps every marginal and cannot be told
+    from normal rows when the features are independent): together they select a model on held-out rows
+    (:class:`~dxmi_ad.estimator.DxMIDetector`, ``validate_every``); never a benchmark's test anomalies.
+
+    Args:
+        rows: Normal rows ``(m, D)``, ``m >= 1`` (any units).
+        n: Number of anomalies to make, ``>= 0``.
+        seed: Seed of the draws.
+        low: Smallest factor, ``1 < low <= high``.
+        high: Largest factor.
+
+    Returns:
+        ``(n, D)`` array, the dtype of ``rows``.
+
+    Raises:
+        ValueError: No row, a non-2-D array, or a range outside ``1 < low <= high``.
+
+    Example:
+        >>> outward_anomalies(np.arange(12.0).reshape(4, 3), 5, seed=0).shape
+        (5, 3)
+    """
+    rows = np.asarray(rows)
+    if rows.ndim != 2 or rows.shape[0] < 1:
+        msg = f"outward_anomalies needs at least 1 row of a 2-D array, got shape {rows.shape}"
+        raise ValueError(msg)
+    if not 1 < low <= high:
+        msg = f"outward_anomalies needs 1 < low <= high, got low={low}, high={high}"
+        raise ValueError(msg)
+    rng = np.random.default_rng(seed)
+    mean = rows.mean(0, dtype=np.float64)
+    factor = rng.uniform(low, high, (n, 1))
+    return (mean + factor * (rows[rng.integers(0, len(rows), n)] - mean)).astype(rows.dtype)

@@ -57,7 +57,7 @@ class DxMIModel(nn.Module):
             self.energy: nn.Module = SharedValueEnergy(self.value, c.n_steps)
         elif c.energy_model == "mlp":
             self.energy = MLPEnergy(c.dim, c.energy_hidden, c.energy_layers, c.activation,
-                                    c.energy_fourier_features, c.energy_fourier_scale)
+                                    c.energy_fourier_features, c.energy_fourier_scale, c.energy_quadratic_weight)
         else:
             self.energy = AutoencoderEnergy(c.dim, c.latent_dim, c.energy_hidden, c.energy_layers, c.spherical)
         self.initial_ae: AutoencoderEnergy | None = None
