@@ -55,8 +55,8 @@ def _resolve_device(device: str) -> torch.device:
 #: Fewest held-out normal rows for model selection (``DxMIDetector(validate_every=...)``); fewer: no selection.
 MIN_VALIDATION_ROWS = 10
 
-#: ``energy_model="auto"``: the MLP energy for data with at most this many features, the autoencoder above (issue
-#: #13, "vectors"; measured on validation draws, see :class:`DxMIDetector`).
+#: ``energy_model="auto"``: the MLP energy for 2 to this many features, the autoencoder otherwise (issue #13,
+#: "vectors"; chosen on synthetic choice sets, see :class:`DxMIDetector`).
 LOW_DIM_FEATURES = 3
 
 #: Values of the parameters left at None, per energy model ("mlp" also serves "shared"). The autoencoder column is
@@ -69,7 +69,8 @@ ENERGY_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 #: :class:`~dxmi_ad.config.DxMIConfig` fields set with the MLP / shared energy (``config_overrides`` win): random
-#: Fourier features of the (standardized) input and a Gaussian base energy ``0.1 ||x||^2 / 2`` for the MLP energy,
+#: Fourier features of the input and a Gaussian base energy ``0.1 ||x||^2 / 2`` for the MLP energy (both sized for
+#: standardized input, the default; with ``standardize=False`` they act in the data's own units),
 #: leaky ReLU, cosine decay, a fixed last sigma of 0.01 and, with selection, the energy of the best validated
 #: iteration beside the last iteration's sampler.
 MLP_ENERGY_CONFIG: dict[str, Any] = {"energy_fourier_features": 64, "energy_fourier_scale": 0.6,
@@ -93,12 +94,13 @@ class DxMIDetector(CalibratedDetector, OutlierMixin, BaseEstimator):
     Two sets of defaults (issue #13, "vectors"; :data:`ENERGY_DEFAULTS`), chosen by ``energy_model="auto"`` from the
     number of features, for the parameters left at None:
 
-    * one feature, or more than :data:`LOW_DIM_FEATURES` features: the autoencoder energy (paper App. C.3) with 1000 autoencoder
-      steps, 150 DxMI iterations (50 of them warm-up), batch 128, energy lr 1e-5, value lr 1e-4, tau2 0.01, gamma 0:
-      about 15 s per fit on 2 CPU cores whatever the table's size (the number of updates is fixed), e.g.
+    * one feature, more than :data:`LOW_DIM_FEATURES` features, or no model selection (``validate_every=0``, too
+      few rows to hold out): the autoencoder energy (paper App. C.3) with 1000 autoencoder steps, 150 DxMI
+      iterations (50 of them warm-up), batch 128, energy lr 1e-5, value lr 1e-4, tau2 0.01, gamma 0: about 15 s
+      per fit on 2 CPU cores whatever the table's size (the number of updates is fixed), e.g.
       10,000 x 100 (``benchmarks/digits.py --defaults --timing``); digits 0.980, wbc 0.927, wine 0.904 AUROC.
-    * 2 to :data:`LOW_DIM_FEATURES` features: a free MLP energy on random Fourier features of the standardized
-      input plus a Gaussian base energy (the 2-D recipe of paper §5.1, :data:`MLP_ENERGY_CONFIG`) with 500 DDPM
+    * 2 to :data:`LOW_DIM_FEATURES` features, with model selection: a free MLP energy on random Fourier features
+      of the standardized input plus a Gaussian base energy (the 2-D recipe of paper §5.1, :data:`MLP_ENERGY_CONFIG`) with 500 DDPM
       pre-training steps of the sampler, 300 DxMI iterations, batch 256, energy and value lr 1e-3, tau2 0.1, gamma
       1, cosine decay and, with selection, the energy of the best validated iteration kept beside the last sampler:
       about 20-25 s per fit; 8 Gaussians AUC 0.898 +/- 0.002 against the uniform box (3 seeds), where the
@@ -108,8 +110,8 @@ class DxMIDetector(CalibratedDetector, OutlierMixin, BaseEstimator):
 
     Parameters (all stored unchanged; the model is built in ``fit``):
         n_steps: Sampler steps T (paper: 5).
-        energy_model: ``"auto"`` (see above: ``"mlp"`` for 2 to :data:`LOW_DIM_FEATURES` features,
-            ``"autoencoder"`` otherwise; the choice is in ``config_.energy_model`` after ``fit``), ``"autoencoder"`` (paper AD energy),
+        energy_model: ``"auto"`` (see above: ``"mlp"`` for 2 to :data:`LOW_DIM_FEATURES` features when model
+            selection runs, ``"autoencoder"`` otherwise; the choice is in ``config_.energy_model`` after ``fit``), ``"autoencoder"`` (paper AD energy),
             ``"mlp"`` or ``"shared"`` (``E = V(., T)``, 2-D variant). ``"mlp"`` and ``"shared"`` take the MLP
             defaults.
         entropy_weight: tau1, weight of the sampler entropy (paper tau = 0.1).
@@ -133,9 +135,10 @@ class DxMIDetector(CalibratedDetector, OutlierMixin, BaseEstimator):
             MLP).
         validate_every: Model selection (a named deviation: the paper keeps the last iterate; issue #13): every this
             many DxMI iterations, and before the first (the pre-trained start competes), the model is scored on
-            held-out normal rows against SYNTHETIC anomalies made from them
-            (:func:`~dxmi_ad.data.synthetic.feature_swap_anomalies`: some features swapped with another row's), and
-            the state with the best validation AUROC is kept (ties: the earlier). 0 disables (the last iterate is
+            held-out normal rows against SYNTHETIC anomalies made from them (half
+            :func:`~dxmi_ad.data.synthetic.feature_swap_anomalies`: some features swapped with another row's; half
+            :func:`~dxmi_ad.data.synthetic.outward_anomalies`: moved 1.5-3 x as far from the mean, not with
+            ``spherical=True``, where the normalization would undo it), and the state with the best validation AUROC is kept (ties: the earlier). 0 disables (the last iterate is
             kept); skipped, with ``selected_iteration_ = None``, when there are fewer than
             :data:`MIN_VALIDATION_ROWS` validation rows, one feature, no DxMI iteration, or under a ``ddp_spawn``
             runtime (with a warning).
@@ -300,21 +303,22 @@ class DxMIDetector(CalibratedDetector, OutlierMixin, BaseEstimator):
             return int(rs)
         return int(rs.randint(2**31 - 1))
 
-    def resolved_energy_model(self, dim: int) -> str:
+    def resolved_energy_model(self, dim: int, selects: bool = True) -> str:
         """The energy ``fit`` builds for ``dim`` features: ``energy_model``, with ``"auto"`` resolved to ``"mlp"`` for
-        2 to :data:`LOW_DIM_FEATURES` features and ``"autoencoder"`` otherwise (one feature included: the MLP
-        energy needs model selection to keep its early peak, and selection needs two features to make its
-        synthetic anomalies).
+        2 to :data:`LOW_DIM_FEATURES` features when model selection runs (``selects``), and ``"autoencoder"``
+        otherwise (one feature included): the MLP energy needs selection to keep its early peak (8 Gaussians: 0.824
+        at the last iterate vs 0.874 selected), and selection needs two features and enough rows (see
+        ``validate_every``).
         """
         if self.energy_model != "auto":
             return self.energy_model
-        return "mlp" if 2 <= dim <= LOW_DIM_FEATURES else "autoencoder"
+        return "mlp" if selects and 2 <= dim <= LOW_DIM_FEATURES else "autoencoder"
 
-    def _make_config(self, dim: int, n_rows: int) -> DxMIConfig:
+    def _make_config(self, dim: int, n_rows: int, selects: bool = True) -> DxMIConfig:
         """Resolve the constructor parameters into a :class:`DxMIConfig` for ``dim`` features (None parameters take
-        the resolved energy model's :data:`ENERGY_DEFAULTS`).
+        the resolved energy model's :data:`ENERGY_DEFAULTS`; ``selects``: whether model selection will run).
         """
-        energy = self.resolved_energy_model(dim)
+        energy = self.resolved_energy_model(dim, selects)
         is_ae = energy == "autoencoder"
         profile = ENERGY_DEFAULTS["autoencoder" if is_ae else "mlp"]
         own = {name: profile[name] if getattr(self, name) is None else getattr(self, name) for name in profile}
@@ -380,7 +384,8 @@ class DxMIDetector(CalibratedDetector, OutlierMixin, BaseEstimator):
 
         The anomalies are made from those rows, ``max(2 m, 200)`` of them: half near-misses
         (:func:`~dxmi_ad.data.synthetic.feature_swap_anomalies`), half far rows
-        (:func:`~dxmi_ad.data.synthetic.outward_anomalies`, 1.5-3 x as far from the mean): a model is kept only if it
+        (:func:`~dxmi_ad.data.synthetic.outward_anomalies`, 1.5-3 x as far from the mean; swaps only with
+        ``spherical=True``): a model is kept only if it
         ranks both kinds (issue #13: with swaps alone, an MLP energy that ranked far rows below normal ones could
         win, on data whose features are independent the swaps look normal).
         """
@@ -388,8 +393,9 @@ class DxMIDetector(CalibratedDetector, OutlierMixin, BaseEstimator):
         from dxmi_ad.metrics import auroc
 
         n_fake = max(2 * len(X_val), 200)
-        fake = np.concatenate([feature_swap_anomalies(X_val, n_fake - n_fake // 2, seed + 2),
-                               outward_anomalies(X_val, n_fake // 2, seed + 3)])
+        n_out = 0 if self.spherical else n_fake // 2  # the L2 normalization would undo the outward move
+        fake = np.concatenate([feature_swap_anomalies(X_val, n_fake - n_out, seed + 2),
+                               outward_anomalies(X_val, n_out, seed + 3).astype(X_val.dtype)])
         rows = self._transform(np.concatenate([X_val, fake]))
         n_normal = len(X_val)
 
@@ -493,7 +499,7 @@ class DxMIDetector(CalibratedDetector, OutlierMixin, BaseEstimator):
             scale = X.std(0)
             self.scale_ = np.where(scale > 1e-8 * np.maximum(1.0, np.abs(X).max(0)), scale, 1.0).astype(np.float32)
         data = self._transform(X)
-        self.config_ = self._make_config(X.shape[1], X.shape[0]).replace(seed=seed)
+        self.config_ = self._make_config(X.shape[1], X.shape[0], selects=X_val is not None).replace(seed=seed)
         device = _resolve_device(self.device)
         progress = self.verbose if callable(self.verbose) else None
         runtime = None

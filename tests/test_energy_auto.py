@@ -96,3 +96,32 @@ def test_the_tables_low_dim_recipe_is_what_the_defaults_build():
     params = recipes.detector_params(yaml.safe_load(path.read_text()), str(path))
     ours = DxMIDetector(**params)._make_config(2, 1000).replace(seed=0).to_dict()
     assert ours == DxMIDetector()._make_config(2, 1000).replace(seed=0).to_dict()
+
+
+def test_auto_keeps_the_autoencoder_when_selection_cannot_run():
+    """The MLP energy needs selection to keep its early peak; without it "auto" builds the autoencoder."""
+    assert DxMIDetector().resolved_energy_model(2, selects=False) == "autoencoder"
+    tiny = dict(n_iter=2, ae_pretrain_iter=5, hidden=8, n_layers=1, device="cpu", random_state=0)
+    X = np.random.default_rng(0).normal(size=(200, 2))
+    assert DxMIDetector(validate_every=0, **tiny).fit(X).config_.energy_model == "autoencoder"
+    assert DxMIDetector(sampler_pretrain_iter=5, **tiny).fit(X).config_.energy_model == "mlp"
+    assert outward_anomalies(np.array([[1, 2], [3, 4]]), 3, seed=0).dtype == np.float64  # ints: not truncated
+
+
+def test_cli_resolves_auto_and_the_schedule_at_the_tables_width(tmp_path):
+    from typer.testing import CliRunner
+
+    from dxmi_ad.cli.main import app
+
+    rng = np.random.default_rng(0)
+    narrow, wide, recipe = tmp_path / "t2.csv", tmp_path / "t5.csv", tmp_path / "r.yaml"
+    narrow.write_text("a,b\n" + "\n".join(f"{x:.4f},{y:.4f}" for x, y in rng.normal(size=(50, 2))))
+    wide.write_text("a,b,c,d,e\n" + "\n".join(",".join(f"{v:.4f}" for v in r) for r in rng.normal(size=(50, 5))))
+    recipe.write_text("model:\n  n_iter: 300\n  hidden: 64\n")  # no warmup_iter: the autoencoder's 50, scaled
+    runner = CliRunner()
+    r = runner.invoke(app, ["train", "--dataset", f"csv:{narrow}", "--set", "energy_model=auto",
+                            "--set", "energy_fourier_features=32", "--dry-run"])
+    assert r.exit_code == 0, r.output  # MLP-only fields are valid where "auto" builds the MLP energy
+    r = runner.invoke(app, ["train", "--dataset", f"csv:{wide}", "--recipe", str(recipe), "--set", "n_iter=60",
+                            "--dry-run"])
+    assert r.exit_code == 0 and '"warmup_iter": 10' in r.output, r.output

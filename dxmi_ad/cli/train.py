@@ -43,8 +43,15 @@ DATASETS = ("textures", "mvtec", "folder", "features", "digits", "mnist", "eight
 DEFAULT_DATASET = "textures"
 
 
-def load_recipe(path: Path | None, dataset: str, sets: list[str]) -> dict[str, Any]:
+#: Feature counts of the bundled vector datasets (``csv:`` tables: read from the file).
+DATASET_WIDTHS = {"digits": 64, "mnist": 784, "wbc": 30, "wine": 13, "eight-gaussians": 2}
+
+
+def load_recipe(path: Path | None, dataset: str, sets: list[str], n_features: int | None = None) -> dict[str, Any]:
     """Read a vector recipe, defaulting to the dataset's bundled recipe.
+
+    ``n_features`` (a ``csv:`` table's width; the bundled datasets' is known) resolves ``energy_model="auto"`` and
+    the parameters left at None (``DxMIDetector``'s per-energy defaults) for the checks and the schedule scaling.
 
     The same layout as image and pixel recipes is accepted: a ``model:`` section and an optional ``runtime:``
     section; the flat form (parameters at the top level) is read too. ``--set`` keys may carry the ``model.`` prefix
@@ -96,22 +103,29 @@ def load_recipe(path: Path | None, dataset: str, sets: list[str]) -> dict[str, A
     def check(resolve_config: bool) -> None:
         """Ranges before any data is read: scikit-learn's constraints (they name the parameter), then the config.
 
-        The DxMIConfig the parameters resolve to is built with a placeholder width that any latent size fits.
+        The DxMIConfig the parameters resolve to is built with the data's width (a placeholder that any latent size
+        fits when it is unknown).
         """
         try:
             detector = DxMIDetector(**{k: v for k, v in recipe.items() if k != "runtime"})
             detector._validate_params()
             if resolve_config:
-                detector._make_config(dim=1 << 16, n_rows=1 << 16)
+                detector._make_config(dim=width, n_rows=1 << 16)
         except (TypeError, ValueError) as err:
             raise CLIError(f"invalid recipe value in {path} / --set: {err}") from None
 
+    from dxmi_ad.estimator import ENERGY_DEFAULTS
+
+    width = n_features or DATASET_WIDTHS.get(dataset, 1 << 16)
     check(resolve_config=False)  # types first: the schedule arithmetic below needs numbers
+    energy = DxMIDetector(energy_model=recipe.get("energy_model", "auto")).resolved_energy_model(width)
+    profile = ENERGY_DEFAULTS["autoencoder" if energy == "autoencoder" else "mlp"]
+    defaults = {k: profile[k] if v is None and k in profile else v for k, v in DxMIDetector().get_params().items()}
     def lifted(params: dict[str, Any]) -> dict[str, Any]:  # the refit length travels in config_overrides here
         extra = params.get("config_overrides") or {}
         return {**params, **({"energy_refit_iter": extra["energy_refit_iter"]} if "energy_refit_iter" in extra else {})}
 
-    changes = _scaled_schedule({**DxMIDetector().get_params(), **lifted(base)}, lifted(given))
+    changes = _scaled_schedule({**defaults, **lifted(base)}, lifted(given))
     if "energy_refit_iter" in changes:
         recipe["config_overrides"] = {**(recipe.get("config_overrides") or {}),
                                       "energy_refit_iter": changes.pop("energy_refit_iter")}
@@ -177,16 +191,17 @@ def load_dataset(dataset: str, normal_class: int, seed: int) -> Any:
     raise CLIError(f"{dataset} is an image dataset, not a table")  # routed to the image path before this point
 
 
-def _table_recipe(dataset: str) -> Path | None:
-    """The bundled recipe for a ``csv:`` table without ``--recipe``: ``tables_low_dim`` for 2 to
-    :data:`~dxmi_ad.estimator.LOW_DIM_FEATURES` feature columns (what ``DxMIDetector(energy_model="auto")`` builds
-    there), None otherwise (the ``digits`` recipe). Says which on stderr.
+def _table_recipe(dataset: str) -> tuple[Path | None, int | None]:
+    """``(recipe, feature count)`` of a ``csv:`` table (``(None, None)`` for other datasets): the bundled
+    ``tables_low_dim`` recipe for 2 to :data:`~dxmi_ad.estimator.LOW_DIM_FEATURES` feature columns (what
+    ``DxMIDetector(energy_model="auto")`` builds there), None otherwise (the ``digits`` recipe); used only without
+    ``--recipe``.
 
     Raises:
         CLIError: The file is missing or unreadable (:func:`load_dataset`'s messages).
     """
     if not dataset.startswith("csv:"):
-        return None
+        return None, None
     from dxmi_ad.data import tabular
     from dxmi_ad.estimator import LOW_DIM_FEATURES
 
@@ -196,11 +211,8 @@ def _table_recipe(dataset: str) -> Path | None:
     except (FileNotFoundError, ValueError) as err:
         raise CLIError(str(err)) from err
     if not 2 <= n_features <= LOW_DIM_FEATURES:
-        return None
-    err_console.print(f"info: {n_features} feature columns: recipe tables_low_dim (an MLP energy on Fourier features, "
-                      "as DxMIDetector() builds for 2-3 features; --recipe digits for the autoencoder energy)",
-                      highlight=False, markup=False, soft_wrap=True)
-    return recipes.path("tables_low_dim")
+        return None, n_features
+    return recipes.path("tables_low_dim"), n_features
 
 
 def _check_dataset_name(dataset: str) -> None:
@@ -530,7 +542,12 @@ def _train_vectors(opts: TrainOptions) -> None:
 
     dataset, seed, out = opts.dataset, opts.seed, opts.out
     try:
-        params = load_recipe(opts.recipe or _table_recipe(dataset), dataset, opts.sets)
+        table_recipe, n_features = _table_recipe(dataset)
+        if opts.recipe is None and table_recipe is not None:
+            err_console.print(f"info: {n_features} feature columns: recipe tables_low_dim (an MLP energy on Fourier "
+                              "features, as DxMIDetector() builds for 2-3 features; --recipe digits for the "
+                              "autoencoder energy)", highlight=False, markup=False, soft_wrap=True)
+        params = load_recipe(opts.recipe or table_recipe, dataset, opts.sets, n_features)
         params.setdefault("random_state", seed)
         if opts.calibration_dir is not None or opts.validation_dir is not None:
             msg = "--calibration-dir and --validation-dir are for image datasets; vector models hold out " \
@@ -603,7 +620,7 @@ def _vector_metric_notes(metrics: dict[str, Any]) -> list[str]:
                      "for a per-sample score)")
     if "validation_AUROC" in metrics:
         notes.append("validation_AUROC: held-out normal training rows vs SYNTHETIC anomalies made from them "
-                     "(features swapped between rows), measured every validate_every iterations to choose the state "
+                     "(features swapped between rows, rows moved away from the mean), measured every validate_every iterations to choose the state "
                      "kept; the test rows are never read for it")
         if metrics.get("selected_iteration") == 0:
             notes.append("selected_iteration 0: the pre-trained start's energy scored best on validation, so it "

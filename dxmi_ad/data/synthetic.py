@@ -103,7 +103,7 @@ def outward_anomalies(rows: np.ndarray, n: int, seed: int | None = 0, low: float
         high: Largest factor.
 
     Returns:
-        ``(n, D)`` array, the dtype of ``rows``.
+        ``(n, D)`` array, the dtype of ``rows`` when it is a floating type, else float64.
 
     Raises:
         ValueError: No row, a non-2-D array, or a range outside ``1 < low <= high``.
@@ -122,4 +122,5 @@ def outward_anomalies(rows: np.ndarray, n: int, seed: int | None = 0, low: float
     rng = np.random.default_rng(seed)
     mean = rows.mean(0, dtype=np.float64)
     factor = rng.uniform(low, high, (n, 1))
-    return (mean + factor * (rows[rng.integers(0, len(rows), n)] - mean)).astype(rows.dtype)
+    dtype = rows.dtype if np.issubdtype(rows.dtype, np.floating) else np.float64
+    return (mean + factor * (rows[rng.integers(0, len(rows), n)] - mean)).astype(dtype)
