@@ -100,10 +100,10 @@ class DxMIDetector(CalibratedDetector, OutlierMixin, BaseEstimator):
       per fit on 2 CPU cores whatever the table's size (the number of updates is fixed), e.g.
       10,000 x 100 (``benchmarks/digits.py --defaults --timing``); digits 0.980, wbc 0.927, wine 0.904 AUROC.
     * 2 to :data:`LOW_DIM_FEATURES` features, with model selection: a free MLP energy on random Fourier features
-      of the standardized input plus a Gaussian base energy (the 2-D recipe of paper §5.1, :data:`MLP_ENERGY_CONFIG`) with 500 DDPM
-      pre-training steps of the sampler, 300 DxMI iterations, batch 256, energy and value lr 1e-3, tau2 0.1, gamma
-      1, cosine decay and, with selection, the energy of the best validated iteration kept beside the last sampler:
-      about 20-25 s per fit; 8 Gaussians AUC 0.898 +/- 0.002 against the uniform box (3 seeds), where the
+      of the standardized input plus a Gaussian base energy (the 2-D recipe of paper §5.1,
+      :data:`MLP_ENERGY_CONFIG`) with 500 DDPM pre-training steps of the sampler, 300 DxMI iterations, batch 256,
+      energy and value lr 1e-3, tau2 0.1, gamma 1, cosine decay and, with selection, the energy of the best
+      validated iteration kept beside the last sampler: about 20-25 s per fit; 8 Gaussians AUC 0.898 +/- 0.002 against the uniform box (3 seeds), where the
       autoencoder energy's ceiling is 0.843 (its code on a circle can only learn the ring through the eight modes).
       The switch is set on synthetic choice sets (``benchmarks/eight_gaussians.py --energy-by-dimension``): mixtures
       against their moment-matched Gaussian (near anomalies) and a blob against the shifted blob (far ones).
@@ -111,9 +111,9 @@ class DxMIDetector(CalibratedDetector, OutlierMixin, BaseEstimator):
     Parameters (all stored unchanged; the model is built in ``fit``):
         n_steps: Sampler steps T (paper: 5).
         energy_model: ``"auto"`` (see above: ``"mlp"`` for 2 to :data:`LOW_DIM_FEATURES` features when model
-            selection runs, ``"autoencoder"`` otherwise; the choice is in ``config_.energy_model`` after ``fit``), ``"autoencoder"`` (paper AD energy),
-            ``"mlp"`` or ``"shared"`` (``E = V(., T)``, 2-D variant). ``"mlp"`` and ``"shared"`` take the MLP
-            defaults.
+            selection runs, ``"autoencoder"`` otherwise; the choice is in ``config_.energy_model`` after ``fit``),
+            ``"autoencoder"`` (paper AD energy), ``"mlp"`` or ``"shared"`` (``E = V(., T)``, 2-D variant).
+            ``"mlp"`` and ``"shared"`` take the MLP defaults.
         entropy_weight: tau1, weight of the sampler entropy (paper tau = 0.1).
         velocity_weight: tau2, weight of the velocity cost (None: 0.01 autoencoder, 0.1 MLP).
         energy_l2_weight: gamma, energy-magnitude regularizer (None: 0 autoencoder, 1 MLP).
@@ -138,10 +138,10 @@ class DxMIDetector(CalibratedDetector, OutlierMixin, BaseEstimator):
             held-out normal rows against SYNTHETIC anomalies made from them (half
             :func:`~dxmi_ad.data.synthetic.feature_swap_anomalies`: some features swapped with another row's; half
             :func:`~dxmi_ad.data.synthetic.outward_anomalies`: moved 1.5-3 x as far from the mean, not with
-            ``spherical=True``, where the normalization would undo it), and the state with the best validation AUROC is kept (ties: the earlier). 0 disables (the last iterate is
-            kept); skipped, with ``selected_iteration_ = None``, when there are fewer than
-            :data:`MIN_VALIDATION_ROWS` validation rows, one feature, no DxMI iteration, or under a ``ddp_spawn``
-            runtime (with a warning).
+            ``spherical=True``, where the normalization would undo it), and the state with the best validation AUROC
+            is kept (ties: the earlier). 0 disables (the last iterate is kept); skipped, with
+            ``selected_iteration_ = None``, when there are fewer than :data:`MIN_VALIDATION_ROWS` validation rows,
+            one feature, no DxMI iteration, or under a ``ddp_spawn`` runtime (with a warning).
         validation_fraction: Share of the training rows (after the calibration hold-out) held out for the
             selection, in (0, 0.5]; not trained on.
         init_noise_low, init_noise_high: Latent noise std range of the autoencoder-perturbed start pi(x_0).
