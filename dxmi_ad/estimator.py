@@ -314,14 +314,28 @@ class DxMIDetector(CalibratedDetector, OutlierMixin, BaseEstimator):
             return self.energy_model
         return "mlp" if selects and 2 <= dim <= LOW_DIM_FEATURES else "autoencoder"
 
+    def resolved_params(self, dim: int, selects: bool = True) -> dict[str, Any]:
+        """:meth:`get_params` with the parameters left at None filled from :data:`ENERGY_DEFAULTS`.
+
+        Args:
+            dim: Number of features (>= 1) of the data ``fit`` will see.
+            selects: Whether model selection will run (see :meth:`resolved_energy_model`).
+
+        Returns:
+            The parameter dict, with the values of the energy ``fit`` builds for ``dim`` features; ``energy_model``
+            stays as given (``"auto"`` included).
+        """
+        energy = self.resolved_energy_model(dim, selects)
+        profile = ENERGY_DEFAULTS["autoencoder" if energy == "autoencoder" else "mlp"]
+        return {k: profile[k] if v is None and k in profile else v for k, v in self.get_params().items()}
+
     def _make_config(self, dim: int, n_rows: int, selects: bool = True) -> DxMIConfig:
         """Resolve the constructor parameters into a :class:`DxMIConfig` for ``dim`` features (None parameters take
         the resolved energy model's :data:`ENERGY_DEFAULTS`; ``selects``: whether model selection will run).
         """
         energy = self.resolved_energy_model(dim, selects)
         is_ae = energy == "autoencoder"
-        profile = ENERGY_DEFAULTS["autoencoder" if is_ae else "mlp"]
-        own = {name: profile[name] if getattr(self, name) is None else getattr(self, name) for name in profile}
+        own = self.resolved_params(dim, selects)
         params: dict[str, Any] = {
             "dim": dim, "n_steps": self.n_steps, "energy_model": energy, "spherical": self.spherical,
             "initial": "autoencoder" if is_ae else "gaussian",

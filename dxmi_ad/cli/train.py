@@ -114,13 +114,9 @@ def load_recipe(path: Path | None, dataset: str, sets: list[str], n_features: in
         except (TypeError, ValueError) as err:
             raise CLIError(f"invalid recipe value in {path} / --set: {err}") from None
 
-    from dxmi_ad.estimator import ENERGY_DEFAULTS
-
     width = n_features or DATASET_WIDTHS.get(dataset, 1 << 16)
     check(resolve_config=False)  # types first: the schedule arithmetic below needs numbers
-    energy = DxMIDetector(energy_model=recipe.get("energy_model", "auto")).resolved_energy_model(width)
-    profile = ENERGY_DEFAULTS["autoencoder" if energy == "autoencoder" else "mlp"]
-    defaults = {k: profile[k] if v is None and k in profile else v for k, v in DxMIDetector().get_params().items()}
+    defaults = DxMIDetector(energy_model=recipe.get("energy_model", "auto")).resolved_params(width)
     def lifted(params: dict[str, Any]) -> dict[str, Any]:  # the refit length travels in config_overrides here
         extra = params.get("config_overrides") or {}
         return {**params, **({"energy_refit_iter": extra["energy_refit_iter"]} if "energy_refit_iter" in extra else {})}
@@ -620,8 +616,8 @@ def _vector_metric_notes(metrics: dict[str, Any]) -> list[str]:
                      "for a per-sample score)")
     if "validation_AUROC" in metrics:
         notes.append("validation_AUROC: held-out normal training rows vs SYNTHETIC anomalies made from them "
-                     "(features swapped between rows, rows moved away from the mean), measured every validate_every iterations to choose the state "
-                     "kept; the test rows are never read for it")
+                     "(features swapped between rows, rows moved away from the mean), measured every validate_every "
+                     "iterations to choose the state kept; the test rows are never read for it")
         if metrics.get("selected_iteration") == 0:
             notes.append("selected_iteration 0: the pre-trained start's energy scored best on validation, so it "
                          "was kept (the DxMI iterations did not improve the energy for this data)")
