@@ -67,7 +67,7 @@ def load_recipe(path: Path | None, dataset: str, sets: list[str], n_features: in
     from dxmi_ad.estimator import DxMIDetector
 
     if path is None:
-        stem = "eight_gaussians" if dataset == "eight-gaussians" else "digits"
+        stem = {"eight-gaussians": "eight_gaussians", "digits": "digits", "mnist": "digits"}.get(dataset, "tables")
         path = recipes.path(stem)
     try:
         path = recipes.resolve(path)
@@ -190,7 +190,7 @@ def load_dataset(dataset: str, normal_class: int, seed: int) -> Any:
 def _table_recipe(dataset: str) -> tuple[Path | None, int | None]:
     """``(recipe, feature count)`` of a ``csv:`` table (``(None, None)`` for other datasets): the bundled
     ``tables_low_dim`` recipe for 2 to :data:`~dxmi_ad.estimator.LOW_DIM_FEATURES` feature columns (what
-    ``DxMIDetector(energy_model="auto")`` builds there), None otherwise (the ``digits`` recipe); used only without
+    ``DxMIDetector(energy_model="auto")`` builds there), None otherwise (the ``tables`` recipe); used only without
     ``--recipe``.
 
     Raises:
@@ -541,7 +541,7 @@ def _train_vectors(opts: TrainOptions) -> None:
         table_recipe, n_features = _table_recipe(dataset)
         if opts.recipe is None and table_recipe is not None:
             err_console.print(f"info: {n_features} feature columns: recipe tables_low_dim (an MLP energy on Fourier "
-                              "features, as DxMIDetector() builds for 2-3 features; --recipe digits for the "
+                              "features, as DxMIDetector() builds for 2-3 features; --recipe tables for the "
                               "autoencoder energy)", highlight=False, markup=False, soft_wrap=True)
         params = load_recipe(opts.recipe or table_recipe, dataset, opts.sets, n_features)
         params.setdefault("random_state", seed)
