@@ -1,6 +1,7 @@
 """Paper Table 1 on this machine: DxMI on 2-D 8 Gaussians (T = 5; the energy network: recipe and ablation).
 
-Prints sliced Wasserstein-2 (1,000 projections, 10k generated vs 10k test samples) and the AUC of the energy
+Prints sliced Wasserstein-2 (1,000 projections, 10k generated vs 10k test samples; and its mean over 10
+independent 10k data draws, a less noisy estimate: ``sw_over_draws``) and the AUC of the energy
 separating 10k test points from 10k uniform points on [-4, 4]^2 (the box matching the paper's ideal AUC of about
 0.906, docs/paper_map.md), beside the paper's numbers, with seconds per run. Settings: recipes/eight_gaussians.yaml.
 
@@ -51,6 +52,20 @@ ROWS = [
 ]
 
 
+SW_DRAWS = 10  # independent 10k data draws per SW estimate (seeds 1000..1009; never the test or validation draws)
+
+
+def sw_over_draws(samples: np.ndarray, draws: int = SW_DRAWS) -> tuple[float, float]:
+    """``(mean, std)`` of the sliced Wasserstein-2 of ``samples`` ``(10000, 2)`` to ``draws`` independent 10k-point
+    draws of the data. One draw is a noisy yardstick: the same samples measured 0.074 against the test draw and 0.101
+    against the validation draw (seed 0 of the recipe; over 10 draws 0.093 +/- 0.010), and two data samples are
+    0.044 +/- 0.009 apart (the floor)."""
+    if not np.isfinite(samples).all():
+        return float("inf"), float("nan")
+    values = [sliced_wasserstein(samples, eight_gaussians(len(samples), 1000 + k)) for k in range(draws)]
+    return float(np.mean(values)), float(np.std(values))
+
+
 def run(n_iter: int | None, seed: int, quick: bool = False) -> pd.DataFrame:
     """Train every row of Table 1 and measure it (``n_iter`` None: the recipe's); returns the table."""
     recipe = recipes.detector_params(yaml.safe_load(RECIPE.read_text()), str(RECIPE))
@@ -70,7 +85,8 @@ def run(n_iter: int | None, seed: int, quick: bool = False) -> pd.DataFrame:
         samples = det.sample(10_000, random_state=seed + 11)
         sw = sliced_wasserstein(samples, test) if np.isfinite(samples).all() else float("inf")
         auc = auroc(det.energy(test), det.energy(noise)) if tau is not None else float("nan")
-        records.append({"method": label, "SW": sw, "paper SW": paper_sw, "AUC": auc,
+        records.append({"method": label, "SW": sw, f"SW, {SW_DRAWS} draws": sw_over_draws(samples)[0],
+                        "paper SW": paper_sw, "AUC": auc,
                         "paper AUC": paper_auc, "seconds": seconds,
                         "last sigma_t": np.round(det.model_.sampler.sigmas().detach().numpy(), 3).tolist()})
     return pd.DataFrame(records)
@@ -176,9 +192,11 @@ def ablation(seeds: int, n_iter: int | None = None) -> pd.DataFrame:
             samples = det.sample(10_000, random_state=seed + 11)
             records.append({"row": label, "seed": seed, "validation AUC": auroc(det.energy(val), det.energy(val_noise)),
                             "test AUC": auroc(det.energy(test), det.energy(noise)),
-                            "SW": sliced_wasserstein(samples, test), "seconds": seconds})
+                            "SW": sliced_wasserstein(samples, test), f"SW, {SW_DRAWS} draws": sw_over_draws(samples)[0],
+                            "seconds": seconds})
     table = pd.DataFrame(records)
-    return table.groupby("row", sort=False)[["validation AUC", "test AUC", "SW", "seconds"]].agg(["mean", "std"])
+    columns = ["validation AUC", "test AUC", "SW", f"SW, {SW_DRAWS} draws", "seconds"]
+    return table.groupby("row", sort=False)[columns].agg(["mean", "std"])
 
 
 def ceilings() -> pd.DataFrame:
@@ -239,8 +257,11 @@ def main() -> None:
         return
     table = run(args.n_iter, args.seed)
     floor = sliced_wasserstein(eight_gaussians(10_000, 99), eight_gaussians(10_000, 123))
+    floor_mean, floor_std = sw_over_draws(eight_gaussians(10_000, 99))
     print(f"8 Gaussians, T=5, n_iter={args.n_iter or 'recipe'}, seed={args.seed}, recipe={RECIPE.name}, torch threads=2")
-    print(f"finite-sample SW floor (two independent 10k data samples): {floor:.3f}")
+    print(f"finite-sample SW floor (two independent 10k data samples): {floor:.3f} against the test draw, "
+          f"{floor_mean:.3f} +/- {floor_std:.3f} over {SW_DRAWS} draws; 'SW' is against the test draw, "
+          f"'SW, {SW_DRAWS} draws' the mean over {SW_DRAWS} independent draws (less noisy)")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 
 

@@ -6,7 +6,7 @@ trains; the rest of it and every other class test). Methods, measured in the sam
 * ``pixel DxMI``: :class:`dxmi_ad.pixel.PixelDetector` (DDPM pre-training of the U-Net sampler on the normal class,
   then DxMI with the ResNet energy; recipes/pixel_<dataset>.yaml plus ``--set`` overrides); score = image energy;
 * ``vector DxMI`` and ``autoencoder alone``: :class:`dxmi_ad.DxMIDetector` on the flattened pixels
-  (recipes/digits.yaml, the paper's AD recipe), as in benchmarks/digits.py;
+  (the shipped ``digits`` recipe: the paper's AD recipe, one scale for all pixels), as in benchmarks/digits.py;
 * IsolationForest, LOF and a Ledoit-Wolf Mahalanobis distance after PCA (benchmarks/digits.py).
 
     python -m benchmarks.pixel_ad [--datasets digits,mnist] [--classes 0-9] [--threads 2] [--set n_iter=300]
@@ -56,7 +56,7 @@ def main() -> None:
     classes = (range(int(args.classes.split("-")[0]), int(args.classes.split("-")[1]) + 1) if "-" in args.classes
                else [int(c) for c in args.classes.split(",")])
     overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
-    vector_recipe = yaml.safe_load(args.vector_recipe.read_text())
+    vector_recipe = recipes.detector_params(yaml.safe_load(args.vector_recipe.read_text()), str(args.vector_recipe))
     tables = []
     t_all = time.perf_counter()
     for name in args.datasets.split(","):

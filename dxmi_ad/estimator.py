@@ -16,7 +16,7 @@ import os
 import warnings
 from numbers import Integral, Real
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -255,7 +255,7 @@ class DxMIDetector(CalibratedDetector, OutlierMixin, BaseEstimator):
         init_noise_low: float = 0.01,
         init_noise_high: float = 0.1,
         spherical: bool = False,
-        standardize: bool | str = True,
+        standardize: bool | Literal["global"] = True,
         contamination: str | float = "auto",
         calibration_fraction: float = 0.2,
         fpr: float | None = None,
@@ -515,9 +515,10 @@ class DxMIDetector(CalibratedDetector, OutlierMixin, BaseEstimator):
         else:
             self.mean_ = X.mean(0).astype(np.float32)
             scale = X.std(0)
-            if self.standardize == "global":  # one scale for all features (the root mean variance)
-                scale = np.full_like(scale, np.sqrt(np.mean(scale**2)))
-            self.scale_ = np.where(scale > 1e-8 * np.maximum(1.0, np.abs(X).max(0)), scale, 1.0).astype(np.float32)
+            peak = np.abs(X).max(0)
+            if self.standardize == "global":  # one scale for all features (the root mean variance), one guard
+                scale, peak = np.full_like(scale, np.sqrt(np.mean(scale**2))), np.full_like(peak, peak.max())
+            self.scale_ = np.where(scale > 1e-8 * np.maximum(1.0, peak), scale, 1.0).astype(np.float32)
         data = self._transform(X)
         self.config_ = self._make_config(X.shape[1], X.shape[0], selects=X_val is not None).replace(seed=seed)
         device = _resolve_device(self.device)

@@ -48,6 +48,9 @@ def test_fabric_single_process_equals_plain_and_resume_is_exact(tmp_path):
         train_model(X, CFG, runtime=Runtime(checkpoint_dir=tmp_path / "empty", resume=True))
     with pytest.raises(ValueError, match=r"other settings \(entropy_weight\)"):
         train_model(X, CFG.replace(entropy_weight=0.5), runtime=dataclasses.replace(rt, resume=True))
+    # other data or preprocessing (e.g. another `standardize`: not part of the config) is refused too
+    with pytest.raises(ValueError, match="other training data or preprocessing"):
+        train_model(X * 2.0, CFG, runtime=dataclasses.replace(rt, resume=True))
     # a checkpoint written before a config field existed (here select_energy_only) resumes: the field held its
     # default in the version that wrote it
     import json
@@ -55,6 +58,7 @@ def test_fabric_single_process_equals_plain_and_resume_is_exact(tmp_path):
     config_json = latest_checkpoint(tmp_path / "b") / "config.json"
     meta = json.loads(config_json.read_text())
     del meta["config"]["select_energy_only"]
+    del meta["data"]  # written before the data fingerprint existed: not checked
     config_json.write_text(json.dumps(meta))
     again, _ = train_model(X, CFG, runtime=dataclasses.replace(rt, stop_after=None, resume=True))
     assert _same(full, again)

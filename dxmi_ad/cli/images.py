@@ -52,7 +52,7 @@ def load_image_recipe(path: Path | None, sets: dict[str, Any]) -> dict[str, Any]
         raise ImageCLIError(str(err)) from err
     if set(recipe) - {"features", "model", "runtime", "scoring"}:
         msg = (f"image recipe {path} must be a mapping with 'features', 'model' (and optional 'scoring', 'runtime') "
-               "sections; for a vector recipe (digits, wbc, wine, eight_gaussians) pass a vector dataset, e.g. "
+               "sections; for a vector recipe (digits, tables, tables_low_dim, eight_gaussians) pass a vector dataset, e.g. "
                "--dataset digits")
         raise ImageCLIError(msg)
     for section in ("features", "model", "runtime", "scoring"):

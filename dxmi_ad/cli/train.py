@@ -276,7 +276,7 @@ def train(
                                                            "run (skips DDPM pre-training; its network shape is used)")] = None,
     recipe: Annotated[Path | None, typer.Option(help="YAML recipe or a bundled recipe's name (vector: DxMIDetector "
                                                      "parameters; image: features + model) [default: the dataset's; "
-                                                     "csv: tables_low_dim for 2-3 feature columns, digits otherwise]")] = None,
+                                                     "csv: tables_low_dim for 2-3 feature columns, tables otherwise]")] = None,
     out: Annotated[Path | None, typer.Option(help="run directory (default runs/<dataset>-<time>)")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="override a recipe key: KEY=VALUE")] = None,
     seed: Annotated[int, typer.Option(help="random seed (fixes results on the CPU)")] = 0,

@@ -36,6 +36,7 @@ from dxmi_ad.training.dxdp import DxDPTrainer, EnergyRefitter, random_batch
 from dxmi_ad.training.runtime import (
     Runtime,
     all_reduce_mean,
+    data_fingerprint,
     latest_checkpoint,
     load_checkpoint,
     load_selection,
@@ -350,6 +351,7 @@ def _train(
     dev = model.velocity_scale_sq.device
     # One generator per rank drives every random draw of that rank (rank 0's stream = the single-process one).
     generator = torch.Generator(device=dev).manual_seed(config.seed + 1_000_003 * rank)
+    fingerprint = data_fingerprint(data) if runtime is not None and runtime.checkpoint_dir is not None else None
     if world > 1:
         data = data[rank::world]  # this rank's shard (a strided view; memory maps stay on disk)
     if data.numel() <= 50_000_000:  # small sets move to the device; large (memory-mapped) stay
@@ -373,7 +375,7 @@ def _train(
     history: list[dict[str, Any]] = []
     start = 0
     if resume_from is not None:
-        start, history = load_checkpoint(resume_from, model, trainer, rank, world, generator)
+        start, history = load_checkpoint(resume_from, model, trainer, rank, world, generator, fingerprint)
         if progress is not None:
             progress("resume", start, config.n_iter, {})
     else:  # a model given by the caller continues from its own pre-training
@@ -394,7 +396,8 @@ def _train(
         error = None
         if rank == 0:
             try:
-                save_checkpoint(ckdir, iteration, model, trainer, states, history, runtime.keep_checkpoints, best)
+                save_checkpoint(ckdir, iteration, model, trainer, states, history, runtime.keep_checkpoints, best,
+                                fingerprint)
             except OSError as err:  # e.g. a full disk: every rank must stop, not wait at the barrier
                 error = f"writing the checkpoint of iteration {iteration} failed: {err}"
         if fabric is not None and world > 1:

@@ -110,9 +110,24 @@ def latest_checkpoint(directory: Path | None) -> Path | None:
     return done[-1] if done else None
 
 
+def data_fingerprint(data: torch.Tensor) -> dict[str, Any]:
+    """A cheap fingerprint of the training tensor ``(N, ...)``: its shape and the float64 sums of its first and last
+    1024 rows (read once; a memory map stays on disk). A checkpoint records it, so a run resumed on other data or
+    other preprocessing (e.g. another ``standardize``, which the model config does not hold) is refused."""
+    head, tail = data[:1024].double().cpu(), data[-1024:].double().cpu()
+    return {"shape": list(data.shape), "head": float(head.sum()), "tail": float(tail.sum())}
+
+
+def _same_fingerprint(stored: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Equal shapes and sums within 1e-6 relative (float sums differ slightly across thread counts)."""
+    close = all(abs(stored[k] - current[k]) <= 1e-6 * max(1.0, abs(current[k])) for k in ("head", "tail"))
+    return list(stored["shape"]) == list(current["shape"]) and close
+
+
 def save_checkpoint(directory: Path, iteration: int, model: Any, trainer: Any, generator_states: list[torch.Tensor],
                     history: list[dict], keep: int,
-                    best: tuple[float, int, dict[str, torch.Tensor]] | None = None) -> Path:
+                    best: tuple[float, int, dict[str, torch.Tensor]] | None = None,
+                    fingerprint: dict[str, Any] | None = None) -> Path:
     """Write ``directory/iter-<iteration>`` atomically and prune old ones (rank 0 only).
 
     Args:
@@ -125,6 +140,7 @@ def save_checkpoint(directory: Path, iteration: int, model: Any, trainer: Any, g
         keep: How many of the newest checkpoints to keep.
         best: Model selection so far: ``(score, iteration, model tensors)`` of the best validated state, or None
             (restored by :func:`load_selection`, so a resumed run selects exactly as an uninterrupted one).
+        fingerprint: :func:`data_fingerprint` of the training data (checked on resume), or None.
 
     Returns:
         The written folder.
@@ -138,6 +154,8 @@ def save_checkpoint(directory: Path, iteration: int, model: Any, trainer: Any, g
     tensors = {f"model.{k}": v for k, v in model.checkpoint_tensors().items()}
     meta: dict[str, Any] = {"kind": "DxMITrainingCheckpoint", "iteration": iteration, "history": history,
                             "config": model.config.to_dict(), "world_size": len(generator_states)}
+    if fingerprint is not None:
+        meta["data"] = fingerprint
     tensors.update(trainer.state_tensors())
     meta["trainer"] = trainer.state_meta()
     tensors.update({f"rng.rank{r}": s for r, s in enumerate(generator_states)})
@@ -153,7 +171,7 @@ def save_checkpoint(directory: Path, iteration: int, model: Any, trainer: Any, g
 
 
 def load_checkpoint(path: Path, model: Any, trainer: Any, rank: int, world: int,
-                    generator: torch.Generator) -> tuple[int, list[dict]]:
+                    generator: torch.Generator, fingerprint: dict[str, Any] | None = None) -> tuple[int, list[dict]]:
     """Restore a checkpoint written by :func:`save_checkpoint` into ``model``, ``trainer`` and this rank's
     ``generator``.
 
@@ -161,7 +179,8 @@ def load_checkpoint(path: Path, model: Any, trainer: Any, rank: int, world: int,
         ``(iteration, history)``.
 
     Raises:
-        ValueError: A checkpoint of another model config or world size.
+        ValueError: A checkpoint of another model config or world size, or (when both record one) of other
+            training data: :func:`data_fingerprint` differs (other rows, or other preprocessing).
     """
     tensors, meta = load_model_dir(path)
     if meta.get("kind") != "DxMITrainingCheckpoint":
@@ -174,6 +193,12 @@ def load_checkpoint(path: Path, model: Any, trainer: Any, rank: int, world: int,
     if stored != current:
         diff = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
         msg = f"{path} was written with other settings ({', '.join(diff)}); resume with the same recipe"
+        raise ValueError(msg)
+    stored_data = meta.get("data")  # checkpoints written before the fingerprint existed have none
+    if fingerprint is not None and stored_data is not None and not _same_fingerprint(stored_data, fingerprint):
+        msg = (f"{path} was written on other training data or preprocessing (shape {stored_data['shape']} vs "
+               f"{fingerprint['shape']}, or other values: e.g. another `standardize`); resume with the same data "
+               "and recipe, or start a new run")
         raise ValueError(msg)
     if meta["world_size"] != world:
         msg = f"{path} was written by {meta['world_size']} processes; resume with the same number ({world} now)"
