@@ -185,6 +185,26 @@ def test_sample_2d_writes_png(tmp_path):
     assert s.exit_code == 0, s.output
     assert np.load(tmp_path / "s.npy").shape == (300, 2)
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    # nothing is lost: a second run refuses to replace the files (the scatter plot too) unless --overwrite
+    before = (tmp_path / "s.npy").read_bytes()
+    again = runner.invoke(app, ["sample", "--model", str(out), "-n", "300", "--seed", "1", "--out", str(tmp_path / "s.npy")])
+    assert again.exit_code == 2 and "exists" in again.output and "--overwrite" in again.output, again.output
+    assert (tmp_path / "s.npy").read_bytes() == before
+    (tmp_path / "s.npy").unlink()
+    plot_only = runner.invoke(app, ["sample", "--model", str(out), "-n", "300", "--out", str(tmp_path / "s.npy")])
+    assert plot_only.exit_code == 2 and "s.png exists" in plot_only.output, plot_only.output
+    forced = runner.invoke(app, ["sample", "--model", str(out), "-n", "300", "--seed", "1", "--overwrite",
+                                 "--out", str(tmp_path / "s.npy")])
+    assert forced.exit_code == 0 and np.load(tmp_path / "s.npy").shape == (300, 2), forced.output
+
+
+def test_train_refuses_an_out_it_cannot_write_before_training(tmp_path):
+    blocked = tmp_path / "a_file"
+    blocked.write_text("x")
+    r = runner.invoke(app, ["train", "--dataset", "digits", "--out", str(blocked / "run"), *FAST])
+    assert r.exit_code == 2 and "cannot be written there" in r.output and "Traceback" not in r.output, r.output
+    assert "training" not in r.output.lower() or "failed" not in r.output.lower()
+    assert not list(tmp_path.glob(".run.check.*")) and blocked.read_text() == "x"
 
 
 @pytest.mark.parametrize(

@@ -226,13 +226,25 @@ class _Progress:
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
-    """Refuse an existing run directory (unless ``overwrite``) or a file in its place, before any training."""
+    """Refuse, before any training, an existing run directory (unless ``overwrite``), a file in its place, or a
+    place where the run cannot be written: the results are written to a temporary folder beside ``out`` and renamed,
+    so a folder is created there and removed again (the parent folders are created as the run would)."""
+    import shutil
+    import tempfile
+
     if out.exists() and not out.is_dir():
         msg = f"--out {out} is an existing file, not a run directory"
         raise CLIError(msg)
     if out.exists() and not overwrite:
         msg = f"run directory {out} exists; choose another --out or pass --overwrite"
         raise CLIError(msg)
+    parent = out.absolute().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tempfile.mkdtemp(prefix=f".{out.name}.check.", dir=parent))
+    except OSError as err:
+        msg = f"--out {out}: the run cannot be written there ({err.strerror or err}); choose another --out"
+        raise CLIError(msg) from None
 
 
 

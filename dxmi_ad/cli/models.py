@@ -41,6 +41,7 @@ def sample(
                                                  "dV/dx after each step; the paper's sign)", min=0.0)] = 0.0,
     start: Annotated[Path | None, typer.Option(help="feature-mode image models: folder of normal images whose "
                                                     "feature vectors start the chain (the sampler refines perturbed data)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace existing output files")] = False,
 ) -> None:
     """Draw samples from a trained sampler.
 
@@ -69,6 +70,7 @@ def sample(
             raise _fail("choose one: --steps-from-model (the model's T and learned sigmas) or --steps N")
         if steps is not None and not 1 <= steps <= det.config.diffusion_steps:
             raise _fail(f"--steps must be in [1, {det.config.diffusion_steps}], got {steps}")
+        _refuse_existing([out.with_suffix(".png"), out.with_suffix(".npy")], overwrite)
         try:
             png, npy = sample_pixel(det, n, out, steps, guidance, seed)
         except (ValueError, OSError) as err:
@@ -85,6 +87,7 @@ def sample(
         raise _fail("--steps and --guidance are for pixel-mode models")
     if start is not None and not isinstance(det, ImageDetector):
         raise _fail("--start is for feature-mode image models (their sampler refines perturbed features)")
+    _refuse_existing([out, *([out.with_suffix(".png")] if getattr(det, "n_features_in_", 0) == 2 else [])], overwrite)
     if isinstance(det, ImageDetector):
         if start is None:
             raise _fail("a feature-mode image model samples feature vectors by refining perturbed training "
@@ -115,6 +118,15 @@ def sample(
         png = out.with_suffix(".png")
         _scatter_png(det, xs, png)
         console.print(f"wrote scatter plot over energy contours to {png}")
+
+
+def _refuse_existing(paths: list[Path], overwrite: bool) -> None:
+    """Exit 2 naming the first of ``paths`` that exists (a file we would replace), unless ``overwrite``."""
+    found = [p for p in paths if p.exists()]
+    if found and not overwrite:
+        raise _fail(f"{found[0]} exists; choose another --out or pass --overwrite")
+    if found and found[0].is_dir():
+        raise _fail(f"{found[0]} is a folder; give --out a file name")
 
 
 def _sample_feature_vectors(det: Any, start: Path, n: int, seed: int) -> Any:
