@@ -140,9 +140,9 @@ def conformal_threshold(calibration_scores: np.ndarray, alpha: float) -> float:
     need = min_calibration_size(alpha)
     if n < need:
         msg = (f"a target rate of {alpha:g} needs at least {need} calibration samples, got {n}: add held-out "
-               f"normal data (train: --calibration-fraction or --calibration-dir; calibrate: --calibration-dir for images, "
-               f"--calibration-csv for tables) "
-               f"or ask for a larger rate")
+               f"normal data (Python: calibration_fraction, or calibrate(X) with more normal rows / images; command "
+               f"line: train --calibration-fraction or --calibration-dir, calibrate --calibration-dir for images, "
+               f"--calibration-csv for tables) or ask for a larger rate")
         raise CalibrationError(msg)
     k = min(math.ceil((n + 1) * (1.0 - alpha) - 1e-9), n)
     # s_(k) plus a relative 1e-9: a re-computed calibration score (last-bit rounding) keeps its own decision

@@ -59,6 +59,10 @@ MIN_VALIDATION_ROWS = 10
 #: "vectors"; chosen on synthetic choice sets, see :class:`DxMIDetector`).
 LOW_DIM_FEATURES = 3
 
+#: DataFrame column names that ``fit`` warns about: a label used as a feature is a common slip (lower case, stripped).
+_LABEL_NAMES = frozenset({"label", "labels", "target", "y", "class", "anomaly", "is_anomaly", "outlier", "is_outlier",
+                          "ground_truth"})
+
 #: Values of the parameters left at None, per energy model ("mlp" also serves "shared"). The autoencoder column is
 #: the paper's AD recipe at CPU size (App. C.3); the MLP column is the 2-D recipe's (paper §5.1) at a defaults' size.
 ENERGY_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -491,6 +495,11 @@ class DxMIDetector(CalibratedDetector, OutlierMixin, BaseEstimator):
         self._validate_params()
         check_rates(self.fpr, self.fdr)  # one decision rule (the CLI refuses both too)
         X_all = validate_data(self, X, ensure_min_samples=2, dtype=[np.float64, np.float32]).astype(np.float64)
+        labels = [str(n) for n in getattr(self, "feature_names_in_", []) if str(n).strip().lower() in _LABEL_NAMES]
+        if labels:
+            warnings.warn(f"column(s) {', '.join(map(repr, labels))} of the DataFrame look like labels and are used "
+                          "as features: drop them (fit takes normal rows only; labels are for evaluation)",
+                          UserWarning, stacklevel=2)
         if self.spherical and X_all.shape[1] == 1:
             autoencoder_latent_dim(1, "auto", spherical=True)  # refused: one L2-normalized feature is only its sign
         if not self.spherical:  # before any statistic: 1e300 would overflow the scaler and blame the training

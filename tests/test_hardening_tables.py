@@ -309,3 +309,30 @@ def test_cli_calibrate_and_print_calibration_show_the_summary(tmp_path):
     print_calibration(_Image(), console)
     shown = console.export_text()
     assert "no fixed threshold" in shown and "4 of 10, 40 of 100" in shown
+
+
+def test_a_semicolon_csv_is_named_as_such(tmp_path):
+    from dxmi_ad.data.tabular import load_csv
+
+    f = tmp_path / "semi.csv"
+    f.write_text("a;b;c\n1;2;3\n4;5;6\n")
+    with pytest.raises(ValueError, match=r"line 2.*not a number.*separate its fields with ';'"):
+        load_csv(f)
+
+
+def test_fit_warns_when_a_dataframe_column_looks_like_a_label():
+    import warnings
+
+    import pandas as pd
+
+    from dxmi_ad import DxMIDetector
+
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame(rng.normal(size=(60, 3)), columns=["a", "b", "Label"])
+    tiny = dict(n_iter=0, ae_pretrain_iter=2, hidden=8, n_layers=1, device="cpu", random_state=0)
+    with pytest.warns(UserWarning, match="'Label' of the DataFrame look like labels"):
+        DxMIDetector(**tiny).fit(df)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        DxMIDetector(**tiny).fit(df.drop(columns="Label"))
+    assert not [w for w in caught if "look like labels" in str(w.message)]

@@ -327,6 +327,10 @@ def load_csv(path: str | Path, label_column: str = "label", min_rows: int = 2,
                 v = float(cell)
             except ValueError:
                 msg = f"{path}, line {line_no}, column {header[j]!r}: {cell.strip()!r} is not a number"
+                if width == 1 and any(sep in header[0] + cell for sep in ";\t|"):
+                    sep = next(c for c in ";\t|" if c in header[0] + cell)
+                    msg += (f" (the file seems to separate its fields with {sep!r}; the reader expects commas: "
+                            "re-save it as comma-separated, e.g. pandas read_csv(path, sep=...).to_csv(new, index=False))")
                 raise ValueError(msg) from None
             if not math.isfinite(v):
                 msg = f"{path}, line {line_no}, column {header[j]!r}: value {cell.strip()!r} is not finite"
