@@ -87,11 +87,11 @@ def sample(
         raise _fail("--steps and --guidance are for pixel-mode models")
     if start is not None and not isinstance(det, ImageDetector):
         raise _fail("--start is for feature-mode image models (their sampler refines perturbed features)")
+    if isinstance(det, ImageDetector) and start is None:
+        raise _fail("a feature-mode image model samples feature vectors by refining perturbed training "
+                    "features (docs/paper_map.md): pass --start DIR with normal images")
     _refuse_existing([out, *([out.with_suffix(".png")] if getattr(det, "n_features_in_", 0) == 2 else [])], overwrite)
     if isinstance(det, ImageDetector):
-        if start is None:
-            raise _fail("a feature-mode image model samples feature vectors by refining perturbed training "
-                        "features (docs/paper_map.md): pass --start DIR with normal images")
         xs = _sample_feature_vectors(det, start, n, seed)
     else:
         xs = det.sample(n, random_state=seed)
