@@ -59,9 +59,9 @@ def test_the_shipped_recipes_scale_pixels_globally_and_tables_per_feature():
 
 
 def test_global_scaling_beats_per_feature_on_the_hardest_digits_and_reaches_lof():
-    """Digits 3 and 8 (per-feature scaling's two weakest classes), the autoencoder energy alone (the scaling is what
-    is tested; DxMI on top is in the README's table): per-feature 0.952 / 0.950, global 0.998 / 0.985, LOF 0.990 /
-    0.981 (seed 0)."""
+    """Digits 3 and 8 (per-feature scaling's two weakest classes), the autoencoder energy alone, 300 steps (the
+    scaling is what is tested; DxMI on top is in the README's table): per-feature 0.951 / 0.949, global 0.993 / 0.992,
+    LOF 0.990 / 0.981 (seed 0)."""
     ours, per_feature, lof = [], [], []
     for c in (3, 8):
         sp = digits_split(c, seed=0)
@@ -70,7 +70,7 @@ def test_global_scaling_beats_per_feature_on_the_hardest_digits_and_reaches_lof(
         def auc(s: np.ndarray) -> float:
             return auroc(s[y == 0], s[y == 1])
 
-        params = dict(n_iter=0, device="cpu", random_state=0)
+        params = dict(n_iter=0, ae_pretrain_iter=300, device="cpu", random_state=0)
         ours.append(auc(DxMIDetector(standardize="global", **params).fit(sp.train).energy(sp.test)))
         per_feature.append(auc(DxMIDetector(standardize=True, **params).fit(sp.train).energy(sp.test)))
         lof.append(auc(-LocalOutlierFactor(n_neighbors=20, novelty=True).fit(sp.train).score_samples(sp.test)))

@@ -228,7 +228,8 @@ class _Progress:
 def _check_out(out: Path, overwrite: bool) -> None:
     """Refuse, before any training, an existing run directory (unless ``overwrite``), a file in its place, or a
     place where the run cannot be written: the results are written to a temporary folder beside ``out`` and renamed,
-    so a folder is created there and removed again (the parent folders are created as the run would)."""
+    so a folder is created there and removed again (the parent folders are created as the run would).
+    """
     import shutil
     import tempfile
 

@@ -113,7 +113,8 @@ def latest_checkpoint(directory: Path | None) -> Path | None:
 def data_fingerprint(data: torch.Tensor) -> dict[str, Any]:
     """A cheap fingerprint of the training tensor ``(N, ...)``: its shape and the float64 sums of its first and last
     1024 rows (read once; a memory map stays on disk). A checkpoint records it, so a run resumed on other data or
-    other preprocessing (e.g. another ``standardize``, which the model config does not hold) is refused."""
+    other preprocessing (e.g. another ``standardize``, which the model config does not hold) is refused.
+    """
     head, tail = data[:1024].double().cpu(), data[-1024:].double().cpu()
     return {"shape": list(data.shape), "head": float(head.sum()), "tail": float(tail.sum())}
 
