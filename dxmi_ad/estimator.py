@@ -154,8 +154,8 @@ class DxMIDetector(CalibratedDetector, OutlierMixin, BaseEstimator):
         standardize: ``True``: each feature to zero mean and unit variance (fitted on the training rows);
             ``"global"``: each feature to zero mean, all divided by ONE scale, the root mean variance of the features
             (for features in the same units, e.g. pixel intensities: per-feature scaling blows up the pixels that
-            are nearly constant in the normal class; MNIST-5k, 10 one-class tasks: see the README's measured
-            table); ``False``: the raw values.
+            are nearly constant in the normal class; MNIST-5k, 10 one-class tasks: 0.956 against 0.909 mean AUROC,
+            ``benchmarks/digits.py --scaling-choice``; the digits table in the README); ``False``: the raw values.
         contamination: ``"auto"`` (the threshold is calibrated: a target false-positive rate of 0.01 on the held-out
             calibration rows, or the smallest rate they support) or the expected fraction of outliers in the
             training set, in (0, 0.5] (scikit-learn semantics: that fraction of the rows passed to ``fit`` is

@@ -327,8 +327,8 @@ def load_csv(path: str | Path, label_column: str = "label", min_rows: int = 2,
                 v = float(cell)
             except ValueError:
                 msg = f"{path}, line {line_no}, column {header[j]!r}: {cell.strip()!r} is not a number"
-                if width == 1 and any(sep in header[0] + cell for sep in ";\t|"):
-                    sep = next(c for c in ";\t|" if c in header[0] + cell)
+                sep = next((c for c in ";\t|" if c in header[0] + cell), None) if width == 1 else None
+                if sep is not None:
                     msg += (f" (the file seems to separate its fields with {sep!r}; the reader expects commas: "
                             "re-save it as comma-separated, e.g. pandas read_csv(path, sep=...).to_csv(new, index=False))")
                 raise ValueError(msg) from None
