@@ -1,14 +1,15 @@
 """DxMI beside anomalib's PaDiM and PatchCore on the embedded textures (real photos, SYNTHETIC defects).
 
-One run, same data, same offline EfficientNet-Lite0 ImageNet weights. Rows: the autoencoder energy alone (DxMI's
+One run, same data, same offline EfficientNet-Lite ImageNet weights (Lite0, the recipe's; ``--backbone`` for Lite1 /
+Lite2 in every row). Rows: the autoencoder energy alone (DxMI's
 starting point), DxMI tau = 0.1, DxMI tau = 0 (the paper's entropy ablation), anomalib PaDiM and PatchCore. Columns:
 image and pixel AUROC per texture and mean, training seconds, end-to-end scoring images/s, and the backbone-only
-images/s. Settings: recipes/textures.yaml; peers use Lite0 blocks 1 + 2 (strides 4, 8: the usual middle layers;
+images/s. Settings: recipes/textures.yaml; peers use the backbone's blocks 1 + 2 (strides 4, 8: the usual middle layers;
 the full stride-2..16 stack at stride-2 resolution is out of reach for PaDiM's covariances and PatchCore's
 coreset on 2 CPU cores); PatchCore's memory bank is a 10% k-center coreset of 20,000 randomly drawn patch vectors
 (docs/paper_map.md: k-center greedy over all 1.5M patches would take hours on the CPU).
 
-    python benchmarks/textures.py
+    python benchmarks/textures.py [--backbone tf_efficientnet_lite2] [--only PatchCore PaDiM] [--peer-inputs]
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dxmi_ad.config import DxMIConfig
 from dxmi_ad.data.mvtec import list_mvtec
 from dxmi_ad.data.textures import write_textures
 from dxmi_ad.evaluation import metrics_table
-from dxmi_ad.features.extractor import lite0_state_dict
+from dxmi_ad.features.extractor import efficientnet_lite_state_dict
 from dxmi_ad.image import FeatureSettings, ImageDetector, iter_batches
 from dxmi_ad.scoring import ScoringSettings
 
@@ -45,18 +46,20 @@ def _dxmi(samples: list, test: list, model: dict, feats: dict, scoring: dict | N
     return metrics_table(test, scored), train_s, len(test) / (time.perf_counter() - t0)
 
 
-def _anomalib(kind: str, samples: list, test: list, size: int) -> tuple[pd.DataFrame, float, float]:
+def _anomalib(kind: str, samples: list, test: list, size: int, backbone: str = "tf_efficientnet_lite0"
+              ) -> tuple[pd.DataFrame, float, float]:
     from anomalib.models.image.padim.torch_model import PadimModel
     from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 
     layers = ["blocks.1", "blocks.2"]
     if kind == "PaDiM":
-        model = PadimModel(backbone="tf_efficientnet_lite0", layers=layers, pre_trained=False, n_features=64)
+        model = PadimModel(backbone=backbone, layers=layers, pre_trained=False, n_features=64)
     else:
-        model = PatchcoreModel(layers=layers, backbone="tf_efficientnet_lite0", pre_trained=False, num_neighbors=9)
+        model = PatchcoreModel(layers=layers, backbone=backbone, pre_trained=False, num_neighbors=9)
     own = model.feature_extractor.feature_extractor.state_dict()
-    model.feature_extractor.feature_extractor.load_state_dict(
-        {k: v for k, v in lite0_state_dict().items() if k in own}, strict=True)
+    weights = efficientnet_lite_state_dict(int(backbone.removeprefix("tf_efficientnet_lite")))
+    model.feature_extractor.feature_extractor.load_state_dict({k: v for k, v in weights.items() if k in own},
+                                                              strict=True)
     mean = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
     std = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
     train = [s for s in samples if s.split == "train"]
@@ -106,16 +109,21 @@ def main() -> None:
     parser.add_argument("--peer-inputs", action="store_true",
                         help="also train DxMI on the peers' inputs (recipe textures_patchcore_inputs: Lite0 blocks 1 + 2, "
                              "3x3 neighbourhood average), so methods are compared on the same features")
+    parser.add_argument("--backbone", choices=[f"tf_efficientnet_lite{v}" for v in range(3)], default=None,
+                        help="the offline backbone of every row, DxMI's and the peers' (default: the recipe's)")
+    parser.add_argument("--only", nargs="+", default=None, help="rows to run (substring match, e.g. PatchCore)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     recipe = yaml.safe_load(args.recipe.read_text())
     feats = {**recipe["features"], "out_indices": tuple(recipe["features"]["out_indices"])}
+    feats["backbone"] = args.backbone or feats["backbone"]
     scoring = recipe.get("scoring")
     samples = list_mvtec(write_textures())
     test = [s for s in samples if s.split == "test"]
     rows = {}
     peer = yaml.safe_load((RECIPE.parent / "textures_patchcore_inputs.yaml").read_text())
-    peer_feats = {**peer["features"], "out_indices": tuple(peer["features"]["out_indices"])}
+    peer_feats = {**peer["features"], "out_indices": tuple(peer["features"]["out_indices"]),
+                  "backbone": feats["backbone"]}
     runs = {
         "autoencoder alone": lambda: _dxmi(samples, test, {**recipe["model"], "n_iter": 0}, feats, scoring),
         "DxMI tau=0.1": lambda: _dxmi(samples, test, recipe["model"], feats, scoring),
@@ -126,9 +134,10 @@ def main() -> None:
                                                            peer_feats, peer.get("scoring")),
             "DxMI tau=0.1, peer inputs": lambda: _dxmi(samples, test, peer["model"], peer_feats, peer.get("scoring")),
         }),
-        "PaDiM (anomalib)": lambda: _anomalib("PaDiM", samples, test, feats["image_size"]),
-        "PatchCore (anomalib)": lambda: _anomalib("PatchCore", samples, test, feats["image_size"]),
+        "PaDiM (anomalib)": lambda: _anomalib("PaDiM", samples, test, feats["image_size"], feats["backbone"]),
+        "PatchCore (anomalib)": lambda: _anomalib("PatchCore", samples, test, feats["image_size"], feats["backbone"]),
     }
+    runs = {k: v for k, v in runs.items() if not args.only or any(o in k for o in args.only)}
     for name, run in runs.items():
         table, train_s, ips = run()
         per = table.set_index("category")
@@ -141,6 +150,7 @@ def main() -> None:
     table = pd.DataFrame(rows).T
     order = [c for c in table.columns if c.endswith(" img")] + [c for c in table.columns if c.endswith(" pix")]
     print(f"\nTextures (real CC0 photos, SYNTHETIC defects); AUROC fractions; recipe={args.recipe.name}; "
+          f"backbone {feats['backbone']} (peers: its blocks 1 + 2); "
           f"image size {feats['image_size']}; torch threads={args.threads}")
     print(table[[*order, "train s", "score img/s"]].to_string(float_format=lambda v: f"{v:.3f}"))
     print(f"backbone only ({feats['backbone']}, stages {feats['out_indices']}): {backbone:.1f} images/s")

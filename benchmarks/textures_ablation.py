@@ -47,7 +47,7 @@ GUARDS = {"project_samples": True, "fix_last_sigma": True, "last_sigma": 1e-3, "
 # --validate-every iterations; two rows come out of that run: the last iterate (the paper) and "+ selection" (the
 # best validated state, the autoencoder start included).
 VARIANTS: dict[str, dict] = {
-    "DxMI recipe (energy lr 1e-6)": {},
+    "DxMI recipe (as shipped)": {},  # the README's older rows "DxMI recipe (energy lr 1e-6)": the recipe then
     "DxMI paper lrs": PAPER_LRS,
     "DxMI paper lrs + guards": {**PAPER_LRS, **GUARDS},
     "DxMI paper lrs + guards + feature-noise start": {**PAPER_LRS, **GUARDS, "initial": "feature_noise",

@@ -336,3 +336,43 @@ def test_fit_warns_when_a_dataframe_column_looks_like_a_label():
         warnings.simplefilter("always")
         DxMIDetector(**tiny).fit(df.drop(columns="Label"))
     assert not [w for w in caught if "look like labels" in str(w.message)]
+
+
+def test_an_identifier_column_is_kept_out_of_the_features_and_passed_to_the_scores(tmp_path):
+    rng = np.random.default_rng(0)
+    X = rng.normal(0, 1, (80, 4))
+    csv = tmp_path / "t.csv"
+    csv.write_text("sample_id,a,b,c,d\n" + "\n".join(f"S{i:03d}," + ",".join(f"{v:.4f}" for v in r)
+                                                      for i, r in enumerate(X)))
+    out = tmp_path / "run"
+    sets = [x for kv in ("n_iter=2", "ae_pretrain_iter=5", "warmup_iter=1", "hidden=8", "n_layers=1", "device=cpu")
+            for x in ("--set", kv)]
+    res = runner.invoke(app, ["train", "--dataset", f"csv:{csv}", "--out", str(out), *sets])
+    assert res.exit_code == 2 and "'sample_id': 'S000' is not a number" in res.output
+    assert "--id-column sample_id" in " ".join(res.output.split())  # the way out is named
+    res = runner.invoke(app, ["train", "--dataset", f"csv:{csv}", "--id-column", "sample_id", "--out", str(out), *sets])
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "config.json").read_text())["n_features_in"] == 4  # the identifier is not a feature
+    new = tmp_path / "new.csv"  # another column order: features are matched by name
+    new.write_text("d,sample_id,a,b,c\n1,X-1,0,0,0\n0,X 2,9,9,9\n")
+    scored = tmp_path / "scores.csv"
+    res = runner.invoke(app, ["score", str(new), "--model", str(out), "--id-column", "sample_id", "--out", str(scored)])
+    assert res.exit_code == 0, res.output
+    table = scored.read_text().splitlines()
+    assert table[0].startswith("path,row,sample_id,pred_score,")
+    assert [r.split(",")[2] for r in table[1:]] == ["X-1", "X 2"]
+    assert float(table[2].split(",")[3]) > float(table[1].split(",")[3])  # the far row scores higher
+    res = runner.invoke(app, ["score", str(new), "--model", str(out)])  # without the flag: named, with the fix
+    assert res.exit_code == 2 and "not seen in training ['sample_id']" in res.output
+    assert "--id-column sample_id" in " ".join(res.output.split())
+    res = runner.invoke(app, ["score", str(new), "--model", str(out), "--id-column", "pred_score"])
+    assert res.exit_code == 2 and "already have a column of that name" in res.output
+    res = runner.invoke(app, ["calibrate", "--model", str(out), "--calibration-csv", str(csv), "--id-column",
+                              "sample_id", "--fpr", "0.1"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["calibrate", "--model", str(out), "--id-column", "sample_id"])
+    assert res.exit_code == 2 and "pass that file too" in res.output
+    res = runner.invoke(app, ["train", "--dataset", "digits", "--id-column", "x", "--dry-run"])
+    assert res.exit_code == 2 and "--id-column is for csv:PATH tables" in res.output
+    with pytest.raises(ValueError, match="no column named 'nope'"):
+        load_csv(csv, id_column="nope")

@@ -580,6 +580,10 @@ def score_paths(det: Any, paths: list[Path], out_csv: Path | None, heatmaps: Pat
     return {**result, "n_files": len(files), "listing": listing}
 
 
+DECISION_COLUMNS = ("pred_score", "threshold", "pred_label", "p_value", "normalized_score", "error")
+"""The columns of :func:`decision_csv` after the identifier columns."""
+
+
 def decision_csv(ids: list[list[str]], id_columns: list[str], scores: np.ndarray, errors: dict[int, str],
                  cal: Any, out_csv: Path | None, no_rule: str) -> dict[str, Any]:
     """The scoring CSV of ``dxmi-ad score`` (images and table rows alike), written atomically when ``out_csv`` is set.
@@ -616,7 +620,7 @@ def decision_csv(ids: list[list[str]], id_columns: list[str], scores: np.ndarray
     thr_text = "" if thr is None else f"{thr:.6g}"
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow([*id_columns, "pred_score", "threshold", "pred_label", "p_value", "normalized_score", "error"])
+    writer.writerow([*id_columns, *DECISION_COLUMNS])
     for i, key in enumerate(ids):
         if not ok[i]:
             writer.writerow([*key, "", thr_text, "", "", "", errors.get(i, "no score")])

@@ -256,9 +256,10 @@ def _model_columns(det: Any, X: Any, columns: list[str], path: Path) -> Any:
     return with_column_names(X, names)
 
 
-def _score_tables(model: Path, paths: list[Path], out: Path | None) -> dict[str, Any]:
+def _score_tables(model: Path, paths: list[Path], out: Path | None, id_column: str | None = None) -> dict[str, Any]:
     """Score every row of the CSV ``paths`` with the vector model in ``model``; returns :func:`decision_csv`'s
-    result plus ``n_rows``. All tables are read and checked before anything is written.
+    result plus ``n_rows``. All tables are read and checked before anything is written. ``id_column``: every
+    table's identifier column, copied to the scores after ``row`` (never a feature).
 
     Raises:
         CLIError: A folder or a non-CSV file, or columns that differ from the training columns (named).
@@ -284,19 +285,20 @@ def _score_tables(model: Path, paths: list[Path], out: Path | None) -> dict[str,
         det = dxmi_ad.load(model)
     tables = []
     for p in paths:  # every table is read and checked before any is scored
-        X, label, columns, lines = load_csv(p, min_rows=1, return_lines=True,
-                                            expected_columns=getattr(det, "feature_names_in_", None))
+        X, label, columns, lines, *names = load_csv(p, min_rows=1, return_lines=True, id_column=id_column,
+                                                    expected_columns=getattr(det, "feature_names_in_", None))
         if label is not None:
             err_console.print(f"{p}: the label column is not a feature; ignored", highlight=False)
-        tables.append((p, _model_columns(det, X, columns, p), lines))
+        tables.append((p, _model_columns(det, X, columns, p), lines, names[0] if names else None))
     ids, scores = [], []
-    for p, X, lines in tables:
+    for p, X, lines, names in tables:
         try:
             scores.append(det.energy(X))
         except ValueError as err:  # e.g. a value the standardization cannot hold: name the table
             raise CLIError(f"{p}: {err} (row indices count data rows from 0; see the row column for lines)") from None
-        ids += [[str(p), str(int(line))] for line in lines]
-    result = decision_csv(ids, ["path", "row"], np.concatenate(scores), {}, det.calibration_, out,
+        ids += [[str(p), str(int(line)), *([] if names is None else [str(names[k])])] for k, line in enumerate(lines)]
+    id_names = ["path", "row", *([] if id_column is None else [id_column.strip()])]
+    result = decision_csv(ids, id_names, np.concatenate(scores), {}, det.calibration_, out,
                           TABLE_NO_RULE.format(model=model))
     return {**result, "n_rows": len(ids)}
 
@@ -370,6 +372,8 @@ def calibrate(
     validation_dir: Annotated[Path | None, typer.Option(help="image model: labelled folder (good/, <defect>/) "
                                                              "for an F1-optimal threshold")] = None,
     skip_bad_files: Annotated[bool, typer.Option(help="leave unreadable calibration images out")] = False,
+    id_column: Annotated[str | None, typer.Option(help="--calibration-csv: its identifier column (text), not a "
+                                                       "feature")] = None,
 ) -> None:
     """Re-calibrate a trained model's decisions without retraining; rewrites RUN_DIR/calibration.json atomically."""
     import dxmi_ad
@@ -383,8 +387,9 @@ def calibrate(
         check_one_rule(fpr, fdr)
         det = dxmi_ad.load(model)
         if isinstance(det, (ImageDetector, PixelDetector)):
-            if calibration_csv is not None:
-                raise CLIError("--calibration-csv is for vector models; pass --calibration-dir for an image model")
+            if calibration_csv is not None or id_column is not None:
+                raise CLIError("--calibration-csv and --id-column are for vector models; pass --calibration-dir for "
+                               "an image model")
             calibration, validation = images.calibration_inputs(TrainOptions(
                 fpr=fpr, fdr=fdr, calibration_dir=calibration_dir, validation_dir=validation_dir))
             if isinstance(det, PixelDetector):
@@ -396,11 +401,13 @@ def calibrate(
             if calibration_dir is not None or validation_dir is not None:
                 raise CLIError("this is a vector model: pass --calibration-csv (normal rows), not image folders")
             X = None
+            if id_column is not None and calibration_csv is None:
+                raise CLIError("--id-column names a column of --calibration-csv; pass that file too")
             if calibration_csv is not None:
                 from dxmi_ad.data.tabular import load_csv
 
-                X, label, columns = load_csv(calibration_csv,
-                                             expected_columns=getattr(det, "feature_names_in_", None))
+                X, label, columns = load_csv(calibration_csv, id_column=id_column,
+                                             expected_columns=getattr(det, "feature_names_in_", None))[:3]
                 if label is not None:  # calibration rows must be normal: a label column is never a feature
                     if not (label == 0).any():
                         raise CLIError(f"{calibration_csv}: every row has label 1 (anomaly); calibration needs "
@@ -470,6 +477,8 @@ def score(
     out: Annotated[Path | None, typer.Option(help="CSV file (default: print to the terminal)")] = None,
     heatmaps: Annotated[Path | None, typer.Option(help="folder for heat-map overlay PNGs")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="images per batch (bounds memory)")] = 32,
+    id_column: Annotated[str | None, typer.Option(help="vector model: the tables' identifier column (text), copied "
+                                                       "to the scores after `row`, never a feature")] = None,
 ) -> None:
     """Score images (one CSV row per file) or, with a vector model, the rows of CSV tables (one per row); then a
     summary line on stderr; exit 1 if an image failed.
@@ -495,9 +504,11 @@ def score(
     if _model_kind(model) in ("DxMIDetector", "PyODDxMIDetector"):
         if heatmaps is not None:
             raise _fail("--heatmaps is for image models; a vector model scores table rows")
+        if id_column is not None and id_column.strip() in ("path", "row", *images.DECISION_COLUMNS):
+            raise _fail(f"--id-column {id_column}: the scores already have a column of that name; rename it")
         try:
             images.check_score_outputs(out, None, paths, model)
-            result = _score_tables(model, paths, out)
+            result = _score_tables(model, paths, out, id_column)
         except (CLIError, ImageCLIError, FileNotFoundError, ValueError) as err:
             raise _fail(str(err)) from None
         if out is None:
@@ -506,6 +517,8 @@ def score(
             console.print(f"wrote {out}")
         err_console.print(images.score_summary(result, unit="row"), highlight=False, soft_wrap=True)
         return
+    if id_column is not None:
+        raise _fail("--id-column is for vector models scoring CSV tables; an image's identifier is its path")
     try:  # everything that can be refused is refused before the model is loaded or any image is read
         images.check_score_outputs(out, heatmaps, paths, model)
         listing = find_images(paths, require=True)

@@ -135,6 +135,7 @@ class TrainOptions:
     resume: Path | None = None
     overwrite: bool = False
     dry_run: bool = False
+    id_column: str | None = None
 
     def replace(self, **changes: Any) -> TrainOptions:
         """A copy with some options changed."""

@@ -149,8 +149,9 @@ def _scaled_schedule(base: dict[str, Any], overrides: dict[str, Any]) -> dict[st
     return changes
 
 
-def load_dataset(dataset: str, normal_class: int, seed: int) -> Any:
-    """Return a :class:`~dxmi_ad.data.tabular.OneClassSplit` for a dataset name.
+def load_dataset(dataset: str, normal_class: int, seed: int, id_column: str | None = None) -> Any:
+    """Return a :class:`~dxmi_ad.data.tabular.OneClassSplit` for a dataset name (``id_column``: a ``csv:`` table's
+    identifier column, kept out of the features).
 
     Raises:
         CLIError: For an unknown name or unreadable CSV.
@@ -175,7 +176,7 @@ def load_dataset(dataset: str, normal_class: int, seed: int) -> Any:
         return tabular.OneClassSplit(eight_gaussians(50_000, seed), test, label, "eight-gaussians")
     if dataset.startswith("csv:"):
         try:
-            X, label, names = tabular.load_csv(dataset[4:])
+            X, label, names = tabular.load_csv(dataset[4:], id_column=id_column)[:3]
         except (FileNotFoundError, ValueError) as err:
             raise CLIError(str(err)) from err
         if label is None:
@@ -187,7 +188,7 @@ def load_dataset(dataset: str, normal_class: int, seed: int) -> Any:
     raise CLIError(f"{dataset} is an image dataset, not a table")  # routed to the image path before this point
 
 
-def _table_recipe(dataset: str) -> tuple[Path | None, int | None]:
+def _table_recipe(dataset: str, id_column: str | None = None) -> tuple[Path | None, int | None]:
     """``(recipe, feature count)`` of a ``csv:`` table (``(None, None)`` for other datasets): the bundled
     ``tables_low_dim`` recipe for 2 to :data:`~dxmi_ad.estimator.LOW_DIM_FEATURES` feature columns (what
     ``DxMIDetector(energy_model="auto")`` builds there), None otherwise (the ``tables`` recipe); used only without
@@ -203,7 +204,7 @@ def _table_recipe(dataset: str) -> tuple[Path | None, int | None]:
 
     _check_dataset_name(dataset)
     try:
-        n_features = tabular.load_csv(dataset[4:])[0].shape[1]
+        n_features = tabular.load_csv(dataset[4:], id_column=id_column)[0].shape[1]
     except (FileNotFoundError, ValueError) as err:
         raise CLIError(str(err)) from err
     if not 2 <= n_features <= LOW_DIM_FEATURES:
@@ -311,6 +312,8 @@ def train(
                                                      "complete checkpoint, with the settings it started with")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing run directory")] = False,
     dry_run: Annotated[bool, typer.Option(help="print the resolved recipe and exit")] = False,
+    id_column: Annotated[str | None, typer.Option(help="csv: an identifier column (text), kept out of the features "
+                                                       "(`score --id-column` passes it to the scores)")] = None,
 ) -> None:
     """Train a DxMI detector, calibrate its decisions on held-out normal data, report AUROC on the test split.
 
@@ -324,7 +327,7 @@ def train(
         validation_dir=validation_dir, accelerator=accelerator.value if accelerator else None, devices=devices,
         num_nodes=num_nodes, strategy=strategy.value if strategy else None,
         precision=precision.value if precision else None, checkpoint_every=checkpoint_every,
-        keep_checkpoints=keep_checkpoints, resume=resume, overwrite=overwrite, dry_run=dry_run)
+        keep_checkpoints=keep_checkpoints, resume=resume, overwrite=overwrite, dry_run=dry_run, id_column=id_column)
     try:
         if resume is not None:
             opts = _resume_args(resume, opts)
@@ -332,6 +335,8 @@ def train(
             stem = opts.dataset.replace(":", "_").replace("/", "_")
             opts = opts.replace(out=Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
         check_one_rule(opts.fpr, opts.fdr)
+        if opts.id_column is not None and not opts.dataset.startswith("csv:"):
+            raise CLIError(f"--id-column is for csv:PATH tables; {opts.dataset} has no identifier column")
     except (CLIError, ValueError) as err:
         raise _fail(str(err)) from None
     if opts.mode == Mode.pixel.value:
@@ -538,7 +543,7 @@ def _train_vectors(opts: TrainOptions) -> None:
 
     dataset, seed, out = opts.dataset, opts.seed, opts.out
     try:
-        table_recipe, n_features = _table_recipe(dataset)
+        table_recipe, n_features = _table_recipe(dataset, opts.id_column)
         if opts.recipe is None and table_recipe is not None:
             err_console.print(f"info: {n_features} feature columns: recipe tables_low_dim (an MLP energy on Fourier "
                               "features, as DxMIDetector() builds for 2-3 features; --recipe tables for the "
@@ -563,7 +568,7 @@ def _train_vectors(opts: TrainOptions) -> None:
         if opts.dry_run:
             console.print_json(json.dumps(params, default=str))
             return
-        split = load_dataset(dataset, opts.normal_class, seed)
+        split = load_dataset(dataset, opts.normal_class, seed, opts.id_column)
         if opts.resume is None:
             _check_out(out, opts.overwrite)
         _start_checkpoints(opts, params["runtime"])

@@ -225,12 +225,15 @@ def check_columns(columns: Sequence[str], expected: Sequence[str], where: str) -
                            + ([f"not seen in training {extra}"] if extra else []))
         msg = (f"{where}: the columns differ from the model's training columns ({detail}); expected: "
                f"{', '.join(expected)}")
+        if extra:
+            msg += f" (an identifier column is kept out of the features with --id-column {extra[0]} in the CLI)"
         raise ValueError(msg)
 
 
 def load_csv(path: str | Path, label_column: str = "label", min_rows: int = 2,
-             return_lines: bool = False, expected_columns: Sequence[str] | None = None) -> tuple[Any, ...]:
-    """Read a numeric CSV with a header row; every non-label column is a feature.
+             return_lines: bool = False, expected_columns: Sequence[str] | None = None,
+             id_column: str | None = None) -> tuple[Any, ...]:
+    """Read a numeric CSV with a header row; every column but the label (and ``id_column``) is a feature.
 
     The label column is matched ignoring case and surrounding spaces (``label``, ``Label``, `` LABEL `` all
     match); two columns that match are refused. Line numbers in messages are physical lines of the file (the header
@@ -244,17 +247,21 @@ def load_csv(path: str | Path, label_column: str = "label", min_rows: int = 2,
         expected_columns: A trained model's feature columns: the header must name each of them (any order) and no
             other column but the label; checked before any value is read, so an extra text column is named as a
             column the model does not know rather than as a value that is not a number. None: no check.
+        id_column: Name of an identifier column (matched exactly, surrounding spaces ignored): read as text, never a
+            feature, returned last so that scores can carry it. None: every non-label column is a feature.
 
     Returns:
         ``(X, label, feature_names)``: ``X`` ``(N, D)`` float64, ``label`` ``(N,)`` int or None; with
-        ``return_lines``, ``(X, label, feature_names, lines)``, ``lines`` ``(N,)`` int64.
+        ``return_lines``, ``(X, label, feature_names, lines)``, ``lines`` ``(N,)`` int64; with ``id_column``, one
+        more item at the end: the identifiers, ``(N,)`` str (spaces stripped).
 
     Raises:
         FileNotFoundError: If the file does not exist.
         ValueError: A folder given as the file; naming the file, line and column, for an unreadable file, a missing header, a row with the
             wrong number of fields, a header of numbers (no header line), a column without a name (pandas' index),
             repeated column names, columns that differ from ``expected_columns`` (both lists
-            named), a binary workbook or array (Excel, OpenDocument, NumPy: "save it as CSV"), a non-numeric or non-finite value, a value beyond the float32 range
+            named), ``id_column`` not in the header or the same column as the label,
+            a binary workbook or array (Excel, OpenDocument, NumPy: "save it as CSV"), a non-numeric or non-finite value, a value beyond the float32 range
             (``|x| > 3.4e38``, which the models cannot hold), a label outside {0, 1}, two label columns, no feature
             column, or fewer than ``min_rows`` rows.
     """
@@ -310,11 +317,22 @@ def load_csv(path: str | Path, label_column: str = "label", min_rows: int = 2,
         named = "; ".join(f"{h!r} in columns {', '.join(map(str, cols))}" for h, cols in repeated.items())
         msg = f"{path}, line {header_line}: column names must be unique (a model scores columns by name): {named}"
         raise ValueError(msg)
+    id_col = None
+    if id_column is not None:
+        if id_column.strip() not in header:
+            msg = (f"{path}, line {header_line}: no column named {id_column.strip()!r} (the identifier column); the "
+                   f"header names {', '.join(map(repr, header))}")
+            raise ValueError(msg)
+        id_col = header.index(id_column.strip())
+        if id_col in label_cols:
+            msg = f"{path}, line {header_line}: {id_column.strip()!r} is the label column; it cannot be the identifier"
+            raise ValueError(msg)
     if expected_columns is not None:
-        check_columns([h for j, h in enumerate(header) if j not in label_cols], expected_columns,
+        check_columns([h for j, h in enumerate(header) if j not in label_cols and j != id_col], expected_columns,
                       f"{path}, line {header_line}")
     values = np.empty((len(records) - 1, width), dtype=np.float64)
     lines = np.empty(len(records) - 1, dtype=np.int64)
+    ids: list[str] = []
     n = 0
     for line_no, row in records[1:]:
         if not row or all(not cell.strip() for cell in row):
@@ -323,10 +341,17 @@ def load_csv(path: str | Path, label_column: str = "label", min_rows: int = 2,
             msg = f"{path}, line {line_no}: expected {width} fields (as in the header), found {len(row)}"
             raise ValueError(msg)
         for j, cell in enumerate(row):
+            if j == id_col:
+                ids.append(cell.strip())
+                values[n, j] = 0.0
+                continue
             try:
                 v = float(cell)
             except ValueError:
                 msg = f"{path}, line {line_no}, column {header[j]!r}: {cell.strip()!r} is not a number"
+                if width > 1 and id_col is None:
+                    msg += (f" (an identifier column? keep it out of the features: --id-column {header[j]} in the "
+                            f"CLI, or drop it before fitting in Python)")
                 sep = next((c for c in ";\t|" if c in header[0] + cell), None) if width == 1 else None
                 if sep is not None:
                     msg += (f" (the file seems to separate its fields with {sep!r}; the reader expects commas: "
@@ -347,7 +372,6 @@ def load_csv(path: str | Path, label_column: str = "label", min_rows: int = 2,
         msg = f"{path}: need at least {min_rows} data row{'s' if min_rows != 1 else ''}, found {n}"
         raise ValueError(msg)
     label = None
-    features = list(header)
     if label_cols:
         j = label_cols[0]
         label = values[:, j]
@@ -357,9 +381,11 @@ def load_csv(path: str | Path, label_column: str = "label", min_rows: int = 2,
                    f"got {label[bad[0]]:g}")
             raise ValueError(msg)
         label = label.astype(int)
-        values = np.delete(values, j, axis=1)
-        features.pop(j)
+    keep = [j for j in range(width) if j not in label_cols and j != id_col]
+    features = [header[j] for j in keep]
+    values = values[:, keep]
     if not features:
-        msg = f"{path}: no feature columns (only {header[label_cols[0]]!r})"
+        msg = f"{path}: no feature columns (only {', '.join(repr(header[j]) for j in range(width))})"
         raise ValueError(msg)
-    return (values, label, features, lines) if return_lines else (values, label, features)
+    out = (values, label, features, lines) if return_lines else (values, label, features)
+    return (*out, np.asarray(ids, dtype=str)) if id_col is not None else out
