@@ -186,6 +186,9 @@ class DxMIDetector(CalibratedDetector, OutlierMixin, BaseEstimator):
             selection.
         validation_auroc_: Its validation AUROC (held-out normal rows vs SYNTHETIC anomalies), or None.
         calibration_: The :class:`~dxmi_ad.calibration.Calibration` (held-out energies and decision rule).
+        row_counts_: How ``fit`` used the rows it was given: ``{"fit": rows the networks trained on,
+            "validation": rows held out for model selection, "calibration": rows held out for the decision rule}``
+            (0 when none was held out; set by ``fit``, not stored by ``save``).
 
     Raises (from ``fit`` / scoring):
         ValueError: NaN/inf, not 2-D, fewer than 2 rows, a feature count that differs from ``fit``.
@@ -545,6 +548,8 @@ class DxMIDetector(CalibratedDetector, OutlierMixin, BaseEstimator):
                                                  runtime=runtime, validate=validate)
         self.model_.eval()
         self._read_selection()
+        self.row_counts_ = {"fit": len(X), "validation": 0 if X_val is None else len(X_val),
+                            "calibration": 0 if X_cal is None else len(X_cal)}
         keep = torch.randperm(len(data), generator=torch.Generator().manual_seed(self.config_.seed))[:_START_BANK]
         self.start_bank_ = data[keep].clone()
         all_energy = self._energy_rows(self._transform(X_all))  # validated arrays: no feature-name check again

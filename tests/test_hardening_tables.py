@@ -353,6 +353,9 @@ def test_an_identifier_column_is_kept_out_of_the_features_and_passed_to_the_scor
     res = runner.invoke(app, ["train", "--dataset", f"csv:{csv}", "--id-column", "sample_id", "--out", str(out), *sets])
     assert res.exit_code == 0, res.output
     assert json.loads((out / "config.json").read_text())["n_features_in"] == 4  # the identifier is not a feature
+    m = json.loads((out / "metrics.json").read_text())  # n_train counts every row; how fit used them beside it
+    assert m["n_train"] == 80 and m["n_calibration"] == 16 and m["n_fit"] + m["n_validation"] == 64
+    assert m["n_validation"] == 0  # 64 rows leave 6 validation rows, below the minimum: no selection
     new = tmp_path / "new.csv"  # another column order: features are matched by name
     new.write_text("d,sample_id,a,b,c\n1,X-1,0,0,0\n0,X 2,9,9,9\n")
     scored = tmp_path / "scores.csv"

@@ -245,6 +245,8 @@ def _evaluate(det: Any, split: Any, dataset: str) -> dict[str, Any]:
     from dxmi_ad.metrics import auroc, sliced_wasserstein
 
     metrics: dict[str, Any] = {"dataset": split.name, "n_train": int(len(split.train)), "n_test": int(len(split.test))}
+    # n_train = every training row given; how fit used them (the networks saw only n_fit of them)
+    metrics.update({f"n_{k}": int(v) for k, v in getattr(det, "row_counts_", {}).items()})
     if len(split.test_label) and 0 < split.test_label.sum() < len(split.test_label):
         test = _named(split, split.test)
         energy = det.energy(test)
@@ -599,7 +601,8 @@ def _train_vectors(opts: TrainOptions) -> None:
     table = Table(title=f"DxMI on {split.name}")
     for col in ("metric", "value"):
         table.add_column(col)
-    for key in ("image_AUROC", "FPR", "TPR", "SW", "selected_iteration", "validation_AUROC", "n_train", "n_test",
+    for key in ("image_AUROC", "FPR", "TPR", "SW", "selected_iteration", "validation_AUROC", "n_train", "n_fit",
+                "n_validation", "n_calibration", "n_test",
                 "n_test_anomalous", "train_seconds"):
         if key in metrics:
             v = metrics[key]
@@ -616,6 +619,10 @@ def _vector_metric_notes(metrics: dict[str, Any]) -> list[str]:
     and ``selected_iteration`` 0 means the pre-trained start was kept.
     """
     notes = []
+    if "n_fit" in metrics:
+        notes.append(f"n_train: every training row; the networks trained on n_fit = {metrics['n_fit']}, "
+                     f"{metrics.get('n_validation', 0)} were held out to select the model and "
+                     f"{metrics.get('n_calibration', 0)} to calibrate the decision rule")
     if "image_AUROC" in metrics:
         notes.append("image_AUROC: AUROC of the energy over the test rows (normal vs anomalous; anomalib's key "
                      "for a per-sample score)")
