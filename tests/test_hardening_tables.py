@@ -375,6 +375,20 @@ def test_an_identifier_column_is_kept_out_of_the_features_and_passed_to_the_scor
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["calibrate", "--model", str(out), "--id-column", "sample_id"])
     assert res.exit_code == 2 and "pass that file too" in res.output
+    labelled = tmp_path / "labelled.csv"  # `evaluate` has a vector route: a labelled table
+    labelled.write_text("sample_id,a,b,c,d,label\n" + "\n".join(
+        f"T{i}," + ",".join(f"{v:.4f}" for v in r) + f",{int(i >= 40)}"
+        for i, r in enumerate(np.r_[rng.normal(0, 1, (40, 4)), rng.normal(4, 1, (8, 4))])))
+    res = runner.invoke(app, ["evaluate", "--model", str(out), "--csv", str(labelled), "--id-column", "sample_id",
+                              "--out", str(tmp_path / "ev")])
+    assert res.exit_code == 0, res.output
+    ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert ev["n_test"] == 48 and ev["n_test_anomalous"] == 8 and ev["image_AUROC"] > 0.9 and ev["AUPR"] > 0.5
+    assert 0 <= ev["FPR"] <= 1 and 0 <= ev["TPR"] <= 1
+    res = runner.invoke(app, ["evaluate", "--model", str(out)])
+    assert res.exit_code == 2 and "--csv PATH" in res.output
+    res = runner.invoke(app, ["evaluate", "--model", str(out), "--csv", str(new), "--id-column", "sample_id"])
+    assert res.exit_code == 2 and "no label column" in res.output
     res = runner.invoke(app, ["train", "--dataset", "digits", "--id-column", "x", "--dry-run"])
     assert res.exit_code == 2 and "--id-column is for csv:PATH tables" in res.output
     with pytest.raises(ValueError, match="no column named 'nope'"):

@@ -324,21 +324,80 @@ def _load_image_model(model: Path) -> Any:
     return det
 
 
+def _evaluate_table(model: Path, table: Path, out: Path | None, id_column: str | None) -> None:
+    """``evaluate`` of a vector model on a labelled CSV: prints :func:`~dxmi_ad.cli.train.labelled_metrics` and, with
+    ``out``, writes them to ``out/metrics.json`` (atomically).
+
+    Raises:
+        CLIError: No label column, one class only, columns that differ from the training columns.
+        ValueError: A table :func:`~dxmi_ad.data.tabular.load_csv` refuses (file, line and column named).
+    """
+    import warnings
+
+    import dxmi_ad
+    from dxmi_ad.checkpoint import atomic_write_text
+    from dxmi_ad.cli.train import labelled_metrics
+    from dxmi_ad.data.tabular import load_csv
+    from dxmi_ad.metrics import dumps_json
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "no calibration.json": FPR / TPR then say it (below)
+        det = dxmi_ad.load(model)
+    X, label, columns = load_csv(table, id_column=id_column,
+                                 expected_columns=getattr(det, "feature_names_in_", None))[:3]
+    if label is None or label.min() == label.max():
+        what = "no label column" if label is None else f"only label {int(label[0])} rows"
+        raise CLIError(f"{table}: {what}; evaluation needs a `label` column with normal (0) and anomalous (1) rows "
+                       "(`dxmi-ad score` scores unlabelled rows)")
+    if det.calibration_ is None:
+        raise CLIError(f"{model} has no calibration.json (no decision rule to measure); set one with "
+                       "`dxmi-ad calibrate`")
+    metrics = {"table": str(table), "n_test": len(label), **labelled_metrics(det, _model_columns(det, X, columns, table),
+                                                                              label)}
+    metrics["rule"] = det.calibration_.summary().splitlines()[0]  # the details follow on the terminal
+    for key, value in metrics.items():
+        console.print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}", highlight=False)
+    console.print("\n".join(det.calibration_.summary().splitlines()[1:]), highlight=False)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "metrics.json", dumps_json(metrics, indent=2))
+        console.print(f"wrote {out / 'metrics.json'}")
+
+
 @_console_warnings
 def evaluate(
-    model: Annotated[Path, typer.Option(help="run directory of an image model")],
+    model: Annotated[Path, typer.Option(help="run directory of an image or vector model")],
     dataset: Annotated[str | None, typer.Option(help="textures | mvtec | folder (default: the training dataset)")] = None,
     data_root: Annotated[Path | None, typer.Option(help="dataset root")] = None,
     category: Annotated[str | None, typer.Option(help="categories, or all")] = None,
-    out: Annotated[Path | None, typer.Option(help="where to write metrics, plots and report.html (default: --model)")] = None,
+    out: Annotated[Path | None, typer.Option(help="where to write metrics, plots and report.html (default: --model; "
+                                                  "vector model: metrics.json only with --out)")] = None,
+    csv: Annotated[Path | None, typer.Option(help="vector model: a CSV of labelled rows (the training columns and "
+                                                  "`label`, 0 normal / 1 anomaly)")] = None,
+    id_column: Annotated[str | None, typer.Option(help="--csv: its identifier column (text), not a feature")] = None,
 ) -> None:
-    """Per-category image AUROC, pixel AUROC, AUPRO and F1-max, plus the mean; plots and report.html."""
+    """Image model: per-category image AUROC, pixel AUROC, AUPRO and F1-max, plus the mean; plots and report.html.
+    Vector model (--csv): AUROC, AUPR and the calibrated rule's FPR / TPR on the labelled rows."""
     from dxmi_ad.checkpoint import load_model_dir
     from dxmi_ad.cli import images
 
     target = out or model
     if target.exists() and not target.is_dir():
         raise _fail(f"--out {target} is an existing file; give a folder for metrics.json, the plots and report.html")
+    if model.is_dir() and _model_kind(model) in ("DxMIDetector", "PyODDxMIDetector"):
+        if dataset is not None or data_root is not None or category is not None:
+            raise _fail("--dataset, --data-root and --category are for image models; a vector model is evaluated "
+                        "on a labelled table: --csv PATH")
+        if csv is None:
+            raise _fail(f"{model} is a vector model: evaluate it on a labelled table, --csv PATH (the training "
+                        "columns and a `label` column, 0 normal / 1 anomaly)")
+        try:
+            _evaluate_table(model, csv, out, id_column)
+        except (CLIError, FileNotFoundError, ValueError) as err:
+            raise _fail(str(err)) from None
+        return
+    if csv is not None or id_column is not None:
+        raise _fail("--csv and --id-column are for vector models; an image model is evaluated on --dataset")
     det = _load_image_model(model)
     _, meta = load_model_dir(model)
     dataset = dataset or meta.get("dataset") or "textures"

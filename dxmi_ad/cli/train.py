@@ -241,20 +241,30 @@ def _named(split: Any, rows: np.ndarray) -> Any:
     return with_column_names(rows, split.feature_names)
 
 
+def labelled_metrics(det: Any, X: Any, label: np.ndarray) -> dict[str, Any]:
+    """Metrics of a vector model on labelled rows ``X`` ``(N, D)`` (``label`` ``(N,)``: 0 normal, 1 anomaly, both
+    present): ``image_AUROC`` (anomalib's key for a per-sample score), ``AUPR`` (average precision, anomalies
+    positive), ``n_test_anomalous``, and ``FPR`` / ``TPR`` of the model's calibrated rule (its threshold, or
+    Benjamini-Hochberg over these rows under an FDR rule)."""
+    from sklearn.metrics import average_precision_score
+
+    from dxmi_ad.metrics import auroc
+
+    energy = det.energy(X)
+    flagged = det.predict(X) == -1
+    return {"image_AUROC": auroc(energy[label == 0], energy[label == 1]),
+            "AUPR": float(average_precision_score(label, energy)), "n_test_anomalous": int(label.sum()),
+            "FPR": float(flagged[label == 0].mean()), "TPR": float(flagged[label == 1].mean())}
+
+
 def _evaluate(det: Any, split: Any, dataset: str) -> dict[str, Any]:
-    from dxmi_ad.metrics import auroc, sliced_wasserstein
+    from dxmi_ad.metrics import sliced_wasserstein
 
     metrics: dict[str, Any] = {"dataset": split.name, "n_train": int(len(split.train)), "n_test": int(len(split.test))}
     # n_train = every training row given; how fit used them (the networks saw only n_fit of them)
     metrics.update({f"n_{k}": int(v) for k, v in getattr(det, "row_counts_", {}).items()})
     if len(split.test_label) and 0 < split.test_label.sum() < len(split.test_label):
-        test = _named(split, split.test)
-        energy = det.energy(test)
-        metrics["image_AUROC"] = auroc(energy[split.test_label == 0], energy[split.test_label == 1])
-        metrics["n_test_anomalous"] = int(split.test_label.sum())
-        flagged = det.predict(test) == -1  # the calibrated rule (FPR threshold or BH over the test set)
-        metrics["FPR"] = float(flagged[split.test_label == 0].mean())
-        metrics["TPR"] = float(flagged[split.test_label == 1].mean())
+        metrics.update(labelled_metrics(det, _named(split, split.test), split.test_label))
     if det.selected_iteration_ is not None:  # model selection on held-out rows (never the test)
         metrics["selected_iteration"] = det.selected_iteration_
         metrics["validation_AUROC"] = det.validation_auroc_
@@ -601,7 +611,7 @@ def _train_vectors(opts: TrainOptions) -> None:
     table = Table(title=f"DxMI on {split.name}")
     for col in ("metric", "value"):
         table.add_column(col)
-    for key in ("image_AUROC", "FPR", "TPR", "SW", "selected_iteration", "validation_AUROC", "n_train", "n_fit",
+    for key in ("image_AUROC", "AUPR", "FPR", "TPR", "SW", "selected_iteration", "validation_AUROC", "n_train", "n_fit",
                 "n_validation", "n_calibration", "n_test",
                 "n_test_anomalous", "train_seconds"):
         if key in metrics:
