@@ -377,7 +377,8 @@ def evaluate(
     id_column: Annotated[str | None, typer.Option(help="--csv: its identifier column (text), not a feature")] = None,
 ) -> None:
     """Image model: per-category image AUROC, pixel AUROC, AUPRO and F1-max, plus the mean; plots and report.html.
-    Vector model (--csv): AUROC, AUPR and the calibrated rule's FPR / TPR on the labelled rows."""
+    Vector model (--csv): AUROC, AUPR and the calibrated rule's FPR / TPR on the labelled rows.
+    """
     from dxmi_ad.checkpoint import load_model_dir
     from dxmi_ad.cli import images
 

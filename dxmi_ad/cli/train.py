@@ -245,7 +245,8 @@ def labelled_metrics(det: Any, X: Any, label: np.ndarray) -> dict[str, Any]:
     """Metrics of a vector model on labelled rows ``X`` ``(N, D)`` (``label`` ``(N,)``: 0 normal, 1 anomaly, both
     present): ``image_AUROC`` (anomalib's key for a per-sample score), ``AUPR`` (average precision, anomalies
     positive), ``n_test_anomalous``, and ``FPR`` / ``TPR`` of the model's calibrated rule (its threshold, or
-    Benjamini-Hochberg over these rows under an FDR rule)."""
+    Benjamini-Hochberg over these rows under an FDR rule).
+    """
     from sklearn.metrics import average_precision_score
 
     from dxmi_ad.metrics import auroc
