@@ -11,7 +11,10 @@ defects) without blur and with the chosen blur, validation AUROC, E(data) / E(sa
 mean and standard deviation over seeds and the change against the autoencoder alone.
 
     python benchmarks/textures_ablation.py [--seeds 0 1 2] [--n-iter 300] [--only NAME ...] [--threads 2]
-        [--set ae_pretrain_iter=3000 ...]
+        [--set ae_pretrain_iter=3000 ...] [--unseen-kinds]
+
+``--unseen-kinds`` adds columns ``unseen ...``: the same models on the same test tiles with defect kinds that neither
+the benchmarks nor selection use (smudge, noise, mirror), so a choice is also checked on defects it was not made on.
 """
 
 from __future__ import annotations
@@ -72,6 +75,9 @@ def main() -> None:
     parser.add_argument("--validate-every", type=int, default=50)
     parser.add_argument("--only", nargs="+", default=None, help="variant names (substring match)")
     parser.add_argument("--skip", nargs="+", default=None, help="variant names to leave out (substring match)")
+    parser.add_argument("--unseen-kinds", action="store_true",
+                        help="also score every model on the same test tiles with defect kinds that neither the "
+                             "benchmarks nor selection use (smudge, noise, mirror: dxmi_ad.data.textures.UNSEEN_KINDS)")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=V",
                         help="override a key of the recipe's model section for every row, the autoencoder start "
                              "included (e.g. ae_pretrain_iter=3000); repeatable")
@@ -84,11 +90,14 @@ def main() -> None:
     samples = list_mvtec(write_textures())
     train = [s for s in samples if s.split == "train"]
     test = [s for s in samples if s.split == "test"]
+    unseen = [s for s in list_mvtec(write_textures(unseen_kinds=True)) if s.split == "test"] if args.unseen_kinds \
+        else []
     size = (feats.image_size, feats.image_size)
     variants = {k: v for k, v in VARIANTS.items() if (not args.only or any(o in k for o in args.only))
                 and not any(o in k for o in args.skip or [])}
     rows = []
     test_feats = masks = None
+    unseen_feats = unseen_masks = None
     for seed in args.seeds:
         cfg0 = DxMIConfig.from_dict({**recipe["model"], "seed": seed, "validate_every": args.validate_every})
         det = ImageDetector(cfg0, feats)
@@ -96,6 +105,8 @@ def main() -> None:
         validate = det._validation(val_part, fit_part, skip_bad_files=False)
         if test_feats is None:
             test_feats, masks = features_and_masks(test, det._extractor(), feats.image_size)
+            if unseen:
+                unseen_feats, unseen_masks = features_and_masks(unseen, det._extractor(), feats.image_size)
         train_feats, _ = extract_training_features(fit_part, feats, det._extractor())
         n, h, w, c = train_feats.shape
         vectors = torch.from_numpy(np.asarray(train_feats).reshape(n * h * w, c))
@@ -123,6 +134,11 @@ def main() -> None:
                 if tag:
                     out["AUPRO blur"] = mean.get("pixel_AUPRO", np.nan)
                     out["val AUROC"] = validate(model)
+                if unseen:  # the same model on defect kinds no choice was made on
+                    scored = {**det.score_feature_maps(unseen_feats, size), "gt_mask": unseen_masks}
+                    mean = metrics_table(unseen, scored).set_index("category").loc["mean"]
+                    out[f"unseen image{tag}"] = mean["image_AUROC"]
+                    out[f"unseen pixel{tag}"] = mean["pixel_AUROC"]
             energies = [r for r in history if "energy_samples" in r]
             out["E(data)"] = energies[-1]["energy_data"] if energies else np.nan
             out["E(samples)"] = energies[-1]["energy_samples"] if energies else np.nan
@@ -155,6 +171,7 @@ def main() -> None:
             evaluate(model, f"{name} + selection", seconds, history)
     table = pd.DataFrame(rows)
     cols = ["image", "pixel", "image blur", "pixel blur", "AUPRO blur", "val AUROC"]
+    cols += [f"unseen {c}" for c in ("image", "pixel", "image blur", "pixel blur")] if unseen else []
     mean = table.groupby("variant", sort=False)[cols].mean()
     std = table.groupby("variant", sort=False)[cols].std()
     ae = mean.loc["autoencoder alone"]

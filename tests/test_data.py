@@ -74,3 +74,29 @@ def test_csv_missing_and_binary(tmp_path):
     p.write_bytes(b"\xff\xfe\x00\x01garbage")
     with pytest.raises(ValueError, match="UTF-8"):
         load_csv(p)
+
+
+def test_unseen_defect_kinds_keep_the_normal_tiles_and_change_only_their_masks():
+    from dxmi_ad.data.textures import DEFECT_KINDS, UNSEEN_KINDS, texture_tiles
+
+    assert not set(DEFECT_KINDS) & set(UNSEEN_KINDS)
+    seen, unseen = texture_tiles("grass"), texture_tiles("grass", kinds=UNSEEN_KINDS)
+    np.testing.assert_array_equal(seen["train"], unseen["train"])
+    good = seen["kind"] == "good"
+    np.testing.assert_array_equal(good, unseen["kind"] == "good")  # the same tiles are normal ...
+    np.testing.assert_array_equal(seen["test"][good], unseen["test"][good])  # ... and identical
+    assert sorted(set(unseen["kind"][~good])) == sorted(f"synthetic_{k}" for k in UNSEEN_KINDS)
+    import skimage.data as skd
+
+    photo = skd.grass()
+    strip = photo[int(photo.shape[0] * 0.75):]  # the test strip, cut at stride 16 as texture_tiles does
+    clean = np.stack([strip[i:i + 64, j:j + 64] for i in range(0, strip.shape[0] - 63, 16)
+                      for j in range(0, strip.shape[1] - 63, 16)])
+    np.testing.assert_array_equal(unseen["test"][good], clean[good])
+    for i in np.flatnonzero(~good):
+        m = unseen["mask"][i]
+        assert m.sum() >= 16 * 16
+        np.testing.assert_array_equal(unseen["test"][i][~m], clean[i][~m])  # only the masked pixels change ...
+        assert np.abs(unseen["test"][i][m].astype(float) - clean[i][m].astype(float)).mean() > 2  # ... visibly
+    with pytest.raises(ValueError, match="unknown defect kinds"):
+        texture_tiles("grass", kinds=("crack",))

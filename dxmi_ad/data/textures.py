@@ -19,9 +19,15 @@ from PIL import Image
 
 from dxmi_ad.checkpoint import atomic_directory
 
-__all__ = ["TEXTURES", "default_cache_dir", "texture_tiles", "write_textures"]
+__all__ = ["DEFECT_KINDS", "TEXTURES", "UNSEEN_KINDS", "default_cache_dir", "texture_tiles", "write_textures"]
 
 TEXTURES = ("brick", "grass", "gravel")
+DEFECT_KINDS = ("scratch", "blob", "cutpaste")
+"""The SYNTHETIC defects of the default test set (the benchmarks' kinds)."""
+UNSEEN_KINDS = ("smudge", "noise", "mirror")
+"""Defect kinds that neither the benchmarks (:data:`DEFECT_KINDS`) nor model selection (Perlin blends of other normal
+images) use, to check a choice on defects it was not made on (issue #13): a 24x24 box blur of the texture, additive
+Gaussian noise (std 40 grey levels) in a 16x16 square, a 16x24 region mirrored top to bottom."""
 _VERSION = "1"  # bump when the recipe below changes, so old caches are rebuilt
 
 
@@ -30,7 +36,8 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("DXMI_AD_CACHE", Path.home() / ".cache" / "dxmi-ad"))
 
 
-def texture_tiles(name: str, patch: int = 64, stride: int = 32, test_frac: float = 0.25, seed: int = 0) -> dict:
+def texture_tiles(name: str, patch: int = 64, stride: int = 32, test_frac: float = 0.25, seed: int = 0,
+                  kinds: tuple[str, ...] = DEFECT_KINDS) -> dict:
     """Cut one texture into real training tiles and test tiles with SYNTHETIC defects (data/README.md).
 
     Args:
@@ -39,18 +46,24 @@ def texture_tiles(name: str, patch: int = 64, stride: int = 32, test_frac: float
         stride: Training stride (test tiles use ``stride // 2``).
         test_frac: Fraction of the photo's height kept for testing (bottom strip).
         seed: Seed of the defect placement.
+        kinds: Defect kinds, used in turn: :data:`DEFECT_KINDS` (the default test set) or :data:`UNSEEN_KINDS`.
 
     Returns:
         Dict with ``train`` ``(n, patch, patch)`` uint8, ``test`` ``(m, patch, patch)`` uint8, ``mask`` ``(m, patch,
         patch)`` bool, ``kind`` ``(m,)`` str (``good`` or ``synthetic_*``).
 
     Raises:
-        ValueError: On an unknown texture name.
+        ValueError: On an unknown texture name or defect kind.
     """
     import skimage.data as skd
+    from scipy.ndimage import uniform_filter
 
     if name not in TEXTURES:
         msg = f"unknown texture {name!r}; expected one of {TEXTURES}"
+        raise ValueError(msg)
+    unknown = [k for k in kinds if k not in DEFECT_KINDS + UNSEEN_KINDS]
+    if unknown or not kinds:
+        msg = f"unknown defect kinds {unknown or kinds}; expected some of {DEFECT_KINDS + UNSEEN_KINDS}"
         raise ValueError(msg)
     rng = np.random.default_rng(seed)
     img = getattr(skd, name)()
@@ -65,10 +78,20 @@ def texture_tiles(name: str, patch: int = 64, stride: int = 32, test_frac: float
     test = tiles(img[cut:], stride // 2).astype(np.float32)
     masks = np.zeros(test.shape, bool)
     kind = np.array(["good"] * len(test), dtype=object)
-    kinds = ("scratch", "blob", "cutpaste")
     for n, i in enumerate(rng.permutation(len(test))[: len(test) // 2]):
-        k, q, m = kinds[n % 3], test[i], masks[i]
-        if k == "scratch":
+        k, q, m = kinds[n % len(kinds)], test[i], masks[i]
+        if k in UNSEEN_KINDS:
+            h, w = {"smudge": (24, 24), "noise": (16, 16), "mirror": (16, 24)}[k]
+            y, x = rng.integers(0, patch - h), rng.integers(0, patch - w)
+            m[y:y + h, x:x + w] = True
+            region = q[y:y + h, x:x + w]
+            if k == "smudge":
+                region[:] = uniform_filter(q, size=7, mode="reflect")[y:y + h, x:x + w]
+            elif k == "noise":
+                region += rng.normal(0.0, 40.0, region.shape).astype(np.float32)
+            else:
+                region[:] = region[::-1].copy()
+        elif k == "scratch":
             r = rng.integers(4, patch - 4)
             m[r:r + 2, :] = True
             q[m] = 255 - 0.3 * q[m]
@@ -86,23 +109,26 @@ def texture_tiles(name: str, patch: int = 64, stride: int = 32, test_frac: float
     return {"train": train, "test": np.clip(test, 0, 255).astype(np.uint8), "mask": masks, "kind": kind}
 
 
-def write_textures(cache_dir: str | Path | None = None, seed: int = 0) -> Path:
+def write_textures(cache_dir: str | Path | None = None, seed: int = 0, unseen_kinds: bool = False) -> Path:
     """Write (once) the textures dataset in MVTec layout and return its root.
 
     Args:
         cache_dir: Parent folder (default :func:`default_cache_dir`).
         seed: Defect seed (part of the folder name).
+        unseen_kinds: Test defects of :data:`UNSEEN_KINDS` instead of :data:`DEFECT_KINDS` (same training tiles and
+            test tiles, other defects; a check on defects no choice was made on).
 
     Returns:
-        ``<cache_dir>/textures-v<version>-seed<seed>`` holding ``brick/``, ``grass/``, ``gravel/``.
+        ``<cache_dir>/textures-v<version>-seed<seed>`` (``textures-unseen-v<version>-seed<seed>`` with
+        ``unseen_kinds``) holding ``brick/``, ``grass/``, ``gravel/``.
     """
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    root = cache_dir / f"textures-v{_VERSION}-seed{seed}"
+    root = cache_dir / f"textures{'-unseen' if unseen_kinds else ''}-v{_VERSION}-seed{seed}"
     if (root / ".complete").is_file():
         return root
     with atomic_directory(root) as tmp:
         for name in TEXTURES:
-            t = texture_tiles(name, seed=seed)
+            t = texture_tiles(name, seed=seed, kinds=UNSEEN_KINDS if unseen_kinds else DEFECT_KINDS)
             (tmp / name / "train" / "good").mkdir(parents=True)
             for i, tile in enumerate(t["train"]):
                 Image.fromarray(tile).save(tmp / name / "train" / "good" / f"{i:03d}.png")
