@@ -512,7 +512,7 @@ class DxMIDetector(CalibratedDetector, OutlierMixin, BaseEstimator):
         fit_rows, cal_rows = holdout_split(len(X_all), self.calibration_fraction, seed)
         if len(cal_rows):
             X, X_cal = X_all[fit_rows], X_all[cal_rows]
-            source = f"{len(cal_rows)} of the {len(X_all)} fit rows held out (seed {seed})"
+            source = f"{len(cal_rows)} of the {len(X_all)} training rows held out (seed {seed})"
         else:
             X, X_cal = X_all, None
             why = ("calibration_fraction=0: no rows held out" if self.calibration_fraction == 0

@@ -369,7 +369,15 @@ def test_an_identifier_column_is_kept_out_of_the_features_and_passed_to_the_scor
     assert res.exit_code == 2 and "not seen in training ['sample_id']" in res.output
     assert "--id-column sample_id" in " ".join(res.output.split())
     res = runner.invoke(app, ["score", str(new), "--model", str(out), "--id-column", "pred_score"])
-    assert res.exit_code == 2 and "already have a column of that name" in res.output
+    assert res.exit_code == 2 and "may not be named 'pred_score'" in res.output
+    bad = tmp_path / "bad.csv"  # a bad value in a trained column: no identifier hint; an empty cell is named so
+    bad.write_text("a,b,c,d\n0,x,0,0\n0,,0,0\n")
+    res = runner.invoke(app, ["score", str(bad), "--model", str(out)])
+    assert res.exit_code == 2 and "'x' is not a number" in res.output and "--id-column" not in res.output
+    with pytest.raises(ValueError, match="line 3, column 'b': empty cell"):
+        load_csv(_write(tmp_path / "e.csv", "a,b\n1,2\n3,\n"))
+    with pytest.raises(ValueError, match="labels must be 0 \\(normal\\) or 1 \\(anomaly\\), got 'normal'"):
+        load_csv(_write(tmp_path / "l.csv", "a,b,label\n1,2,normal\n"))
     res = runner.invoke(app, ["calibrate", "--model", str(out), "--calibration-csv", str(csv), "--id-column",
                               "sample_id", "--fpr", "0.1"])
     assert res.exit_code == 0, res.output
@@ -379,12 +387,27 @@ def test_an_identifier_column_is_kept_out_of_the_features_and_passed_to_the_scor
     labelled.write_text("sample_id,a,b,c,d,label\n" + "\n".join(
         f"T{i}," + ",".join(f"{v:.4f}" for v in r) + f",{int(i >= 40)}"
         for i, r in enumerate(np.r_[rng.normal(0, 1, (40, 4)), rng.normal(4, 1, (8, 4))])))
+    trained = (out / "metrics.json").read_text()
     res = runner.invoke(app, ["evaluate", "--model", str(out), "--csv", str(labelled), "--id-column", "sample_id",
-                              "--out", str(tmp_path / "ev")])
+                              "--out", str(out)])  # into the run directory: the training metrics stay
     assert res.exit_code == 0, res.output
-    ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert (out / "metrics.json").read_text() == trained
+    ev = json.loads((out / "evaluation.json").read_text())
     assert ev["n_test"] == 48 and ev["n_test_anomalous"] == 8 and ev["image_AUROC"] > 0.9 and ev["AUPR"] > 0.5
-    assert 0 <= ev["FPR"] <= 1 and 0 <= ev["TPR"] <= 1
+    assert 0 <= ev["FPR"] <= 1 and 0 <= ev["TPR"] <= 1 and ev["model"] == str(out)
+    normal_only = tmp_path / "normal_only.csv"  # one class: the realised FPR, no AUROC
+    normal_only.write_text("\n".join(labelled.read_text().splitlines()[:41]))
+    res = runner.invoke(app, ["evaluate", "--model", str(out), "--csv", str(normal_only), "--id-column", "sample_id",
+                              "--out", str(tmp_path / "ev1")])
+    assert res.exit_code == 0, res.output
+    ev = json.loads((tmp_path / "ev1" / "evaluation.json").read_text())
+    assert ev["image_AUROC"] is None and ev["TPR"] is None and 0 <= ev["FPR"] <= 1
+    (tmp_path / "afile").write_text("")
+    res = runner.invoke(app, ["evaluate", "--model", str(out), "--csv", str(labelled), "--id-column", "sample_id",
+                              "--out", str(tmp_path / "afile" / "sub")])
+    assert res.exit_code == 2 and "cannot create this folder" in res.output
+    res = runner.invoke(app, ["evaluate", "--model", str(tmp_path / "typo"), "--csv", str(labelled)])
+    assert res.exit_code == 2 and "typo: not found" in res.output
     res = runner.invoke(app, ["evaluate", "--model", str(out)])
     assert res.exit_code == 2 and "--csv PATH" in res.output
     res = runner.invoke(app, ["evaluate", "--model", str(out), "--csv", str(new), "--id-column", "sample_id"])

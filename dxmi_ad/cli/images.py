@@ -18,6 +18,7 @@ import torch
 
 from dxmi_ad.checkpoint import atomic_directory, atomic_write_text, read_yaml_mapping
 from dxmi_ad.cli.options import TrainOptions, check_one_rule
+from dxmi_ad.data.tabular import RESERVED_ID_NAMES
 from dxmi_ad.scoring import ScoringSettings
 
 IMAGE_DATASETS = ("textures", "mvtec", "folder", "features")
@@ -580,8 +581,8 @@ def score_paths(det: Any, paths: list[Path], out_csv: Path | None, heatmaps: Pat
     return {**result, "n_files": len(files), "listing": listing}
 
 
-DECISION_COLUMNS = ("pred_score", "threshold", "pred_label", "p_value", "normalized_score", "error")
-"""The columns of :func:`decision_csv` after the identifier columns."""
+DECISION_COLUMNS = RESERVED_ID_NAMES[2:]
+"""The columns of :func:`decision_csv` after the identifier columns (``pred_score`` ... ``error``)."""
 
 
 def decision_csv(ids: list[list[str]], id_columns: list[str], scores: np.ndarray, errors: dict[int, str],

@@ -326,10 +326,10 @@ def _load_image_model(model: Path) -> Any:
 
 def _evaluate_table(model: Path, table: Path, out: Path | None, id_column: str | None) -> None:
     """``evaluate`` of a vector model on a labelled CSV: prints :func:`~dxmi_ad.cli.train.labelled_metrics` and, with
-    ``out``, writes them to ``out/metrics.json`` (atomically).
+    ``out``, writes them to ``out/evaluation.json`` (atomically; never the training run's ``metrics.json``).
 
     Raises:
-        CLIError: No label column, one class only, columns that differ from the training columns.
+        CLIError: No label column, columns that differ from the training columns, an ``out`` that cannot be made.
         ValueError: A table :func:`~dxmi_ad.data.tabular.load_csv` refuses (file, line and column named).
     """
     import warnings
@@ -340,28 +340,33 @@ def _evaluate_table(model: Path, table: Path, out: Path | None, id_column: str |
     from dxmi_ad.data.tabular import load_csv
     from dxmi_ad.metrics import dumps_json
 
+    if out is not None:  # before any work: a path that cannot be a folder fails here, in one line
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise CLIError(f"--out {out}: cannot create this folder ({err.strerror or err})") from None
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "no calibration.json": FPR / TPR then say it (below)
+        warnings.simplefilter("ignore", UserWarning)  # "no calibration.json": said below
         det = dxmi_ad.load(model)
     X, label, columns = load_csv(table, id_column=id_column,
                                  expected_columns=getattr(det, "feature_names_in_", None))[:3]
-    if label is None or label.min() == label.max():
-        what = "no label column" if label is None else f"only label {int(label[0])} rows"
-        raise CLIError(f"{table}: {what}; evaluation needs a `label` column with normal (0) and anomalous (1) rows "
-                       "(`dxmi-ad score` scores unlabelled rows)")
-    if det.calibration_ is None:
-        raise CLIError(f"{model} has no calibration.json (no decision rule to measure); set one with "
-                       "`dxmi-ad calibrate`")
-    metrics = {"table": str(table), "n_test": len(label), **labelled_metrics(det, _model_columns(det, X, columns, table),
-                                                                              label)}
-    metrics["rule"] = det.calibration_.summary().splitlines()[0]  # the details follow on the terminal
+    if label is None:
+        raise CLIError(f"{table}: no label column; evaluation needs a `label` column (0 normal, 1 anomaly; "
+                       "`dxmi-ad score` scores unlabelled rows)")
+    metrics = {"model": str(model), "table": str(table), "n_test": len(label),
+               **labelled_metrics(det, _model_columns(det, X, columns, table), label)}
+    cal = det.calibration_
+    metrics["rule"] = cal.summary().splitlines()[0] if cal is not None else None
     for key, value in metrics.items():
         console.print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}", highlight=False)
-    console.print("\n".join(det.calibration_.summary().splitlines()[1:]), highlight=False)
+    if cal is None:
+        console.print(f"no decision rule ({model} has no calibration.json): FPR / TPR not measured; set one with "
+                      "`dxmi-ad calibrate`", highlight=False)
+    else:
+        console.print("\n".join(cal.summary().splitlines()[1:]), highlight=False)
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "metrics.json", dumps_json(metrics, indent=2))
-        console.print(f"wrote {out / 'metrics.json'}")
+        atomic_write_text(out / "evaluation.json", dumps_json(metrics, indent=2))
+        console.print(f"wrote {out / 'evaluation.json'}")
 
 
 @_console_warnings
@@ -371,7 +376,7 @@ def evaluate(
     data_root: Annotated[Path | None, typer.Option(help="dataset root")] = None,
     category: Annotated[str | None, typer.Option(help="categories, or all")] = None,
     out: Annotated[Path | None, typer.Option(help="where to write metrics, plots and report.html (default: --model; "
-                                                  "vector model: metrics.json only with --out)")] = None,
+                                                  "vector model: evaluation.json, only with --out)")] = None,
     csv: Annotated[Path | None, typer.Option(help="vector model: a CSV of labelled rows (the training columns and "
                                                   "`label`, 0 normal / 1 anomaly)")] = None,
     id_column: Annotated[str | None, typer.Option(help="--csv: its identifier column (text), not a feature")] = None,
@@ -382,10 +387,14 @@ def evaluate(
     from dxmi_ad.checkpoint import load_model_dir
     from dxmi_ad.cli import images
 
+    if not model.is_dir():
+        raise _fail(f"--model {model}: {'not found' if not model.exists() else 'is a file'}; give the run directory "
+                    "written by `dxmi-ad train`")
     target = out or model
     if target.exists() and not target.is_dir():
-        raise _fail(f"--out {target} is an existing file; give a folder for metrics.json, the plots and report.html")
-    if model.is_dir() and _model_kind(model) in ("DxMIDetector", "PyODDxMIDetector"):
+        raise _fail(f"--out {target} is an existing file; give a folder for the metrics"
+                    + ("" if csv is not None else ", the plots and report.html"))
+    if _model_kind(model) in ("DxMIDetector", "PyODDxMIDetector"):
         if dataset is not None or data_root is not None or category is not None:
             raise _fail("--dataset, --data-root and --category are for image models; a vector model is evaluated "
                         "on a labelled table: --csv PATH")
@@ -564,8 +573,6 @@ def score(
     if _model_kind(model) in ("DxMIDetector", "PyODDxMIDetector"):
         if heatmaps is not None:
             raise _fail("--heatmaps is for image models; a vector model scores table rows")
-        if id_column is not None and id_column.strip() in ("path", "row", *images.DECISION_COLUMNS):
-            raise _fail(f"--id-column {id_column}: the scores already have a column of that name; rename it")
         try:
             images.check_score_outputs(out, None, paths, model)
             result = _score_tables(model, paths, out, id_column)

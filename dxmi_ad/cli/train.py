@@ -242,20 +242,25 @@ def _named(split: Any, rows: np.ndarray) -> Any:
 
 
 def labelled_metrics(det: Any, X: Any, label: np.ndarray) -> dict[str, Any]:
-    """Metrics of a vector model on labelled rows ``X`` ``(N, D)`` (``label`` ``(N,)``: 0 normal, 1 anomaly, both
-    present): ``image_AUROC`` (anomalib's key for a per-sample score), ``AUPR`` (average precision, anomalies
-    positive), ``n_test_anomalous``, and ``FPR`` / ``TPR`` of the model's calibrated rule (its threshold, or
-    Benjamini-Hochberg over these rows under an FDR rule).
+    """Metrics of a vector model on labelled rows ``X`` ``(N, D)`` (``label`` ``(N,)``: 0 normal, 1 anomaly).
+
+    ``image_AUROC`` (anomalib's key for a per-sample score) and ``AUPR`` (average precision, anomalies positive) when
+    both classes are present (else None), ``n_test_anomalous``, and ``FPR`` / ``TPR`` of the model's calibrated rule
+    (its threshold, or Benjamini-Hochberg over these rows under an FDR rule; None without normal / anomalous rows
+    or without a rule).
     """
     from sklearn.metrics import average_precision_score
 
     from dxmi_ad.metrics import auroc
 
     energy = det.energy(X)
-    flagged = det.predict(X) == -1
-    return {"image_AUROC": auroc(energy[label == 0], energy[label == 1]),
-            "AUPR": float(average_precision_score(label, energy)), "n_test_anomalous": int(label.sum()),
-            "FPR": float(flagged[label == 0].mean()), "TPR": float(flagged[label == 1].mean())}
+    both = 0 < label.sum() < len(label)
+    flagged = det.predict(X) == -1 if getattr(det, "calibration_", None) is not None else None
+    return {"image_AUROC": auroc(energy[label == 0], energy[label == 1]) if both else None,
+            "AUPR": float(average_precision_score(label, energy)) if both else None,
+            "n_test_anomalous": int(label.sum()),
+            "FPR": float(flagged[label == 0].mean()) if flagged is not None and (label == 0).any() else None,
+            "TPR": float(flagged[label == 1].mean()) if flagged is not None and (label == 1).any() else None}
 
 
 def _evaluate(det: Any, split: Any, dataset: str) -> dict[str, Any]:
@@ -631,9 +636,11 @@ def _vector_metric_notes(metrics: dict[str, Any]) -> list[str]:
     """
     notes = []
     if "n_fit" in metrics:
+        cal = metrics.get("n_calibration", 0)
         notes.append(f"n_train: every training row; the networks trained on n_fit = {metrics['n_fit']}, "
                      f"{metrics.get('n_validation', 0)} were held out to select the model and "
-                     f"{metrics.get('n_calibration', 0)} to calibrate the decision rule")
+                     + (f"{cal} to calibrate the decision rule" if cal else
+                        "none to calibrate the decision rule (it is calibrated on the training rows)"))
     if "image_AUROC" in metrics:
         notes.append("image_AUROC: AUROC of the energy over the test rows (normal vs anomalous; anomalib's key "
                      "for a per-sample score)")

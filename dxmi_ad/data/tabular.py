@@ -211,6 +211,10 @@ def _is_number(text: str) -> bool:
     return True
 
 
+RESERVED_ID_NAMES = ("path", "row", "pred_score", "threshold", "pred_label", "p_value", "normalized_score", "error")
+"""Names an identifier column may not have: the columns of ``dxmi-ad score``'s output beside it."""
+
+
 def check_columns(columns: Sequence[str], expected: Sequence[str], where: str) -> None:
     """Refuse feature ``columns`` (a table's, label excluded) that are not a reordering of a model's ``expected``.
 
@@ -225,7 +229,7 @@ def check_columns(columns: Sequence[str], expected: Sequence[str], where: str) -
                            + ([f"not seen in training {extra}"] if extra else []))
         msg = (f"{where}: the columns differ from the model's training columns ({detail}); expected: "
                f"{', '.join(expected)}")
-        if extra:
+        if extra and extra[0] not in RESERVED_ID_NAMES:
             msg += f" (an identifier column is kept out of the features with --id-column {extra[0]} in the CLI)"
         raise ValueError(msg)
 
@@ -260,7 +264,8 @@ def load_csv(path: str | Path, label_column: str = "label", min_rows: int = 2,
         ValueError: A folder given as the file; naming the file, line and column, for an unreadable file, a missing header, a row with the
             wrong number of fields, a header of numbers (no header line), a column without a name (pandas' index),
             repeated column names, columns that differ from ``expected_columns`` (both lists
-            named), ``id_column`` not in the header or the same column as the label,
+            named), ``id_column`` not in the header, the same column as the label or one of
+            :data:`RESERVED_ID_NAMES`, an empty cell,
             a binary workbook or array (Excel, OpenDocument, NumPy: "save it as CSV"), a non-numeric or non-finite value, a value beyond the float32 range
             (``|x| > 3.4e38``, which the models cannot hold), a label outside {0, 1}, two label columns, no feature
             column, or fewer than ``min_rows`` rows.
@@ -319,6 +324,10 @@ def load_csv(path: str | Path, label_column: str = "label", min_rows: int = 2,
         raise ValueError(msg)
     id_col = None
     if id_column is not None:
+        if id_column.strip() in RESERVED_ID_NAMES:
+            msg = (f"{path}: the identifier column may not be named {id_column.strip()!r} (a column of the scores "
+                   f"has that name: {', '.join(RESERVED_ID_NAMES)}); rename it in the file")
+            raise ValueError(msg)
         if id_column.strip() not in header:
             msg = (f"{path}, line {header_line}: no column named {id_column.strip()!r} (the identifier column); the "
                    f"header names {', '.join(map(repr, header))}")
@@ -349,7 +358,13 @@ def load_csv(path: str | Path, label_column: str = "label", min_rows: int = 2,
                 v = float(cell)
             except ValueError:
                 msg = f"{path}, line {line_no}, column {header[j]!r}: {cell.strip()!r} is not a number"
-                if width > 1 and id_col is None:
+                if j in label_cols:
+                    msg = (f"{path}, line {line_no}, column {header[j]!r}: labels must be 0 (normal) or 1 (anomaly), "
+                           f"got {cell.strip()!r}")
+                elif not cell.strip():
+                    msg = (f"{path}, line {line_no}, column {header[j]!r}: empty cell (a missing value); fill it or "
+                           "drop the row")
+                elif width > 1 and id_col is None and (expected_columns is None or header[j] not in expected_columns):
                     msg += (f" (an identifier column? keep it out of the features: --id-column {header[j]} in the "
                             f"CLI, or drop it before fitting in Python)")
                 sep = next((c for c in ";\t|" if c in header[0] + cell), None) if width == 1 else None
