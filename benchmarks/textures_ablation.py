@@ -51,6 +51,11 @@ GUARDS = {"project_samples": True, "fix_last_sigma": True, "last_sigma": 1e-3, "
 # best validated state, the autoencoder start included).
 VARIANTS: dict[str, dict] = {
     "DxMI recipe (as shipped)": {},  # the README's older rows "DxMI recipe (energy lr 1e-6)": the recipe then
+    # negatives off the decoder manifold: MPDR's latent noise range, then also its input-space steps (on the recipe)
+    "DxMI recipe, MPDR latent noise 0.05-0.3": {"init_noise_low": 0.05, "init_noise_high": 0.3},
+    "DxMI recipe, MPDR latent noise + 10 input steps": {"init_noise_low": 0.05, "init_noise_high": 0.3,
+                                                         "init_input_steps": 10, "init_input_step_size": 0.1,
+                                                         "init_input_noise": 0.005},
     "DxMI paper lrs": PAPER_LRS,
     "DxMI paper lrs + guards": {**PAPER_LRS, **GUARDS},
     "DxMI paper lrs + guards + feature-noise start": {**PAPER_LRS, **GUARDS, "initial": "feature_noise",
