@@ -8,6 +8,7 @@ import math
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from rich.console import Console
@@ -410,6 +411,14 @@ def test_an_identifier_column_is_kept_out_of_the_features_and_passed_to_the_scor
     assert res.exit_code == 2 and "typo: not found" in res.output
     res = runner.invoke(app, ["evaluate", "--model", str(out)])
     assert res.exit_code == 2 and "--csv PATH" in res.output
+    from dxmi_ad.cli.train import labelled_metrics  # one decision convention: pyod's 1 / 0 predict reads the same
+
+    frame = pd.read_csv(labelled).drop(columns=["sample_id"])
+    y, rows = frame.pop("label").to_numpy(), frame.to_numpy()
+    kw = dict(n_iter=2, ae_pretrain_iter=5, warmup_iter=1, hidden=8, n_layers=1, device="cpu", random_state=0)
+    ours, pyod = DxMIDetector(**kw).fit(X), PyODDxMIDetector(**kw).fit(X)
+    assert labelled_metrics(ours, rows, y) == labelled_metrics(pyod, rows, y)
+    assert labelled_metrics(ours, rows, y)["TPR"] == float((ours.predict(rows)[y == 1] == -1).mean())
     res = runner.invoke(app, ["evaluate", "--model", str(out), "--csv", str(new), "--id-column", "sample_id"])
     assert res.exit_code == 2 and "no label column" in res.output
     res = runner.invoke(app, ["train", "--dataset", "digits", "--id-column", "x", "--dry-run"])

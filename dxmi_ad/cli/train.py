@@ -255,7 +255,8 @@ def labelled_metrics(det: Any, X: Any, label: np.ndarray) -> dict[str, Any]:
 
     energy = det.energy(X)
     both = 0 < label.sum() < len(label)
-    flagged = det.predict(X) == -1 if getattr(det, "calibration_", None) is not None else None
+    # the stored rule on these energies (True = anomalous): the same for DxMIDetector's -1 / +1 and pyod's 1 / 0
+    flagged = det.decide(energy) if getattr(det, "calibration_", None) is not None else None
     return {"image_AUROC": auroc(energy[label == 0], energy[label == 1]) if both else None,
             "AUPR": float(average_precision_score(label, energy)) if both else None,
             "n_test_anomalous": int(label.sum()),
