@@ -82,6 +82,27 @@ MLP_ENERGY_CONFIG: dict[str, Any] = {"energy_fourier_features": 64, "energy_four
                                      "lr_schedule": "cosine", "last_sigma": 0.01, "select_energy_only": True}
 
 
+def _refuse_text_columns(X: Any, where: str) -> None:
+    """Refuse a DataFrame with non-numeric columns, naming them (scikit-learn would say only "could not convert
+    string to float").
+
+    Raises:
+        ValueError: The columns whose dtype is not numeric or bool, with a sample value and the fix.
+    """
+    dtypes = getattr(X, "dtypes", None)
+    if dtypes is None or not hasattr(X, "columns"):
+        return
+    from pandas.api.types import is_bool_dtype, is_numeric_dtype
+
+    text = [c for c, t in dtypes.items() if not (is_numeric_dtype(t) or is_bool_dtype(t))]
+    if text:
+        first = X[text[0]].iloc[0] if len(X) else None
+        msg = (f"{where}: column(s) {', '.join(map(repr, map(str, text)))} of the DataFrame are not numeric (e.g. "
+               f"{first!r}); every column is a feature: drop identifier and text columns first, e.g. "
+               f"X.drop(columns={[str(c) for c in text]!r})")
+        raise ValueError(msg)
+
+
 class DxMIDetector(CalibratedDetector, OutlierMixin, BaseEstimator):
     """Anomaly detector whose score is the energy of an EBM trained by DxMI (the scikit-learn way).
 
@@ -476,6 +497,7 @@ class DxMIDetector(CalibratedDetector, OutlierMixin, BaseEstimator):
 
     def _check(self, X: Any) -> torch.Tensor:
         check_is_fitted(self, "model_")
+        _refuse_text_columns(X, "scoring")
         X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
         return self._transform(X)
 
@@ -491,12 +513,14 @@ class DxMIDetector(CalibratedDetector, OutlierMixin, BaseEstimator):
             self.
 
         Raises:
-            ValueError: On NaN/inf, a non-2-D array, fewer than 2 rows, an invalid parameter (an explicit
+            ValueError: On NaN/inf, a non-2-D array, fewer than 2 rows, a DataFrame column that is not numeric
+                (named: an identifier or text label must be dropped first), an invalid parameter (an explicit
                 ``latent_dim >= n_features``: see the class docstring), values beyond the float32 range or a
                 standardization that overflows float32 (the rows and columns are named).
         """
         self._validate_params()
         check_rates(self.fpr, self.fdr)  # one decision rule (the CLI refuses both too)
+        _refuse_text_columns(X, "fit")
         X_all = validate_data(self, X, ensure_min_samples=2, dtype=[np.float64, np.float32]).astype(np.float64)
         labels = [str(n) for n in getattr(self, "feature_names_in_", []) if str(n).strip().lower() in _LABEL_NAMES]
         if labels:

@@ -425,3 +425,17 @@ def test_an_identifier_column_is_kept_out_of_the_features_and_passed_to_the_scor
     assert res.exit_code == 2 and "--id-column is for csv:PATH tables" in res.output
     with pytest.raises(ValueError, match="no column named 'nope'"):
         load_csv(csv, id_column="nope")
+
+
+def test_a_text_column_in_a_dataframe_is_named_with_the_fix():
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame(rng.normal(size=(60, 3)), columns=["a", "b", "c"])
+    df.insert(0, "part_id", [f"P{i:03d}" for i in range(60)])
+    tiny = dict(n_iter=0, ae_pretrain_iter=2, hidden=8, n_layers=1, device="cpu", random_state=0)
+    with pytest.raises(ValueError, match=r"fit: column\(s\) 'part_id' of the DataFrame are not numeric \(e.g. 'P000'\)"
+                                         r".*X.drop\(columns=\['part_id'\]\)"):
+        DxMIDetector(**tiny).fit(df)
+    det = DxMIDetector(**tiny).fit(df.drop(columns="part_id"))
+    with pytest.raises(ValueError, match=r"scoring: column\(s\) 'part_id'"):
+        det.decision_function(df)
+    assert det.energy(df.drop(columns="part_id")).shape == (60,)
