@@ -439,3 +439,16 @@ def test_a_text_column_in_a_dataframe_is_named_with_the_fix():
     with pytest.raises(ValueError, match=r"scoring: column\(s\) 'part_id'"):
         det.decision_function(df)
     assert det.energy(df.drop(columns="part_id")).shape == (60,)
+
+
+def test_cli_and_python_train_the_same_model_on_the_same_csv(tmp_path):
+    rng = np.random.default_rng(3)
+    csv = tmp_path / "t.csv"
+    pd.DataFrame(rng.normal(size=(80, 4)) * [1, 10, 100, 0.1] + 1000, columns=list("abcd")).to_csv(csv, index=False)
+    kv = dict(n_iter=2, ae_pretrain_iter=5, warmup_iter=1, hidden=8, n_layers=1, device="cpu")
+    sets = [x for k, v in kv.items() for x in ("--set", f"{k}={v}")]
+    res = runner.invoke(app, ["train", "--dataset", f"csv:{csv}", "--out", str(tmp_path / "run"), *sets])
+    assert res.exit_code == 0, res.output
+    cli = json.loads((tmp_path / "run" / "calibration.json").read_text())["threshold"]
+    python = DxMIDetector(**kv, random_state=0).fit(pd.read_csv(csv)).threshold_  # float64 on both routes
+    assert cli == pytest.approx(python, rel=1e-9)

@@ -179,10 +179,12 @@ def load_dataset(dataset: str, normal_class: int, seed: int, id_column: str | No
             X, label, names = tabular.load_csv(dataset[4:], id_column=id_column)[:3]
         except (FileNotFoundError, ValueError) as err:
             raise CLIError(str(err)) from err
+        # float64 as read (the estimator standardizes in float64 before its float32 networks): the same values
+        # as DxMIDetector().fit(pd.read_csv(path)), so one seed gives one model on either route
         if label is None:
-            split = tabular.OneClassSplit(X.astype("float32"), X[:0].astype("float32"), np.zeros(0, int), dataset)
+            split = tabular.OneClassSplit(X, X[:0], np.zeros(0, int), dataset)
         else:
-            split = tabular.split_labelled(X, label, 0.7, seed, dataset)
+            split = tabular.split_labelled(X, label, 0.7, seed, dataset, dtype=np.float64)
         return split._replace(feature_names=tuple(names))  # kept with the model: `dxmi-ad score` checks them
     _check_dataset_name(dataset)
     raise CLIError(f"{dataset} is an image dataset, not a table")  # routed to the image path before this point

@@ -53,7 +53,8 @@ def with_column_names(rows: np.ndarray, names: Any) -> Any:
 
 
 def split_labelled(
-    X: np.ndarray, is_anomaly: np.ndarray, train_fraction: float, seed: int, name: str
+    X: np.ndarray, is_anomaly: np.ndarray, train_fraction: float, seed: int, name: str,
+    dtype: type = np.float32,
 ) -> OneClassSplit:
     """Train on ``train_fraction`` of the normal rows; test on the other normals and all anomalies.
 
@@ -63,6 +64,8 @@ def split_labelled(
         train_fraction: Fraction of normal rows used for training, in (0, 1).
         seed: Seed of the permutation.
         name: Description stored in the split.
+        dtype: dtype of the split's rows (float32 for the bundled datasets; a user's CSV keeps float64, so that
+            ``dxmi-ad train --dataset csv:`` and ``DxMIDetector().fit(pd.read_csv(...))`` see the same values).
 
     Returns:
         The :class:`OneClassSplit`.
@@ -79,7 +82,7 @@ def split_labelled(
         raise ValueError(msg)
     test_idx = np.r_[normal[n_train:], np.flatnonzero(is_anomaly)]
     return OneClassSplit(
-        X[normal[:n_train]].astype(np.float32), X[test_idx].astype(np.float32),
+        X[normal[:n_train]].astype(dtype), X[test_idx].astype(dtype),
         is_anomaly[test_idx].astype(int), name,
     )
 
