@@ -94,7 +94,14 @@ def _refuse_text_columns(X: Any, where: str) -> None:
         return
     from pandas.api.types import is_bool_dtype, is_numeric_dtype
 
-    text = [c for c, t in dtypes.items() if not (is_numeric_dtype(t) or is_bool_dtype(t))]
+    def convertible(column: Any) -> bool:  # e.g. an object column of numeric strings, which validate_data converts
+        try:
+            np.asarray(column, dtype=np.float64)
+        except (TypeError, ValueError):
+            return False
+        return True
+
+    text = [c for c, t in dtypes.items() if not (is_numeric_dtype(t) or is_bool_dtype(t) or convertible(X[c]))]
     if text:
         first = X[text[0]].iloc[0] if len(X) else None
         msg = (f"{where}: column(s) {', '.join(map(repr, map(str, text)))} of the DataFrame are not numeric (e.g. "

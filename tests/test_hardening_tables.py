@@ -439,6 +439,8 @@ def test_a_text_column_in_a_dataframe_is_named_with_the_fix():
     with pytest.raises(ValueError, match=r"scoring: column\(s\) 'part_id'"):
         det.decision_function(df)
     assert det.energy(df.drop(columns="part_id")).shape == (60,)
+    as_text = df.drop(columns="part_id").astype(str).astype(object)  # numeric strings still convert, as before
+    np.testing.assert_allclose(det.energy(as_text), det.energy(df.drop(columns="part_id")), rtol=1e-5)
 
 
 def test_cli_and_python_train_the_same_model_on_the_same_csv(tmp_path):
