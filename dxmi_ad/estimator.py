@@ -103,7 +103,7 @@ def _refuse_text_columns(X: Any, where: str) -> None:
 
     text = [c for c, t in dtypes.items() if not (is_numeric_dtype(t) or is_bool_dtype(t) or convertible(X[c]))]
     if text:
-        first = X[text[0]].iloc[0] if len(X) else None
+        first = next((v for v in X[text[0]] if not convertible([v])), None)  # a value that cannot become a number
         msg = (f"{where}: column(s) {', '.join(map(repr, map(str, text)))} of the DataFrame are not numeric (e.g. "
                f"{first!r}); every column is a feature: drop identifier and text columns first, e.g. "
                f"X.drop(columns={[str(c) for c in text]!r})")

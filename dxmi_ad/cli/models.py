@@ -552,7 +552,7 @@ def score(
     """Score images (one CSV row per file) or, with a vector model, the rows of CSV tables (one per row); then a
     summary line on stderr; exit 1 if an image failed.
 
-    Columns: path (and row, the line in the table file, for tables), pred_score (the energy; for images the max
+    Columns: path (and row, the line in the table file, for tables, then the --id-column's values), pred_score (the energy; for images the max
     per-location energy; higher = more anomalous), threshold (from the model's calibration; empty when its rule is a
     false discovery rate, set with `dxmi-ad calibrate --fdr`), pred_label (the stored rule; for an FDR rule,
     Benjamini-Hochberg over everything scored in this call; empty without a rule or for a row with an error),
