@@ -5,7 +5,8 @@ independent 10k data draws, a less noisy estimate: ``sw_over_draws``) and the AU
 separating 10k test points from 10k uniform points on [-4, 4]^2 (the box matching the paper's ideal AUC of about
 0.906, docs/paper_map.md), beside the paper's numbers, with seconds per run. Settings: recipes/eight_gaussians.yaml.
 
-    python benchmarks/eight_gaussians.py [--n-iter N] [--seed 0] [--defaults-seeds 3] [--ablation] [--ceilings]
+    python benchmarks/eight_gaussians.py [--n-iter N] [--seed 0] [--defaults-seeds 3] [--ablation [--ablation-rows TEXT]]
+        [--ceilings]
         [--energy-by-dimension 2,3,4,5,6,8 [--dimension-seeds 3]]
 
 ``--defaults-seeds N`` adds the rows a user who tunes nothing gets: ``DxMIDetector()`` (no recipe; on 2-D data
@@ -13,7 +14,7 @@ separating 10k test points from 10k uniform points on [-4, 4]^2 (the box matchin
 tables) fitted on the same 50k training points with seeds 0..N-1 (AUC against the uniform box on the test and on the
 validation draws, fit seconds), mean and standard deviation.
 ``--ablation`` trains the recipe with its issue-#13 switches undone one by one (energy-only selection, selection,
-Fourier features, the leaky ReLU, the separate energy: back to the paper's shared energy V(x, T)) and with the
+Fourier features, the leaky ReLU, the separate energy: back to the paper's shared energy V(x, T); gamma 1) and with the
 energy refit (``energy_refit_iter``) for ``--ablation-seeds`` seeds and prints the AUC on VALIDATION draws (fresh 8
 Gaussians vs the uniform box, seeds the test never uses: the choice is made there), the test AUC and SW beside it.
 ``--energy-by-dimension 2,3,4,5,6,8`` compares ``DxMIDetector(energy_model="autoencoder")`` with
@@ -66,6 +67,20 @@ def sw_over_draws(samples: np.ndarray, draws: int = SW_DRAWS) -> tuple[float, fl
     return float(np.mean(values)), float(np.std(values))
 
 
+CENTRES = 4.0 * np.stack([np.cos(np.arange(8) * np.pi / 4), np.sin(np.arange(8) * np.pi / 4)], 1) / 1.414
+DATA_MODE_WIDTH = 0.5 / 1.414  # each mode's standard deviation per axis (docs/paper_map.md: std 0.5, then / 1.414)
+
+
+def mode_width(samples: np.ndarray) -> float:
+    """Root mean square distance per axis of ``samples (n, 2)`` to their nearest of the eight centres (the data:
+    0.354 = :data:`DATA_MODE_WIDTH`); NaN if any sample is not finite. The sampler's modes come out wider than the
+    data's under the gamma-regularised game (README: q proportional to p^(1 / (1 + 4 gamma tau)))."""
+    if not np.isfinite(samples).all():
+        return float("nan")
+    d = np.linalg.norm(samples[:, None, :] - CENTRES[None], axis=2)
+    return float(np.sqrt(((samples - CENTRES[d.argmin(1)]) ** 2).mean()))
+
+
 def run(n_iter: int | None, seed: int, quick: bool = False) -> pd.DataFrame:
     """Train every row of Table 1 and measure it (``n_iter`` None: the recipe's); returns the table."""
     recipe = recipes.detector_params(yaml.safe_load(RECIPE.read_text()), str(RECIPE))
@@ -86,7 +101,7 @@ def run(n_iter: int | None, seed: int, quick: bool = False) -> pd.DataFrame:
         sw = sliced_wasserstein(samples, test) if np.isfinite(samples).all() else float("inf")
         auc = auroc(det.energy(test), det.energy(noise)) if tau is not None else float("nan")
         records.append({"method": label, "SW": sw, f"SW, {SW_DRAWS} draws": sw_over_draws(samples)[0],
-                        "paper SW": paper_sw, "AUC": auc,
+                        "paper SW": paper_sw, "mode width": mode_width(samples), "AUC": auc,
                         "paper AUC": paper_auc, "seconds": seconds,
                         "last sigma_t": np.round(det.model_.sampler.sigmas().detach().numpy(), 3).tolist()})
     return pd.DataFrame(records)
@@ -159,7 +174,8 @@ def energy_by_dimension(dims: list[int], seeds: int) -> pd.DataFrame:
 
 
 # (label, model-key overrides of the recipe) -- the recipe's issue-#13 switches undone one at a time, and the refit
-_NO_BASE = {"energy_quadratic_weight": 0.0}
+_GAMMA_1 = {"energy_l2_weight": 1.0}  # the paper's default gamma (§3.2), the recipe's before 0.5
+_NO_BASE = {**_GAMMA_1, "energy_quadratic_weight": 0.0}
 _LAST_ITERATE = {**_NO_BASE, "energy_fourier_features": 0, "validate_every": 0, "select_energy_only": False}
 ABLATION = [
     ("paper: shared energy V(x, T), SiLU", {**_LAST_ITERATE, "energy_model": "shared", "activation": "silu"}),
@@ -169,20 +185,24 @@ ABLATION = [
     ("  + Fourier features, last iterate", {**_NO_BASE, "validate_every": 0, "select_energy_only": False}),
     ("  + Fourier features + selection of the whole model", {**_NO_BASE, "select_energy_only": False}),
     ("  + Fourier features + selection of the energy (previous recipe)", _NO_BASE),
-    ("recipe: + the Gaussian base energy 0.1 |x|^2 / 2", {}),
+    ("  + the Gaussian base energy 0.1 |x|^2 / 2 (previous recipe, gamma 1)", _GAMMA_1),
+    ("recipe: + gamma 0.5 instead of 1", {}),
 ]
 
 
-def ablation(seeds: int, n_iter: int | None = None) -> pd.DataFrame:
-    """Each :data:`ABLATION` row for seeds ``0..seeds-1``: validation AUC (fresh draws, seeds 555 / 556), test AUC
-    (the benchmark's draws), SW and seconds; the rows with selection choose on the estimator's own held-out
-    training rows (feature-swap anomalies), never on these draws."""
+def ablation(seeds: int, n_iter: int | None = None, rows: list[str] | None = None) -> pd.DataFrame:
+    """Each :data:`ABLATION` row (or those whose label contains one of ``rows``) for seeds ``0..seeds-1``:
+    validation AUC (fresh draws, seeds 555 / 556), test AUC (the benchmark's draws), SW, the sampler's mode width
+    and seconds; the rows with selection choose on the estimator's own held-out training rows (feature-swap
+    anomalies), never on these draws."""
     raw = yaml.safe_load(RECIPE.read_text())
     train = eight_gaussians(50_000, 0)
     test, noise = eight_gaussians(10_000, 123), uniform_box(10_000, 7)
     val, val_noise = eight_gaussians(10_000, 555), uniform_box(10_000, 556)
     records = []
     for label, change in ABLATION:
+        if rows and not any(r in label for r in rows):
+            continue
         model = {**raw["model"], **change, **({"n_iter": n_iter} if n_iter else {})}
         params = recipes.detector_params({**raw, "model": model}, str(RECIPE))
         for seed in range(seeds):
@@ -193,9 +213,12 @@ def ablation(seeds: int, n_iter: int | None = None) -> pd.DataFrame:
             records.append({"row": label, "seed": seed, "validation AUC": auroc(det.energy(val), det.energy(val_noise)),
                             "test AUC": auroc(det.energy(test), det.energy(noise)),
                             "SW": sliced_wasserstein(samples, test), f"SW, {SW_DRAWS} draws": sw_over_draws(samples)[0],
-                            "seconds": seconds})
+                            "mode width": mode_width(samples), "seconds": seconds})
     table = pd.DataFrame(records)
-    columns = ["validation AUC", "test AUC", "SW", f"SW, {SW_DRAWS} draws", "seconds"]
+    if table.empty:
+        msg = f"no ablation row matches {rows}; rows: {[label for label, _ in ABLATION]}"
+        raise SystemExit(msg)
+    columns = ["validation AUC", "test AUC", "SW", f"SW, {SW_DRAWS} draws", "mode width", "seconds"]
     return table.groupby("row", sort=False)[columns].agg(["mean", "std"])
 
 
@@ -229,6 +252,8 @@ def main() -> None:
     parser.add_argument("--ceilings", action="store_true", help="only the reference AUCs (see the module docstring)")
     parser.add_argument("--ablation", action="store_true", help="only the ablation of the recipe's switches")
     parser.add_argument("--ablation-seeds", type=int, default=3, help="seeds per ablation row")
+    parser.add_argument("--ablation-rows", nargs="+", default=None, metavar="TEXT",
+                        help="only the ablation rows whose label contains one of these texts")
     parser.add_argument("--ablation-n-iter", type=int, default=None, help="DxMI iterations per ablation run "
                         "(default: the recipe's)")
     parser.add_argument("--energy-by-dimension", default=None, metavar="DIMS",
@@ -248,7 +273,7 @@ def main() -> None:
     if args.ablation:
         print(f"8 Gaussians ablation, recipe={RECIPE.name} with one switch undone per row, "
               f"{args.ablation_seeds} seeds (mean, std), torch threads=2")
-        print(ablation(args.ablation_seeds, args.ablation_n_iter).to_string(float_format=lambda v: f"{v:.3f}"))
+        print(ablation(args.ablation_seeds, args.ablation_n_iter, args.ablation_rows).to_string(float_format=lambda v: f"{v:.3f}"))
         return
     if args.defaults_seeds:
         print("DxMIDetector() defaults on 8 Gaussians (50k training points), torch threads=2")

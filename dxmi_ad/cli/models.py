@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from pathlib import Path
 from typing import Annotated, Any
@@ -488,6 +490,9 @@ def calibrate(
                     X = X[label == 0]
                 X = _model_columns(det, X, columns, calibration_csv)  # by name, as `score` reads tables
             det.calibrate(X, fpr=fpr, fdr=fdr)
+            if calibration_csv is not None:  # the file, not the Python call, is what the user will look for
+                det.calibration_ = dataclasses.replace(
+                    det.calibration_, source=f"{len(X)} normal rows of {calibration_csv.name}")
             cal = det.calibration_
         cal.save(model)
     except (CLIError, ImageCLIError, PixelCLIError, BadFilesError, CalibrationError, FileNotFoundError,
