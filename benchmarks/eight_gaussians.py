@@ -5,8 +5,8 @@ independent 10k data draws, a less noisy estimate: ``sw_over_draws``) and the AU
 separating 10k test points from 10k uniform points on [-4, 4]^2 (the box matching the paper's ideal AUC of about
 0.906, docs/paper_map.md), beside the paper's numbers, with seconds per run. Settings: recipes/eight_gaussians.yaml.
 
-    python benchmarks/eight_gaussians.py [--n-iter N] [--seed 0] [--defaults-seeds 3] [--ablation [--ablation-rows TEXT]]
-        [--ceilings]
+    python benchmarks/eight_gaussians.py [--n-iter N] [--seed 0] [--defaults-seeds 3] [--ceilings]
+        [--ablation [--ablation-rows TEXT ...]]
         [--energy-by-dimension 2,3,4,5,6,8 [--dimension-seeds 3]]
 
 ``--defaults-seeds N`` adds the rows a user who tunes nothing gets: ``DxMIDetector()`` (no recipe; on 2-D data
@@ -73,10 +73,11 @@ DATA_MODE_WIDTH = 0.5 / 1.414  # each mode's standard deviation per axis (docs/p
 
 def mode_width(samples: np.ndarray) -> float:
     """Root mean square distance per axis of ``samples (n, 2)`` to their nearest of the eight centres (the data:
-    0.354 = :data:`DATA_MODE_WIDTH`); NaN if any sample is not finite. The sampler's modes come out wider than the
-    data's under the gamma-regularised game (README: q proportional to p^(1 / (1 + 4 gamma tau)))."""
+    0.354 = :data:`DATA_MODE_WIDTH`); inf if any sample is not finite (as the SW columns). The sampler's modes come
+    out wider than the data's; the gamma-regularised game's fixed point explains part of that (README, "Why the
+    modes are too wide")."""
     if not np.isfinite(samples).all():
-        return float("nan")
+        return float("inf")
     d = np.linalg.norm(samples[:, None, :] - CENTRES[None], axis=2)
     return float(np.sqrt(((samples - CENTRES[d.argmin(1)]) ** 2).mean()))
 
@@ -185,7 +186,7 @@ ABLATION = [
     ("  + Fourier features, last iterate", {**_NO_BASE, "validate_every": 0, "select_energy_only": False}),
     ("  + Fourier features + selection of the whole model", {**_NO_BASE, "select_energy_only": False}),
     ("  + Fourier features + selection of the energy (previous recipe)", _NO_BASE),
-    ("  + the Gaussian base energy 0.1 |x|^2 / 2 (previous recipe, gamma 1)", _GAMMA_1),
+    ("  + the Gaussian base energy 0.1 |x|^2 / 2 (gamma 1: the recipe before gamma 0.5)", _GAMMA_1),
     ("recipe: + gamma 0.5 instead of 1", {}),
 ]
 
@@ -216,7 +217,8 @@ def ablation(seeds: int, n_iter: int | None = None, rows: list[str] | None = Non
                             "mode width": mode_width(samples), "seconds": seconds})
     table = pd.DataFrame(records)
     if table.empty:
-        msg = f"no ablation row matches {rows}; rows: {[label for label, _ in ABLATION]}"
+        msg = (f"nothing to run: --ablation-seeds {seeds}, --ablation-rows {rows} "
+               f"(rows: {[label.strip() for label, _ in ABLATION]})")
         raise SystemExit(msg)
     columns = ["validation AUC", "test AUC", "SW", f"SW, {SW_DRAWS} draws", "mode width", "seconds"]
     return table.groupby("row", sort=False)[columns].agg(["mean", "std"])
@@ -273,7 +275,8 @@ def main() -> None:
     if args.ablation:
         print(f"8 Gaussians ablation, recipe={RECIPE.name} with one switch undone per row, "
               f"{args.ablation_seeds} seeds (mean, std), torch threads=2")
-        print(ablation(args.ablation_seeds, args.ablation_n_iter, args.ablation_rows).to_string(float_format=lambda v: f"{v:.3f}"))
+        table = ablation(args.ablation_seeds, args.ablation_n_iter, args.ablation_rows)
+        print(table.to_string(float_format=lambda v: f"{v:.3f}"))
         return
     if args.defaults_seeds:
         print("DxMIDetector() defaults on 8 Gaussians (50k training points), torch threads=2")

@@ -114,7 +114,7 @@ def test_score_tables_with_a_vector_model(tmp_path):
     plain.write_text("a,b,c\n" + "\n".join(",".join(f"{v:.5f}" for v in row) for row in normal[:120]))
     r = runner.invoke(app, ["calibrate", "--model", str(out), "--calibration-csv", str(plain), "--fpr", "0.05"])
     assert r.exit_code == 0 and load_again(out).calibration_.threshold == pytest.approx(expected_threshold)
-    assert load_again(out).calibration_.source == "120 normal rows of plain.csv" and "plain.csv" in r.output
+    assert load_again(out).calibration_.source == f"120 normal rows of {plain}" and "plain.csv" in r.output
 
 
 def test_table_workflow_mistakes_get_named(tmp_path, monkeypatch):

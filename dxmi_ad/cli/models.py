@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import dataclasses
-
 import json
 from pathlib import Path
 from typing import Annotated, Any
@@ -492,7 +491,7 @@ def calibrate(
             det.calibrate(X, fpr=fpr, fdr=fdr)
             if calibration_csv is not None:  # the file, not the Python call, is what the user will look for
                 det.calibration_ = dataclasses.replace(
-                    det.calibration_, source=f"{len(X)} normal rows of {calibration_csv.name}")
+                    det.calibration_, source=f"{len(X)} normal rows of {calibration_csv}")
             cal = det.calibration_
         cal.save(model)
     except (CLIError, ImageCLIError, PixelCLIError, BadFilesError, CalibrationError, FileNotFoundError,
