@@ -11,10 +11,15 @@ defects) without blur and with the chosen blur, validation AUROC, E(data) / E(sa
 mean and standard deviation over seeds and the change against the autoencoder alone.
 
     python benchmarks/textures_ablation.py [--seeds 0 1 2] [--n-iter 300] [--only NAME ...] [--threads 2]
-        [--set ae_pretrain_iter=3000 ...] [--unseen-kinds]
+        [--set ae_pretrain_iter=3000 ...] [--unseen-kinds] [--trace-test]
 
 ``--unseen-kinds`` adds columns ``unseen ...``: the same models on the same test tiles with defect kinds that neither
 the benchmarks nor selection use (smudge, noise, mirror), so a choice is also checked on defects it was not made on.
+
+``--trace-test`` is a DIAGNOSTIC: at every validation point of every DxMI row it also scores the TEST set (mean image
+/ pixel AUROC, no blur) and prints the trace beside the validation AUROC, so a reader sees how far the best iterate
+on the test set (an oracle no user has) lies above the start and whether validation follows it. Selection still reads
+only the validation split; the test figures are printed, never used.
 """
 
 from __future__ import annotations
@@ -83,6 +88,9 @@ def main() -> None:
     parser.add_argument("--unseen-kinds", action="store_true",
                         help="also score every model on the same test tiles with defect kinds that neither the "
                              "benchmarks nor selection use (smudge, noise, mirror: dxmi_ad.data.textures.UNSEEN_KINDS)")
+    parser.add_argument("--trace-test", action="store_true",
+                        help="diagnostic: also score the test set at every validation point and print the trace "
+                             "(never used for a choice)")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=V",
                         help="override a key of the recipe's model section for every row, the autoencoder start "
                              "included (e.g. ae_pretrain_iter=3000); repeatable")
@@ -100,7 +108,7 @@ def main() -> None:
     size = (feats.image_size, feats.image_size)
     variants = {k: v for k, v in VARIANTS.items() if (not args.only or any(o in k for o in args.only))
                 and not any(o in k for o in args.skip or [])}
-    rows = []
+    rows, traces = [], []
     test_feats = masks = None
     unseen_feats = unseen_masks = None
     for seed in args.seeds:
@@ -154,6 +162,14 @@ def main() -> None:
             print(pd.DataFrame([out]).to_string(index=False, header=len(rows) == 1,
                                                 float_format=lambda v: f"{v:.3f}"), flush=True)
 
+        def test_auroc(model) -> dict[str, float]:
+            """Mean test image / pixel AUROC without blur (``--trace-test`` only; the scorer's blur is restored)."""
+            scoring, det.scoring, det.model_ = det.scoring, ScoringSettings(blur_sigma=0.0), model
+            scored = {**det.score_feature_maps(test_feats, size), "gt_mask": masks}
+            det.scoring = scoring
+            mean = metrics_table(test, scored).set_index("category").loc["mean"]
+            return {"TEST image": mean["image_AUROC"], "TEST pixel": mean["pixel_AUROC"]}
+
         evaluate(base, "autoencoder alone", ae_s, [])
         for name, overrides in variants.items():
             n_iter = {} if name.startswith("DxMI recipe") else {"n_iter": args.n_iter}
@@ -163,9 +179,14 @@ def main() -> None:
             det.scoring = ScoringSettings(blur_sigma=blur)  # selection scores with the chosen blur
             seen: list[dict[str, torch.Tensor]] = []
 
-            def watched(model, seen=seen) -> float:  # keeps the state of the last call: the last iterate
+            def watched(model, seen=seen, name=name, seed=seed) -> float:  # keeps the state of the last call
                 seen[:] = [{k: v.detach().clone() for k, v in model.checkpoint_tensors().items()}]
-                return validate(model)
+                score = validate(model)
+                if args.trace_test:  # diagnostic only: printed, never returned to selection
+                    traces.append({"variant": name, "seed": seed, "check": len([t for t in traces if t["variant"]
+                                   == name and t["seed"] == seed]), "val AUROC": score,
+                                   **test_auroc(model)})
+                return score
 
             t0 = time.perf_counter()
             model, history = train_model(vectors, cfg, model=start, validate=watched)
@@ -174,6 +195,20 @@ def main() -> None:
             last.load_checkpoint_tensors(seen[0])
             evaluate(last.eval(), name, seconds, [r for r in history if "selected_iteration" not in r])
             evaluate(model, f"{name} + selection", seconds, history)
+    if traces:
+        trace = pd.DataFrame(traces)
+        print("\nDIAGNOSTIC (--trace-test): validation AUROC and TEST AUROC (no blur) at every validation point (check "
+              f"k = iteration k x {args.validate_every}, check 0 = the start, the last = the last iteration); the test "
+              "figures were not used for any choice")
+        print(trace.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        g = trace.groupby(["variant", "seed"], sort=False)
+        summary = pd.DataFrame({
+            "start": g["TEST image"].first(),
+            "selected (best validation)": g.apply(
+                lambda t: t["TEST image"].iloc[int(np.argmax(t["val AUROC"].to_numpy()))]),
+            "oracle (best test)": g["TEST image"].max(), "last": g["TEST image"].last()})
+        summary["oracle - start"] = summary["oracle (best test)"] - summary["start"]
+        print(summary.to_string(float_format=lambda v: f"{v:.4f}"))
     table = pd.DataFrame(rows)
     cols = ["image", "pixel", "image blur", "pixel blur", "AUPRO blur", "val AUROC"]
     cols += [f"unseen {c}" for c in ("image", "pixel", "image blur", "pixel blur")] if unseen else []
