@@ -348,7 +348,7 @@ class Calibration:
           ``(n+1-k)/(n+1)``.
         * ``"fdr"``: Benjamini-Hochberg flags ``k`` of ``m`` files only if ``p_(k) <= q k / m``; as no p-value is
           below ``1/(n+1)``, a batch of ``m`` files flags nothing unless at least ``ceil(m / (q (n+1)))`` files are
-          flagged together (a file can be flagged alone only in batches of ``m <= q (n+1)``).
+          flagged together (an item can be flagged alone only in batches of ``m <= q (n+1)``).
         * ``"f1"``: the p-value floor only.
 
         Returns:
@@ -363,13 +363,13 @@ class Calibration:
             alone = math.floor(per + 1e-9)
             examples = ", ".join(f"{math.ceil(m / per - 1e-9)} of {m}" for m in (10, 100, 1000))
             return [head + ".",
-                    f"fdr={q:g}: Benjamini-Hochberg flags k of the m files in one batch only if "
-                    f"{step:.3g} <= {q:g}*k/m, i.e. k >= m/{per:.3g}: a file can be flagged alone only in batches "
-                    f"of at most {alone} file(s); otherwise at least {examples} files must stand out together, "
+                    f"fdr={q:g}: Benjamini-Hochberg flags k of the m items (files or rows) in one batch only if "
+                    f"{step:.3g} <= {q:g}*k/m, i.e. k >= m/{per:.3g}: an item can be flagged alone only in batches "
+                    f"of at most {alone}; otherwise at least {examples} items must stand out together, "
                     "or nothing is flagged.",
-                    f"to let one file in a batch of m be flagged alone, use at least m/{q:g} - 1 calibration "
+                    f"to let one item in a batch of m be flagged alone, use at least m/{q:g} - 1 calibration "
                     f"samples (m = 100: {math.ceil(100 / q - 1 - 1e-9)}).",
-                    "there is no fixed threshold: a file's decision depends on the other files in its batch."]
+                    "there is no fixed threshold: an item's decision depends on the other items in its batch."]
         if self.rule == "f1":
             return [head + "; the threshold comes from the validation set (F1), not from this set."]
         k = min(math.ceil((n + 1) * (1.0 - self.fpr) - 1e-9), n)

@@ -207,7 +207,9 @@ class DxMIDetector(CalibratedDetector, OutlierMixin, BaseEstimator):
         model_: The trained :class:`~dxmi_ad.nn.model.DxMIModel`.
         config_: Its resolved :class:`~dxmi_ad.config.DxMIConfig`.
         offset_: ``score_samples`` value at the decision boundary (``decision_function = score_samples - offset_``).
-        threshold_: Energy at the decision boundary (``= -offset_``).
+        threshold_: Energy at the decision boundary (``= -offset_``). Under the ``fdr`` rule there is no fixed
+            boundary: ``threshold_`` / ``offset_`` are the target-FPR ones, kept for reference, and ``predict`` (per
+            batch, Benjamini-Hochberg) can differ from ``sign(decision_function)``.
         n_features_in_: Number of features seen in ``fit``.
         history_: Logged DxMI diagnostics (list of dicts; with selection also ``val_auroc`` records).
         selected_iteration_: The DxMI iteration whose state was kept (0 = the pre-trained start), or None without
@@ -714,6 +716,9 @@ class DxMIDetector(CalibratedDetector, OutlierMixin, BaseEstimator):
 
     def decision_function(self, X: Any) -> np.ndarray:
         """``score_samples(X) - offset_``: negative values are outliers, positive are inliers.
+
+        Under the ``fdr`` rule ``offset_`` is the target-FPR boundary (for reference): ``predict`` then decides per
+        batch (Benjamini-Hochberg) and can differ from the sign of this function.
 
         Args:
             X: Data of shape ``(n_samples, n_features)``.

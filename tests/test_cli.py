@@ -115,6 +115,9 @@ def test_score_tables_with_a_vector_model(tmp_path):
     r = runner.invoke(app, ["calibrate", "--model", str(out), "--calibration-csv", str(plain), "--fpr", "0.05"])
     assert r.exit_code == 0 and load_again(out).calibration_.threshold == pytest.approx(expected_threshold)
     assert load_again(out).calibration_.source == f"120 normal rows of {plain}" and "plain.csv" in r.output
+    r = runner.invoke(app, ["calibrate", "--model", str(out), "--calibration-csv", str(plain)])  # no rate: kept
+    assert r.exit_code == 0 and "keeping the model's rule: target FPR 0.05" in r.output, r.output
+    assert load_again(out).calibration_.threshold == pytest.approx(expected_threshold)
 
 
 def test_table_workflow_mistakes_get_named(tmp_path, monkeypatch):

@@ -100,3 +100,25 @@ def test_unseen_defect_kinds_keep_the_normal_tiles_and_change_only_their_masks()
         assert np.abs(unseen["test"][i][m].astype(float) - clean[i][m].astype(float)).mean() > 2  # ... visibly
     with pytest.raises(ValueError, match="unknown defect kinds"):
         texture_tiles("grass", kinds=("crack",))
+
+
+def test_csv_mistakes_get_the_right_hint(tmp_path):
+    """New-user findings: one bad cell in a numeric column is not called an identifier column; a column of text is;
+    a literal NaN is called a missing value; names that differ only in case, and a semicolon-separated header read as
+    one column, get their own hints."""
+    from dxmi_ad.data.tabular import check_columns, load_csv
+
+    p = tmp_path / "a.csv"
+    p.write_text("a,b\n" + "\n".join(f"{'n/a' if i == 3 else i},{i * 2}" for i in range(10)))
+    with pytest.raises(ValueError, match="line 5, column 'a'.*other cells are numbers"):
+        load_csv(p)
+    p.write_text("a,b\n" + "\n".join(f"id{i},{i}" for i in range(10)))
+    with pytest.raises(ValueError, match="identifier column"):
+        load_csv(p)
+    p.write_text("a,b\n1,2\nNaN,3\n")
+    with pytest.raises(ValueError, match="line 3.*not finite .a missing value"):
+        load_csv(p)
+    with pytest.raises(ValueError, match="differ only in letter case.*'A' for 'a'"):
+        check_columns(["A", "b"], ["a", "b"], "f")
+    with pytest.raises(ValueError, match="separate its fields with ';'"):
+        check_columns(["a;b"], ["a", "b"], "f")

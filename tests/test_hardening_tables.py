@@ -277,7 +277,7 @@ def test_fdr_summary_has_no_threshold_and_the_batch_arithmetic():
     text = cal.summary()
     assert "smallest p-value" in text and "1/25 = 0.04" in text
     assert "0.04 <= 0.1*k/m, i.e. k >= m/2.5" in text
-    assert "batches of at most 2 file(s)" in text and "4 of 10, 40 of 100, 400 of 1000" in text
+    assert "batches of at most 2;" in text and "4 of 10, 40 of 100, 400 of 1000" in text
     assert "(m = 100: 999)" in text
     # the arithmetic is what Benjamini-Hochberg does: in a batch of 10, 3 files above every calibration score
     # flag nothing, 4 flag 4; a batch of 2 flags one such file alone, a batch of 3 does not

@@ -436,7 +436,8 @@ def calibrate(
     calibration_dir: Annotated[Path | None, typer.Option(help="image model: folder of held-out normal images "
                                                               "(default: keep the stored calibration scores)")] = None,
     calibration_csv: Annotated[Path | None, typer.Option(help="vector model: CSV of held-out normal rows")] = None,
-    fpr: Annotated[float | None, typer.Option(callback=_rate_option, help="target false-positive rate, in (0, 1)")] = None,
+    fpr: Annotated[float | None, typer.Option(callback=_rate_option, help="target false-positive rate, in (0, 1) "
+                                              "(default: the model's current target)")] = None,
     fdr: Annotated[float | None, typer.Option(callback=_rate_option,
                                               help="Benjamini-Hochberg at this false discovery rate, in (0, 1)")] = None,
     validation_dir: Annotated[Path | None, typer.Option(help="image model: labelled folder (good/, <defect>/) "
@@ -456,6 +457,12 @@ def calibrate(
     try:
         check_one_rule(fpr, fdr)
         det = dxmi_ad.load(model)
+        stored = getattr(det, "calibration_", None)
+        if fpr is None and fdr is None and validation_dir is None and stored is not None \
+                and stored.rule in ("fpr", "fdr"):  # new calibration data, the same rule and target
+            fpr, fdr = (None, stored.fdr) if stored.rule == "fdr" else (stored.fpr, None)
+            err_console.print(f"keeping the model's rule: target {stored.rule.upper()} {fdr or fpr:g} (pass --fpr or "
+                              "--fdr to change it)", highlight=False)
         if isinstance(det, (ImageDetector, PixelDetector)):
             if calibration_csv is not None or id_column is not None:
                 raise CLIError("--calibration-csv and --id-column are for vector models; pass --calibration-dir for "

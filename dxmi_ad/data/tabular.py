@@ -218,6 +218,18 @@ RESERVED_ID_NAMES = ("path", "row", "pred_score", "threshold", "pred_label", "p_
 """Names an identifier column may not have: the columns of ``dxmi-ad score``'s output beside it."""
 
 
+def _share_not_numbers(cells: Sequence[str]) -> float:
+    """Fraction in [0, 1] of the non-empty ``cells`` that ``float()`` cannot read (0 when all are empty)."""
+    filled = [c for c in cells if c.strip()]
+    bad = 0
+    for c in filled:
+        try:
+            float(c)
+        except ValueError:
+            bad += 1
+    return bad / len(filled) if filled else 0.0
+
+
 def check_columns(columns: Sequence[str], expected: Sequence[str], where: str) -> None:
     """Refuse feature ``columns`` (a table's, label excluded) that are not a reordering of a model's ``expected``.
 
@@ -230,9 +242,20 @@ def check_columns(columns: Sequence[str], expected: Sequence[str], where: str) -
     if missing or extra:
         detail = "; ".join(([f"missing {missing}"] if missing else [])
                            + ([f"not seen in training {extra}"] if extra else []))
+        sep = next((c for c in ";\t|" if len(columns) == 1 and c in columns[0]), None)
+        if sep is not None:  # one "column" holding every name: the file is not comma-separated
+            msg = (f"{where}: the header is one column, {columns[0][:60]!r}...: the file seems to separate its fields "
+                   f"with {sep!r}; the reader expects commas: re-save it as comma-separated, e.g. pandas "
+                   "read_csv(path, sep=...).to_csv(new, index=False)")
+            raise ValueError(msg)
         msg = (f"{where}: the columns differ from the model's training columns ({detail}); expected: "
                f"{', '.join(expected)}")
-        if extra and extra[0] not in RESERVED_ID_NAMES:
+        folded = {c.strip().casefold(): c for c in missing}
+        near = [(c, folded[c.strip().casefold()]) for c in extra if c.strip().casefold() in folded]
+        if near:
+            msg += (f" ({len(near)} name(s) differ only in letter case or surrounding spaces, e.g. {near[0][0]!r} "
+                    f"for {near[0][1]!r}: rename the columns as the model was trained)")
+        elif extra and extra[0] not in RESERVED_ID_NAMES:
             msg += f" (an identifier column is kept out of the features with --id-column {extra[0]} in the CLI)"
         raise ValueError(msg)
 
@@ -368,8 +391,14 @@ def load_csv(path: str | Path, label_column: str = "label", min_rows: int = 2,
                     msg = (f"{path}, line {line_no}, column {header[j]!r}: empty cell (a missing value); fill it or "
                            "drop the row")
                 elif width > 1 and id_col is None and (expected_columns is None or header[j] not in expected_columns):
-                    msg += (f" (an identifier column? keep it out of the features: --id-column {header[j]} in the "
-                            f"CLI, or drop it before fitting in Python)")
+                    cells = [r[j] for _, r in records[1:] if len(r) == width and any(c.strip() for c in r)]
+                    if _share_not_numbers(cells) >= 0.5:  # mostly text: an identifier column, not one bad cell
+                        msg += (f" (an identifier column? keep it out of the features: --id-column {header[j]} in "
+                                f"the CLI, or drop it before fitting in Python)")
+                    else:
+                        msg += (" (the column's other cells are numbers: fix this cell or drop the row; a "
+                                "missing-value marker such as 'n/a' or a thousands separator such as '1,234.5' is "
+                                "not read as a number)")
                 sep = next((c for c in ";\t|" if c in header[0] + cell), None) if width == 1 else None
                 if sep is not None:
                     msg += (f" (the file seems to separate its fields with {sep!r}; the reader expects commas: "
@@ -377,6 +406,8 @@ def load_csv(path: str | Path, label_column: str = "label", min_rows: int = 2,
                 raise ValueError(msg) from None
             if not math.isfinite(v):
                 msg = f"{path}, line {line_no}, column {header[j]!r}: value {cell.strip()!r} is not finite"
+                if math.isnan(v):
+                    msg += " (a missing value; fill it or drop the row)"
                 raise ValueError(msg)
             if abs(v) > _FLOAT32_MAX:
                 msg = (f"{path}, line {line_no}, column {header[j]!r}: value {cell.strip()!r} is beyond the float32 "
