@@ -110,6 +110,30 @@ def _refuse_text_columns(X: Any, where: str) -> None:
         raise ValueError(msg)
 
 
+
+def print_progress(step_percent: float = 10.0) -> ProgressCallback:
+    """The ``verbose=True`` progress printer: ``stage i/total (p%)`` plus E(data), E(samples) and the validation
+    AUROC when reported, on stderr, when a stage starts, every ``step_percent`` percent of it and at its end.
+
+    Returns:
+        A callable ``(stage, i, total, metrics) -> None``.
+    """
+    import sys
+
+    shown = {"energy_data": "E(data)", "energy_samples": "E(samples)", "val_auroc": "validation AUROC"}
+    last: dict[str, float] = {}
+
+    def report(stage: str, i: int, total: int, metrics: dict[str, Any]) -> None:
+        bucket = float(int(100.0 * i / total // step_percent)) if total else 0.0
+        if stage in last and bucket <= last[stage] and i < total:
+            return
+        last[stage] = bucket
+        text = "  ".join(f"{name} {metrics[k]:.4g}" for k, name in shown.items() if isinstance(metrics.get(k), float))
+        pct = f" ({100.0 * i / total:.0f}%)" if total else ""
+        print(f"dxmi-ad {stage} {i}/{total}{pct}  {text}".rstrip(), file=sys.stderr, flush=True)
+
+    return report
+
 class DxMIDetector(CalibratedDetector, OutlierMixin, BaseEstimator):
     """Anomaly detector whose score is the energy of an EBM trained by DxMI (the scikit-learn way).
 
@@ -201,7 +225,8 @@ class DxMIDetector(CalibratedDetector, OutlierMixin, BaseEstimator):
             process on ``device``).
         device: ``"auto"``, ``"cpu"`` or ``"cuda[:i]"``.
         random_state: Seed (int) or None; fixes every result on the CPU.
-        verbose: Print nothing (False) or pass a progress callback (callable ``(stage, i, total, metrics)``).
+        verbose: False: print nothing; True: a line on stderr per stage and every 10% of it (iteration, E(data),
+            E(samples), validation AUROC); or a progress callback (callable ``(stage, i, total, metrics)``).
 
     Attributes:
         model_: The trained :class:`~dxmi_ad.nn.model.DxMIModel`.
@@ -567,7 +592,7 @@ class DxMIDetector(CalibratedDetector, OutlierMixin, BaseEstimator):
         data = self._transform(X)
         self.config_ = self._make_config(X.shape[1], X.shape[0], selects=X_val is not None).replace(seed=seed)
         device = _resolve_device(self.device)
-        progress = self.verbose if callable(self.verbose) else None
+        progress = self.verbose if callable(self.verbose) else (print_progress() if self.verbose else None)
         runtime = None
         if self.runtime:
             from dxmi_ad.training.runtime import Runtime

@@ -160,3 +160,14 @@ def test_ddpm_pretraining_with_autoencoder_start_is_refused():
     with pytest.raises(ValueError, match="initial='gaussian'"):
         DxMIDetector(energy_model="autoencoder", sampler_pretrain_iter=5, **TINY).fit(
             np.random.default_rng(0).normal(size=(20, 3)))
+
+
+def test_verbose_true_prints_progress_on_stderr(capsys):
+    """``verbose=True`` used to print nothing (only a callable worked): now one line per stage and every 10% of it,
+    with the energies, on stderr; ``verbose=False`` stays silent."""
+    X = np.random.default_rng(0).normal(size=(300, 4))
+    DxMIDetector(verbose=True, n_iter=20, ae_pretrain_iter=20, warmup_iter=5, random_state=0).fit(X)
+    err = capsys.readouterr().err
+    assert "dxmi-ad autoencoder 20/20 (100%)" in err and "dxmi-ad dxmi 20/20 (100%)" in err and "E(data)" in err
+    DxMIDetector(n_iter=20, ae_pretrain_iter=20, warmup_iter=5, random_state=0).fit(X)
+    assert "dxmi-ad" not in capsys.readouterr().err
