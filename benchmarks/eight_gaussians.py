@@ -38,7 +38,7 @@ import torch
 import yaml
 
 from dxmi_ad import DxMIDetector, recipes
-from dxmi_ad.data.synthetic import eight_gaussians, uniform_box
+from dxmi_ad.data.synthetic import EIGHT_GAUSSIANS_CENTRES, EIGHT_GAUSSIANS_STD, eight_gaussians, uniform_box
 from dxmi_ad.metrics import auroc, sliced_wasserstein
 
 RECIPE = Path(__file__).resolve().parents[1] / "dxmi_ad" / "recipes" / "eight_gaussians.yaml"
@@ -67,19 +67,16 @@ def sw_over_draws(samples: np.ndarray, draws: int = SW_DRAWS) -> tuple[float, fl
     return float(np.mean(values)), float(np.std(values))
 
 
-CENTRES = 4.0 * np.stack([np.cos(np.arange(8) * np.pi / 4), np.sin(np.arange(8) * np.pi / 4)], 1) / 1.414
-DATA_MODE_WIDTH = 0.5 / 1.414  # each mode's standard deviation per axis (docs/paper_map.md: std 0.5, then / 1.414)
-
-
 def mode_width(samples: np.ndarray) -> float:
     """Root mean square distance per axis of ``samples (n, 2)`` to their nearest of the eight centres (the data:
-    0.354 = :data:`DATA_MODE_WIDTH`); inf if any sample is not finite (as the SW columns). The sampler's modes come
+    0.354 = :data:`~dxmi_ad.data.synthetic.EIGHT_GAUSSIANS_STD`); inf if any sample is not finite (as the SW columns). The sampler's modes come
     out wider than the data's; the gamma-regularised game's fixed point explains part of that (README, "Why the
     modes are too wide")."""
     if not np.isfinite(samples).all():
         return float("inf")
-    d = np.linalg.norm(samples[:, None, :] - CENTRES[None], axis=2)
-    return float(np.sqrt(((samples - CENTRES[d.argmin(1)]) ** 2).mean()))
+    centres = EIGHT_GAUSSIANS_CENTRES
+    d = np.linalg.norm(samples[:, None, :] - centres[None], axis=2)
+    return float(np.sqrt(((samples - centres[d.argmin(1)]) ** 2).mean()))
 
 
 def run(n_iter: int | None, seed: int, quick: bool = False) -> pd.DataFrame:
@@ -228,9 +225,7 @@ def ceilings() -> pd.DataFrame:
     """AUC (test points vs the uniform box, the defaults rows' draws) of the true log-density and of the distance to
     the ring of radius ``4 / 1.414`` through the eight centres (the autoencoder class's best closed curve)."""
     test, noise = eight_gaussians(10_000, 123).astype(np.float64), uniform_box(10_000, 7).astype(np.float64)
-    angles = np.arange(8) * np.pi / 4
-    centers = 4.0 * np.stack([np.cos(angles), np.sin(angles)], 1) / 1.414
-    sigma = 0.5 / 1.414
+    centers, sigma = EIGHT_GAUSSIANS_CENTRES, EIGHT_GAUSSIANS_STD
 
     def neg_log_density(x: np.ndarray) -> np.ndarray:
         d2 = ((x[:, None, :] - centers[None]) ** 2).sum(-1)

@@ -183,8 +183,8 @@ def main() -> None:
                 seen[:] = [{k: v.detach().clone() for k, v in model.checkpoint_tensors().items()}]
                 score = validate(model)
                 if args.trace_test:  # diagnostic only: printed, never returned to selection
-                    traces.append({"variant": name, "seed": seed, "check": len([t for t in traces if t["variant"]
-                                   == name and t["seed"] == seed]), "val AUROC": score,
+                    check = sum(t["variant"] == name and t["seed"] == seed for t in traces)
+                    traces.append({"variant": name, "seed": seed, "check": check, "val AUROC": score,
                                    **test_auroc(model)})
                 return score
 

@@ -346,9 +346,9 @@ class Calibration:
         * ``"fpr"``: the threshold is the ``k``-th smallest score, ``k = ceil((n+1)(1-fpr))``; every target in
           ``[(n+1-k)/(n+1), (n+2-k)/(n+1))`` gives the same threshold, and the expected FPR on new normal data is
           ``(n+1-k)/(n+1)``.
-        * ``"fdr"``: Benjamini-Hochberg flags ``k`` of ``m`` files only if ``p_(k) <= q k / m``; as no p-value is
-          below ``1/(n+1)``, a batch of ``m`` files flags nothing unless at least ``ceil(m / (q (n+1)))`` files are
-          flagged together (an item can be flagged alone only in batches of ``m <= q (n+1)``).
+        * ``"fdr"``: Benjamini-Hochberg flags ``k`` of ``m`` items (files or rows) only if ``p_(k) <= q k / m``; as
+          no p-value is below ``1/(n+1)``, a batch of ``m`` items flags nothing unless at least ``ceil(m / (q (n+1)))``
+          items are flagged together (an item can be flagged alone only in batches of ``m <= q (n+1)``).
         * ``"f1"``: the p-value floor only.
 
         Returns:

@@ -110,10 +110,12 @@ def _refuse_text_columns(X: Any, where: str) -> None:
         raise ValueError(msg)
 
 
-
 def print_progress(step_percent: float = 10.0) -> ProgressCallback:
     """The ``verbose=True`` progress printer: ``stage i/total (p%)`` plus E(data), E(samples) and the validation
     AUROC when reported, on stderr, when a stage starts, every ``step_percent`` percent of it and at its end.
+
+    Args:
+        step_percent: Percent of a stage between two lines, in (0, 100].
 
     Returns:
         A callable ``(stage, i, total, metrics) -> None``.
@@ -133,6 +135,7 @@ def print_progress(step_percent: float = 10.0) -> ProgressCallback:
         print(f"dxmi-ad {stage} {i}/{total}{pct}  {text}".rstrip(), file=sys.stderr, flush=True)
 
     return report
+
 
 class DxMIDetector(CalibratedDetector, OutlierMixin, BaseEstimator):
     """Anomaly detector whose score is the energy of an EBM trained by DxMI (the scikit-learn way).

@@ -15,6 +15,13 @@ __all__ = ["BOX_HALF_WIDTH", "eight_gaussians", "feature_swap_anomalies", "outwa
 BOX_HALF_WIDTH = 4.0  # [-4, 4]^2 matches the paper's ideal AUC of about 0.906 (docs/paper_map.md)
 
 
+_EIGHT_CENTRES_RAW = 4.0 * np.stack([np.cos(np.arange(8) * np.pi / 4), np.sin(np.arange(8) * np.pi / 4)], 1)
+EIGHT_GAUSSIANS_CENTRES = _EIGHT_CENTRES_RAW / 1.414
+"""``(8, 2)`` centres of the 8-Gaussians mixture in data units (radius ``4 / 1.414``)."""
+EIGHT_GAUSSIANS_STD = 0.5 / 1.414
+"""Standard deviation of each mode per axis in data units (about 0.354)."""
+
+
 def eight_gaussians(n: int, seed: int | None = 0) -> np.ndarray:
     """Draw ``n`` points from the 8-Gaussians mixture.
 
@@ -26,10 +33,8 @@ def eight_gaussians(n: int, seed: int | None = 0) -> np.ndarray:
         float32 array of shape ``(n, 2)``.
     """
     rng = np.random.default_rng(seed)
-    angles = np.arange(8) * np.pi / 4
-    centers = 4.0 * np.stack([np.cos(angles), np.sin(angles)], 1)
     which = rng.integers(0, 8, n)
-    x = centers[which] + 0.5 * rng.standard_normal((n, 2))
+    x = _EIGHT_CENTRES_RAW[which] + 0.5 * rng.standard_normal((n, 2))
     return (x / 1.414).astype(np.float32)
 
 

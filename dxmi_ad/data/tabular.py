@@ -218,6 +218,15 @@ RESERVED_ID_NAMES = ("path", "row", "pred_score", "threshold", "pred_label", "p_
 """Names an identifier column may not have: the columns of ``dxmi-ad score``'s output beside it."""
 
 
+def _separator_hint(text: str) -> str | None:
+    """The re-save advice when ``text`` (a header or a line read as one field) holds ``;``, a tab or ``|``, else None."""
+    sep = next((c for c in ";\t|" if c in text), None)
+    if sep is None:
+        return None
+    return (f"the file seems to separate its fields with {sep!r}; the reader expects commas: re-save it as "
+            "comma-separated, e.g. pandas read_csv(path, sep=...).to_csv(new, index=False)")
+
+
 def _share_not_numbers(cells: Sequence[str]) -> float:
     """Fraction in [0, 1] of the non-empty ``cells`` that ``float()`` cannot read (0 when all are empty)."""
     filled = [c for c in cells if c.strip()]
@@ -242,11 +251,9 @@ def check_columns(columns: Sequence[str], expected: Sequence[str], where: str) -
     if missing or extra:
         detail = "; ".join(([f"missing {missing}"] if missing else [])
                            + ([f"not seen in training {extra}"] if extra else []))
-        sep = next((c for c in ";\t|" if len(columns) == 1 and c in columns[0]), None)
-        if sep is not None:  # one "column" holding every name: the file is not comma-separated
-            msg = (f"{where}: the header is one column, {columns[0][:60]!r}...: the file seems to separate its fields "
-                   f"with {sep!r}; the reader expects commas: re-save it as comma-separated, e.g. pandas "
-                   "read_csv(path, sep=...).to_csv(new, index=False)")
+        hint = _separator_hint(columns[0]) if len(columns) == 1 else None
+        if hint is not None:  # one "column" holding every name: the file is not comma-separated
+            msg = f"{where}: the header is one column, {columns[0][:60]!r}...: {hint}"
             raise ValueError(msg)
         msg = (f"{where}: the columns differ from the model's training columns ({detail}); expected: "
                f"{', '.join(expected)}")
@@ -399,10 +406,9 @@ def load_csv(path: str | Path, label_column: str = "label", min_rows: int = 2,
                         msg += (" (the column's other cells are numbers: fix this cell or drop the row; a "
                                 "missing-value marker such as 'n/a' or a thousands separator such as '1,234.5' is "
                                 "not read as a number)")
-                sep = next((c for c in ";\t|" if c in header[0] + cell), None) if width == 1 else None
-                if sep is not None:
-                    msg += (f" (the file seems to separate its fields with {sep!r}; the reader expects commas: "
-                            "re-save it as comma-separated, e.g. pandas read_csv(path, sep=...).to_csv(new, index=False))")
+                hint = _separator_hint(header[0] + cell) if width == 1 else None
+                if hint is not None:
+                    msg += f" ({hint})"
                 raise ValueError(msg) from None
             if not math.isfinite(v):
                 msg = f"{path}, line {line_no}, column {header[j]!r}: value {cell.strip()!r} is not finite"
