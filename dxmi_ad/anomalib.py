@@ -47,6 +47,7 @@ from torch import nn
 from torchvision.transforms.v2 import Compose, Resize
 
 from dxmi_ad import recipes
+from dxmi_ad._warn import caller_stacklevel
 from dxmi_ad.checkpoint import read_yaml_mapping
 from dxmi_ad.config import DxMIConfig
 from dxmi_ad.features.extractor import FeatureExtractor
@@ -344,7 +345,7 @@ class Dxmi(AnomalibModule):
             warnings.warn("to_detector() without calibration_images: the detector has no decision rule (no "
                           "pred_label, empty pred_label column); pass normal images the model did not train on, or run "
                           "`dxmi-ad calibrate --model RUN --calibration-dir DIR` after saving", UserWarning,
-                          stacklevel=2)
+                          stacklevel=caller_stacklevel())
             return det
         if isinstance(calibration_images, (str, Path)) and Path(calibration_images).is_dir():
             from dxmi_ad.data.images import find_images

@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from dxmi_ad._warn import caller_stacklevel
+
 __all__ = ["DEFAULT_FPR", "Calibration", "CalibrationError", "bh_reject", "calibration_check", "check_rate",
            "conformal_p_values",
            "decision_summary",
@@ -99,7 +101,7 @@ def resolve_fpr(requested: float | None, n_calibration: int, default: float = DE
     if warn:
         warnings.warn(f"{n_calibration} calibration samples cannot support the default target false-positive rate "
                       f"{default:g} (needs {min_calibration_size(default)}); using {rate:.3g}", UserWarning,
-                      stacklevel=2)
+                      stacklevel=caller_stacklevel())
     return rate
 
 
@@ -281,7 +283,7 @@ class Calibration:
             if n_anom == 0 or n_norm == 0:
                 missing = "anomalies" if n_anom == 0 else "normal samples"
                 warnings.warn(f"the validation set has no {missing}: an F1-optimal threshold is undefined; keeping "
-                              f"the target false-positive-rate threshold (fpr={fpr:g})", UserWarning, stacklevel=2)
+                              f"the target false-positive-rate threshold (fpr={fpr:g})", UserWarning, stacklevel=caller_stacklevel())
                 info["note"] = f"F1 rule refused: no {missing}"
                 threshold = conformal_threshold(s, fpr)
             else:

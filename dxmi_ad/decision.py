@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from dxmi_ad._warn import caller_stacklevel
 from dxmi_ad.calibration import (
     CALIBRATION_FILE,
     Calibration,
@@ -39,7 +40,7 @@ from dxmi_ad.calibration import (
     resolve_fpr,
 )
 
-__all__ = ["MAX_CALIBRATION_FRACTION", "CalibratedDetector", "CoarseRateWarning", "NotCalibratedError",
+__all__ = ["MAX_CALIBRATION_FRACTION", "BatchFDRWarning", "CalibratedDetector", "CoarseRateWarning", "NotCalibratedError",
            "check_calibration_fraction", "check_rates", "holdout_split", "refuse_unsupported_rates"]
 
 MAX_CALIBRATION_FRACTION = 0.9
@@ -56,15 +57,35 @@ class CoarseRateWarning(UserWarning):
     """
 
 
-def _caller_level() -> int:
-    """``stacklevel`` for :func:`warnings.warn` that names the first frame outside the dxmi_ad package."""
-    import sys
+class BatchFDRWarning(UserWarning):
+    """Under the ``"fdr"`` rule Benjamini-Hochberg flagged nothing in a batch although some of its items scored above
+    every calibration score: with ``n`` calibration scores the smallest p-value is ``1/(n+1)``, and one item can be
+    flagged alone only in batches of at most ``fdr * (n + 1)`` items (see :meth:`Calibration.support`).
+    """
 
-    package = str(Path(__file__).resolve().parent)
-    frame, level = sys._getframe(1), 1
-    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(package):
-        frame, level = frame.f_back, level + 1
-    return level
+
+def warn_if_fdr_flags_nothing(calibration: Calibration, scores: np.ndarray, flagged: np.ndarray) -> None:
+    """Issue a :class:`BatchFDRWarning` when the ``"fdr"`` rule flagged none of ``scores`` ``(m,)`` although some
+    lie above every calibration score (the batch is too large for the calibration set to flag them).
+
+    Args:
+        calibration: The rule (nothing happens unless ``calibration.rule == "fdr"``).
+        scores: The batch's scores ``(m,)``, NaN allowed.
+        flagged: The decisions ``(m,)`` bool of that batch.
+    """
+    if calibration.rule != "fdr" or flagged.any():
+        return
+    s = np.asarray(scores, dtype=np.float64)
+    above = int(np.sum(s > calibration.scores.max()))  # NaN compares False
+    if not above:
+        return
+    n, q, m = len(calibration.scores), float(calibration.fdr), int(np.isfinite(s).sum())
+    warnings.warn(f"Benjamini-Hochberg (fdr={q:g}) flagged none of the {m} items although {above} scored above every "
+                  f"one of the {n} calibration scores: their p-value 1/{n + 1} is too large for a batch of {m} (one "
+                  f"item can be flagged alone only in batches of at most {int(q * (n + 1) + 1e-9)}); use at least "
+                  f"{int(np.ceil(m / q - 1 - 1e-9))} calibration samples, smaller batches, or the fpr rule",
+                  BatchFDRWarning, stacklevel=caller_stacklevel())
+
 
 
 class NotCalibratedError(RuntimeError, ValueError):
@@ -209,7 +230,7 @@ class CalibratedDetector:
             warnings.warn(f"fpr={asked_fpr:g} is not resolvable with {n} calibration samples (p-values move in "
                           f"steps of 1/{n + 1}): the threshold gives an expected false-positive rate of "
                           f"{cal.expected_fpr():.3g}; calibration_.support() says what this set supports, and more "
-                          "normal calibration data gives a finer rate", CoarseRateWarning, stacklevel=_caller_level())
+                          "normal calibration data gives a finer rate", CoarseRateWarning, stacklevel=caller_stacklevel())
         return cal
 
     def _require_calibration(self, remedy: str = "call fit() or calibrate()") -> Calibration:
@@ -243,10 +264,17 @@ class CalibratedDetector:
     def decide(self, scores: np.ndarray) -> np.ndarray:
         """Decisions ``(m,)`` bool (True = anomalous) of scores ``(m,)`` under the stored rule; NaN never flagged.
 
+        Under the ``"fdr"`` rule a :class:`BatchFDRWarning` says when nothing was flagged although some scores lie
+        above every calibration score (the batch is too large for the calibration set).
+
         Raises:
             NotCalibratedError: Before calibration.
         """
-        return self._require_calibration().decide(np.asarray(scores, dtype=np.float64))
+        cal = self._require_calibration()
+        s = np.asarray(scores, dtype=np.float64)
+        flagged = cal.decide(s)
+        warn_if_fdr_flags_nothing(cal, s, flagged)
+        return flagged
 
     def decisions(self, scores: np.ndarray) -> dict[str, np.ndarray]:
         """``pred_label`` (bool, True = anomalous), ``p_value`` and ``normalized_score`` (in [0, 1], threshold at
@@ -256,7 +284,9 @@ class CalibratedDetector:
         if cal is None:
             return {}
         s = np.asarray(scores, dtype=np.float64)
-        return {"pred_label": cal.decide(s), "p_value": cal.p_values(s),
+        flagged = cal.decide(s)
+        warn_if_fdr_flags_nothing(cal, s, flagged)
+        return {"pred_label": flagged, "p_value": cal.p_values(s),
                 "normalized_score": cal.normalized(s)}
 
     # ------------------------------------------------------------------ persistence

@@ -24,6 +24,7 @@ from sklearn.base import BaseEstimator, OutlierMixin
 from sklearn.utils._param_validation import Interval, InvalidParameterError, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from dxmi_ad._warn import caller_stacklevel
 from dxmi_ad.calibration import CALIBRATION_FILE
 from dxmi_ad.checkpoint import load_model_dir, save_model_dir
 from dxmi_ad.config import DxMIConfig
@@ -448,13 +449,13 @@ class DxMIDetector(CalibratedDetector, OutlierMixin, BaseEstimator):
         if "spawn" in str((self.runtime or {}).get("strategy", "")):
             warnings.warn(f"validate_every={config.validate_every}: model selection does not run under the "
                           f"{self.runtime['strategy']!r} strategy (its workers are spawned processes); the last "
-                          "iterate is kept (use strategy 'ddp' to select)", UserWarning, stacklevel=3)
+                          "iterate is kept (use strategy 'ddp' to select)", UserWarning, stacklevel=caller_stacklevel())
             return X, None
         fit_rows, val_rows = holdout_split(len(X), config.validation_fraction, seed + 1)
         if len(val_rows) < MIN_VALIDATION_ROWS:
             warnings.warn(f"validate_every={config.validate_every}: model selection skipped, {len(X)} training rows "
                           f"leave {len(val_rows)} validation rows (at least {MIN_VALIDATION_ROWS} needed; raise "
-                          "validation_fraction or add rows); the last iterate is kept", UserWarning, stacklevel=3)
+                          "validation_fraction or add rows); the last iterate is kept", UserWarning, stacklevel=caller_stacklevel())
             return X, None
         return X[fit_rows], X[val_rows]
 
@@ -563,7 +564,7 @@ class DxMIDetector(CalibratedDetector, OutlierMixin, BaseEstimator):
         if labels:
             warnings.warn(f"column(s) {', '.join(map(repr, labels))} of the DataFrame look like labels and are used "
                           "as features: drop them (fit takes normal rows only; labels are for evaluation)",
-                          UserWarning, stacklevel=2)
+                          UserWarning, stacklevel=caller_stacklevel())
         if self.spherical and X_all.shape[1] == 1:
             autoencoder_latent_dim(1, "auto", spherical=True)  # refused: one L2-normalized feature is only its sign
         if not self.spherical:  # before any statistic: 1e300 would overflow the scaler and blame the training
@@ -649,8 +650,10 @@ class DxMIDetector(CalibratedDetector, OutlierMixin, BaseEstimator):
         Args:
             X: New normal calibration rows ``(n, n_features)`` (never the test set), or None to keep the stored
                 calibration energies.
-            fpr: Target false-positive rate in (0, 1) (default: the estimator's ``fpr``, else 0.01 or the smallest
-                rate the calibration set supports).
+            fpr: Target false-positive rate in (0, 1). Default (no ``fpr``, ``fdr`` or validation set): the
+                current rule and target are kept (as ``dxmi-ad calibrate`` does), so ``calibrate(X_new)`` only
+                replaces the calibration rows; without a current fpr / fdr rule, the estimator's ``fpr``, else 0.01
+                or the smallest rate the calibration set supports.
             fdr: Target false discovery rate in (0, 1): Benjamini-Hochberg per ``predict`` batch.
             X_validation: Labelled rows ``(m, n_features)`` for an F1-optimal threshold.
             y_validation: Their labels ``(m,)`` (1 = anomalous); without
@@ -682,6 +685,9 @@ class DxMIDetector(CalibratedDetector, OutlierMixin, BaseEstimator):
                 msg = "y_validation must hold one label in {0, 1} per row of X_validation"
                 raise ValueError(msg)
             validation = (self.energy(X_validation), y)
+        stored = getattr(self, "calibration_", None)
+        if fpr is None and fdr is None and validation is None and stored is not None and stored.rule in ("fpr", "fdr"):
+            fpr, fdr = (None, stored.fdr) if stored.rule == "fdr" else (stored.fpr, None)  # same rule, new rows
         self._calibrate(energies, source, None, validation, fpr, fdr)
         return self
 
@@ -866,7 +872,7 @@ class DxMIDetector(CalibratedDetector, OutlierMixin, BaseEstimator):
                 det.offset_ = -float(det.calibration_.threshold)  # `dxmi-ad calibrate` may have changed it
             else:
                 warnings.warn(f"{path} has no {CALIBRATION_FILE}: scores work, decisions need calibrate()",
-                              UserWarning, stacklevel=2)
+                              UserWarning, stacklevel=caller_stacklevel())
                 det.calibration_, det.offset_ = None, float("nan")
             det.n_features_in_ = int(meta["n_features_in"])
             names = meta.get("feature_names_in")
@@ -897,7 +903,7 @@ class PyODDxMIDetector(DxMIDetector):
     * after ``fit``: ``decision_scores_`` (training energies), ``threshold_`` (the ``1 - contamination`` percentile
       of them), ``labels_`` (training labels in {0, 1});
     * ``contamination="auto"`` (the default) means pyod's default 0.1; ``predict_proba`` is pyod's ``'linear'`` min-max of training
-      scores (not calibrated).
+      scores (not calibrated); ``predict_confidence`` is pyod's ExCeeD confidence of each prediction.
     """
 
     _auto_contamination = 0.1  # contamination="auto" means pyod's default contamination of 0.1
@@ -923,6 +929,35 @@ class PyODDxMIDetector(DxMIDetector):
         if hasattr(self, "decision_scores_"):
             self.labels_ = self.calibration_.decide(self.decision_scores_).astype(int)
         return self
+
+    def predict_confidence(self, X: Any) -> np.ndarray:
+        """How consistently each prediction would be made under a slightly different training set, ``(n,)`` in [0, 1].
+
+        pyod's ``predict_confidence`` (ExCeeD, Perini et al., ECML-PKDD 2020): with ``n`` training energies
+        (``decision_scores_``), ``k`` of them at or below the row's energy and contamination ``c``, the outlier
+        probability ``p = (1 + k) / (2 + n)`` gives ``conf = 1 - BinomCDF(n - floor(n c); n, p)`` for a row predicted
+        anomalous and ``1 - conf`` for one predicted normal. The prediction is :meth:`predict` (the stored rule).
+
+        Args:
+            X: Data of shape ``(n_samples, n_features)``.
+
+        Returns:
+            float64 array of shape ``(n_samples,)`` in [0, 1].
+
+        Raises:
+            NotFittedError: Before ``fit``.
+        """
+        from scipy.stats import binom
+
+        check_is_fitted(self, "decision_scores_")
+        train = np.sort(np.asarray(self.decision_scores_, dtype=np.float64))
+        n = len(train)
+        energy = self.energy(X)
+        k = np.searchsorted(train, energy, side="right")  # training energies <= each row's
+        c = self._auto_contamination if self.contamination == "auto" else float(self.contamination)
+        confidence = 1.0 - binom.cdf(n - int(n * c), n, (1.0 + k) / (2.0 + n))
+        flagged = self.decide(energy)
+        return np.where(flagged, confidence, 1.0 - confidence)
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """``[P(inlier), P(outlier)]`` by min-max scaling of training energies (pyod ``'linear'``), ``(n, 2)``."""

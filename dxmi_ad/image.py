@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dxmi_ad._warn import caller_stacklevel
 from dxmi_ad.calibration import Calibration
 from dxmi_ad.checkpoint import atomic_write_text, load_model_dir, save_model_dir
 from dxmi_ad.config import DxMIConfig
@@ -664,7 +665,7 @@ class ImageDetector(CalibratedDetector):
         missing = sorted({s.category for s in others} - {s.category for s in normals})
         if missing:
             warnings.warn(f"categories {missing} have too few training images to hold any out: they are not part of "
-                          "the model-selection score", UserWarning, stacklevel=3)
+                          "the model-selection score", UserWarning, stacklevel=caller_stacklevel())
         log.info("model selection: %d held-out normal images (+ as many synthetic anomalies) in %d categories",
                  sum(len(n) for n, _ in sets), len(sets))
 

@@ -118,6 +118,20 @@ def test_score_tables_with_a_vector_model(tmp_path):
     r = runner.invoke(app, ["calibrate", "--model", str(out), "--calibration-csv", str(plain)])  # no rate: kept
     assert r.exit_code == 0 and "keeping the model's rule: target FPR 0.05" in r.output, r.output
     assert load_again(out).calibration_.threshold == pytest.approx(expected_threshold)
+    # an F1-optimal threshold from a labelled table (as --validation-dir does for images)
+    val = tmp_path / "val.csv"
+    far = rng.normal(4, 1, (20, 3))
+    val.write_text("label,b,a,c\n" + "\n".join(f"{lab},{r[1]:.5f},{r[0]:.5f},{r[2]:.5f}" for lab, r in
+                                                 [(0, row) for row in normal[:40]] + [(1, row) for row in far]))
+    r = runner.invoke(app, ["calibrate", "--model", str(out), "--validation-csv", str(val)])
+    assert r.exit_code == 0, r.output
+    cal_f1 = load_again(out).calibration_
+    assert cal_f1.rule == "f1" and cal_f1.validation == {"n_normal": 40, "n_anomalous": 20, "f1": cal_f1.validation["f1"]}
+    assert cal_f1.validation["f1"] > 0.8 and "keeping the model's rule" not in r.output
+    for args, message in ((["--validation-csv", str(plain)], "needs a label column with both"),
+                          (["--validation-csv", str(val), "--fdr", "0.1"], "choose one rule")):
+        r = runner.invoke(app, ["calibrate", "--model", str(out), *args])
+        assert r.exit_code == 2 and message in r.output, r.output
 
 
 def test_table_workflow_mistakes_get_named(tmp_path, monkeypatch):

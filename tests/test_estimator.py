@@ -124,6 +124,18 @@ def test_pyod_adapter(blobs):
     assert set(np.unique(det.predict(np.r_[normal, outliers]))) == {0, 1}
     proba = det.predict_proba(outliers)
     assert proba.shape == (60, 2) and np.allclose(proba.sum(1), 1)
+    # pyod's predict_confidence (ExCeeD): the formula on the training energies, in [0, 1]
+    from scipy.stats import binom
+
+    X = np.r_[normal[:20], outliers[:20]]
+    conf = det.predict_confidence(X)
+    n = len(det.decision_scores_)
+    k = np.array([np.count_nonzero(det.decision_scores_ <= e) for e in det.energy(X)])
+    expected = 1 - binom.cdf(n - int(n * 0.1), n, (1 + k) / (2 + n))
+    flagged = det.predict(X) == 1
+    np.testing.assert_allclose(conf, np.where(flagged, expected, 1 - expected))
+    assert conf.shape == (40,) and ((conf >= 0) & (conf <= 1)).all()
+    assert conf[flagged].size and conf[~flagged].size  # both kinds of prediction are covered
 
 
 def test_pyod_adapter_clone_and_reload_keep_everything(blobs, tmp_path):

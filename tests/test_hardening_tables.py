@@ -454,3 +454,45 @@ def test_cli_and_python_train_the_same_model_on_the_same_csv(tmp_path):
     cli = json.loads((tmp_path / "run" / "calibration.json").read_text())["threshold"]
     python = DxMIDetector(**kv, random_state=0).fit(pd.read_csv(csv)).threshold_  # float64 on both routes
     assert cli == pytest.approx(python, rel=1e-9)
+
+
+def test_python_calibrate_with_new_rows_keeps_the_rule_and_target(small_det):
+    """`calibrate(X_new)` without a rate used to reset the target to 0.01 (the CLI keeps the stored one)."""
+    rows = np.random.default_rng(2).normal(size=(400, 3))
+    small_det.calibrate(rows[:200], fpr=0.05)
+    small_det.calibrate(rows[200:])
+    assert small_det.calibration_.rule == "fpr" and small_det.calibration_.fpr == pytest.approx(0.05)
+    assert len(small_det.calibration_.scores) == 200
+    small_det.calibrate(rows[:200], fdr=0.1)
+    small_det.calibrate(rows[200:])
+    assert small_det.calibration_.rule == "fdr" and small_det.calibration_.fdr == pytest.approx(0.1)
+    small_det.calibrate(rows[:200], fpr=0.02)  # an explicit rate still replaces the rule
+    assert small_det.calibration_.rule == "fpr" and small_det.calibration_.fpr == pytest.approx(0.02)
+
+
+def test_python_warns_when_benjamini_hochberg_can_flag_nothing(small_det):
+    """fdr rule, 50 calibration rows: p >= 1/51, so in a batch of 100 one far row cannot be flagged alone."""
+    from dxmi_ad.decision import BatchFDRWarning
+
+    rng = np.random.default_rng(3)
+    small_det.calibrate(rng.normal(size=(50, 3)), fdr=0.1)
+    batch = np.r_[rng.normal(size=(99, 3)), np.full((1, 3), 50.0)]
+    with pytest.warns(BatchFDRWarning, match=r"flagged none of the 100 items although 1 scored above every one of "
+                                             r"the 50 calibration scores.*at most 5\).*at least 999 calibration"):
+        assert (small_det.predict(batch) == 1).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        small_det.predict(batch[-3:])  # a small batch flags the far row: no warning
+    assert small_det.predict(batch[-3:])[-1] == -1
+
+
+def test_library_warnings_name_the_users_line():
+    """Warnings used to point at a line inside dxmi_ad (a fixed stacklevel); they name the caller's file now."""
+    from dxmi_ad.calibration import resolve_fpr
+
+    with pytest.warns(UserWarning, match="model selection skipped") as record:
+        DxMIDetector(random_state=0, **QUICK).fit(np.random.default_rng(0).normal(size=(60, 3)))
+    assert {r.filename for r in record if "model selection" in str(r.message)} == {__file__}
+    with pytest.warns(UserWarning, match="cannot support the default") as record:
+        resolve_fpr(None, 12)
+    assert record[0].filename == __file__

@@ -442,9 +442,11 @@ def calibrate(
                                               help="Benjamini-Hochberg at this false discovery rate, in (0, 1)")] = None,
     validation_dir: Annotated[Path | None, typer.Option(help="image model: labelled folder (good/, <defect>/) "
                                                              "for an F1-optimal threshold")] = None,
+    validation_csv: Annotated[Path | None, typer.Option(help="vector model: labelled CSV (a label column, 0 = "
+                                                             "normal, 1 = anomaly) for an F1-optimal threshold")] = None,
     skip_bad_files: Annotated[bool, typer.Option(help="leave unreadable calibration images out")] = False,
-    id_column: Annotated[str | None, typer.Option(help="--calibration-csv: its identifier column (text), not a "
-                                                       "feature")] = None,
+    id_column: Annotated[str | None, typer.Option(help="--calibration-csv / --validation-csv: their identifier "
+                                                       "column (text), not a feature")] = None,
 ) -> None:
     """Re-calibrate a trained model's decisions without retraining; rewrites RUN_DIR/calibration.json atomically."""
     import dxmi_ad
@@ -458,15 +460,15 @@ def calibrate(
         check_one_rule(fpr, fdr)
         det = dxmi_ad.load(model)
         stored = getattr(det, "calibration_", None)
-        if fpr is None and fdr is None and validation_dir is None and stored is not None \
+        if fpr is None and fdr is None and validation_dir is None and validation_csv is None and stored is not None \
                 and stored.rule in ("fpr", "fdr"):  # new calibration data, the same rule and target
             fpr, fdr = (None, stored.fdr) if stored.rule == "fdr" else (stored.fpr, None)
             err_console.print(f"keeping the model's rule: target {stored.rule.upper()} {fdr or fpr:g} (pass --fpr or "
                               "--fdr to change it)", highlight=False)
         if isinstance(det, (ImageDetector, PixelDetector)):
-            if calibration_csv is not None or id_column is not None:
-                raise CLIError("--calibration-csv and --id-column are for vector models; pass --calibration-dir for "
-                               "an image model")
+            if calibration_csv is not None or validation_csv is not None or id_column is not None:
+                raise CLIError("--calibration-csv, --validation-csv and --id-column are for vector models; pass "
+                               "--calibration-dir / --validation-dir for an image model")
             calibration, validation = images.calibration_inputs(TrainOptions(
                 fpr=fpr, fdr=fdr, calibration_dir=calibration_dir, validation_dir=validation_dir))
             if isinstance(det, PixelDetector):
@@ -477,12 +479,21 @@ def calibrate(
         else:
             if calibration_dir is not None or validation_dir is not None:
                 raise CLIError("this is a vector model: pass --calibration-csv (normal rows), not image folders")
-            X = None
-            if id_column is not None and calibration_csv is None:
-                raise CLIError("--id-column names a column of --calibration-csv; pass that file too")
-            if calibration_csv is not None:
-                from dxmi_ad.data.tabular import load_csv
+            from dxmi_ad.data.tabular import load_csv
 
+            X = X_val = y_val = None
+            if id_column is not None and calibration_csv is None and validation_csv is None:
+                raise CLIError("--id-column names a column of --calibration-csv / --validation-csv; pass that file too")
+            if validation_csv is not None:
+                if fdr is not None:
+                    raise CLIError("choose one rule: --fdr or an F1-optimal threshold from --validation-csv")
+                X_val, y_val, columns = load_csv(validation_csv, id_column=id_column,
+                                                 expected_columns=getattr(det, "feature_names_in_", None))[:3]
+                if y_val is None or not (y_val == 0).any() or not (y_val == 1).any():
+                    raise CLIError(f"{validation_csv}: an F1 threshold needs a label column with both normal rows "
+                                   "(0) and anomalies (1)")
+                X_val = _model_columns(det, X_val, columns, validation_csv)
+            if calibration_csv is not None:
                 X, label, columns = load_csv(calibration_csv, id_column=id_column,
                                              expected_columns=getattr(det, "feature_names_in_", None))[:3]
                 if label is not None:  # calibration rows must be normal: a label column is never a feature
@@ -495,7 +506,7 @@ def calibrate(
                                           "rows with label 1 (anomalies) left out", highlight=False)
                     X = X[label == 0]
                 X = _model_columns(det, X, columns, calibration_csv)  # by name, as `score` reads tables
-            det.calibrate(X, fpr=fpr, fdr=fdr)
+            det.calibrate(X, fpr=fpr, fdr=fdr, X_validation=X_val, y_validation=y_val)
             if calibration_csv is not None:  # the file, not the Python call, is what the user will look for
                 det.calibration_ = dataclasses.replace(
                     det.calibration_, source=f"{len(X)} normal rows of {calibration_csv}")

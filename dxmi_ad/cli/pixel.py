@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from dxmi_ad import recipes
+from dxmi_ad._warn import caller_stacklevel
 from dxmi_ad.checkpoint import atomic_directory, atomic_replace, read_yaml_mapping
 from dxmi_ad.cli.options import TrainOptions
 
@@ -100,7 +101,7 @@ def read_samples(samples: list, size: int, skip_bad_files: bool = False, what: s
         import warnings
 
         warnings.warn(f"{len(errors)} unreadable file(s) of the {what} left out: "
-                      + "; ".join(f"{p}: {r}" for p, r in list(errors.items())[:5]), stacklevel=2)
+                      + "; ".join(f"{p}: {r}" for p, r in list(errors.items())[:5]), stacklevel=caller_stacklevel())
     cat = lambda xs, shape: np.concatenate(xs) if xs else np.zeros(shape, np.float32)  # noqa: E731
     return (cat(imgs, (0, 3, size, size)).astype(np.float32), np.asarray(labels, int),
             cat(masks, (0, size, size)).astype(bool))

@@ -13,6 +13,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from dxmi_ad._warn import caller_stacklevel
 from dxmi_ad.data.images import IMAGE_SUFFIXES, find_images, is_hidden, list_images
 
 __all__ = ["MVTEC_HELP", "ImageSample", "list_folder", "list_labelled_dir", "list_mvtec", "list_normal_dir"]
@@ -76,7 +77,7 @@ def _list_category(cat_dir: Path, category: str) -> list[ImageSample]:
         undefined = ("; pixel metrics are undefined for this category"
                      if all(s.mask_path is None for s in anomalous) else "")
         warnings.warn(f"{category}: anomalous test images without a mask are left out of pixel metrics{undefined}: "
-                      + "; ".join(unpaired), stacklevel=3)
+                      + "; ".join(unpaired), stacklevel=caller_stacklevel())
     return samples
 
 
@@ -122,7 +123,7 @@ def list_mvtec(root: str | Path, categories: str | list[str] = "all") -> list[Im
     skipped = [d.name for d in subdirs if d.name not in available]
     if categories == "all" and available and skipped:
         warnings.warn(f"category all under {root}: using {len(available)} ({', '.join(available)}); skipped "
-                      f"{len(skipped)} folder(s) without train/good: {', '.join(skipped)}", stacklevel=2)
+                      f"{len(skipped)} folder(s) without train/good: {', '.join(skipped)}", stacklevel=caller_stacklevel())
     missing = [c for c in wanted if c not in available]
     if missing:
         msg = f"categories {missing} not found under {root} (found: {available or 'none'}). {MVTEC_HELP}"

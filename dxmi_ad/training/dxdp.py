@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dxmi_ad._warn import caller_stacklevel
 from dxmi_ad.config import DxMIConfig
 from dxmi_ad.nn.energy import AutoencoderEnergy
 from dxmi_ad.nn.model import DxMIModel
@@ -246,7 +247,7 @@ class DxDPTrainer:
                 f"(iteration {self.iteration + 1}; E(samples)={float(e_samples):.4g}, "
                 f"E(data)={float(diag['energy_data']):.4g}): the energy separates samples from data by a trivial cue; "
                 "consider project_samples, fix_last_sigma, negative_l2_weight or a lower energy_lr",
-                TrainingHealthWarning, stacklevel=3)
+                TrainingHealthWarning, stacklevel=caller_stacklevel())
 
     def _next_cost(self, x_next: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``V(x_{t+1}, t+1)``, or ``E(x_{t+1})`` where ``t = T-1`` (docs/paper_map.md). Shapes ``(B, D)``, ``(B,)`` -> ``(B,)``."""

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from dxmi_ad._warn import caller_stacklevel
 from dxmi_ad.checkpoint import load_model_dir, save_model_dir
 from dxmi_ad.config import DxMIConfig
 from dxmi_ad.nn.model import DxMIModel
@@ -275,7 +276,7 @@ def train_model(
         warnings.warn(f"warmup_iter={config.warmup_iter} >= n_iter={config.n_iter}: the energy (frozen during the "
                       f"warm-up) would never be updated; the warm-up is cut to the first {stages.warmup} of the "
                       f"{config.n_iter} DxMI iterations (set warmup_iter below n_iter to choose)", UserWarning,
-                      stacklevel=2)
+                      stacklevel=caller_stacklevel())
         config = config.replace(warmup_iter=stages.warmup)
     shape = sample_shape(config)
     if tuple(data.shape[1:]) != shape or data.shape[0] < 2:
@@ -290,7 +291,7 @@ def train_model(
     elif validate is None:
         warnings.warn(f"validate_every={config.validate_every} but this training path has no validation split "
                       "(model selection is built by ImageDetector.fit from held-out training images): the last "
-                      "iterate is kept", UserWarning, stacklevel=2)
+                      "iterate is kept", UserWarning, stacklevel=caller_stacklevel())
     if runtime is None:
         return _train(None, data, config, progress, log_every, model, torch.device(device), None, validate)
     if runtime.resume and latest_checkpoint(runtime.checkpoint_dir) is None:
