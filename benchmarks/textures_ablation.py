@@ -61,6 +61,10 @@ VARIANTS: dict[str, dict] = {
     "DxMI recipe, MPDR latent noise + 10 input steps": {"init_noise_low": 0.05, "init_noise_high": 0.3,
                                                          "init_input_steps": 10, "init_input_step_size": 0.1,
                                                          "init_input_noise": 0.005},
+    # MPDR's projection through the energy being trained, so the negatives follow its manifold (initial_tracks_energy)
+    "DxMI recipe, start tracks the energy": {"initial_tracks_energy": True},
+    "DxMI recipe, start tracks the energy, MPDR latent noise 0.05-0.3": {"initial_tracks_energy": True,
+                                                                        "init_noise_low": 0.05, "init_noise_high": 0.3},
     "DxMI paper lrs": PAPER_LRS,
     "DxMI paper lrs + guards": {**PAPER_LRS, **GUARDS},
     "DxMI paper lrs + guards + feature-noise start": {**PAPER_LRS, **GUARDS, "initial": "feature_noise",

@@ -73,6 +73,10 @@ class DxMIConfig:
             ``[init_noise_low, init_noise_high]``.
         init_noise_low, init_noise_high: Range of the noise std ``s`` of the start: latent noise of the autoencoder
             start (MPDR: 0.05-0.3), feature-space noise of ``"feature_noise"``.
+        initial_tracks_energy: With ``initial="autoencoder"``, perturb through the *current* energy autoencoder
+            instead of the frozen pretrained copy (named deviation: MPDR's manifold projection uses the energy being
+            trained, so its negatives follow the energy's manifold as it shrinks; DxMI App. C.3 uses a frozen copy).
+            False = the paper.
         init_input_steps: MPDR-style input-space steps after the start (named deviation; MPDR ``mcmc_n_step_x``: 10):
             ``x <- x - init_input_step_size * grad_x U(x) + init_input_noise * eps``, re-projected to the sphere when
             ``spherical``, with ``U(x) = E(x) + init_recovery_weight * ||x - x_data||^2 / 2`` on the *current*
@@ -185,6 +189,7 @@ class DxMIConfig:
     init_sigma: float = 0.05
     last_sigma: float = 1e-3
     fix_last_sigma: bool = False
+    initial_tracks_energy: bool = False
     init_input_steps: int = 0
     init_input_step_size: float = 0.1
     init_input_noise: float = 0.005
@@ -323,6 +328,9 @@ class DxMIConfig:
         if self.energy_fourier_features and self.energy_model != "mlp":
             msg = (f"energy_fourier_features={self.energy_fourier_features} needs energy_model='mlp' (the features "
                    f"feed the free MLP energy only), got energy_model={self.energy_model!r}")
+            raise ValueError(msg)
+        if self.initial_tracks_energy and self.initial != "autoencoder":
+            msg = f"initial_tracks_energy=True needs initial='autoencoder', got initial={self.initial!r}"
             raise ValueError(msg)
         if self.initial == "autoencoder" and self.energy_model != "autoencoder":
             msg = "initial='autoencoder' needs energy_model='autoencoder' (the start is perturbed by a frozen copy of it)"

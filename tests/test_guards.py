@@ -271,6 +271,29 @@ def test_input_steps_recovery_term_pulls_towards_the_data(pretrained):
     assert (tied - data).norm(dim=-1).mean() < (free - data).norm(dim=-1).mean()
 
 
+def test_start_tracks_the_energy_only_when_asked(pretrained):
+    """initial_tracks_energy: the start is made by the energy being trained (MPDR), not the frozen copy."""
+    model, data = pretrained
+    kw = {"init_noise_low": 0.05, "init_noise_high": 0.1}
+    frozen = _starts(model, data, **kw)
+    assert torch.equal(_starts(model, data, initial_tracks_energy=True, **kw), frozen)  # same weights: same start
+    saved = {k: v.clone() for k, v in model.energy.state_dict().items()}
+    try:
+        with torch.no_grad():
+            for p in model.energy.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+        assert torch.equal(_starts(model, data, **kw), frozen)  # the frozen copy does not move
+        model.energy.train()
+        moved = _starts(model, data, initial_tracks_energy=True, **kw)
+        assert not torch.allclose(moved, frozen, atol=1e-3)
+        assert model.energy.training  # the energy's mode is restored after the start (it is perturbed in eval)
+        assert model.energy(moved).mean() < model.energy(frozen).mean()  # on the current decoder manifold
+    finally:
+        model.energy.load_state_dict(saved)
+    with pytest.raises(ValueError, match="initial_tracks_energy=True needs initial='autoencoder'"):
+        _cfg(initial="feature_noise", initial_tracks_energy=True)
+
+
 def test_start_needs_data_rows():
     model = build_model(_cfg(initial="feature_noise"))
     with pytest.raises(ValueError, match="initial='feature_noise' needs a data batch of 4 rows"):

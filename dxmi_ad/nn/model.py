@@ -90,7 +90,8 @@ class DxMIModel(nn.Module):
 
         * ``"gaussian"``: N(0, I);
         * ``"autoencoder"``: ``decode(normalize(enc(x) + s eps))`` through the frozen start autoencoder (on the
-          decoder manifold, where its reconstruction error is near 0 by construction);
+          decoder manifold, where its reconstruction error is near 0 by construction), or through the current
+          energy autoencoder with ``initial_tracks_energy`` (MPDR);
         * ``"feature_noise"``: ``x + s eps`` in feature space, projected onto the unit sphere when ``spherical``
           (off the decoder manifold);
 
@@ -117,8 +118,12 @@ class DxMIModel(nn.Module):
                 msg = f"initial={c.initial!r} needs a data batch of {n} rows to perturb"
                 raise ValueError(msg)
             if c.initial == "autoencoder":
-                self.initial_ae.eval()
-                x0 = self.initial_ae.perturb(data, c.init_noise_low, c.init_noise_high, generator)
+                # initial_tracks_energy: MPDR's projection through the energy being trained (a named deviation)
+                ae = self.energy if c.initial_tracks_energy else self.initial_ae
+                was_training = ae.training
+                ae.eval()
+                x0 = ae.perturb(data, c.init_noise_low, c.init_noise_high, generator)
+                ae.train(was_training)
             else:  # feature_noise
                 std = c.init_noise_low + (c.init_noise_high - c.init_noise_low) * torch.rand(
                     (n, 1), generator=generator, device=data.device, dtype=data.dtype)
