@@ -87,7 +87,6 @@ def warn_if_fdr_flags_nothing(calibration: Calibration, scores: np.ndarray, flag
                   BatchFDRWarning, stacklevel=caller_stacklevel())
 
 
-
 class NotCalibratedError(RuntimeError, ValueError):
     """A decision, p-value or re-calibration was asked of a detector that has no calibration.
 
