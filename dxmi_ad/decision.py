@@ -33,6 +33,7 @@ import numpy as np
 from dxmi_ad._warn import caller_stacklevel
 from dxmi_ad.calibration import (
     CALIBRATION_FILE,
+    DEFAULT_FPR,
     Calibration,
     CalibrationError,
     check_rate,
@@ -41,7 +42,7 @@ from dxmi_ad.calibration import (
 )
 
 __all__ = ["MAX_CALIBRATION_FRACTION", "BatchFDRWarning", "CalibratedDetector", "CoarseRateWarning", "NotCalibratedError",
-           "check_calibration_fraction", "check_rates", "holdout_split", "refuse_unsupported_rates"]
+           "check_calibration_fraction", "check_rates", "holdout_split", "kept_rule", "refuse_unsupported_rates"]
 
 MAX_CALIBRATION_FRACTION = 0.9
 """Largest share of the normal training data that may be held out for calibration (the rest trains)."""
@@ -79,12 +80,35 @@ def warn_if_fdr_flags_nothing(calibration: Calibration, scores: np.ndarray, flag
     above = int(np.sum(s > calibration.scores.max()))  # NaN compares False
     if not above:
         return
-    n, q, m = len(calibration.scores), float(calibration.fdr), int(np.isfinite(s).sum())
+    n, q, m = len(calibration.scores), float(calibration.fdr), int((~np.isnan(s)).sum())
     warnings.warn(f"Benjamini-Hochberg (fdr={q:g}) flagged none of the {m} items although {above} scored above every "
                   f"one of the {n} calibration scores: their p-value 1/{n + 1} is too large for a batch of {m} (one "
                   f"item can be flagged alone only in batches of at most {int(q * (n + 1) + 1e-9)}); use at least "
                   f"{int(np.ceil(m / q - 1 - 1e-9))} calibration samples, smaller batches, or the fpr rule",
                   BatchFDRWarning, stacklevel=caller_stacklevel())
+
+
+def kept_rule(calibration: Calibration | None) -> tuple[float | None, float | None]:
+    """``(fpr, fdr)`` to pass when new calibration data comes without a rate: the current rule's target.
+
+    A target the current set only fell back to (the default rate it could not support, ``1/(n+1)``, see
+    :func:`~dxmi_ad.calibration.resolve_fpr`) is not kept: ``(None, None)`` lets the new set resolve the default
+    again. ``(None, None)`` too without a calibration, or under the ``"f1"`` rule.
+
+    Args:
+        calibration: The detector's current calibration, or None.
+
+    Returns:
+        ``(fpr, None)`` under ``"fpr"``, ``(None, fdr)`` under ``"fdr"``, else ``(None, None)``.
+    """
+    if calibration is None or calibration.rule not in ("fpr", "fdr"):
+        return None, None
+    if calibration.rule == "fdr":
+        return None, calibration.fdr
+    fallback = resolve_fpr(None, len(calibration.scores), warn=False)
+    if calibration.fpr != DEFAULT_FPR and abs(calibration.fpr - fallback) < 1e-12:
+        return None, None  # the smallest rate the old set supported, not a target anyone chose
+    return calibration.fpr, None
 
 
 class NotCalibratedError(RuntimeError, ValueError):

@@ -33,6 +33,7 @@ from dxmi_ad.decision import (
     CalibratedDetector,
     check_rates,
     holdout_split,
+    kept_rule,
     refuse_unsupported_rates,
 )
 from dxmi_ad.nn.energy import autoencoder_latent_dim
@@ -685,9 +686,8 @@ class DxMIDetector(CalibratedDetector, OutlierMixin, BaseEstimator):
                 msg = "y_validation must hold one label in {0, 1} per row of X_validation"
                 raise ValueError(msg)
             validation = (self.energy(X_validation), y)
-        stored = getattr(self, "calibration_", None)
-        if fpr is None and fdr is None and validation is None and stored is not None and stored.rule in ("fpr", "fdr"):
-            fpr, fdr = (None, stored.fdr) if stored.rule == "fdr" else (stored.fpr, None)  # same rule, new rows
+        if fpr is None and fdr is None and validation is None:  # same rule and target, new rows
+            fpr, fdr = kept_rule(getattr(self, "calibration_", None))
         self._calibrate(energies, source, None, validation, fpr, fdr)
         return self
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -456,9 +457,13 @@ def test_cli_and_python_train_the_same_model_on_the_same_csv(tmp_path):
     assert cli == pytest.approx(python, rel=1e-9)
 
 
-def test_python_calibrate_with_new_rows_keeps_the_rule_and_target(small_det):
+def test_python_calibrate_with_new_rows_keeps_the_rule_and_target():
     """`calibrate(X_new)` without a rate used to reset the target to 0.01 (the CLI keeps the stored one)."""
+    small_det = _fresh_small_det()
     rows = np.random.default_rng(2).normal(size=(400, 3))
+    assert small_det.calibration_.fpr == pytest.approx(1 / 13)  # 12 held-out rows: the default fell back
+    small_det.calibrate(rows[:200])  # a fallback is not a target: the new set resolves the default again
+    assert small_det.calibration_.fpr == pytest.approx(0.01)
     small_det.calibrate(rows[:200], fpr=0.05)
     small_det.calibrate(rows[200:])
     assert small_det.calibration_.rule == "fpr" and small_det.calibration_.fpr == pytest.approx(0.05)
@@ -470,8 +475,15 @@ def test_python_calibrate_with_new_rows_keeps_the_rule_and_target(small_det):
     assert small_det.calibration_.rule == "fpr" and small_det.calibration_.fpr == pytest.approx(0.02)
 
 
-def test_python_warns_when_benjamini_hochberg_can_flag_nothing(small_det):
+def _fresh_small_det() -> DxMIDetector:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return DxMIDetector(random_state=0, **QUICK).fit(np.random.default_rng(0).normal(size=(60, 3)))
+
+
+def test_python_warns_when_benjamini_hochberg_can_flag_nothing():
     """fdr rule, 50 calibration rows: p >= 1/51, so in a batch of 100 one far row cannot be flagged alone."""
+    small_det = _fresh_small_det()
     from dxmi_ad.decision import BatchFDRWarning
 
     rng = np.random.default_rng(3)
@@ -496,3 +508,26 @@ def test_library_warnings_name_the_users_line():
     with pytest.warns(UserWarning, match="cannot support the default") as record:
         resolve_fpr(None, 12)
     assert record[0].filename == __file__
+
+
+def test_warnings_skip_the_torch_no_grad_wrapper(tmp_path):
+    """A warning raised under a @torch.no_grad() method of dxmi_ad names the caller, not torch/utils/_contextlib.py."""
+    import warnings as w
+
+    from dxmi_ad._warn import caller_stacklevel
+
+    @torch.no_grad()
+    def library_method():
+        w.warn("x", UserWarning, stacklevel=caller_stacklevel())
+
+    library_method.__wrapped__.__code__ = library_method.__wrapped__.__code__.replace(
+        co_filename=str(Path(dxmi_ad_file()).parent / "fake.py"))
+    with pytest.warns(UserWarning) as record:
+        library_method()
+    assert record[0].filename == __file__
+
+
+def dxmi_ad_file() -> str:
+    import dxmi_ad
+
+    return dxmi_ad.__file__

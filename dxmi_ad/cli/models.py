@@ -453,6 +453,7 @@ def calibrate(
     from dxmi_ad.calibration import CalibrationError
     from dxmi_ad.cli import images
     from dxmi_ad.cli.pixel import PixelCLIError, calibrate_pixel
+    from dxmi_ad.decision import kept_rule
     from dxmi_ad.image import BadFilesError, ImageDetector
     from dxmi_ad.pixel import PixelDetector
 
@@ -460,9 +461,9 @@ def calibrate(
         check_one_rule(fpr, fdr)
         det = dxmi_ad.load(model)
         stored = getattr(det, "calibration_", None)
-        if fpr is None and fdr is None and validation_dir is None and validation_csv is None and stored is not None \
-                and stored.rule in ("fpr", "fdr"):  # new calibration data, the same rule and target
-            fpr, fdr = (None, stored.fdr) if stored.rule == "fdr" else (stored.fpr, None)
+        if fpr is None and fdr is None and validation_dir is None and validation_csv is None \
+                and kept_rule(stored) != (None, None):  # new calibration data, the same rule and target
+            fpr, fdr = kept_rule(stored)
             err_console.print(f"keeping the model's rule: target {stored.rule.upper()} {fdr or fpr:g} (pass --fpr or "
                               "--fdr to change it)", highlight=False)
         if isinstance(det, (ImageDetector, PixelDetector)):
