@@ -11,10 +11,14 @@ defects) without blur and with the chosen blur, validation AUROC, E(data) / E(sa
 mean and standard deviation over seeds and the change against the autoencoder alone.
 
     python benchmarks/textures_ablation.py [--seeds 0 1 2] [--n-iter 300] [--only NAME ...] [--threads 2]
-        [--set ae_pretrain_iter=3000 ...] [--unseen-kinds] [--trace-test]
+        [--set ae_pretrain_iter=3000 ...] [--unseen-kinds] [--trace-test] [--blurs 0 0.5] [--top-k 1 3 10]
 
 ``--unseen-kinds`` adds columns ``unseen ...``: the same models on the same test tiles with defect kinds that neither
 the benchmarks nor selection use (smudge, noise, mirror), so a choice is also checked on defects it was not made on.
+
+``--top-k 1 3 10`` lets validation choose ``scoring.top_k`` (``pred_score`` = mean of the k largest cells of the
+energy map) jointly with the blur; every (blur, top_k) pair's validation and TEST image AUROC for the autoencoder
+alone is printed as a grid (the test figures are reported, never used for the choice).
 
 ``--trace-test`` is a DIAGNOSTIC: at every validation point of every DxMI row it also scores the TEST set (mean image
 / pixel AUROC, no blur) and prints the trace beside the validation AUROC, so a reader sees how far the best iterate
@@ -95,14 +99,21 @@ def main() -> None:
     parser.add_argument("--trace-test", action="store_true",
                         help="diagnostic: also score the test set at every validation point and print the trace "
                              "(never used for a choice)")
+    parser.add_argument("--blurs", type=float, nargs="+", default=list(BLURS),
+                        help=f"candidate scoring.blur_sigma values, chosen on validation (default: {BLURS})")
+    parser.add_argument("--top-k", type=int, nargs="+", default=[1],
+                        help="candidate scoring.top_k values, chosen on validation with the blur (default: 1, the max)")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=V",
                         help="override a key of the recipe's model section for every row, the autoencoder start "
-                             "included (e.g. ae_pretrain_iter=3000); repeatable")
+                             "included (e.g. ae_pretrain_iter=3000), or of its features section with a features. "
+                             "prefix (e.g. features.neighbourhood=3); repeatable")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     recipe = read_yaml_mapping(recipes.resolve(args.recipe))
-    sets = {k.removeprefix("model."): v for k, v in parse_sets(args.sets).items()}
-    recipe = {**recipe, "model": {**recipe["model"], **sets}}
+    parsed = parse_sets(args.sets)
+    sets = {k.removeprefix("model."): v for k, v in parsed.items() if not k.startswith("features.")}
+    feature_sets = {k.removeprefix("features."): v for k, v in parsed.items() if k.startswith("features.")}
+    recipe = {**recipe, "model": {**recipe["model"], **sets}, "features": {**recipe["features"], **feature_sets}}
     feats = FeatureSettings(**{**recipe["features"], "out_indices": tuple(recipe["features"]["out_indices"])})
     samples = list_mvtec(write_textures())
     train = [s for s in samples if s.split == "train"]
@@ -112,7 +123,7 @@ def main() -> None:
     size = (feats.image_size, feats.image_size)
     variants = {k: v for k, v in VARIANTS.items() if (not args.only or any(o in k for o in args.only))
                 and not any(o in k for o in args.skip or [])}
-    rows, traces = [], []
+    rows, traces, grid = [], [], []
     test_feats = masks = None
     unseen_feats = unseen_masks = None
     for seed in args.seeds:
@@ -131,18 +142,27 @@ def main() -> None:
         t0 = time.perf_counter()
         base, _ = train_model(vectors, base_cfg.replace(n_iter=0))
         ae_s = time.perf_counter() - t0
-        val_by_blur = {}
-        for sigma in BLURS:  # the blur is chosen on validation data, for the autoencoder alone, then kept
-            det.scoring = ScoringSettings(blur_sigma=sigma)
-            val_by_blur[sigma] = validate(base)
-        blur = max(BLURS, key=lambda s: (round(val_by_blur[s], 4), -s))
-        print(f"seed {seed}: validation AUROC of the autoencoder by blur sigma "
-              f"{ {s: round(v, 3) for s, v in val_by_blur.items()} } -> blur_sigma {blur}", flush=True)
+        val_by = {}
+        for sigma in args.blurs:  # blur (and top_k) are chosen on validation data, for the autoencoder alone, then kept
+            for k in args.top_k:
+                det.scoring = ScoringSettings(blur_sigma=sigma, top_k=k)
+                val_by[sigma, k] = validate(base)
+        blur, top_k = max(val_by, key=lambda sk: (round(val_by[sk], 4), -sk[0], -sk[1]))
+        chosen = ScoringSettings(blur_sigma=blur, top_k=top_k)
+        print(f"seed {seed}: validation AUROC of the autoencoder by (blur sigma, top_k) "
+              f"{ {sk: round(v, 4) for sk, v in val_by.items()} } -> {chosen}", flush=True)
+        if len(args.top_k) > 1:  # the grid's test figures: reported, never used for the choice
+            for (sigma, k), v in val_by.items():
+                det.scoring, det.model_ = ScoringSettings(blur_sigma=sigma, top_k=k), base
+                scored = {**det.score_feature_maps(test_feats, size), "gt_mask": masks}
+                grid.append({"seed": seed, "blur": sigma, "top_k": k, "val AUROC": v,
+                             "TEST image": metrics_table(test, scored).set_index("category").loc["mean", "image_AUROC"]})
 
-        def evaluate(model, name: str, seconds: float, history: list, seed: int = seed, blur: float = blur) -> None:
-            out = {"variant": name, "seed": seed, "blur": blur}
-            for sigma, tag in ((0.0, ""), (blur, " blur")):
-                det.scoring = ScoringSettings(blur_sigma=sigma)
+        def evaluate(model, name: str, seconds: float, history: list, seed: int = seed,
+                     chosen: ScoringSettings = chosen) -> None:
+            out = {"variant": name, "seed": seed, "blur": chosen.blur_sigma, "top_k": chosen.top_k}
+            for scoring, tag in ((ScoringSettings(), ""), (chosen, " blur")):
+                det.scoring = scoring
                 det.model_ = model
                 scored = {**det.score_feature_maps(test_feats, size), "gt_mask": masks}
                 mean = metrics_table(test, scored).set_index("category").loc["mean"]
@@ -180,7 +200,7 @@ def main() -> None:
             cfg = base_cfg.replace(**{**overrides, **n_iter})
             start = copy.deepcopy(base)
             start.config = cfg  # the start distribution is read from the model's config
-            det.scoring = ScoringSettings(blur_sigma=blur)  # selection scores with the chosen blur
+            det.scoring = chosen  # selection scores with the chosen blur and top_k
             seen: list[dict[str, torch.Tensor]] = []
 
             def watched(model, seen=seen, name=name, seed=seed) -> float:  # keeps the state of the last call
@@ -199,6 +219,11 @@ def main() -> None:
             last.load_checkpoint_tensors(seen[0])
             evaluate(last.eval(), name, seconds, [r for r in history if "selected_iteration" not in r])
             evaluate(model, f"{name} + selection", seconds, history)
+    if grid:
+        g = pd.DataFrame(grid).groupby(["blur", "top_k"])[["val AUROC", "TEST image"]]
+        print("\nAutoencoder alone by (blur, top_k): validation and TEST image AUROC, mean ± std over seeds (the test "
+              "figures were not used for any choice)")
+        print(pd.concat([g.mean(), g.std().add_suffix(" std")], axis=1).to_string(float_format=lambda v: f"{v:.4f}"))
     if traces:
         trace = pd.DataFrame(traces)
         print("\nDIAGNOSTIC (--trace-test): validation AUROC and TEST AUROC (no blur) at every validation point (check "
@@ -226,7 +251,7 @@ def main() -> None:
     out["seconds"] = table.groupby("variant", sort=False)["seconds"].mean().round(0).astype(int)
     print(f"\nTextures ablation (mean over brick, grass, gravel; SYNTHETIC defects), seeds {args.seeds}, mean ± std; "
           f"recipe {args.recipe} {' '.join(args.sets)}; DxMI rows start from the seed's autoencoder, {args.n_iter} iterations (the recipe "
-          f"row: its own n_iter); blur chosen on validation per seed; threads {args.threads}")
+          f"row: its own n_iter); blur and top_k chosen on validation per seed ('blur' columns); threads {args.threads}")
     print(out.to_string())
 
 

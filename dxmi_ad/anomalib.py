@@ -107,6 +107,8 @@ class Dxmi(AnomalibModule):
         model_overrides: DxMIConfig fields applied over the recipe (e.g. ``{"ae_pretrain_iter": 500}``).
         blur_sigma: Gaussian blur of the energy map before the maximum, in grid cells
             (:class:`~dxmi_ad.scoring.ScoringSettings`); None = the recipe's ``scoring`` section (default 0).
+        top_k: ``pred_score`` = mean of the ``top_k`` largest cells of the (blurred) energy map; None = the recipe's
+            ``scoring`` section (default 1, the maximum).
         updates_per_batch: Optimizer updates per training batch (default: the batch's vectors / ``batch_size``,
             i.e. about one pass over them).
         seed: Seed of the networks and of every draw during training.
@@ -128,6 +130,7 @@ class Dxmi(AnomalibModule):
         recipe: str | None = None,
         model_overrides: dict[str, Any] | None = None,
         blur_sigma: float | None = None,
+        top_k: int | None = None,
         updates_per_batch: int | None = None,
         seed: int = 0,
         pre_processor: nn.Module | bool = True,
@@ -145,6 +148,8 @@ class Dxmi(AnomalibModule):
         scoring = dict(recipe_map.get("scoring") or {})
         if blur_sigma is not None:
             scoring["blur_sigma"] = blur_sigma
+        if top_k is not None:
+            scoring["top_k"] = top_k
         self.scoring = ScoringSettings.from_dict(scoring)
         self._recipe_params = {**DxMIConfig().to_dict(), **params}  # the schedule scales from these (training_step)
         self._overrides = DxMIConfig.rename_old_keys(dict(model_overrides or {}), "model_overrides")

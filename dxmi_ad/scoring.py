@@ -6,9 +6,10 @@ It imports only torch and torchvision.
 
 The paper's recipe (DxMI App. C.3): every location vector of the ``(h, w)`` feature grid is scored by the energy,
 the image score ``pred_score`` is the maximum of the energy map and the anomaly map is its bilinear upsampling to the
-image size. :class:`ScoringSettings` adds one option the peers use (a named deviation, ``docs/paper_map.md``): a
-Gaussian blur of the energy map before the maximum and the upsampling (anomalib's PaDiM and PatchCore blur their maps
-with sigma = 4 px at the input size; we blur on the energy grid, sigma in grid cells).
+image size. :class:`ScoringSettings` adds two options (named deviations, ``docs/paper_map.md``): a Gaussian blur of
+the energy map before the maximum and the upsampling (anomalib's PaDiM and PatchCore blur their maps with sigma = 4 px
+at the input size; we blur on the energy grid, sigma in grid cells), and ``top_k``: ``pred_score`` as the mean of the
+k largest cells of the (blurred) map instead of the single largest (k = 1, the paper).
 
 Example:
     >>> import torch
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MapScorer", "ScoringSettings", "blur_map", "upsample_map"]
+__all__ = ["MapScorer", "ScoringSettings", "blur_map", "top_k_mean", "upsample_map"]
 
 
 @dataclass(frozen=True)
@@ -39,12 +40,17 @@ class ScoringSettings:
         blur_sigma: Standard deviation of the Gaussian blur of the energy map, in grid cells (0 = none, the paper's
             plain maximum). The kernel has ``2 * int(4 * sigma + 0.5) + 1`` taps (anomalib's convention), capped at
             the grid size, with reflected borders.
+        top_k: ``pred_score`` is the mean of the ``top_k`` largest cells of the (blurred) energy map, in energy units;
+            1 (the default) = the maximum, the paper's score. Capped at the number of cells (``h * w``); the anomaly
+            map does not depend on it.
 
     Raises:
-        ValueError: ``blur_sigma`` negative, not finite, or not a number (the message names ``scoring.blur_sigma``).
+        ValueError: ``blur_sigma`` negative, not finite, or not a number, or ``top_k`` not an integer >= 1 (the
+            message names ``scoring.blur_sigma`` / ``scoring.top_k``).
     """
 
     blur_sigma: float = 0.0
+    top_k: int = 1
 
     def __post_init__(self) -> None:
         """Validate the fields."""
@@ -53,6 +59,11 @@ class ScoringSettings:
             msg = f"scoring.blur_sigma must be a finite number >= 0 (grid cells), got {value!r}"
             raise ValueError(msg)
         object.__setattr__(self, "blur_sigma", float(value))
+        k = self.top_k
+        if isinstance(k, bool) or not isinstance(k, (int, float)) or not float(k).is_integer() or k < 1:
+            msg = f"scoring.top_k must be an integer >= 1 (energy-map cells averaged into pred_score), got {k!r}"
+            raise ValueError(msg)
+        object.__setattr__(self, "top_k", int(k))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON dict of the fields."""
@@ -98,6 +109,14 @@ def blur_map(energy_map: torch.Tensor, sigma: float) -> torch.Tensor:
     return gaussian_blur(energy_map[:, None], _kernel_size(sigma, h, w), [sigma, sigma])[:, 0]
 
 
+def top_k_mean(energy_map: torch.Tensor, k: int) -> torch.Tensor:
+    """``(B,)`` mean of the ``k`` largest cells of each map ``(B, h, w)`` (k capped at ``h * w``; k = 1: the maximum)."""
+    flat = energy_map.flatten(1)
+    if k <= 1:
+        return flat.amax(1)
+    return flat.topk(min(k, flat.shape[1]), dim=1).values.mean(1)
+
+
 def upsample_map(energy_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Anomaly map ``(B, H, W)`` from an energy map ``(B, h, w)``: bilinear upsampling (DxMI App. C.3)."""
     return F.interpolate(energy_map[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
@@ -123,13 +142,13 @@ class MapScorer(nn.Module):
         return self.energy(vectors).reshape(b, h, w)
 
     def reduce(self, energy_map: torch.Tensor) -> torch.Tensor:
-        """``pred_score (B,)`` of an energy map ``(B, h, w)``: the maximum of the (blurred) map."""
-        return blur_map(energy_map, self.settings.blur_sigma).flatten(1).amax(1)
+        """``pred_score (B,)`` of an energy map ``(B, h, w)``: the maximum (or top-k mean) of the (blurred) map."""
+        return top_k_mean(blur_map(energy_map, self.settings.blur_sigma), self.settings.top_k)
 
     def from_energy_map(self, energy_map: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """``pred_score (B,)`` and anomaly map ``(B, H, W)`` (the blurred energy map, upsampled) of ``(B, h, w)``."""
         smooth = blur_map(energy_map, self.settings.blur_sigma)
-        return smooth.flatten(1).amax(1), upsample_map(smooth, size)
+        return top_k_mean(smooth, self.settings.top_k), upsample_map(smooth, size)
 
     def forward(self, features: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Score location features ``(B, C, h, w)``.
@@ -139,7 +158,7 @@ class MapScorer(nn.Module):
             size: ``(H, W)`` of the anomaly map in pixels.
 
         Returns:
-            ``pred_score (B,)`` (maximum of the blurred energy map; higher = more anomalous) and
+            ``pred_score (B,)`` (maximum, or top-k mean, of the blurred energy map; higher = more anomalous) and
             ``anomaly_map (B, H, W)``.
         """
         return self.from_energy_map(self.energy_map(features), size)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dxmi_ad.config import DxMIConfig
-from dxmi_ad.scoring import MapScorer, ScoringSettings, blur_map
+from dxmi_ad.scoring import MapScorer, ScoringSettings, blur_map, top_k_mean
 from dxmi_ad.training.fit import build_model, train_model
 
 TINY_HEAD = dict(energy_model="autoencoder", spherical=True, energy_hidden=16, energy_layers=1, latent_dim=4,
@@ -44,6 +44,24 @@ def test_scoring_settings_are_validated(bad):
     with pytest.raises(ValueError, match="unknown scoring key"):
         ScoringSettings.from_dict({"blur": 1})
     assert ScoringSettings.from_dict(None) == ScoringSettings()
+
+
+@pytest.mark.parametrize("bad", [0, -2, 2.5, "3", True, float("nan")])
+def test_top_k_is_validated(bad):
+    with pytest.raises(ValueError, match="scoring.top_k"):
+        ScoringSettings(top_k=bad)
+    assert ScoringSettings(top_k=3.0).top_k == 3  # YAML may give a float; an integral one is taken
+
+
+def test_top_k_mean_properties():
+    emap = torch.rand(4, 5, 6, generator=torch.Generator().manual_seed(0))
+    flat = emap.flatten(1)
+    assert torch.equal(top_k_mean(emap, 1), flat.amax(1))  # k = 1: the paper's maximum
+    torch.testing.assert_close(top_k_mean(emap, 30), flat.mean(1))  # every cell: the mean
+    torch.testing.assert_close(top_k_mean(emap, 1000), flat.mean(1))  # capped at h * w
+    torch.testing.assert_close(top_k_mean(emap, 3), flat.sort(1, descending=True).values[:, :3].mean(1))
+    by_k = torch.stack([top_k_mean(emap, k) for k in (1, 2, 5, 10, 30)])
+    assert bool((by_k[1:] <= by_k[:-1]).all())  # more cells averaged: never a larger score
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +103,40 @@ def test_blur_parity_across_scoring_paths(detector, tmp_path):
     back = ImageDetector.load(tmp_path / "run")
     assert back.scoring == ScoringSettings(blur_sigma=1.0)
     torch.testing.assert_close(back.predict(images)["pred_score"], ref["pred_score"], rtol=1e-5, atol=1e-7)
+
+
+def test_top_k_parity_across_scoring_paths(detector, tmp_path):
+    """pred_score with top_k = 5 (and blur 1) agrees on every path, the ONNX graph included; the maps do not move."""
+    from dxmi_ad.anomalib import DxmiTorchModel
+    from dxmi_ad.export import Scorer
+    from dxmi_ad.image import ImageDetector
+
+    images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    plain_k = detector.predict(images)
+    detector.save(tmp_path / "k1")
+    det = ImageDetector.load(tmp_path / "k1")
+    det.scoring = ScoringSettings(blur_sigma=1.0, top_k=5)
+    ref = det.predict(images)
+    assert float((ref["pred_score"] - plain_k["pred_score"]).abs().min()) > 1e-6  # top_k really changes the score
+    assert bool((ref["pred_score"] <= plain_k["pred_score"]).all())  # a mean of the 5 largest <= the largest
+    torch.testing.assert_close(ref["anomaly_map"], plain_k["anomaly_map"])  # the map does not depend on top_k
+    eager = Scorer(det)(images)
+    traced = torch.jit.trace(Scorer(det), images)(images)
+    anomalib_out = DxmiTorchModel(det._extractor(), det.model_, det.scoring)(images)
+    for score, amap in (eager, traced):
+        torch.testing.assert_close(score, ref["pred_score"], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(amap, ref["anomaly_map"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(anomalib_out.pred_score, ref["pred_score"], rtol=1e-4, atol=1e-6)
+    det.save(tmp_path / "k5")
+    assert ImageDetector.load(tmp_path / "k5").scoring == ScoringSettings(blur_sigma=1.0, top_k=5)
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from dxmi_ad.export import export_model, run_onnx
+
+    path = export_model(det, tmp_path / "k5.onnx")
+    scores, maps = run_onnx(path, images)
+    np.testing.assert_allclose(scores, ref["pred_score"].numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(maps, ref["anomaly_map"].numpy(), rtol=1e-4, atol=1e-5)
 
 
 def _unit_vectors(n: int, d: int, seed: int) -> torch.Tensor:
@@ -173,11 +225,10 @@ def test_synthetic_anomalies_are_seeded_and_masked():
 
 def test_image_selection_never_reads_the_test_set(tmp_path, monkeypatch):
     """ImageDetector.fit with validate_every > 0 reads only training images and records the selected iteration."""
-    from tests.helpers import write_mvtec_tree
-
     import dxmi_ad.image as image_mod
     from dxmi_ad.data.mvtec import list_mvtec
     from dxmi_ad.image import FeatureSettings, ImageDetector
+    from tests.helpers import write_mvtec_tree
 
     root = write_mvtec_tree(tmp_path / "mvtec")
     samples = list_mvtec(root, ["brick"])
