@@ -101,8 +101,9 @@ def main() -> None:
                              "(never used for a choice)")
     parser.add_argument("--blurs", type=float, nargs="+", default=list(BLURS),
                         help=f"candidate scoring.blur_sigma values, chosen on validation (default: {BLURS})")
-    parser.add_argument("--top-k", type=int, nargs="+", default=[1],
-                        help="candidate scoring.top_k values, chosen on validation with the blur (default: 1, the max)")
+    parser.add_argument("--top-k", type=int, nargs="+", default=None,
+                        help="candidate scoring.top_k values, chosen on validation with the blur (default: the "
+                             "recipe's scoring.top_k, 1 = the maximum when it has none)")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=V",
                         help="override a key of the recipe's model section for every row, the autoencoder start "
                              "included (e.g. ae_pretrain_iter=3000), or of its features section with a features. "
@@ -114,6 +115,8 @@ def main() -> None:
     sets = {k.removeprefix("model."): v for k, v in parsed.items() if not k.startswith("features.")}
     feature_sets = {k.removeprefix("features."): v for k, v in parsed.items() if k.startswith("features.")}
     recipe = {**recipe, "model": {**recipe["model"], **sets}, "features": {**recipe["features"], **feature_sets}}
+    if args.top_k is None:  # the recipe's own aggregation, so "as shipped" means as shipped
+        args.top_k = [int((recipe.get("scoring") or {}).get("top_k", 1))]
     feats = FeatureSettings(**{**recipe["features"], "out_indices": tuple(recipe["features"]["out_indices"])})
     samples = list_mvtec(write_textures())
     train = [s for s in samples if s.split == "train"]

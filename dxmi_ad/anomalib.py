@@ -4,8 +4,9 @@ Layout as anomalib's own models (anomalib / pyod conventions):
 
 * :class:`DxmiTorchModel`: a plain ``nn.Module`` (frozen backbone -> per-location DxMI energy) returning
   ``InferenceBatch(pred_score, anomaly_map)``; the same :class:`~dxmi_ad.features.extractor.FeatureExtractor` and
-  :class:`~dxmi_ad.nn.model.DxMIModel` as the CLI, so ``pred_score`` = max per-location energy and ``anomaly_map`` =
-  the energy map upsampled bilinearly (docs/paper_map.md).
+  :class:`~dxmi_ad.nn.model.DxMIModel` as the CLI, so ``pred_score`` = the maximum (or, with ``scoring.top_k``, the mean
+  of the k largest) of the per-location energy map and ``anomaly_map`` = the energy map upsampled bilinearly
+  (docs/paper_map.md).
 * :class:`Dxmi`: the ``AnomalibModule`` around it, with **manual optimization**: every training batch's feature
   vectors feed ``updates_per_batch`` optimizer updates of the same engine the CLI uses
   (:class:`~dxmi_ad.training.dxdp.AutoencoderPretrainer` for the first ``ae_pretrain_iter`` updates, then
@@ -68,7 +69,7 @@ class DxmiTorchModel(nn.Module):
     Args:
         extractor: The frozen feature extractor (input ``(B, 3, H, W)`` in [0, 1]; it applies ImageNet normalization).
         dxmi: The DxMI model on the extractor's ``C``-dimensional location vectors.
-        scoring: Energy-map blur before the maximum (:class:`~dxmi_ad.scoring.ScoringSettings`); default none.
+        scoring: Energy-map blur and top-k mean (:class:`~dxmi_ad.scoring.ScoringSettings`); default: the maximum.
     """
 
     def __init__(self, extractor: FeatureExtractor, dxmi: DxMIModel, scoring: ScoringSettings | None = None) -> None:
@@ -106,9 +107,9 @@ class Dxmi(AnomalibModule):
         recipe: Image recipe YAML whose ``model`` section sets the DxMI config (a path or a shipped recipe name; default ``textures``, :mod:`dxmi_ad.recipes`).
         model_overrides: DxMIConfig fields applied over the recipe (e.g. ``{"ae_pretrain_iter": 500}``).
         blur_sigma: Gaussian blur of the energy map before the maximum, in grid cells
-            (:class:`~dxmi_ad.scoring.ScoringSettings`); None = the recipe's ``scoring`` section (default 0).
+            (:class:`~dxmi_ad.scoring.ScoringSettings`); None = the recipe's ``scoring`` section (0 when it has none).
         top_k: ``pred_score`` = mean of the ``top_k`` largest cells of the (blurred) energy map; None = the recipe's
-            ``scoring`` section (default 1, the maximum).
+            ``scoring`` section (the default ``textures`` recipe: 3; 1, the maximum, when it has none).
         updates_per_batch: Optimizer updates per training batch (default: the batch's vectors / ``batch_size``,
             i.e. about one pass over them).
         seed: Seed of the networks and of every draw during training.
@@ -291,13 +292,24 @@ class Dxmi(AnomalibModule):
         return out
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the DxMI optimizers' state (Lightning checkpoints are anomalib's format; the weights are in it)."""
+        """Store the resolved scoring settings and the DxMI optimizers' state (Lightning checkpoints are anomalib's
+        format; the weights are in it).
+        """
+        checkpoint["dxmi_scoring"] = self.scoring.to_dict()  # the recipe it came from may change later
         if self._staged is not None and self._staged.stage == "dxmi":
             trainer = self._staged.trainer
             checkpoint["dxmi_trainer"] = {"tensors": trainer.state_tensors(), "meta": trainer.state_meta()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the DxMI optimizers' state when training continues from a Lightning checkpoint."""
+        """Restore the scoring the checkpoint was made with, and the DxMI optimizers' state when training continues.
+
+        A checkpoint written before ``scoring.top_k`` existed scored with the maximum: it keeps ``top_k = 1`` even
+        where the recipe now asks for more, so anomalib's stored thresholds still match the scores.
+        """
+        saved = checkpoint.get("dxmi_scoring")
+        self.scoring = ScoringSettings.from_dict(saved) if saved is not None else ScoringSettings(
+            blur_sigma=self.scoring.blur_sigma, top_k=1)
+        self.model.scoring = self.scoring
         state = checkpoint.get("dxmi_trainer")
         if state is not None:
             self._pending_state = (state["tensors"], state["meta"])

@@ -168,6 +168,10 @@ class DxMIConfig:
             0 = off (the paper: the last iterate). The test set is never read.
         validation_fraction: Fraction of each category's training images held out as that validation split
             (image models; in (0, 0.5]).
+        validation_blend_low, validation_blend_high: Range of the blend factor of the image models' SYNTHETIC
+            validation anomalies (anomalib's Perlin generator: 1 = the source image replaces the masked pixels,
+            lower = fainter anomalies, a harder validation that saturates later); 0 < low <= high <= 1. Default
+            0.5-1.0, anomalib's range.
         select_energy_only: With model selection, restore only the energy's state of the best validation AUROC
             (the validation scores the energy alone); the sampler and the value function keep their last state, so
             generation keeps every DxMI iteration. False: the whole model of the best iteration (sampler included).
@@ -244,6 +248,8 @@ class DxMIConfig:
     time_cost_scale: float | None = None
     validate_every: int = 0
     validation_fraction: float = 0.1
+    validation_blend_low: float = 0.5
+    validation_blend_high: float = 1.0
     select_energy_only: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -286,6 +292,10 @@ class DxMIConfig:
             raise ValueError(msg)
         if not 0 < self.validation_fraction <= 0.5:
             msg = f"validation_fraction must be in (0, 0.5], got {self.validation_fraction}"
+            raise ValueError(msg)
+        if not 0 < self.validation_blend_low <= self.validation_blend_high <= 1:
+            msg = ("need 0 < validation_blend_low <= validation_blend_high <= 1, got "
+                   f"{self.validation_blend_low}, {self.validation_blend_high}")
             raise ValueError(msg)
         for name in ("n_iter", "warmup_iter", "ae_pretrain_iter", "sampler_pretrain_iter", "validate_every", "init_input_steps",
                      "health_window", "energy_refit_iter", "energy_fourier_features"):

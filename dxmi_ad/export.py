@@ -4,8 +4,8 @@ The exported graph is :class:`Scorer`: pre-processing (uint8 -> [0, 1] when expo
 resize to the model input size), the frozen backbone with ImageNet normalization, the per-location DxMI energy head
 and the bilinear upsampling of the energy map back to the input size. Input: an image batch ``(B, 3, H, W)`` RGB,
 ``float32`` in [0, 1] or ``uint8`` in [0, 255] (chosen at export); ``H, W`` are fixed at export (default: the model
-input size), the batch size is dynamic. Outputs: ``pred_score (B,)`` (max per-location energy, higher = more
-anomalous) and ``anomaly_map (B, H, W)``. The decision threshold and rule of the model's calibration are stored in the
+input size), the batch size is dynamic. Outputs: ``pred_score (B,)`` (the maximum or top-k mean of the per-location energy map, by the
+model's ``scoring`` settings; higher = more anomalous) and ``anomaly_map (B, H, W)``. The decision threshold and rule of the model's calibration are stored in the
 file's metadata (ONNX ``metadata_props``; TorchScript extra file ``dxmi_ad.json``), so a serving runtime flags
 ``pred_score > threshold`` exactly as ``dxmi-ad score`` does.
 
@@ -78,7 +78,7 @@ def export_metadata(detector: Any, input_dtype: str, input_size: tuple[int, int]
         "producer": f"dxmi-ad {dxmi_ad.__version__}", "input": "images (B, 3, H, W) RGB",
         "input_dtype": input_dtype, "input_range": "[0, 255]" if input_dtype == "uint8" else "[0, 1]",
         "input_size": list(input_size), "model_input_size": detector.features.image_size,
-        "outputs": {"pred_score": "(B,) max of the (blurred) per-location energy map, higher = more anomalous",
+        "outputs": {"pred_score": f"(B,) {detector.scoring.describe()}, higher = more anomalous",
                     "anomaly_map": "(B, H, W) bilinearly upsampled (blurred) energy map"},
         "scoring": detector.scoring.to_dict(),
         "threshold": None if cal is None else cal.decision_threshold,

@@ -4,7 +4,7 @@ The paper's recipe (App. C.3; docs/paper_map.md): every location vector of the f
 L2-normalized data point; an autoencoder energy is pretrained on the normal vectors, then DxMI fine-tunes it with a
 sampler started from autoencoder-perturbed data (T = 5, tau = 0.1). At test time the per-location energies form the
 energy map ``(B, h, w)``; the anomaly map is its bilinear upsampling to the model input ``(B, S, S)`` (and to the
-original image size on request); ``pred_score`` is the maximum over locations (docs/paper_map.md).
+original image size on request); ``pred_score`` is the maximum over locations (docs/paper_map.md), or the mean of the ``scoring.top_k`` largest.
 
 Training features are extracted once into a memory-mapped ``.npy`` cache keyed by the files, their sizes and
 modification times, and the backbone settings, so a second run skips extraction and RAM stays bounded.
@@ -456,8 +456,8 @@ class ImageDetector(CalibratedDetector):
         features: :class:`FeatureSettings`.
         runtime: Lightning Fabric execution of the head's training (devices, precision, DDP, checkpoints,
             resume; :class:`~dxmi_ad.training.runtime.Runtime`), or None (this process, CPU).
-        scoring: :class:`~dxmi_ad.scoring.ScoringSettings` (blur of the energy map before the maximum); default:
-            the paper's plain maximum.
+        scoring: :class:`~dxmi_ad.scoring.ScoringSettings` (blur of the energy map, top-k mean); default: the
+            paper's plain maximum.
 
     Attributes:
         model_: The trained :class:`DxMIModel` (after :meth:`fit` or :meth:`load`), else None.
@@ -478,6 +478,23 @@ class ImageDetector(CalibratedDetector):
         self.calibration_: Calibration | None = None
         self.history_: list[dict[str, Any]] = []
         self.categories: list[str] = []
+
+    @property
+    def scoring(self) -> ScoringSettings:
+        """How the energy map becomes ``pred_score`` (:class:`~dxmi_ad.scoring.ScoringSettings`).
+
+        Setting other settings on a calibrated detector warns: the decision rule's threshold is in the units of the
+        scores it was calibrated on; call :meth:`calibrate` again (``dxmi-ad calibrate``).
+        """
+        return self._scoring
+
+    @scoring.setter
+    def scoring(self, value: ScoringSettings) -> None:
+        old = self.__dict__.get("_scoring")
+        if old is not None and value != old and self.__dict__.get("calibration_") is not None:
+            warnings.warn(f"scoring changed from {old} to {value} after calibration: the decision threshold was set on "
+                          "the old scores; call calibrate() again", UserWarning, stacklevel=caller_stacklevel())
+        self._scoring = value
 
     def _extractor(self) -> FeatureExtractor:
         if self.extractor is None:
@@ -635,6 +652,7 @@ class ImageDetector(CalibratedDetector):
         from dxmi_ad.validation import synthetic_anomalies, validation_auroc
 
         size, extractor = self.features.image_size, self._extractor()
+        blend = (self.config.validation_blend_low, self.config.validation_blend_high)
 
         def read(samples: Sequence[ImageSample], what: str) -> torch.Tensor:
             images, bad = [], {}
@@ -654,7 +672,7 @@ class ImageDetector(CalibratedDetector):
             if not len(normal):
                 msg = f"category {cat!r} has no readable held-out validation image"
                 raise ValueError(msg)
-            anomalous, _ = synthetic_anomalies(normal, sources, seed=self.config.seed + 7919 * k)
+            anomalous, _ = synthetic_anomalies(normal, sources, seed=self.config.seed + 7919 * k, blend=blend)
             with torch.no_grad():
                 sets.append((torch.cat([extractor(c) for c in normal.split(32)]),
                              torch.cat([extractor(c) for c in anomalous.split(32)])))
@@ -748,8 +766,8 @@ class ImageDetector(CalibratedDetector):
 
     @torch.no_grad()
     def score_features(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(pred_score (B,), energy_map (B, h, w))`` from features ``(B, C, h, w)``; pred_score = max of the
-        (blurred, :class:`~dxmi_ad.scoring.ScoringSettings`) energy map.
+        """``(pred_score (B,), energy_map (B, h, w))`` from features ``(B, C, h, w)``; pred_score = max (or top-k
+        mean) of the (blurred, :class:`~dxmi_ad.scoring.ScoringSettings`) energy map.
         """
         scorer = self.scorer()
         emap = scorer.energy_map(features)

@@ -252,7 +252,8 @@ def write_report(
         "overflow-x:auto}.fig{display:inline-block;vertical-align:top;margin-right:12px}</style></head><body>",
         "<h1>dxmi-ad evaluation report</h1>",
         "<p>Scores are energies of a DxMI energy-based model (higher = more anomalous); "
-        "pred_score = maximum of the per-location energy map. Metrics are fractions in [0, 1].</p>",
+        f"pred_score = {html.escape(str(settings.get('pred_score', 'maximum of the per-location energy map')))}. "
+        "Metrics are fractions in [0, 1].</p>",
         "<h2>Metrics</h2>", table.to_html(index=False, float_format=lambda v: f"{v:.4f}", border=0),
     ]
     if decision_rows:

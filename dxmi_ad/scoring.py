@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -55,12 +56,13 @@ class ScoringSettings:
     def __post_init__(self) -> None:
         """Validate the fields."""
         value = self.blur_sigma
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
             msg = f"scoring.blur_sigma must be a finite number >= 0 (grid cells), got {value!r}"
             raise ValueError(msg)
         object.__setattr__(self, "blur_sigma", float(value))
         k = self.top_k
-        if isinstance(k, bool) or not isinstance(k, (int, float)) or not float(k).is_integer() or k < 1:
+        if isinstance(k, bool) or not isinstance(k, numbers.Real) or not math.isfinite(k) or not float(k).is_integer() \
+                or k < 1:
             msg = f"scoring.top_k must be an integer >= 1 (energy-map cells averaged into pred_score), got {k!r}"
             raise ValueError(msg)
         object.__setattr__(self, "top_k", int(k))
@@ -68,6 +70,18 @@ class ScoringSettings:
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON dict of the fields."""
         return asdict(self)
+
+    def describe(self) -> str:
+        """One line saying how ``pred_score`` is made, for reports and export metadata.
+
+        Example:
+            >>> ScoringSettings(top_k=3).describe()
+            'mean of the 3 largest cells of the per-location energy map'
+        """
+        blur = f"Gaussian-blurred (sigma {self.blur_sigma:g} grid cells) " if self.blur_sigma > 0 else ""
+        if self.top_k == 1:
+            return f"maximum of the {blur}per-location energy map"
+        return f"mean of the {self.top_k} largest cells of the {blur}per-location energy map"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> ScoringSettings:
@@ -110,9 +124,16 @@ def blur_map(energy_map: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def top_k_mean(energy_map: torch.Tensor, k: int) -> torch.Tensor:
-    """``(B,)`` mean of the ``k`` largest cells of each map ``(B, h, w)`` (k capped at ``h * w``; k = 1: the maximum)."""
+    """``(B,)`` mean of the ``k`` largest cells of each map ``(B, h, w)`` (k capped at ``h * w``; k = 1: the maximum).
+
+    Raises:
+        ValueError: ``k < 1``.
+    """
+    if k < 1:
+        msg = f"top_k must be >= 1, got {k}"
+        raise ValueError(msg)
     flat = energy_map.flatten(1)
-    if k <= 1:
+    if k == 1:
         return flat.amax(1)
     return flat.topk(min(k, flat.shape[1]), dim=1).values.mean(1)
 

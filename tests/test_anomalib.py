@@ -99,3 +99,19 @@ def test_anomalib_cli_accepts_the_class_path(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "max_epochs=1" in proc.stdout + proc.stderr
+
+
+def test_checkpoint_keeps_the_scoring_it_was_made_with():
+    """The resolved scoring travels in the Lightning checkpoint; one written before top_k existed keeps the max."""
+    from dxmi_ad.scoring import ScoringSettings
+
+    made = Dxmi(image_size=64, blur_sigma=0.5)  # the default recipe: top_k 3
+    ckpt: dict = {}
+    made.on_save_checkpoint(ckpt)
+    assert ckpt["dxmi_scoring"] == {"blur_sigma": 0.5, "top_k": 3}
+    loaded = Dxmi(image_size=64, top_k=10)  # whatever the recipe says at load time, the checkpoint's scoring wins
+    loaded.on_load_checkpoint(ckpt)
+    assert loaded.scoring == ScoringSettings(blur_sigma=0.5, top_k=3) and loaded.model.scoring == loaded.scoring
+    legacy = Dxmi(image_size=64)
+    legacy.on_load_checkpoint({})  # no dxmi_scoring: made when pred_score was the maximum
+    assert legacy.model.scoring.top_k == 1

@@ -133,10 +133,25 @@ def test_top_k_parity_across_scoring_paths(detector, tmp_path):
     pytest.importorskip("onnxscript")
     from dxmi_ad.export import export_model, run_onnx
 
+    from dxmi_ad.cli.images import run_settings
+    from dxmi_ad.export import onnx_metadata
+
+    assert run_settings(det)["pred_score"].startswith("mean of the 5 largest cells")  # report.html says so
     path = export_model(det, tmp_path / "k5.onnx")
+    assert "mean of the 5 largest cells" in onnx_metadata(path)["outputs"]["pred_score"]  # the serving contract
     scores, maps = run_onnx(path, images)
     np.testing.assert_allclose(scores, ref["pred_score"].numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(maps, ref["anomaly_map"].numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_changing_scoring_after_calibration_warns(detector):
+    import copy
+
+    det = copy.copy(detector)
+    det.scoring = ScoringSettings(top_k=2)  # not calibrated: no warning
+    det.calibration_ = object()  # any rule: its threshold is in the old scores' units
+    with pytest.warns(UserWarning, match="call calibrate"):
+        det.scoring = ScoringSettings(top_k=3)
 
 
 def _unit_vectors(n: int, d: int, seed: int) -> torch.Tensor:
@@ -207,6 +222,9 @@ def test_selection_off_by_default_and_validated():
         DxMIConfig(validation_fraction=0.0)
     with pytest.raises(ValueError, match="validate_every"):
         DxMIConfig(validate_every=-1)
+    for low, high in ((0.0, 0.5), (0.6, 0.4), (0.5, 1.5)):
+        with pytest.raises(ValueError, match="validation_blend_low"):
+            DxMIConfig(validation_blend_low=low, validation_blend_high=high)
 
 
 def test_synthetic_anomalies_are_seeded_and_masked():
@@ -221,6 +239,21 @@ def test_synthetic_anomalies_are_seeded_and_masked():
     outside = ~m1[:, None].expand_as(normals)
     torch.testing.assert_close(a1[outside], normals[outside])  # only masked pixels change
     assert validation_auroc(lambda x: x.flatten(1).mean(1), torch.zeros(4, 2), torch.ones(4, 2)) == 1.0
+
+
+def test_fainter_validation_anomalies_stay_closer_to_the_normal_image():
+    """validation_blend_low/high reach the generator: a blend of 0.1-0.2 changes the masked pixels less than 1.0."""
+    from dxmi_ad.validation import synthetic_anomalies
+
+    normals = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    sources = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    full, m_full = synthetic_anomalies(normals, sources, seed=5, blend=(1.0, 1.0))
+    faint, m_faint = synthetic_anomalies(normals, sources, seed=5, blend=(0.1, 0.2))
+    assert torch.equal(m_full, m_faint)  # same masks: only the blend differs
+    inside = m_full[:, None].expand_as(normals)
+    d_full = (full - normals)[inside].abs().mean()
+    d_faint = (faint - normals)[inside].abs().mean()
+    assert float(d_faint) < 0.3 * float(d_full)
 
 
 def test_image_selection_never_reads_the_test_set(tmp_path, monkeypatch):

@@ -174,10 +174,13 @@ NO_DECISION_RULE = ("none: the model has no calibration, so no image is decided 
 
 
 def run_settings(det: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The settings shown in report.html: model config, features, calibration rule, and ``extra``."""
+    """The settings shown in report.html: model config, features, scoring (and how pred_score is made), calibration
+    rule, and ``extra``.
+    """
     from dataclasses import asdict
 
     return {**(extra or {}), "features": asdict(det.features), "model": det.config.to_dict(),
+            "scoring": det.scoring.to_dict(), "pred_score": det.scoring.describe(),
             "calibration": det.calibration_.describe() if det.calibration_ is not None else None}
 
 
