@@ -154,29 +154,35 @@ def main() -> None:
         chosen = ScoringSettings(blur_sigma=blur, top_k=top_k)
         print(f"seed {seed}: validation AUROC of the autoencoder by (blur sigma, top_k) "
               f"{ {sk: round(v, 4) for sk, v in val_by.items()} } -> {chosen}", flush=True)
+        def mean_metrics(model, scoring: ScoringSettings, kinds: str = "test") -> pd.Series:
+            """Mean-over-categories metrics of ``model`` on the test tiles (``kinds="unseen"``: the unseen kinds).
+
+            The detector's scoring and model are left as set here (callers set them before the next use).
+            """
+            samples, feats_, masks_ = (test, test_feats, masks) if kinds == "test" else (unseen, unseen_feats,
+                                                                                        unseen_masks)
+            det.scoring, det.model_ = scoring, model
+            scored = {**det.score_feature_maps(feats_, size), "gt_mask": masks_}
+            return metrics_table(samples, scored).set_index("category").loc["mean"]
+
         if len(args.top_k) > 1:  # the grid's test figures: reported, never used for the choice
             for (sigma, k), v in val_by.items():
-                det.scoring, det.model_ = ScoringSettings(blur_sigma=sigma, top_k=k), base
-                scored = {**det.score_feature_maps(test_feats, size), "gt_mask": masks}
                 grid.append({"seed": seed, "blur": sigma, "top_k": k, "val AUROC": v,
-                             "TEST image": metrics_table(test, scored).set_index("category").loc["mean", "image_AUROC"]})
+                             "TEST image": mean_metrics(base, ScoringSettings(blur_sigma=sigma, top_k=k))[
+                                 "image_AUROC"]})
 
         def evaluate(model, name: str, seconds: float, history: list, seed: int = seed,
                      chosen: ScoringSettings = chosen) -> None:
             out = {"variant": name, "seed": seed, "blur": chosen.blur_sigma, "top_k": chosen.top_k}
             for scoring, tag in ((ScoringSettings(), ""), (chosen, " blur")):
-                det.scoring = scoring
-                det.model_ = model
-                scored = {**det.score_feature_maps(test_feats, size), "gt_mask": masks}
-                mean = metrics_table(test, scored).set_index("category").loc["mean"]
+                mean = mean_metrics(model, scoring)
                 out[f"image{tag}"] = mean["image_AUROC"]
                 out[f"pixel{tag}"] = mean["pixel_AUROC"]
                 if tag:
                     out["AUPRO blur"] = mean.get("pixel_AUPRO", np.nan)
                     out["val AUROC"] = validate(model)
                 if unseen:  # the same model on defect kinds no choice was made on
-                    scored = {**det.score_feature_maps(unseen_feats, size), "gt_mask": unseen_masks}
-                    mean = metrics_table(unseen, scored).set_index("category").loc["mean"]
+                    mean = mean_metrics(model, scoring, "unseen")
                     out[f"unseen image{tag}"] = mean["image_AUROC"]
                     out[f"unseen pixel{tag}"] = mean["pixel_AUROC"]
             energies = [r for r in history if "energy_samples" in r]
@@ -191,10 +197,9 @@ def main() -> None:
 
         def test_auroc(model) -> dict[str, float]:
             """Mean test image / pixel AUROC without blur (``--trace-test`` only; the scorer's blur is restored)."""
-            scoring, det.scoring, det.model_ = det.scoring, ScoringSettings(blur_sigma=0.0), model
-            scored = {**det.score_feature_maps(test_feats, size), "gt_mask": masks}
+            scoring = det.scoring
+            mean = mean_metrics(model, ScoringSettings(blur_sigma=0.0))
             det.scoring = scoring
-            mean = metrics_table(test, scored).set_index("category").loc["mean"]
             return {"TEST image": mean["image_AUROC"], "TEST pixel": mean["pixel_AUROC"]}
 
         evaluate(base, "autoencoder alone", ae_s, [])

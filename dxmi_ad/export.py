@@ -4,9 +4,9 @@ The exported graph is :class:`Scorer`: pre-processing (uint8 -> [0, 1] when expo
 resize to the model input size), the frozen backbone with ImageNet normalization, the per-location DxMI energy head
 and the bilinear upsampling of the energy map back to the input size. Input: an image batch ``(B, 3, H, W)`` RGB,
 ``float32`` in [0, 1] or ``uint8`` in [0, 255] (chosen at export); ``H, W`` are fixed at export (default: the model
-input size), the batch size is dynamic. Outputs: ``pred_score (B,)`` (the maximum or top-k mean of the per-location energy map, by the
-model's ``scoring`` settings; higher = more anomalous) and ``anomaly_map (B, H, W)``. The decision threshold and rule of the model's calibration are stored in the
-file's metadata (ONNX ``metadata_props``; TorchScript extra file ``dxmi_ad.json``), so a serving runtime flags
+input size), the batch size is dynamic. Outputs: ``pred_score (B,)`` (the maximum or top-k mean of the
+per-location energy map, by the model's ``scoring`` settings; higher = more anomalous) and ``anomaly_map (B, H,
+W)``. The decision threshold and rule of the model's calibration are stored in the file's metadata (ONNX ``metadata_props``; TorchScript extra file ``dxmi_ad.json``), so a serving runtime flags
 ``pred_score > threshold`` exactly as ``dxmi-ad score`` does.
 
 ONNX export uses torch's dynamo exporter (``torch.onnx.export(..., dynamo=True)``, which needs ``onnxscript``;

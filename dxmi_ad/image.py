@@ -4,7 +4,8 @@ The paper's recipe (App. C.3; docs/paper_map.md): every location vector of the f
 L2-normalized data point; an autoencoder energy is pretrained on the normal vectors, then DxMI fine-tunes it with a
 sampler started from autoencoder-perturbed data (T = 5, tau = 0.1). At test time the per-location energies form the
 energy map ``(B, h, w)``; the anomaly map is its bilinear upsampling to the model input ``(B, S, S)`` (and to the
-original image size on request); ``pred_score`` is the maximum over locations (docs/paper_map.md), or the mean of the ``scoring.top_k`` largest.
+original image size on request); ``pred_score`` is the maximum over locations (docs/paper_map.md), or the mean of
+the ``scoring.top_k`` largest.
 
 Training features are extracted once into a memory-mapped ``.npy`` cache keyed by the files, their sizes and
 modification times, and the backbone settings, so a second run skips extraction and RAM stays bounded.

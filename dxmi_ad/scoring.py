@@ -126,6 +126,9 @@ def blur_map(energy_map: torch.Tensor, sigma: float) -> torch.Tensor:
 def top_k_mean(energy_map: torch.Tensor, k: int) -> torch.Tensor:
     """``(B,)`` mean of the ``k`` largest cells of each map ``(B, h, w)`` (k capped at ``h * w``; k = 1: the maximum).
 
+    In the energy map's units. k = 1 is the paper's max pooling (DxMI App. C.3); k > 1 is the ``scoring.top_k``
+    deviation (docs/paper_map.md).
+
     Raises:
         ValueError: ``k < 1``.
     """
