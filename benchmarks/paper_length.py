@@ -35,7 +35,7 @@ from dxmi_ad.image import (
     features_and_masks,
     split_calibration,
 )
-from dxmi_ad.training.fit import train_model
+from dxmi_ad.training.fit import train_model, with_config
 
 
 def main() -> None:
@@ -84,8 +84,7 @@ def main() -> None:
     n_iter = min(config.n_iter, budget(config, args.minutes, "dxmi", model=copy.deepcopy(base)))
     n_iter = max(args.every, n_iter - n_iter % args.every)
     config = config.replace(ae_pretrain_iter=ae_iter, n_iter=n_iter)
-    start = copy.deepcopy(base)
-    start.config = config
+    start = with_config(base, config)
     rows: dict[int, dict] = {}
     t_start = time.perf_counter()
 

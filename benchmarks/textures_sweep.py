@@ -16,7 +16,6 @@ run with --seeds 0 1 2).
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from dxmi_ad.data.mvtec import list_mvtec
 from dxmi_ad.data.textures import write_textures
 from dxmi_ad.evaluation import metrics_table
 from dxmi_ad.image import FeatureSettings, ImageDetector, extract_training_features, features_and_masks
-from dxmi_ad.training.fit import train_model
+from dxmi_ad.training.fit import train_model, with_config
 
 RECIPE = Path(__file__).resolve().parents[1] / "dxmi_ad" / "recipes" / "textures.yaml"
 
@@ -95,8 +94,7 @@ def main() -> None:
         for name, overrides in variants.items():
             cfg = base_cfg.replace(**overrides)
             t0 = time.perf_counter()
-            start = copy.deepcopy(base)
-            start.config = cfg  # the start distribution (init noise) is read from the model's config
+            start = with_config(base, cfg)  # construction-time switches (sampler sigmas, guards) included
             model, history = train_model(vectors, cfg, model=start)
             evaluate(model, name, time.perf_counter() - t0, history)
     table = pd.DataFrame(rows)

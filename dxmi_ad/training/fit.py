@@ -19,6 +19,7 @@ under a forked, seeded global RNG, so a seed fixes the result on the CPU.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 import tempfile
@@ -53,7 +54,7 @@ from dxmi_ad.training.schedule import (
 )
 
 __all__ = ["ProgressCallback", "StageSchedule", "build_model", "count_updates", "plan_stages", "restore_model",
-           "sample_shape", "scale_schedule", "selection_of", "train_model"]
+           "sample_shape", "scale_schedule", "selection_of", "train_model", "with_config"]
 
 ProgressCallback = Callable[[str, int, int, dict[str, float]], None]
 """Called as ``callback(stage, iteration, total, metrics)``; stage in {"autoencoder", "sampler", "dxmi", "energy refit",
@@ -196,6 +197,49 @@ def build_model(config: DxMIConfig) -> DxMIModel:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         return DxMIModel(config)
+
+
+# Settings read when the sampler, the value function and the AVR buffer are built (DxMIModel.__init__), not later.
+_SAMPLER_BUILD_FIELDS = ("mode", "dim", "n_steps", "sampler_hidden", "sampler_layers", "time_dim", "parameterization",
+                         "init_sigma", "last_sigma", "fix_last_sigma", "spherical", "activation", "project_samples",
+                         "value_hidden", "value_layers", "image_channels", "image_size", "unet_channels",
+                         "unet_levels", "energy_channels", "diffusion_steps", "reschedule")
+
+
+def with_config(model: DxMIModel, config: DxMIConfig) -> DxMIModel:
+    """A copy of a (pre-trained) model that runs under ``config``, construction-time switches included.
+
+    ``model.config`` alone is read at run time (the start distribution, the losses), but the sampler's noise levels
+    (``init_sigma``), its guards (``fix_last_sigma``, ``last_sigma``, ``project_samples``), sizes and the AVR buffer
+    are fixed when the model is built: setting ``config`` on a copy would silently keep the old ones. This builds a
+    fresh model from ``config`` (seeded by ``config.seed``) and copies the energy and its frozen start copy;
+    the sampler, value function and AVR buffer are copied too when every setting they are built from is unchanged,
+    else they are the fresh ones (so a pre-trained sampler is kept only under the same construction settings).
+
+    Args:
+        model: The model to continue from, e.g. ``train_model(data, config.replace(n_iter=0))``'s autoencoder start.
+        config: The config to continue under; the energy's architecture must match ``model``'s.
+
+    Returns:
+        A new :class:`DxMIModel` (``model`` is not changed).
+
+    Raises:
+        ValueError: If the energy (or the start's copy) of ``config`` does not fit ``model``'s weights.
+    """
+    fresh = build_model(config)
+    same_sampler = all(getattr(model.config, f) == getattr(config, f) for f in _SAMPLER_BUILD_FIELDS)
+    parts = ["energy", "initial_ae"] + (["sampler", "value"] if same_sampler else [])
+    try:
+        for part in parts:
+            src, dst = getattr(model, part), getattr(fresh, part)
+            if src is not None and dst is not None:
+                dst.load_state_dict(copy.deepcopy(src.state_dict()))
+    except RuntimeError as err:
+        msg = f"config does not fit the model's {part} weights: {err}"
+        raise ValueError(msg) from err
+    if same_sampler:
+        fresh.velocity_scale_sq.copy_(model.velocity_scale_sq)
+    return fresh.train(model.training)
 
 
 def restore_model(config: dict[str, Any], tensors: dict[str, torch.Tensor], directory: Any) -> DxMIModel:
