@@ -51,10 +51,11 @@ from dxmi_ad.image import (
     split_calibration,
 )
 from dxmi_ad.scoring import ScoringSettings
-from dxmi_ad.training.fit import train_model
+from dxmi_ad.training.fit import train_model, with_config
 
 PAPER_LRS = {"energy_lr": 1e-4, "sampler_lr": 1e-5, "value_lr": 1e-5, "sigma_lr": 1e-3}
 GUARDS = {"project_samples": True, "fix_last_sigma": True, "last_sigma": 1e-3, "negative_l2_weight": 1.0}
+NO_GUARDS = {"project_samples": False, "fix_last_sigma": False, "negative_l2_weight": 0.0}
 # name -> overrides of the recipe's model section. Every variant is trained once with validation every
 # --validate-every iterations; two rows come out of that run: the last iterate (the paper) and "+ selection" (the
 # best validated state, the autoencoder start included).
@@ -69,7 +70,31 @@ VARIANTS: dict[str, dict] = {
     "DxMI recipe, start tracks the energy": {"initial_tracks_energy": True},
     "DxMI recipe, start tracks the energy, MPDR latent noise 0.05-0.3": {"initial_tracks_energy": True,
                                                                         "init_noise_low": 0.05, "init_noise_high": 0.3},
-    "DxMI paper lrs": PAPER_LRS,
+    # the start with each data row's reconstruction residual kept (init_keep_residual): moved along the manifold
+    "DxMI recipe, start keeps the residual": {"init_keep_residual": True},
+    "DxMI recipe, start keeps the residual, MPDR latent noise 0.05-0.3": {"init_keep_residual": True,
+                                                                         "init_noise_low": 0.05, "init_noise_high": 0.3},
+    # the sampler's own noise (4 steps of sigma 0.01 per feature: about 0.28 in norm on 192 features) swamps the
+    # start's structure; a 10x quieter sampler keeps it (init_sigma)
+    "DxMI recipe, sampler sigma 1e-3": {"init_sigma": 1e-3},
+    "DxMI recipe, sampler sigma 1e-3, start keeps the residual": {"init_sigma": 1e-3, "init_keep_residual": True},
+    "DxMI recipe, sampler sigma 1e-3, start keeps the residual, MPDR latent noise 0.05-0.3": {
+        "init_sigma": 1e-3, "init_keep_residual": True, "init_noise_low": 0.05, "init_noise_high": 0.3},
+    "DxMI recipe, sampler sigma 1e-3, MPDR latent noise 0.05-0.3": {
+        "init_sigma": 1e-3, "init_noise_low": 0.05, "init_noise_high": 0.3},
+    "DxMI recipe, sampler sigma 1e-3, start keeps the residual, latent noise 0.1-0.5": {
+        "init_sigma": 1e-3, "init_keep_residual": True, "init_noise_low": 0.1, "init_noise_high": 0.5},
+    "DxMI recipe, sampler sigma 1e-3, start keeps the residual, MPDR latent noise 0.05-0.3, 900 iterations": {
+        "init_sigma": 1e-3, "init_keep_residual": True, "init_noise_low": 0.05, "init_noise_high": 0.3,
+        "n_iter": 900},
+    "DxMI recipe, sampler sigma 3e-3, start keeps the residual, MPDR latent noise 0.05-0.3": {
+        "init_sigma": 3e-3, "init_keep_residual": True, "init_noise_low": 0.05, "init_noise_high": 0.3},
+    # each guard off in turn, then all three (the recipe carries them; with_config rebuilds the sampler, so the
+    # construction-time guards really change)
+    "DxMI recipe without project_samples": {"project_samples": False},
+    "DxMI recipe without fix_last_sigma": {"fix_last_sigma": False},
+    "DxMI recipe without negative_l2_weight": {"negative_l2_weight": 0.0},
+    "DxMI paper lrs, no guards": {**PAPER_LRS, **NO_GUARDS},
     "DxMI paper lrs + guards": {**PAPER_LRS, **GUARDS},
     "DxMI paper lrs + guards + feature-noise start": {**PAPER_LRS, **GUARDS, "initial": "feature_noise",
                                                       "init_noise_low": 0.02, "init_noise_high": 0.1},
@@ -206,8 +231,7 @@ def main() -> None:
         for name, overrides in variants.items():
             n_iter = {} if name.startswith("DxMI recipe") else {"n_iter": args.n_iter}
             cfg = base_cfg.replace(**{**overrides, **n_iter})
-            start = copy.deepcopy(base)
-            start.config = cfg  # the start distribution is read from the model's config
+            start = with_config(base, cfg)  # construction-time switches (sampler sigmas, guards) included
             det.scoring = chosen  # selection scores with the chosen blur and top_k
             seen: list[dict[str, torch.Tensor]] = []
 

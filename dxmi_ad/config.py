@@ -77,6 +77,11 @@ class DxMIConfig:
             instead of the frozen pretrained copy (named deviation: MPDR's manifold projection uses the energy being
             trained, so its negatives follow the energy's manifold as it shrinks; DxMI App. C.3 uses a frozen copy).
             False = the paper.
+        init_keep_residual: With ``initial="autoencoder"``, keep each data row's reconstruction residual in its start
+            (named deviation): ``x_0 = x + decode(normalize(enc(x) + s eps)) - decode(enc(x))``, re-projected to the
+            sphere when ``spherical``: the data point moved along the decoder manifold. The paper's start lies on the
+            manifold, where the reconstruction error is near 0, so an energy can tell it from data by that alone.
+            False = the paper.
         init_input_steps: MPDR-style input-space steps after the start (named deviation; MPDR ``mcmc_n_step_x``: 10):
             ``x <- x - init_input_step_size * grad_x U(x) + init_input_noise * eps``, re-projected to the sphere when
             ``spherical``, with ``U(x) = E(x) + init_recovery_weight * ||x - x_data||^2 / 2`` on the *current*
@@ -172,6 +177,10 @@ class DxMIConfig:
             validation anomalies (anomalib's Perlin generator: 1 = the source image replaces the masked pixels,
             lower = fainter anomalies, a harder validation that saturates later); 0 < low <= high <= 1. Default
             0.5-1.0, anomalib's range.
+        validation_region: Size of the image models' SYNTHETIC validation anomalies: None = anomalib's Perlin masks
+            as drawn (5% of the image on average); a fraction in (0, 1] = each mask cut to a square
+            window of that fraction of the image side (``dxmi_ad.validation.synthetic_anomalies``, ``region``):
+            smaller, local anomalies, a harder validation.
         select_energy_only: With model selection, restore only the energy's state of the best validation AUROC
             (the validation scores the energy alone); the sampler and the value function keep their last state, so
             generation keeps every DxMI iteration. False: the whole model of the best iteration (sampler included).
@@ -194,6 +203,7 @@ class DxMIConfig:
     last_sigma: float = 1e-3
     fix_last_sigma: bool = False
     initial_tracks_energy: bool = False
+    init_keep_residual: bool = False
     init_input_steps: int = 0
     init_input_step_size: float = 0.1
     init_input_noise: float = 0.005
@@ -250,6 +260,7 @@ class DxMIConfig:
     validation_fraction: float = 0.1
     validation_blend_low: float = 0.5
     validation_blend_high: float = 1.0
+    validation_region: float | None = None
     select_energy_only: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -297,6 +308,9 @@ class DxMIConfig:
             msg = ("need 0 < validation_blend_low <= validation_blend_high <= 1, got "
                    f"{self.validation_blend_low}, {self.validation_blend_high}")
             raise ValueError(msg)
+        if self.validation_region is not None and not 0 < self.validation_region <= 1:
+            msg = f"validation_region must be in (0, 1] (a fraction of the image side) or None, got {self.validation_region}"
+            raise ValueError(msg)
         for name in ("n_iter", "warmup_iter", "ae_pretrain_iter", "sampler_pretrain_iter", "validate_every", "init_input_steps",
                      "health_window", "energy_refit_iter", "energy_fourier_features"):
             if int(getattr(self, name)) < 0:
@@ -338,6 +352,9 @@ class DxMIConfig:
         if self.energy_fourier_features and self.energy_model != "mlp":
             msg = (f"energy_fourier_features={self.energy_fourier_features} needs energy_model='mlp' (the features "
                    f"feed the free MLP energy only), got energy_model={self.energy_model!r}")
+            raise ValueError(msg)
+        if self.init_keep_residual and self.initial != "autoencoder":
+            msg = f"init_keep_residual=True needs initial='autoencoder', got initial={self.initial!r}"
             raise ValueError(msg)
         if self.initial_tracks_energy and self.initial != "autoencoder":
             msg = f"initial_tracks_energy=True needs initial='autoencoder', got initial={self.initial!r}"

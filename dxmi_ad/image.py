@@ -673,7 +673,8 @@ class ImageDetector(CalibratedDetector):
             if not len(normal):
                 msg = f"category {cat!r} has no readable held-out validation image"
                 raise ValueError(msg)
-            anomalous, _ = synthetic_anomalies(normal, sources, seed=self.config.seed + 7919 * k, blend=blend)
+            anomalous, _ = synthetic_anomalies(normal, sources, seed=self.config.seed + 7919 * k, blend=blend,
+                                               region=self.config.validation_region)
             with torch.no_grad():
                 sets.append((torch.cat([extractor(c) for c in normal.split(32)]),
                              torch.cat([extractor(c) for c in anomalous.split(32)])))

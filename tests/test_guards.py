@@ -294,6 +294,25 @@ def test_start_tracks_the_energy_only_when_asked(pretrained):
         _cfg(initial="feature_noise", initial_tracks_energy=True)
 
 
+def test_start_keeps_the_residual_only_when_asked(pretrained):
+    """init_keep_residual: x_0 = x + decode(z') - decode(z): off the decoder manifold like the data, near its row."""
+    model, data = pretrained
+    ae = model.initial_ae
+    kw = {"init_noise_low": 0.05, "init_noise_high": 0.1}
+    on = _starts(model, data, **kw)
+    kept = _starts(model, data, init_keep_residual=True, **kw)
+    assert torch.allclose(kept.norm(dim=-1), torch.ones(len(data)), atol=1e-5)
+    with torch.no_grad():
+        expected = F.normalize(data + on - ae.decode(ae.encode(data)), dim=-1)  # same draws: same latent noise
+        assert torch.allclose(kept, expected, atol=1e-5)
+        # the paper's start has near-zero reconstruction error; keeping the residual gives it the data's again
+        assert float(ae(kept).mean()) > 0.5 * float(ae(data).mean()) > float(ae(on).mean())
+    zero = _starts(model, data, init_keep_residual=True, init_noise_low=0.0, init_noise_high=0.0)
+    assert torch.allclose(zero, data, atol=1e-5)  # no latent noise: the data row itself
+    with pytest.raises(ValueError, match="init_keep_residual=True needs initial='autoencoder'"):
+        _cfg(initial="feature_noise", init_keep_residual=True)
+
+
 def test_start_needs_data_rows():
     model = build_model(_cfg(initial="feature_noise"))
     with pytest.raises(ValueError, match="initial='feature_noise' needs a data batch of 4 rows"):
@@ -315,3 +334,27 @@ def test_old_config_without_new_keys_loads_with_defaults():
     cfg = DxMIConfig.from_dict(old)
     assert cfg.negative_l2_weight == 0.0 and cfg.init_input_steps == 0 and cfg.health_window == 20
     assert not cfg.project_samples and not cfg.fix_last_sigma and cfg.initial == "autoencoder"
+
+
+def test_with_config_applies_construction_time_switches(pretrained):
+    """Continuing a pre-trained start under another config: the sampler's sigmas and guards are the new config's
+    (a copy with ``.config`` replaced would keep the old ones), the pre-trained energy and start copy are kept."""
+    from dxmi_ad.training.fit import with_config
+
+    model, data = pretrained
+    base = model.base_config.replace(init_sigma=0.01, project_samples=False)
+    model.config = base
+    moved = with_config(model, base.replace(init_sigma=1e-3, project_samples=True, fix_last_sigma=True,
+                                            last_sigma=2e-3))
+    torch.testing.assert_close(moved.sampler.sigmas(), torch.tensor([1e-3] * (moved.config.n_steps - 1) + [2e-3]))
+    assert moved.sampler.project_samples and moved.sampler.fix_last_sigma
+    x = moved.sampler.sample(data[:16], torch.Generator().manual_seed(0))
+    assert torch.allclose(x.norm(dim=-1), torch.ones(16), atol=1e-5)  # the guard now acts: samples on the sphere
+    for part in ("energy", "initial_ae"):
+        for a, b in zip(getattr(moved, part).state_dict().values(), getattr(model, part).state_dict().values()):
+            assert torch.equal(a, b)
+    same = with_config(model, base.replace(energy_lr=1e-3))  # a run-time setting: the sampler is copied as well
+    for a, b in zip(same.sampler.state_dict().values(), model.sampler.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="does not fit the model's energy"):
+        with_config(model, base.replace(latent_dim=5))

@@ -256,6 +256,28 @@ def test_fainter_validation_anomalies_stay_closer_to_the_normal_image():
     assert float(d_faint) < 0.3 * float(d_full)
 
 
+def test_validation_region_makes_small_local_anomalies():
+    """validation_region cuts every Perlin mask to a window of that share of the side: smaller masks, nothing outside."""
+    from dxmi_ad.config import DxMIConfig
+    from dxmi_ad.validation import synthetic_anomalies
+
+    normals = torch.rand(8, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    sources = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    _, m_full = synthetic_anomalies(normals, sources, seed=5)
+    small, m_small = synthetic_anomalies(normals, sources, seed=5, region=0.25)
+    assert bool(m_small.flatten(1).any(1).all())  # every image stays anomalous
+    assert bool((m_small <= m_full).all())  # a cut of the same masks
+    assert float(m_small.float().mean()) < 0.5 * float(m_full.float().mean())
+    rows = m_small.any(2).sum(1)  # height of each mask's bounding box: at most the window's 2 * round(0.25 * 64 / 2)
+    assert int(rows.max()) <= 16
+    torch.testing.assert_close(small[~m_small[:, None].expand_as(normals)], normals[~m_small[:, None].expand_as(normals)])
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="region"):
+            synthetic_anomalies(normals, sources, region=bad)
+        with pytest.raises(ValueError, match="validation_region"):
+            DxMIConfig(validation_region=bad)
+
+
 def test_image_selection_never_reads_the_test_set(tmp_path, monkeypatch):
     """ImageDetector.fit with validate_every > 0 reads only training images and records the selected iteration."""
     import dxmi_ad.image as image_mod

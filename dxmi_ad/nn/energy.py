@@ -239,7 +239,8 @@ class AutoencoderEnergy(nn.Module):
 
     @torch.no_grad()
     def perturb(
-        self, x: torch.Tensor, noise_low: float, noise_high: float, generator: torch.Generator | None = None
+        self, x: torch.Tensor, noise_low: float, noise_high: float, generator: torch.Generator | None = None,
+        keep_residual: bool = False,
     ) -> torch.Tensor:
         """Manifold projection-diffusion start ``x_0`` (MPDR ``project_diffuse``; DxMI App. C.3).
 
@@ -252,6 +253,10 @@ class AutoencoderEnergy(nn.Module):
             noise_low: Smallest latent noise std (>= 0).
             noise_high: Largest latent noise std (>= noise_low).
             generator: Optional torch generator.
+            keep_residual: Named deviation (``init_keep_residual``): return ``x + decode(z') - decode(z)`` instead,
+                the data point moved along the decoder manifold with its own reconstruction residual kept (and
+                re-projected to the unit sphere when the output is spherical), so the start differs from the data by
+                where it lies along the manifold, not by lying exactly on it.
 
         Returns:
             Perturbed reconstructions of shape ``(B, D)``.
@@ -261,4 +266,8 @@ class AutoencoderEnergy(nn.Module):
             (x.shape[0], 1), generator=generator, device=x.device, dtype=x.dtype
         )
         noise = torch.randn(z.shape, generator=generator, device=x.device, dtype=x.dtype)
-        return self.decode(F.normalize(z + std * noise, dim=-1))
+        moved = self.decode(F.normalize(z + std * noise, dim=-1))
+        if not keep_residual:
+            return moved
+        x0 = x + moved - self.decode(z)
+        return F.normalize(x0, dim=-1) if self.spherical_output else x0

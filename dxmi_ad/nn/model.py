@@ -91,7 +91,8 @@ class DxMIModel(nn.Module):
         * ``"gaussian"``: N(0, I);
         * ``"autoencoder"``: ``decode(normalize(enc(x) + s eps))`` through the frozen start autoencoder (on the
           decoder manifold, where its reconstruction error is near 0 by construction), or through the current
-          energy autoencoder with ``initial_tracks_energy`` (MPDR);
+          energy autoencoder with ``initial_tracks_energy`` (MPDR); with ``init_keep_residual``
+          ``x + decode(normalize(enc(x) + s eps)) - decode(enc(x))`` (the data's residual kept);
         * ``"feature_noise"``: ``x + s eps`` in feature space, projected onto the unit sphere when ``spherical``
           (off the decoder manifold);
 
@@ -122,7 +123,8 @@ class DxMIModel(nn.Module):
                 ae = self.energy if c.initial_tracks_energy else self.initial_ae
                 was_training = ae.training
                 ae.eval()
-                x0 = ae.perturb(data, c.init_noise_low, c.init_noise_high, generator)
+                x0 = ae.perturb(data, c.init_noise_low, c.init_noise_high, generator,
+                                keep_residual=c.init_keep_residual)
                 ae.train(was_training)
             else:  # feature_noise
                 std = c.init_noise_low + (c.init_noise_high - c.init_noise_low) * torch.rand(
