@@ -41,9 +41,11 @@ def synthetic_anomalies(images: torch.Tensor, sources: torch.Tensor | None = Non
             global torch RNG is restored afterwards.
         blend: Range of the blend factor beta (1 = the source replaces the masked pixels).
         region: None = anomalib's masks as drawn (Perlin blobs: 5% of a 224-px image on average, 0.6-14%); a
-            fraction in (0, 1] = each mask cut to a square window of ``region * H`` by ``region * W`` pixels centred
-            on one of its own pixels (drawn from its own seeded stream: the masks are the same as with None), so the anomaly is small and local, like most real defects;
-            pixels outside the window keep the normal image.
+            fraction in (0, 1] = each mask cut to a window of ``region * H`` by ``region * W`` pixels (square on
+            square images) centred on one of its own pixels, shifted inside the image at a border
+            (1 = no cut); the pixel is drawn from a stream of its own, so the masks are cut from the same Perlin
+            masks as with None. The anomaly is then small and local, like most real defects; pixels outside the
+            window keep the normal image.
 
     Returns:
         ``(anomalous (N, 3, H, W) float in [0, 1], masks (N, H, W) bool)``; every mask has at least one pixel.
@@ -85,14 +87,19 @@ def synthetic_anomalies(images: torch.Tensor, sources: torch.Tensor | None = Non
 
 
 def _window(mask: torch.Tensor, region: float, rng: torch.Generator) -> torch.Tensor:
-    """``mask (H, W) bool`` cut to a ``region``-sized square window centred on one of its pixels (drawn with ``rng``)."""
+    """``mask (H, W) bool`` cut to a window of ``round(region * H)`` by ``round(region * W)`` pixels (at least 1)
+    around one of its pixels drawn with ``rng``: centred on it, shifted inside the image at a border, so every window
+    has the full size and ``region = 1`` keeps the whole mask."""
     h, w = mask.shape
     rows, cols = torch.nonzero(mask, as_tuple=True)
     i = int(torch.randint(len(rows), (1,), generator=rng))
-    half_h, half_w = max(1, round(region * h / 2)), max(1, round(region * w / 2))
-    r0, c0 = max(0, int(rows[i]) - half_h), max(0, int(cols[i]) - half_w)
     window = torch.zeros_like(mask)
-    window[r0:int(rows[i]) + half_h, c0:int(cols[i]) + half_w] = True
+    starts = []
+    for centre, size in ((int(rows[i]), h), (int(cols[i]), w)):
+        side = max(1, int(region * size + 0.5))
+        starts.append((min(max(centre - side // 2, 0), size - side), side))
+    (r0, sh), (c0, sw) = starts
+    window[r0:r0 + sh, c0:c0 + sw] = True
     return mask & window
 
 

@@ -358,3 +358,8 @@ def test_with_config_applies_construction_time_switches(pretrained):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="does not fit the model's energy"):
         with_config(model, base.replace(latent_dim=5))
+    noise = with_config(model, base.replace(initial="feature_noise"))  # no start copy
+    assert noise.initial_ae is None
+    back = with_config(noise, base)  # a start copy again: made from the pre-trained energy, not left random
+    for a, b in zip(back.initial_ae.state_dict().values(), model.energy.state_dict().values()):
+        assert torch.equal(a, b)

@@ -263,13 +263,15 @@ def test_validation_region_makes_small_local_anomalies():
 
     normals = torch.rand(8, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     sources = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-    _, m_full = synthetic_anomalies(normals, sources, seed=5)
+    full, m_full = synthetic_anomalies(normals, sources, seed=5)
     small, m_small = synthetic_anomalies(normals, sources, seed=5, region=0.25)
     assert bool(m_small.flatten(1).any(1).all())  # every image stays anomalous
     assert bool((m_small <= m_full).all())  # a cut of the same masks
     assert float(m_small.float().mean()) < 0.5 * float(m_full.float().mean())
-    rows = m_small.any(2).sum(1)  # height of each mask's bounding box: at most the window's 2 * round(0.25 * 64 / 2)
+    rows = m_small.any(2).sum(1)  # height of each mask's bounding box: at most the window's 0.25 * 64
     assert int(rows.max()) <= 16
+    whole, m_whole = synthetic_anomalies(normals, sources, seed=5, region=1.0)  # a window as large as the image
+    assert torch.equal(m_whole, m_full) and torch.equal(whole, full)
     torch.testing.assert_close(small[~m_small[:, None].expand_as(normals)], normals[~m_small[:, None].expand_as(normals)])
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError, match="region"):

@@ -212,9 +212,13 @@ def with_config(model: DxMIModel, config: DxMIConfig) -> DxMIModel:
     ``model.config`` alone is read at run time (the start distribution, the losses), but the sampler's noise levels
     (``init_sigma``), its guards (``fix_last_sigma``, ``last_sigma``, ``project_samples``), sizes and the AVR buffer
     are fixed when the model is built: setting ``config`` on a copy would silently keep the old ones. This builds a
-    fresh model from ``config`` (seeded by ``config.seed``) and copies the energy and its frozen start copy;
-    the sampler, value function and AVR buffer are copied too when every setting they are built from is unchanged,
-    else they are the fresh ones (so a pre-trained sampler is kept only under the same construction settings).
+    fresh model from ``config`` (seeded by ``config.seed``) and copies the energy and its frozen start copy (when
+    ``model`` has none, the start copy is made from its energy, as after pre-training); the sampler, value function
+    and AVR buffer are copied too when every setting they are built from is unchanged, else they are the fresh ones
+    (so a pre-trained sampler is kept only under the same construction settings). The energy keeps ``model``'s
+    weights and buffers whatever ``config`` says of it (e.g. its random Fourier features); where the energy is the
+    value function (``energy_model="shared"``, pixel mode), the value is therefore always copied. The copy is
+    float32, on ``model``'s device.
 
     Args:
         model: The model to continue from, e.g. ``train_model(data, config.replace(n_iter=0))``'s autoencoder start.
@@ -237,9 +241,11 @@ def with_config(model: DxMIModel, config: DxMIConfig) -> DxMIModel:
     except RuntimeError as err:
         msg = f"config does not fit the model's {part} weights: {err}"
         raise ValueError(msg) from err
+    if model.initial_ae is None:  # no start copy to take over: the start is the (pre-trained) energy itself
+        fresh.freeze_initial()
     if same_sampler:
         fresh.velocity_scale_sq.copy_(model.velocity_scale_sq)
-    return fresh.train(model.training)
+    return fresh.to(next(model.parameters()).device).train(model.training)
 
 
 def restore_model(config: dict[str, Any], tensors: dict[str, torch.Tensor], directory: Any) -> DxMIModel:
