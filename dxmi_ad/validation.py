@@ -87,9 +87,11 @@ def synthetic_anomalies(images: torch.Tensor, sources: torch.Tensor | None = Non
 
 
 def _window(mask: torch.Tensor, region: float, rng: torch.Generator) -> torch.Tensor:
-    """``mask (H, W) bool`` cut to a window of ``round(region * H)`` by ``round(region * W)`` pixels (at least 1)
-    around one of its pixels drawn with ``rng``: centred on it, shifted inside the image at a border, so every window
-    has the full size and ``region = 1`` keeps the whole mask."""
+    """``mask (H, W) bool`` cut to a ``region``-sized window around one of its pixels (drawn with ``rng``).
+
+    The window is ``round(region * H)`` by ``round(region * W)`` pixels (at least 1), centred on that pixel and
+    shifted inside the image at a border, so every window has the full size and ``region = 1`` keeps the whole mask.
+    """
     h, w = mask.shape
     rows, cols = torch.nonzero(mask, as_tuple=True)
     i = int(torch.randint(len(rows), (1,), generator=rng))
