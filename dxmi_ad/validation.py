@@ -92,16 +92,15 @@ def _window(mask: torch.Tensor, region: float, rng: torch.Generator) -> torch.Te
     The window is ``round(region * H)`` by ``round(region * W)`` pixels (at least 1), centred on that pixel and
     shifted inside the image at a border, so every window has the full size and ``region = 1`` keeps the whole mask.
     """
-    h, w = mask.shape
+    def span(centre: int, size: int) -> slice:
+        side = max(1, int(region * size + 0.5))
+        start = min(max(centre - side // 2, 0), size - side)
+        return slice(start, start + side)
+
     rows, cols = torch.nonzero(mask, as_tuple=True)
     i = int(torch.randint(len(rows), (1,), generator=rng))
     window = torch.zeros_like(mask)
-    starts = []
-    for centre, size in ((int(rows[i]), h), (int(cols[i]), w)):
-        side = max(1, int(region * size + 0.5))
-        starts.append((min(max(centre - side // 2, 0), size - side), side))
-    (r0, sh), (c0, sw) = starts
-    window[r0:r0 + sh, c0:c0 + sw] = True
+    window[span(int(rows[i]), mask.shape[0]), span(int(cols[i]), mask.shape[1])] = True
     return mask & window
 
 
