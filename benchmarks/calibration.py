@@ -39,7 +39,7 @@ def digits_checks(params: dict, n_splits: int, seed: int = 0) -> tuple[list, flo
     unseen; anomalies: as many rows of the other classes as unseen normals (FDR batches), all of them for p-values."""
     from sklearn.datasets import load_digits
 
-    from dxmi_ad import DxMIDetector, recipes
+    from dxmi_ad import DxMIDetector
 
     X, y = load_digits(return_X_y=True)
     checks, t0 = [], time.perf_counter()

@@ -12,6 +12,7 @@ mean and standard deviation over seeds and the change against the autoencoder al
 
     python benchmarks/textures_ablation.py [--seeds 0 1 2] [--n-iter 300] [--only NAME ...] [--threads 2]
         [--set ae_pretrain_iter=3000 ...] [--unseen-kinds] [--trace-test] [--blurs 0 0.5] [--top-k 1 3 10]
+        [--variant NAME KEY=V ...] [--rechoose]
 
 ``--unseen-kinds`` adds columns ``unseen ...``: the same models on the same test tiles with defect kinds that neither
 the benchmarks nor selection use (smudge, noise, mirror), so a choice is also checked on defects it was not made on.
@@ -38,6 +39,7 @@ import torch
 
 from dxmi_ad import recipes
 from dxmi_ad.checkpoint import read_yaml_mapping
+from dxmi_ad.cli.common import CLIError
 from dxmi_ad.cli.common import _parse_sets as parse_sets
 from dxmi_ad.config import DxMIConfig
 from dxmi_ad.data.mvtec import list_mvtec
@@ -133,6 +135,15 @@ def main() -> None:
                         help="override a key of the recipe's model section for every row, the autoencoder start "
                              "included (e.g. ae_pretrain_iter=3000), or of its features section with a features. "
                              "prefix (e.g. features.neighbourhood=3); repeatable")
+    parser.add_argument("--rechoose", action="store_true",
+                        help="also choose the (blur, top_k) pair on validation for every row's own model, not only "
+                             "for the autoencoder's (columns 'image own', 'pixel own'; the per-seed rows also print the "
+                             "chosen pair as 'own scoring')")
+    parser.add_argument("--variant", dest="extra", action="append", nargs="+", default=[], metavar="NAME [KEY=V]",
+                        help="an extra DxMI row defined here: a name, then overrides of the recipe's model section "
+                             "(e.g. --variant 'quiet, neg 2' init_sigma=0.001 negative_l2_weight=2); it runs the "
+                             "recipe's n_iter unless n_iter is given; repeatable, always run (--only does not filter "
+                             "it)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     recipe = read_yaml_mapping(recipes.resolve(args.recipe))
@@ -151,6 +162,21 @@ def main() -> None:
     size = (feats.image_size, feats.image_size)
     variants = {k: v for k, v in VARIANTS.items() if (not args.only or any(o in k for o in args.only))
                 and not any(o in k for o in args.skip or [])}
+    for name, *overrides in args.extra:  # "DxMI recipe, " so the row keeps the recipe's n_iter unless it sets one
+        try:
+            keys = parse_sets(overrides)
+        except CLIError as err:  # an item that is not KEY=VALUE
+            parser.error(f"--variant {name!r}: {str(err).replace('--set expects', 'expects')}")
+        shared = sorted(k for k in keys if k.startswith(("validation_", "validate_", "features.", "seed")))
+        if shared:  # the validation split, features and seed are built once per seed for every row
+            parser.error(f"--variant {name!r}: {', '.join(shared)} apply to every row; give them with --set")
+        if f"DxMI recipe, {name}" in variants or name in VARIANTS:
+            parser.error(f"--variant {name!r}: a row of that name already exists")
+        try:  # a typo fails here, before any training, not when the row is reached
+            DxMIConfig.from_dict({**recipe["model"], **keys})
+        except (TypeError, ValueError) as err:
+            parser.error(f"--variant {name!r}: {err}")
+        variants[f"DxMI recipe, {name}"] = keys
     rows, traces, grid = [], [], []
     test_feats = masks = None
     unseen_feats = unseen_masks = None
@@ -210,6 +236,16 @@ def main() -> None:
                     mean = mean_metrics(model, scoring, "unseen")
                     out[f"unseen image{tag}"] = mean["image_AUROC"]
                     out[f"unseen pixel{tag}"] = mean["pixel_AUROC"]
+            if args.rechoose:  # this model's own scoring, chosen on validation over the same grid
+                own = {}
+                for sk in val_by:
+                    det.scoring = ScoringSettings(blur_sigma=sk[0], top_k=sk[1])
+                    own[sk] = validate(model)
+                best = max(own, key=lambda sk: (round(own[sk], 4), -sk[0], -sk[1]))
+                mean = mean_metrics(model, ScoringSettings(blur_sigma=best[0], top_k=best[1]))
+                out["image own"], out["pixel own"] = mean["image_AUROC"], mean["pixel_AUROC"]
+                out["own scoring"] = f"{best[0]:g}/{best[1]}"
+                det.scoring = chosen
             energies = [r for r in history if "energy_samples" in r]
             out["E(data)"] = energies[-1]["energy_data"] if energies else np.nan
             out["E(samples)"] = energies[-1]["energy_samples"] if energies else np.nan
@@ -273,6 +309,7 @@ def main() -> None:
     table = pd.DataFrame(rows)
     cols = ["image", "pixel", "image blur", "pixel blur", "AUPRO blur", "val AUROC"]
     cols += [f"unseen {c}" for c in ("image", "pixel", "image blur", "pixel blur")] if unseen else []
+    cols += ["image own", "pixel own"] if args.rechoose else []
     mean = table.groupby("variant", sort=False)[cols].mean()
     std = table.groupby("variant", sort=False)[cols].std()
     ae = mean.loc["autoencoder alone"]
@@ -282,8 +319,8 @@ def main() -> None:
     out["d pixel blur"] = [f"{v:+.3f}" for v in mean["pixel blur"] - ae["pixel blur"]]
     out["seconds"] = table.groupby("variant", sort=False)["seconds"].mean().round(0).astype(int)
     print(f"\nTextures ablation (mean over brick, grass, gravel; SYNTHETIC defects), seeds {args.seeds}, mean ± std; "
-          f"recipe {args.recipe} {' '.join(args.sets)}; DxMI rows start from the seed's autoencoder, {args.n_iter} iterations (the recipe "
-          f"row: its own n_iter); blur and top_k chosen on validation per seed ('blur' columns); threads {args.threads}")
+          f"recipe {args.recipe} {' '.join(args.sets)}; DxMI rows start from the seed's autoencoder, {args.n_iter} iterations (rows named "
+          f"'DxMI recipe...', --variant rows included: the recipe's n_iter unless they set one); blur and top_k chosen on validation per seed ('blur' columns); threads {args.threads}")
     print(out.to_string())
 
 

@@ -640,17 +640,23 @@ class ImageDetector(CalibratedDetector):
 
     def _validation(self, normals: Sequence[ImageSample], others: Sequence[ImageSample], skip_bad_files: bool
                     ) -> Callable[[DxMIModel], float]:
-        """The model-selection score: mean per-category image AUROC on held-out normals vs SYNTHETIC anomalies.
+        """The model-selection score: mean per-category AUROC on held-out normals vs SYNTHETIC anomalies.
+
+        Image AUROC of ``pred_score``, pixel AUROC of the anomaly map against the synthetic masks, or their mean, as
+        ``config.validation_metric`` says.
 
         Each held-out normal training image also becomes a synthetic anomaly (:func:`~dxmi_ad.validation.
         synthetic_anomalies`: a Perlin mask filled from another normal training image of the same category). Only
         training images are read; the scorer is the model's (blur included).
 
+        Returns:
+            ``validate(model) -> float``: the mean over categories, in [0, 1], NaN when a score is not finite.
+
         Raises:
             BadFilesError: Unreadable held-out images without ``skip_bad_files``.
             ValueError: If a category has no readable held-out image.
         """
-        from dxmi_ad.validation import synthetic_anomalies, validation_auroc
+        from dxmi_ad.validation import synthetic_anomalies, validation_auroc, validation_pixel_auroc
 
         size, extractor = self.features.image_size, self._extractor()
         blend = (self.config.validation_blend_low, self.config.validation_blend_high)
@@ -673,11 +679,11 @@ class ImageDetector(CalibratedDetector):
             if not len(normal):
                 msg = f"category {cat!r} has no readable held-out validation image"
                 raise ValueError(msg)
-            anomalous, _ = synthetic_anomalies(normal, sources, seed=self.config.seed + 7919 * k, blend=blend,
-                                               region=self.config.validation_region)
+            anomalous, masks = synthetic_anomalies(normal, sources, seed=self.config.seed + 7919 * k, blend=blend,
+                                                   region=self.config.validation_region)
             with torch.no_grad():
                 sets.append((torch.cat([extractor(c) for c in normal.split(32)]),
-                             torch.cat([extractor(c) for c in anomalous.split(32)])))
+                             torch.cat([extractor(c) for c in anomalous.split(32)]), masks))
         if not sets:
             msg = ("model selection (validate_every > 0) needs held-out training images: every category has fewer "
                    "than 3 training images after the calibration split")
@@ -687,7 +693,9 @@ class ImageDetector(CalibratedDetector):
             warnings.warn(f"categories {missing} have too few training images to hold any out: they are not part of "
                           "the model-selection score", UserWarning, stacklevel=caller_stacklevel())
         log.info("model selection: %d held-out normal images (+ as many synthetic anomalies) in %d categories",
-                 sum(len(n) for n, _ in sets), len(sets))
+                 sum(len(n) for n, _, _ in sets), len(sets))
+
+        metric = self.config.validation_metric
 
         def validate(model: DxMIModel) -> float:
             device = next(model.parameters()).device
@@ -696,7 +704,15 @@ class ImageDetector(CalibratedDetector):
             def score(f: torch.Tensor) -> torch.Tensor:
                 return scorer.reduce(scorer.energy_map(f.to(device))).float().cpu()
 
-            return float(np.mean([validation_auroc(score, n, a) for n, a in sets]))
+            def anomaly_map(f: torch.Tensor) -> torch.Tensor:
+                return scorer(f.to(device), (size, size))[1].float().cpu()
+
+            per_category = []
+            for n, a, m in sets:
+                parts = ([validation_auroc(score, n, a)] if metric in ("image", "image+pixel") else []) + (
+                    [validation_pixel_auroc(anomaly_map, n, a, m)] if metric in ("pixel", "image+pixel") else [])
+                per_category.append(np.mean(parts))
+            return float(np.mean(per_category))
 
         return validate
 

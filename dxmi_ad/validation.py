@@ -4,7 +4,8 @@ The feature-AD training loops that DxMI's pipeline comes from keep the best epoc
 test set is never read during training. Instead a fraction of the normal *training* images is held out, each of them
 is also turned into a SYNTHETIC anomaly (anomalib's :class:`~anomalib.data.utils.generators.perlin.PerlinAnomalyGenerator`:
 a Perlin-noise mask into which another normal training image, colour-augmented, is blended), and the image AUROC of
-the model's ``pred_score`` on normals vs synthetic anomalies is measured every ``validate_every`` DxMI iterations.
+the model's ``pred_score`` on normals vs synthetic anomalies (or the pixel AUROC of its anomaly map against the
+synthetic masks, ``DxMIConfig.validation_metric``) is measured every ``validate_every`` DxMI iterations.
 The best state (the pre-trained autoencoder start included) is kept. This is a named deviation from the paper, which
 keeps the last iterate (``docs/paper_map.md``).
 
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["synthetic_anomalies", "validation_auroc"]
+__all__ = ["synthetic_anomalies", "validation_auroc", "validation_pixel_auroc"]
 
 
 def synthetic_anomalies(images: torch.Tensor, sources: torch.Tensor | None = None, seed: int = 0,
@@ -125,3 +126,44 @@ def validation_auroc(score: Callable[[torch.Tensor], torch.Tensor], normal: torc
         return float("nan")
     labels = np.r_[np.zeros(len(normal)), np.ones(len(anomalous))]
     return float(roc_auc_score(labels, scores.double().numpy()))
+
+
+def validation_pixel_auroc(anomaly_map: Callable[[torch.Tensor], torch.Tensor], normal: torch.Tensor,
+                           anomalous: torch.Tensor, masks: torch.Tensor, batch_size: int = 64) -> float:
+    """Pixel AUROC of ``anomaly_map`` on normal and SYNTHETIC anomalous inputs against the synthetic masks.
+
+    Every pixel of a normal input is negative; a pixel of an anomalous input is positive where its mask is set
+    (anomalib's pixel AUROC convention: all pixels of all images of the set pooled).
+
+    Args:
+        anomaly_map: ``(B, ...) -> anomaly map (B, H, W)``, higher = more anomalous (any device).
+        normal: Normal inputs ``(N, ...)``.
+        anomalous: Anomalous inputs ``(M, ...)``.
+        masks: Masks of the anomalous inputs, ``(M, H, W)`` bool tensor (True = anomalous pixel), at the anomaly
+            map's size.
+        batch_size: Inputs per call.
+
+    Returns:
+        ``roc_auc_score`` (scikit-learn) in [0, 1]; NaN when a map value is not finite or when the pooled pixels
+        are all of one class (no mask pixel set, or no input at all).
+
+    Raises:
+        TypeError: If ``masks`` is not a bool tensor.
+        ValueError: If ``masks`` does not have one ``(H, W)`` mask per anomalous input at the map's size.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    if not (isinstance(masks, torch.Tensor) and masks.dtype == torch.bool):
+        msg = f"masks must be a bool tensor (True = anomalous pixel), got {type(masks).__name__} " \
+              f"{getattr(masks, 'dtype', '')}".rstrip()
+        raise TypeError(msg)
+    with torch.no_grad():
+        maps = torch.cat([anomaly_map(chunk).cpu() for x in (normal, anomalous) for chunk in x.split(batch_size)])
+    if masks.shape != (len(anomalous), *maps.shape[1:]):
+        msg = (f"masks have shape {tuple(masks.shape)}; expected one mask per anomalous input at the anomaly map's "
+               f"size, {(len(anomalous), *maps.shape[1:])}")
+        raise ValueError(msg)
+    labels = torch.cat([torch.zeros(len(normal), *maps.shape[1:], dtype=torch.bool), masks.cpu()]).flatten()
+    if not bool(torch.isfinite(maps).all()) or not bool(labels.any()) or bool(labels.all()):
+        return float("nan")
+    return float(roc_auc_score(labels.numpy(), maps.flatten().double().numpy()))

@@ -280,6 +280,56 @@ def test_validation_region_makes_small_local_anomalies():
             DxMIConfig(validation_region=bad)
 
 
+def test_validation_pixel_auroc_scores_the_map_against_the_masks():
+    """validation_pixel_auroc: 1 for a map that is the mask, 0.5 for a flat map, a named error for a wrong mask."""
+    from dxmi_ad.validation import validation_pixel_auroc
+
+    normal = torch.zeros(3, 1, 8, 8)
+    masks = torch.zeros(2, 8, 8, dtype=torch.bool)
+    masks[0, 2:4, 2:4], masks[1, 5:, 5:] = True, True
+    anomalous = masks[:, None].float()
+    def oracle(x):  # the map lights up exactly on the mask
+        return x[:, 0]
+
+    assert validation_pixel_auroc(oracle, normal, anomalous, masks) == 1.0
+    assert validation_pixel_auroc(lambda x: torch.ones(len(x), 8, 8), normal, anomalous, masks) == 0.5
+    inverted = validation_pixel_auroc(lambda x: -x[:, 0], normal, anomalous, masks)
+    assert inverted == 0.0
+    with pytest.raises(ValueError, match="one mask per anomalous input"):
+        validation_pixel_auroc(oracle, normal, anomalous, masks[:1])
+    with pytest.raises(TypeError, match="bool tensor"):
+        validation_pixel_auroc(oracle, normal, anomalous, masks.float())
+    assert np.isnan(validation_pixel_auroc(oracle, normal, anomalous, torch.zeros_like(masks)))  # one class only
+    assert np.isnan(validation_pixel_auroc(lambda x: torch.full((len(x), 8, 8), float("nan")), normal, anomalous,
+                                           masks))
+
+
+def test_validation_metric_pixel_and_mean_on_real_features(tmp_path):
+    """validation_metric: the image detector's selection score is the image AUROC, the pixel AUROC of the anomaly
+    map against the synthetic masks, or their mean; an unknown name is refused."""
+    from dxmi_ad.data.mvtec import list_mvtec
+    from dxmi_ad.image import FeatureSettings, ImageDetector, extract_training_features, split_calibration
+    from dxmi_ad.training.fit import train_model
+    from tests.helpers import write_mvtec_tree
+
+    samples = [s for s in list_mvtec(write_mvtec_tree(tmp_path / "mvtec"), ["brick"]) if s.split == "train"]
+    fit_part, val_part = split_calibration(samples, 0.25, 1)
+    scores = {}
+    for metric in ("image", "pixel", "image+pixel"):
+        config = DxMIConfig(**{**TINY_HEAD, "n_iter": 0, "batch_size": 32, "validation_metric": metric})
+        det = ImageDetector(config, FeatureSettings(image_size=64))
+        if metric == "image":
+            feats, _ = extract_training_features(fit_part, det.features, det._extractor())
+            n, h, w, c = feats.shape
+            model, _ = train_model(torch.from_numpy(np.asarray(feats).reshape(n * h * w, c)), config.replace(dim=c))
+        scores[metric] = det._validation(val_part, fit_part, skip_bad_files=False)(model)
+    assert all(0.0 <= v <= 1.0 for v in scores.values()), scores
+    assert scores["pixel"] != scores["image"]
+    assert scores["image+pixel"] == pytest.approx((scores["image"] + scores["pixel"]) / 2, abs=1e-12)
+    with pytest.raises(ValueError, match="validation_metric"):
+        DxMIConfig(validation_metric="pixels")
+
+
 def test_image_selection_never_reads_the_test_set(tmp_path, monkeypatch):
     """ImageDetector.fit with validate_every > 0 reads only training images and records the selected iteration."""
     import dxmi_ad.image as image_mod

@@ -223,9 +223,10 @@ def evaluate_and_write(det: Any, samples: list, out: Path, console: Any, progres
     selected = selection_of(det.history_)
     if selected is not None:  # chosen on the validation split (held-out training images), never on this test set
         extra["selected_iteration"], extra["validation_AUROC"] = selected
+        extra["validation_metric"] = det.config.validation_metric  # image / pixel AUROC, or their mean
         what = "the energy of DxMI iteration" if det.config.select_energy_only else "DxMI iteration"
         console.print(f"model selection: kept {what} {selected[0]} (0 = the pre-trained autoencoder), "
-                      f"validation AUROC {selected[1]:.4f}", highlight=False)
+                      f"validation AUROC {selected[1]:.4f} ({det.config.validation_metric})", highlight=False)
     metrics = _write_evaluation(out, test, scored, table, det, run_settings(det, settings), extra, True)
     _print_decisions(metrics, console)
     return metrics

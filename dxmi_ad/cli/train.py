@@ -9,10 +9,13 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
+
+if TYPE_CHECKING:
+    import numpy as np
 
 from dxmi_ad import recipes
 from dxmi_ad.checkpoint import atomic_directory, read_yaml_mapping

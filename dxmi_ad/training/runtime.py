@@ -270,4 +270,4 @@ def is_global_zero() -> bool:
         return dist.get_rank() == 0
     if "RANK" in os.environ:
         return int(os.environ["RANK"]) == 0
-    return int(os.environ.get("NODE_RANK", 0)) == 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0
+    return int(os.environ.get("NODE_RANK", "0")) == 0 and int(os.environ.get("LOCAL_RANK", "0")) == 0
