@@ -709,8 +709,11 @@ class ImageDetector(CalibratedDetector):
 
             per_category = []
             for n, a, m in sets:
-                parts = ([validation_auroc(score, n, a)] if metric in ("image", "image+pixel") else []) + (
-                    [validation_pixel_auroc(anomaly_map, n, a, m)] if metric in ("pixel", "image+pixel") else [])
+                parts = []
+                if metric != "pixel":  # "image" or "image+pixel"
+                    parts.append(validation_auroc(score, n, a))
+                if metric != "image":  # "pixel" or "image+pixel"
+                    parts.append(validation_pixel_auroc(anomaly_map, n, a, m))
                 per_category.append(np.mean(parts))
             return float(np.mean(per_category))
 
