@@ -196,13 +196,18 @@ def main() -> None:
         t0 = time.perf_counter()
         base, _ = train_model(vectors, base_cfg.replace(n_iter=0))
         ae_s = time.perf_counter() - t0
-        val_by = {}
-        for sigma in args.blurs:  # blur (and top_k) are chosen on validation data, for the autoencoder alone, then kept
-            for k in args.top_k:
-                det.scoring = ScoringSettings(blur_sigma=sigma, top_k=k)
-                val_by[sigma, k] = validate(base)
-        blur, top_k = max(val_by, key=lambda sk: (round(val_by[sk], 4), -sk[0], -sk[1]))
-        chosen = ScoringSettings(blur_sigma=blur, top_k=top_k)
+        def choose_scoring(model, validate=validate) -> tuple[ScoringSettings, dict]:
+            """The (blur, top_k) pair of the best validation AUROC for ``model`` (ties: the smaller), and the grid."""
+            by = {}
+            for sigma in args.blurs:
+                for k in args.top_k:
+                    det.scoring = ScoringSettings(blur_sigma=sigma, top_k=k)
+                    by[sigma, k] = validate(model)
+            blur, top_k = max(by, key=lambda sk: (round(by[sk], 4), -sk[0], -sk[1]))
+            return ScoringSettings(blur_sigma=blur, top_k=top_k), by
+
+        # blur (and top_k) are chosen on validation data, for the autoencoder alone, then kept for every row
+        chosen, val_by = choose_scoring(base)
         print(f"seed {seed}: validation AUROC of the autoencoder by (blur sigma, top_k) "
               f"{ {sk: round(v, 4) for sk, v in val_by.items()} } -> {chosen}", flush=True)
         def mean_metrics(model, scoring: ScoringSettings, kinds: str = "test") -> pd.Series:
@@ -237,14 +242,10 @@ def main() -> None:
                     out[f"unseen image{tag}"] = mean["image_AUROC"]
                     out[f"unseen pixel{tag}"] = mean["pixel_AUROC"]
             if args.rechoose:  # this model's own scoring, chosen on validation over the same grid
-                own = {}
-                for sk in val_by:
-                    det.scoring = ScoringSettings(blur_sigma=sk[0], top_k=sk[1])
-                    own[sk] = validate(model)
-                best = max(own, key=lambda sk: (round(own[sk], 4), -sk[0], -sk[1]))
-                mean = mean_metrics(model, ScoringSettings(blur_sigma=best[0], top_k=best[1]))
+                best = chosen if model is base else choose_scoring(model)[0]
+                mean = mean_metrics(model, best)
                 out["image own"], out["pixel own"] = mean["image_AUROC"], mean["pixel_AUROC"]
-                out["own scoring"] = f"{best[0]:g}/{best[1]}"
+                out["own scoring"] = f"{best.blur_sigma:g}/{best.top_k}"
                 det.scoring = chosen
             energies = [r for r in history if "energy_samples" in r]
             out["E(data)"] = energies[-1]["energy_data"] if energies else np.nan

@@ -701,19 +701,21 @@ class ImageDetector(CalibratedDetector):
             device = next(model.parameters()).device
             scorer = MapScorer(model.energy, self.scoring).eval()
 
-            def score(f: torch.Tensor) -> torch.Tensor:
-                return scorer.reduce(scorer.energy_map(f.to(device))).float().cpu()
+            def energy_maps(f: torch.Tensor) -> torch.Tensor:  # (B, C, h, w) -> (B, h, w), once per set and check
+                with torch.no_grad():
+                    return torch.cat([scorer.energy_map(c.to(device)).float().cpu() for c in f.split(64)])
 
-            def anomaly_map(f: torch.Tensor) -> torch.Tensor:
-                return scorer(f.to(device), (size, size))[1].float().cpu()
+            def anomaly_map(e: torch.Tensor) -> torch.Tensor:
+                return scorer.from_energy_map(e, (size, size))[1]
 
             per_category = []
             for n, a, m in sets:
+                e_n, e_a = energy_maps(n), energy_maps(a)
                 parts = []
                 if metric != "pixel":  # "image" or "image+pixel"
-                    parts.append(validation_auroc(score, n, a))
+                    parts.append(validation_auroc(scorer.reduce, e_n, e_a))
                 if metric != "image":  # "pixel" or "image+pixel"
-                    parts.append(validation_pixel_auroc(anomaly_map, n, a, m))
+                    parts.append(validation_pixel_auroc(anomaly_map, e_n, e_a, m))
                 per_category.append(np.mean(parts))
             return float(np.mean(per_category))
 
