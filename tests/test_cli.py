@@ -316,3 +316,19 @@ def test_recipes_read_exponent_numbers_and_dry_runs_refuse_unknown_datasets(tmp_
     assert rule.exit_code == 2 and "needs spherical=true" in rule.output  # the config's cross-field rules, as a run
     typo = runner.invoke(app, ["train", "--dataset", "digits", "--dry-run", "--set", "n_itr=5"])
     assert typo.exit_code != 0 and "did you mean 'n_iter'" in typo.output and "--set n_itr" in typo.output
+
+
+@pytest.mark.parametrize("name", ["textures", "textures_patchcore_inputs", "textures_paper"])
+def test_shipped_texture_recipes_resolve(name):
+    """Every shipped image recipe for the embedded textures resolves through ``train --dry-run`` (the config's
+    cross-field rules included); ``textures_paper`` carries the paper's autoencoder size (App. C.3) and the quiet,
+    far start of the README's row, with the scoring chosen on validation."""
+    res = runner.invoke(app, ["train", "--recipe", name, "--dry-run"])
+    assert res.exit_code == 0, res.output
+    shown = json.loads(res.stdout[res.stdout.index("{"):])
+    model = shown.get("model", shown)
+    if name == "textures_paper":
+        assert (model["energy_hidden"], model["latent_dim"]) == (1024, 128)
+        assert (model["init_sigma"], model["init_keep_residual"]) == (1e-3, True)
+        assert (model["init_noise_low"], model["init_noise_high"]) == (0.05, 0.3)
+        assert shown["scoring"] == {"blur_sigma": 0.5, "top_k": 3}
