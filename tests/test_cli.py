@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from dxmi_ad import recipes
 from dxmi_ad.cli.main import app
 
 runner = CliRunner()
@@ -318,7 +319,7 @@ def test_recipes_read_exponent_numbers_and_dry_runs_refuse_unknown_datasets(tmp_
     assert typo.exit_code != 0 and "did you mean 'n_iter'" in typo.output and "--set n_itr" in typo.output
 
 
-@pytest.mark.parametrize("name", ["textures", "textures_patchcore_inputs", "textures_paper"])
+@pytest.mark.parametrize("name", [n for n in recipes.names() if n.startswith("textures")])
 def test_shipped_texture_recipes_resolve(name):
     """Every shipped image recipe for the embedded textures resolves through ``train --dry-run`` (the config's
     cross-field rules included); ``textures_paper`` carries the paper's autoencoder size (App. C.3) and the quiet,
@@ -326,7 +327,7 @@ def test_shipped_texture_recipes_resolve(name):
     res = runner.invoke(app, ["train", "--recipe", name, "--dry-run"])
     assert res.exit_code == 0, res.output
     shown = json.loads(res.stdout[res.stdout.index("{"):])
-    model = shown.get("model", shown)
+    model = shown["model"]
     if name == "textures_paper":
         assert (model["energy_hidden"], model["latent_dim"]) == (1024, 128)
         assert (model["init_sigma"], model["init_keep_residual"]) == (1e-3, True)
