@@ -7,7 +7,9 @@ rest of the normals and the anomalies are never seen before scoring. Printed (dx
   interval of 0.05 for that many normals (test-sample noise only), the 99% interval that also counts the draw of the
   calibration set (beta-binomial; the right yardstick for small calibration sets), and its mean over repeated
   calibration/test re-splits;
-* Kolmogorov-Smirnov p-value of the unseen normals' conformal p-values against U(0, 1); median p-value of anomalies
+* uniformity of the unseen normals' conformal p-values: their Kolmogorov-Smirnov statistic against U(0, 1) ranked
+  among the same statistic on the re-splits (given one calibration draw the p-values are uniform only marginally, so
+  the plain KS p-value would reject exchangeable data far too often); median p-value of anomalies
   and the fraction of anomalies with p <= 0.05;
 * Benjamini-Hochberg at q = 0.1 on batches of unseen normals plus as many anomalies: mean false discovery proportion
   over the re-splits, with its standard error.

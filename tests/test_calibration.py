@@ -138,6 +138,27 @@ def _digits_checks(n_splits: int) -> list:
     return checks
 
 
+def test_uniformity_check_counts_the_calibration_draw():
+    """Exchangeable scores pass the p-value uniformity check at its level; shifted normals fail it.
+
+    Given one calibration draw the conformal p-values are uniform only marginally, so the plain one-sample KS test
+    (the check before) rejects exchangeable scores far more often than its level; the re-split null does not.
+    """
+    from scipy.stats import kstest
+
+    def run(shift: float, seed: int) -> tuple[float, float]:
+        rng = np.random.default_rng(seed)
+        check = calibration_check(rng.normal(size=99), rng.normal(shift, size=219), rng.normal(3, size=50),
+                                  n_splits=99, seed=seed)
+        return summarize_checks([check])["ks_pvalue"], kstest(check["p_normal"], "uniform").pvalue
+
+    same = np.array([run(0.0, seed) for seed in range(60)])
+    assert (same[:, 0] <= 0.01).mean() <= 0.05  # at its level (binomial noise of 60 draws)
+    assert (same[:, 1] <= 0.01).mean() >= 0.15  # the plain KS p-value over-rejects
+    shifted = np.array([run(0.8, seed)[0] for seed in range(20)])
+    assert (shifted <= 0.01).mean() >= 0.8  # normals scored higher than calibration: found
+
+
 def test_promises_hold_on_digits():
     s = summarize_checks(_digits_checks(n_splits=200), FPR, FDR)
     # realised FPR on unseen normals (pooled over the 10 classes) within the binomial 99% interval of 0.05
