@@ -12,7 +12,11 @@ mean and standard deviation over seeds and the change against the autoencoder al
 
     python benchmarks/textures_ablation.py [--seeds 0 1 2] [--n-iter 300] [--only NAME ...] [--threads 2]
         [--set ae_pretrain_iter=3000 ...] [--unseen-kinds] [--trace-test] [--blurs 0 0.5] [--top-k 1 3 10]
-        [--variant NAME KEY=V ...] [--rechoose]
+        [--variant NAME KEY=V ...] [--rechoose] [--start-cache DIR]
+
+``--start-cache DIR`` keeps each seed's pre-trained autoencoder start (the slow stage: 26-30 min per seed at the
+paper's size on 2 cores) in DIR and reads it back in later runs with the same settings, so new DxMI rows cost only
+their own training.
 
 ``--unseen-kinds`` adds columns ``unseen ...``: the same models on the same test tiles with defect kinds that neither
 the benchmarks nor selection use (smudge, noise, mirror), so a choice is also checked on defects it was not made on.
@@ -31,14 +35,18 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import hashlib
+import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
 from dxmi_ad import recipes
-from dxmi_ad.checkpoint import read_yaml_mapping
+from dxmi_ad.checkpoint import load_model_dir, read_yaml_mapping, save_model_dir
 from dxmi_ad.cli.common import CLIError
 from dxmi_ad.cli.common import _parse_sets as parse_sets
 from dxmi_ad.config import DxMIConfig
@@ -53,7 +61,7 @@ from dxmi_ad.image import (
     split_calibration,
 )
 from dxmi_ad.scoring import ScoringSettings
-from dxmi_ad.training.fit import train_model, with_config
+from dxmi_ad.training.fit import build_model, train_model, with_config
 
 PAPER_LRS = {"energy_lr": 1e-4, "sampler_lr": 1e-5, "value_lr": 1e-5, "sigma_lr": 1e-3}
 GUARDS = {"project_samples": True, "fix_last_sigma": True, "last_sigma": 1e-3, "negative_l2_weight": 1.0}
@@ -110,6 +118,41 @@ VARIANTS: dict[str, dict] = {
 BLURS = (0.0, 0.5, 1.0, 2.0)
 
 
+def _start_key(config: DxMIConfig, feats: FeatureSettings) -> str:
+    """What the autoencoder start depends on: its settings (seed and validation split included), the features and
+    the dataset's version, hashed."""
+    from dxmi_ad.data import textures
+
+    blob = json.dumps({"config": config.to_dict(), "features": dataclasses.asdict(feats),
+                       "textures": textures._VERSION, "torch": torch.__version__}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def pretrained_start(vectors: torch.Tensor, config: DxMIConfig, feats: FeatureSettings,
+                     cache: Path | None) -> tuple[object, float, str]:
+    """The autoencoder start of ``config`` (``n_iter`` 0): read from ``cache`` when a run with the same settings
+    wrote it there (safetensors + JSON), else trained (and written there).
+
+    Returns:
+        ``(model, seconds, how)``: the model, the seconds spent, ``"trained"`` or ``"cached"``.
+    """
+    config = config.replace(n_iter=0)
+    folder = cache / f"start-{_start_key(config, feats)}" if cache is not None else None
+    t0 = time.perf_counter()
+    if folder is not None and folder.is_dir():
+        tensors, _ = load_model_dir(folder)
+        model = build_model(config)
+        model.load_checkpoint_tensors(tensors)
+        return model.eval(), time.perf_counter() - t0, "cached"
+    model, _ = train_model(vectors, config)
+    seconds = time.perf_counter() - t0
+    if folder is not None:
+        save_model_dir(folder, model.checkpoint_tensors(), {"config": config.to_dict(),
+                                                           "features": dataclasses.asdict(feats),
+                                                           "train_seconds": seconds})
+    return model, seconds, "trained"
+
+
 def main() -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -135,6 +178,10 @@ def main() -> None:
                         help="override a key of the recipe's model section for every row, the autoencoder start "
                              "included (e.g. ae_pretrain_iter=3000), or of its features section with a features. "
                              "prefix (e.g. features.neighbourhood=3); repeatable")
+    parser.add_argument("--start-cache", type=Path, default=None, metavar="DIR",
+                        help="keep each seed's pre-trained autoencoder start in DIR (safetensors + JSON, one folder "
+                             "per settings hash: config, seed, features, dataset and torch versions); a later run with "
+                             "the same settings reads it instead of training it (its row's 'seconds' then say so)")
     parser.add_argument("--rechoose", action="store_true",
                         help="also choose the (blur, top_k) pair on validation for every row's own model, not only "
                              "for the autoencoder's (columns 'image own', 'pixel own'; the per-seed rows also print the "
@@ -193,9 +240,8 @@ def main() -> None:
         n, h, w, c = train_feats.shape
         vectors = torch.from_numpy(np.asarray(train_feats).reshape(n * h * w, c))
         base_cfg = cfg0.replace(dim=c)
-        t0 = time.perf_counter()
-        base, _ = train_model(vectors, base_cfg.replace(n_iter=0))
-        ae_s = time.perf_counter() - t0
+        base, ae_s, how = pretrained_start(vectors, base_cfg, feats, args.start_cache)
+        print(f"seed {seed}: autoencoder start {how} in {ae_s:.0f} s", flush=True)
         def choose_scoring(model, validate=validate) -> tuple[ScoringSettings, dict]:
             """The (blur, top_k) pair of the best validation AUROC for ``model`` (ties: the smaller), and the grid."""
             by = {}
