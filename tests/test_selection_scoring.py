@@ -484,3 +484,29 @@ def test_set_wins_over_the_recipe_key_by_key():
                                        "energy_fourier_features": 64, "energy_fourier_scale": 0.3,
                                        "energy_quadratic_weight": 0.1, "select_energy_only": True}
     assert load_recipe(None, "digits", ["energy=shared"])["energy_model"] == "shared"  # the old name, as an override
+
+
+def test_ablation_start_cache_gives_the_same_runs(tmp_path):
+    """benchmarks/textures_ablation.py --start-cache: a cached autoencoder start continues exactly like a trained one."""
+    from benchmarks.textures_ablation import pretrained_start
+
+    from dxmi_ad import recipes
+    from dxmi_ad.checkpoint import read_yaml_mapping
+    from dxmi_ad.image import FeatureSettings
+    from dxmi_ad.training.fit import with_config
+
+    recipe = read_yaml_mapping(recipes.path("textures_paper"))
+    cfg = DxMIConfig.from_dict({**recipe["model"], "dim": 16, "energy_hidden": 32, "latent_dim": 4,
+                                "sampler_hidden": 16, "value_hidden": 16, "ae_pretrain_iter": 20, "batch_size": 64})
+    feats = FeatureSettings(**{**recipe["features"], "out_indices": tuple(recipe["features"]["out_indices"])})
+    x = torch.nn.functional.normalize(torch.randn(300, 16, generator=torch.Generator().manual_seed(0)), dim=1)
+    trained, _, how = pretrained_start(x, cfg, feats, tmp_path)
+    cached, _, how2 = pretrained_start(x, cfg, feats, tmp_path)
+    assert (how, how2) == ("trained", "cached") and len(list(tmp_path.iterdir())) == 1
+    _, _, how3 = pretrained_start(x, cfg.replace(seed=1), feats, tmp_path)  # another seed: its own start
+    assert how3 == "trained" and len(list(tmp_path.iterdir())) == 2
+    run = cfg.replace(n_iter=10, warmup_iter=2)
+    a, _ = train_model(x, run, model=with_config(trained, run))
+    b, _ = train_model(x, run, model=with_config(cached, run))
+    with torch.no_grad():
+        torch.testing.assert_close(a.energy(x), b.energy(x), rtol=0, atol=0)
