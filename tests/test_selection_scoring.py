@@ -131,10 +131,8 @@ def test_top_k_parity_across_scoring_paths(detector, tmp_path):
     assert ImageDetector.load(tmp_path / "k5").scoring == ScoringSettings(blur_sigma=1.0, top_k=5)
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    from dxmi_ad.export import export_model, run_onnx
-
     from dxmi_ad.cli.images import run_settings
-    from dxmi_ad.export import onnx_metadata
+    from dxmi_ad.export import export_model, onnx_metadata, run_onnx
 
     assert run_settings(det)["pred_score"].startswith("mean of the 5 largest cells")  # report.html says so
     path = export_model(det, tmp_path / "k5.onnx")
@@ -489,7 +487,6 @@ def test_set_wins_over_the_recipe_key_by_key():
 def test_ablation_start_cache_gives_the_same_runs(tmp_path):
     """benchmarks/textures_ablation.py --start-cache: a cached autoencoder start continues exactly like a trained one."""
     from benchmarks.textures_ablation import pretrained_start
-
     from dxmi_ad import recipes
     from dxmi_ad.checkpoint import read_yaml_mapping
     from dxmi_ad.image import FeatureSettings
