@@ -14,7 +14,7 @@ mean and standard deviation over seeds and the change against the autoencoder al
         [--set ae_pretrain_iter=3000 ...] [--unseen-kinds] [--trace-test] [--blurs 0 0.5] [--top-k 1 3 10]
         [--variant NAME KEY=V ...] [--rechoose] [--start-cache DIR]
 
-``--start-cache DIR`` keeps each seed's pre-trained autoencoder start (the slow stage: 26-30 min per seed at the
+``--start-cache DIR`` keeps each seed's pre-trained autoencoder start (the slow stage: 16-30 min per seed at the
 paper's size on 2 cores) in DIR and reads it back in later runs with the same settings, so new DxMI rows cost only
 their own training.
 
@@ -46,7 +46,7 @@ import pandas as pd
 import torch
 
 from dxmi_ad import recipes
-from dxmi_ad.checkpoint import load_model_dir, read_yaml_mapping, save_model_dir
+from dxmi_ad.checkpoint import atomic_directory, load_model_dir, read_yaml_mapping, save_model_dir
 from dxmi_ad.cli.common import CLIError
 from dxmi_ad.cli.common import _parse_sets as parse_sets
 from dxmi_ad.config import DxMIConfig
@@ -60,6 +60,7 @@ from dxmi_ad.image import (
     features_and_masks,
     split_calibration,
 )
+from dxmi_ad.nn.model import DxMIModel
 from dxmi_ad.scoring import ScoringSettings
 from dxmi_ad.training.fit import build_model, train_model, with_config
 
@@ -129,12 +130,22 @@ def _start_key(config: DxMIConfig, feats: FeatureSettings) -> str:
 
 
 def pretrained_start(vectors: torch.Tensor, config: DxMIConfig, feats: FeatureSettings,
-                     cache: Path | None) -> tuple[object, float, str]:
-    """The autoencoder start of ``config`` (``n_iter`` 0): read from ``cache`` when a run with the same settings
-    wrote it there (safetensors + JSON), else trained (and written there).
+                     cache: Path | None) -> tuple[DxMIModel, float, str]:
+    """The autoencoder start of ``config`` (its ``n_iter`` set to 0): read from ``cache`` when a run with the same
+    settings wrote it there, else trained (and written there).
+
+    Args:
+        vectors: ``(N, D)`` float32 training feature vectors (only read when the start is trained).
+        config: The run's config (seed and validation split included; ``dim == D``).
+        feats: The feature settings the vectors come from (part of the cache key).
+        cache: Folder of cached starts, one ``start-<hash>/`` per settings (``model.safetensors`` +
+            ``config.json``, written whole through a temporary folder); None = always train.
 
     Returns:
-        ``(model, seconds, how)``: the model, the seconds spent, ``"trained"`` or ``"cached"``.
+        ``(model, seconds, how)``: the start in eval mode, the seconds spent, ``"trained"`` or ``"cached"``.
+
+    Raises:
+        ValueError: If a cached start is damaged or does not fit the model of ``config``.
     """
     config = config.replace(n_iter=0)
     folder = cache / f"start-{_start_key(config, feats)}" if cache is not None else None
@@ -147,10 +158,11 @@ def pretrained_start(vectors: torch.Tensor, config: DxMIConfig, feats: FeatureSe
     model, _ = train_model(vectors, config)
     seconds = time.perf_counter() - t0
     if folder is not None:
-        save_model_dir(folder, model.checkpoint_tensors(), {"config": config.to_dict(),
-                                                           "features": dataclasses.asdict(feats),
-                                                           "train_seconds": seconds})
-    return model, seconds, "trained"
+        with atomic_directory(folder) as tmp:  # a killed run leaves no half-written start behind
+            save_model_dir(tmp, model.checkpoint_tensors(), {"config": config.to_dict(),
+                                                            "features": dataclasses.asdict(feats),
+                                                            "train_seconds": seconds})
+    return model.eval(), seconds, "trained"
 
 
 def main() -> None:
