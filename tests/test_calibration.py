@@ -181,7 +181,7 @@ def test_promises_hold_on_textures(tmp_path_factory):
     from dxmi_ad.data.textures import write_textures
     from dxmi_ad.image import FeatureSettings, ImageDetector
 
-    recipe = yaml.safe_load(open(recipes.path("textures")))
+    recipe = yaml.safe_load(recipes.path("textures").read_text())
     recipe["model"].update(ae_pretrain_iter=300, n_iter=0)  # the calibration argument holds for any fixed scorer
     feats = FeatureSettings(**{**recipe["features"], "out_indices": tuple(recipe["features"]["out_indices"])})
     samples = list_mvtec(write_textures())

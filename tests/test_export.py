@@ -22,7 +22,7 @@ runner = CliRunner()
 def run_dir(tmp_path_factory):
     """A small image model of the embedded textures at the recipe's input size (224 px)."""
     base = tmp_path_factory.mktemp("export")
-    recipe = yaml.safe_load(open(recipes.path("textures")))
+    recipe = yaml.safe_load(recipes.path("textures").read_text())
     recipe["model"].update(ae_pretrain_iter=100, n_iter=5, warmup_iter=1, energy_hidden=64, sampler_hidden=32,
                            value_hidden=32, latent_dim=16)
     (base / "r.yaml").write_text(yaml.safe_dump(recipe))

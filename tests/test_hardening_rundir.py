@@ -31,13 +31,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 class _Marker:
-    """Unpickling this object creates a marker file (a harmless stand-in for arbitrary code)."""
+    """Unpickling this object creates a marker folder (a harmless stand-in for arbitrary code).
+
+    ``os.makedirs`` rather than ``open``: an opened file would stay open until garbage collection, whose
+    ResourceWarning then lands in whatever later test happens to be running (CI stop 28)."""
 
     def __init__(self, path: Path) -> None:
         self.path = str(path)
 
     def __reduce__(self):
-        return (open, (self.path, "w"))
+        return (os.makedirs, (self.path, 0o777, True))  # exist_ok: it may be unpickled twice
 
 
 # ---------------------------------------------------------------------- item 1

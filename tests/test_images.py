@@ -37,7 +37,7 @@ def tree(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_recipe(tmp_path_factory):
     path = tmp_path_factory.mktemp("recipe") / "tiny.yaml"
-    recipe = yaml.safe_load(open(recipes.path("textures")))
+    recipe = yaml.safe_load(recipes.path("textures").read_text())
     recipe["features"]["image_size"] = 96
     recipe["model"].update(sampler_hidden=32, value_hidden=32, energy_hidden=64, latent_dim=16, batch_size=128,
                            ae_pretrain_iter=150, n_iter=10, warmup_iter=2)
