@@ -34,7 +34,8 @@ class _Marker:
     """Unpickling this object creates a marker folder (a harmless stand-in for arbitrary code).
 
     ``os.makedirs`` rather than ``open``: an opened file would stay open until garbage collection, whose
-    ResourceWarning then lands in whatever later test happens to be running (a CI failure: a later CLI test printed it)."""
+    ResourceWarning then lands in whatever later test happens to be running (a CI failure: a later CLI test
+    printed it)."""
 
     def __init__(self, path: Path) -> None:
         self.path = str(path)
