@@ -416,6 +416,13 @@ def split_calibration(samples: Sequence[ImageSample], fraction: float, seed: int
                       ) -> tuple[list[ImageSample], list[ImageSample]]:
     """Hold out a calibration split of normal training images, per category (seeded; never test images).
 
+    Images without a tile box are drawn at random. Tiles cut from larger pictures (every training image of the
+    category has a :class:`~dxmi_ad.data.mvtec.TileBox`, from ``train/tiles.csv``) are held out as a block, and
+    the tiles that share a pixel with a held-out tile are left out of training too: a held-out tile that overlaps a
+    training tile is partly seen and scores lower than new normal images, so a threshold set on it flags more normal
+    images than its target rate (measured on the embedded textures, README). The block is the last tiles in raster
+    order (top, then left) of the category's source pictures taken in a seeded order.
+
     Args:
         samples: Training samples (``split == "train"``).
         fraction: Fraction in [0, 0.9] of each category's training images held out (rounded down; a category
@@ -425,19 +432,39 @@ def split_calibration(samples: Sequence[ImageSample], fraction: float, seed: int
             model-selection split uses 1, so small categories are not left out of validation).
 
     Returns:
-        ``(fit, calibration)`` lists, each in the input order.
+        ``(fit, calibration)`` lists, each in the input order; with tiles, ``fit`` lacks the tiles that overlap
+        held-out ones (neither list holds them).
 
     Raises:
-        ValueError: If ``fraction`` is outside [0, 0.9] (:func:`~dxmi_ad.decision.check_calibration_fraction`).
+        ValueError: If ``fraction`` is outside [0, 0.9] (:func:`~dxmi_ad.decision.check_calibration_fraction`), or if
+            tiles overlap so much that fewer than 2 training tiles of a category share no pixel with the held-out ones.
     """
     fraction = check_calibration_fraction(fraction)
     rng = np.random.default_rng(seed)
     held: set[int] = set()
+    dropped: set[int] = set()
     for cat in sorted({s.category for s in samples}):
         idx = [i for i, s in enumerate(samples) if s.category == cat]
         n = min(max(int(fraction * len(idx)), minimum), max(len(idx) - 2, 0))
-        held.update(int(i) for i in rng.permutation(idx)[:n])
-    return ([s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held])
+        if not n or any(samples[i].tile is None for i in idx):
+            held.update(int(i) for i in rng.permutation(idx)[:n])
+            continue
+        sources = sorted({samples[i].tile.source for i in idx})
+        rank = {src: r for r, src in enumerate(rng.permutation(sources).tolist())}
+        order = sorted(idx, key=lambda i: (rank[samples[i].tile.source], samples[i].tile.top, samples[i].tile.left))
+        block = order[-n:]
+        near = {i for i in order[:-n] if any(samples[i].tile.overlaps(samples[j].tile) for j in block)}
+        if len(idx) - n - len(near) < 2:
+            msg = (f"category {cat!r}: holding out {n} of {len(idx)} tiles leaves {len(idx) - n - len(near)} that "
+                   "share no pixel with them (train/tiles.csv); lower the fraction or add tiles")
+            raise ValueError(msg)
+        held.update(block)
+        dropped.update(near)
+    if dropped:
+        log.info("hold-out: %d training tiles share pixels with the %d held-out ones and are not trained on",
+                 len(dropped), len(held))
+    return ([s for i, s in enumerate(samples) if i not in held and i not in dropped],
+            [s for i, s in enumerate(samples) if i in held])
 
 
 def _backbone_channels(features: FeatureSettings) -> int:
@@ -554,6 +581,9 @@ class ImageDetector(CalibratedDetector):
             fit_part, cal_part = split_calibration(train, float(calibration), self.config.seed)
             source = (f"{len(cal_part)} of {len(train)} training images held out ({float(calibration):g} per "
                       f"category, seed {self.config.seed})")
+            if len(fit_part) + len(cal_part) < len(train):  # tiles (train/tiles.csv): a pixel-disjoint block
+                source += (f"; a block of tiles, the {len(train) - len(fit_part) - len(cal_part)} tiles sharing "
+                           "pixels with it not trained on")
         else:
             fit_part, cal_part = train, list(calibration)
             source = f"{len(cal_part)} given calibration images"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -122,3 +124,65 @@ def test_csv_mistakes_get_the_right_hint(tmp_path):
         check_columns(["A", "b"], ["a", "b"], "f")
     with pytest.raises(ValueError, match="separate its fields with ';'"):
         check_columns(["a;b"], ["a", "b"], "f")
+
+
+def test_embedded_textures_hold_out_pixel_disjoint_blocks():
+    """Training tiles overlap by half; train/tiles.csv lets every hold-out keep held-out pixels unseen."""
+    import skimage.data as skd
+    from PIL import Image
+
+    from dxmi_ad.data.mvtec import list_mvtec
+    from dxmi_ad.data.textures import write_textures
+    from dxmi_ad.image import split_calibration
+
+    train = [s for s in list_mvtec(write_textures()) if s.split == "train"]
+    assert len(train) == 495 and all(s.tile is not None for s in train)
+    photos = {name: getattr(skd, name)() for name in ("brick", "grass", "gravel")}
+    for s in train[::37]:  # each box is where the tile's pixels come from in its photo
+        b = s.tile
+        np.testing.assert_array_equal(np.asarray(Image.open(s.path)),
+                                      photos[b.source][b.top:b.top + b.height, b.left:b.left + b.width])
+    fit, cal = split_calibration(train, 0.2, seed=0)
+    fit2, val = split_calibration(fit, 0.1, seed=1, minimum=1)
+    assert len(cal) == 99 and len(val) == 33  # the fraction of each category, as the random draw holds out
+    assert not any(a.tile.overlaps(b.tile) for a in fit for b in cal)
+    assert not any(a.tile.overlaps(b.tile) for a in fit2 for b in [*cal, *val])
+    assert 300 < len(fit) < 396 and 240 < len(fit2) < len(fit)  # the overlapping neighbours are not trained on
+    assert {s.category for s in cal} == {s.category for s in val} == {"brick", "grass", "gravel"}
+    untiled = [dataclasses.replace(s, tile=None) for s in train]  # without boxes: the seeded random draw, all kept
+    fit_r, cal_r = split_calibration(untiled, 0.2, seed=0)
+    assert len(fit_r) == 396 and len(cal_r) == 99
+    assert any(a.tile.overlaps(b.tile) for a in [train[untiled.index(s)] for s in fit_r]
+               for b in [train[untiled.index(s)] for s in cal_r])  # what the block hold-out prevents
+
+
+@pytest.mark.parametrize(("rows", "match"), [
+    ("file,source,top,left,height\n", "missing column"),
+    ("file,source,top,left,height,width\nnope.png,a,0,0,8,8\n", "line 2: 'nope.png' is not a training image"),
+    ("file,source,top,left,height,width\n0.png,a,0,0,8,8\n0.png,a,8,0,8,8\n", "line 3: '0.png' has a row already"),
+    ("file,source,top,left,height,width\n0.png,a,-1,0,8,8\n", "line 2: need top, left >= 0"),
+    ("file,source,top,left,height,width\n0.png,a,x,0,8,8\n", "line 2: top, left, height and width must be integers"),
+    ("file,source,top,left,height,width\n0.png,a,0,0,8,8\n", r"1 training image\(s\) have no row \(1.png\)"),
+])
+def test_tile_table_mistakes_name_the_line(tmp_path, rows, match):
+    from PIL import Image
+
+    from dxmi_ad.data.mvtec import list_folder
+
+    good = tmp_path / "train" / "good"
+    good.mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(good / f"{i}.png")
+    (tmp_path / "train" / "tiles.csv").write_text(rows)
+    with pytest.raises(ValueError, match=match):
+        list_folder(tmp_path)
+
+
+def test_tiles_too_dense_to_hold_out_are_refused(tmp_path):
+    from dxmi_ad.data.mvtec import ImageSample, TileBox
+    from dxmi_ad.image import split_calibration
+
+    same = [ImageSample(tmp_path / f"{i}.png", "c", "train", "good", 0, None, TileBox("p", 0, i, 8, 8))
+            for i in range(5)]  # every tile overlaps every other one
+    with pytest.raises(ValueError, match="category 'c': holding out 1 of 5 tiles leaves 0"):
+        split_calibration(same, 0.2, seed=0)

@@ -35,6 +35,8 @@ class PixelSplit(NamedTuple):
     test_label: np.ndarray
     test_mask: np.ndarray | None
     name: str
+    train_samples: list | None = None
+    """The listed training images, one per ``train`` row (image folders; tiles from ``train/tiles.csv`` included)."""
 
 
 def load_pixel_split(dataset: str, normal_class: int, seed: int, data_root: Path | None = None,
@@ -81,20 +83,22 @@ def check_pixel_dataset(dataset: str) -> None:
 
 
 def read_samples(samples: list, size: int, skip_bad_files: bool = False, what: str = "images"
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Read listed image files as ``(images (n, 3, S, S) float32 in [0, 1], labels (n,), masks (n, S, S) bool)``.
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
+    """Read listed image files as ``(images (n, 3, S, S) float32 in [0, 1], labels (n,), masks (n, S, S) bool,
+    the n samples read)``.
 
     Raises:
         PixelCLIError: Unreadable files (all named) unless ``skip_bad_files``.
     """
     from dxmi_ad.image import BadFilesError, iter_batches
 
-    imgs, labels, masks, errors = [], [], [], {}
+    imgs, labels, masks, errors, kept = [], [], [], {}, []
     for idx, images, m, errs in iter_batches(samples, size, 64):
         errors.update({samples[i].path: r for i, r in errs.items()})
         imgs.append(images.numpy())
         masks.append(m.numpy())
         labels.extend(samples[i].label for i in idx)
+        kept.extend(samples[i] for i in idx)
     if errors and not skip_bad_files:
         raise PixelCLIError(str(BadFilesError(errors, what)))
     if errors:
@@ -104,7 +108,7 @@ def read_samples(samples: list, size: int, skip_bad_files: bool = False, what: s
                       + "; ".join(f"{p}: {r}" for p, r in list(errors.items())[:5]), stacklevel=caller_stacklevel())
     cat = lambda xs, shape: np.concatenate(xs) if xs else np.zeros(shape, np.float32)  # noqa: E731
     return (cat(imgs, (0, 3, size, size)).astype(np.float32), np.asarray(labels, int),
-            cat(masks, (0, size, size)).astype(bool))
+            cat(masks, (0, size, size)).astype(bool), kept)
 
 
 def _image_folder_split(dataset: str, data_root: Path | None, category: str, size: int,
@@ -115,9 +119,9 @@ def _image_folder_split(dataset: str, data_root: Path | None, category: str, siz
         samples, desc = list_dataset(dataset, data_root, category)
     except ImageCLIError as err:
         raise PixelCLIError(str(err)) from err
-    train, _, _ = read_samples([s for s in samples if s.split == "train"], size, skip_bad_files, "train set")
-    test, label, mask = read_samples([s for s in samples if s.split == "test"], size, skip_bad_files, "test set")
-    return PixelSplit(train, test, label, mask, f"{dataset} ({desc})")
+    train, _, _, kept = read_samples([s for s in samples if s.split == "train"], size, skip_bad_files, "train set")
+    test, label, mask, _ = read_samples([s for s in samples if s.split == "test"], size, skip_bad_files, "test set")
+    return PixelSplit(train, test, label, mask, f"{dataset} ({desc})", kept)
 
 
 def calibrate_pixel(det: Any, calibration: list | None, validation: list | None, fpr: float | None,
@@ -129,7 +133,7 @@ def calibrate_pixel(det: Any, calibration: list | None, validation: list | None,
     images = read_samples(calibration, size, skip_bad_files, "calibration set")[0] if calibration else None
     val = None
     if validation:
-        v_images, v_labels, _ = read_samples(validation, size, skip_bad_files, "validation set")
+        v_images, v_labels, _, _ = read_samples(validation, size, skip_bad_files, "validation set")
         val = (v_images, v_labels)
     return det.calibrate(images, fpr=fpr, fdr=fdr, validation=val)
 
@@ -304,7 +308,15 @@ def train_pixel(opts: TrainOptions, recipe: dict[str, Any], explicit_keys: set[s
                 frac = opts.calibration_fraction
                 if frac is None:  # generation runs (all classes, no test split) keep every image for training
                     frac = 0.0 if not len(split.test) else 0.2
-                det.fit(split.train, calibration=frac, fpr=opts.fpr,
+                train, calibration = split.train, frac
+                if frac and split.train_samples and all(s.tile is not None for s in split.train_samples):
+                    from dxmi_ad.image import split_calibration  # tiles: a pixel-disjoint block, not a random draw
+
+                    row = {s.path: i for i, s in enumerate(split.train_samples)}
+                    fit_s, cal_s = split_calibration(split.train_samples, frac, config.seed)
+                    train = split.train[[row[s.path] for s in fit_s]]
+                    calibration = split.train[[row[s.path] for s in cal_s]]
+                det.fit(train, calibration=calibration, fpr=opts.fpr,
                         fdr=opts.fdr, init_sampler=init, progress=progress)
     except ValueError as err:
         raise PixelCLIError(str(err)) from err

@@ -5,10 +5,17 @@ MVTec AD: ``ROOT/<category>/train/good/*.png``, ``ROOT/<category>/test/<defect>/
 sorted position (the project's naming rules); anomalous images left without a mask are named in a warning. A generic folder is one
 category at its root (``ROOT/train/good``, optional ``ROOT/test/...`` and ``ROOT/ground_truth/...``). Hidden names
 (``.*``: ``.ipynb_checkpoints/``, ``._000.png``) are skipped everywhere.
+
+Tiles: when the training images are tiles cut from larger pictures, ``<category>/train/tiles.csv`` (optional) says
+where each came from, with the header ``file,source,top,left,height,width``: ``file`` relative to ``train/good``,
+``source`` a name of the larger picture, the rest the tile's box in that picture's pixels. Hold-outs (calibration,
+model selection) then keep held-out tiles pixel-disjoint from the tiles trained on (``dxmi_ad.image.split_calibration``):
+a held-out tile that overlaps a training tile is partly seen, and scores lower than new normal images do.
 """
 
 from __future__ import annotations
 
+import csv
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +23,7 @@ from pathlib import Path
 from dxmi_ad._warn import caller_stacklevel
 from dxmi_ad.data.images import IMAGE_SUFFIXES, find_images, is_hidden, list_images
 
-__all__ = ["MVTEC_HELP", "ImageSample", "list_folder", "list_labelled_dir", "list_mvtec", "list_normal_dir"]
+__all__ = ["MVTEC_HELP", "TILES_FILE", "ImageSample", "TileBox", "list_folder", "list_labelled_dir", "list_mvtec", "list_normal_dir"]
 
 MVTEC_HELP = (
     "MVTec AD is not downloaded by dxmi-ad. Get it from https://www.mvtec.com/company/research/datasets/mvtec-ad "
@@ -24,6 +31,27 @@ MVTEC_HELP = (
     "ROOT/<category>/train/good/*.png, ROOT/<category>/test/<defect or good>/*.png, "
     "ROOT/<category>/ground_truth/<defect>/<name>_mask.png. See data/README.md."
 )
+
+TILES_FILE = "tiles.csv"
+"""Name of the optional tile table of a category's training images (``<category>/train/tiles.csv``)."""
+_TILE_COLUMNS = ("file", "source", "top", "left", "height", "width")
+
+
+@dataclass(frozen=True)
+class TileBox:
+    """Where a training tile was cut from: ``source`` picture, box ``top``, ``left``, ``height``, ``width`` (pixels)."""
+
+    source: str
+    top: int
+    left: int
+    height: int
+    width: int
+
+    def overlaps(self, other: TileBox) -> bool:
+        """True when the two boxes share at least one pixel of the same source picture."""
+        return (self.source == other.source and self.top < other.top + other.height
+                and other.top < self.top + self.height and self.left < other.left + other.width
+                and other.left < self.left + self.width)
 
 
 @dataclass(frozen=True)
@@ -37,6 +65,7 @@ class ImageSample:
         defect: ``"good"`` or the defect folder's name.
         label: 0 = normal, 1 = anomalous.
         mask_path: Ground-truth mask file, or None (normal images; anomalies whose mask is missing).
+        tile: Where a training tile was cut from (``train/tiles.csv``), or None.
     """
 
     path: Path
@@ -45,6 +74,57 @@ class ImageSample:
     defect: str
     label: int
     mask_path: Path | None
+    tile: TileBox | None = None
+
+
+def read_tiles(table: Path, images: list[Path]) -> dict[Path, TileBox]:
+    """Read a tile table (:data:`TILES_FILE`) for the training images ``images`` of its category.
+
+    Args:
+        table: The ``tiles.csv`` file (header ``file,source,top,left,height,width``; ``file`` relative to
+            ``train/good`` next to it).
+        images: The category's training images (every one must have a row; rows for other files are refused).
+
+    Returns:
+        Image path -> :class:`TileBox`.
+
+    Raises:
+        ValueError: A missing column, a row that is not ``top, left >= 0`` and ``height, width >= 1`` integers, a file
+            named twice or not among the training images, or training images without a row (each names the table and
+            the row or file).
+    """
+    good = table.parent / "good"
+    by_name = {p.relative_to(good).as_posix(): p for p in images}
+    out: dict[Path, TileBox] = {}
+    with table.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in _TILE_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            msg = f"{table}: missing column(s) {', '.join(missing)}; the header must be {','.join(_TILE_COLUMNS)}"
+            raise ValueError(msg)
+        for line, row in enumerate(reader, start=2):
+            name = (row["file"] or "").strip()
+            if name not in by_name:
+                msg = f"{table}, line {line}: {name!r} is not a training image in {good}"
+                raise ValueError(msg)
+            if by_name[name] in out:
+                msg = f"{table}, line {line}: {name!r} has a row already"
+                raise ValueError(msg)
+            try:
+                box = [int(row[c]) for c in _TILE_COLUMNS[2:]]
+            except (TypeError, ValueError):
+                msg = f"{table}, line {line}: top, left, height and width must be integers, got {row}"
+                raise ValueError(msg) from None
+            if box[0] < 0 or box[1] < 0 or box[2] < 1 or box[3] < 1:
+                msg = f"{table}, line {line}: need top, left >= 0 and height, width >= 1, got {box}"
+                raise ValueError(msg)
+            out[by_name[name]] = TileBox((row["source"] or "").strip(), *box)
+    unlisted = [p.name for p in images if p not in out]
+    if unlisted:
+        msg = (f"{table}: {len(unlisted)} training image(s) have no row ({', '.join(unlisted[:3])}"
+               f"{', ...' if len(unlisted) > 3 else ''}); list every image of {good} or remove the table")
+        raise ValueError(msg)
+    return out
 
 
 def _mask_names(stem: str) -> list[str]:
@@ -54,7 +134,10 @@ def _mask_names(stem: str) -> list[str]:
 
 def _list_category(cat_dir: Path, category: str) -> list[ImageSample]:
     """Train and test samples of one category; warns when anomalous test images have no mask (by stem)."""
-    samples = [ImageSample(p, category, "train", "good", 0, None) for p in list_images(cat_dir / "train" / "good")]
+    images = list_images(cat_dir / "train" / "good")
+    table = cat_dir / "train" / TILES_FILE
+    tiles = read_tiles(table, images) if table.is_file() and images else {}
+    samples = [ImageSample(p, category, "train", "good", 0, None, tiles.get(p)) for p in images]
     test_dir = cat_dir / "test"
     unpaired = []
     if test_dir.is_dir():

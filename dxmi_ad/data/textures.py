@@ -3,7 +3,9 @@
 For each of ``brick``, ``grass``, ``gravel`` (512x512 grayscale, CC0; data/README.md): training tiles of
 64x64 from the top 75% of the photo (stride 32), test tiles from the disjoint bottom strip (stride 16), half of the
 test tiles given a SYNTHETIC defect (a 2-px bright scratch, a darkened disc, a 16x16 cut-paste from another
-texture) with its pixel mask. Defect classes are named ``synthetic_*`` everywhere.
+texture) with its pixel mask. Defect classes are named ``synthetic_*`` everywhere. The training tiles overlap
+by half, so each category's ``train/tiles.csv`` gives every tile's box in its photo, and hold-outs (calibration,
+model selection) take a pixel-disjoint block (``dxmi_ad.image.split_calibration``).
 
 The tiles are written once into an MVTec-layout cache folder and then read by the same MVTec loader as real data,
 so the default exercises the real path. The folder is built in a temporary sibling and renamed when complete.
@@ -18,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from dxmi_ad.checkpoint import atomic_directory
+from dxmi_ad.data.mvtec import TILES_FILE
 
 __all__ = ["DEFECT_KINDS", "TEXTURES", "UNSEEN_KINDS", "default_cache_dir", "texture_tiles", "write_textures"]
 
@@ -28,7 +31,7 @@ UNSEEN_KINDS = ("smudge", "noise", "mirror")
 """Defect kinds that neither the benchmarks (:data:`DEFECT_KINDS`) nor model selection (Perlin blends of other normal
 images) use, to check a choice on defects it was not made on (issue #13): a 24x24 box blur of the texture, additive
 Gaussian noise (std 40 grey levels) in a 16x16 square, a 16x24 region mirrored top to bottom."""
-_VERSION = "1"  # bump when the recipe below changes, so old caches are rebuilt
+_VERSION = "2"  # bump when the recipe below changes, so old caches are rebuilt (2: train/tiles.csv; same pixels)
 
 
 def default_cache_dir() -> Path:
@@ -49,7 +52,8 @@ def texture_tiles(name: str, patch: int = 64, stride: int = 32, test_frac: float
         kinds: Defect kinds, used in turn: :data:`DEFECT_KINDS` (the default test set) or :data:`UNSEEN_KINDS`.
 
     Returns:
-        Dict with ``train`` ``(n, patch, patch)`` uint8, ``test`` ``(m, patch, patch)`` uint8, ``mask`` ``(m, patch,
+        Dict with ``train`` ``(n, patch, patch)`` uint8, ``train_box`` ``(n, 2)`` int (each training tile's top and
+        left pixel in the photo), ``test`` ``(m, patch, patch)`` uint8, ``mask`` ``(m, patch,
         patch)`` bool, ``kind`` ``(m,)`` str (``good`` or ``synthetic_*``).
 
     Raises:
@@ -70,9 +74,11 @@ def texture_tiles(name: str, patch: int = 64, stride: int = 32, test_frac: float
     donor = getattr(skd, "gravel" if name != "gravel" else "brick")()
     cut = int(img.shape[0] * (1 - test_frac))
 
+    def corners(a: np.ndarray, s: int) -> list[tuple[int, int]]:
+        return [(i, j) for i in range(0, a.shape[0] - patch + 1, s) for j in range(0, a.shape[1] - patch + 1, s)]
+
     def tiles(a: np.ndarray, s: int) -> np.ndarray:
-        return np.stack([a[i:i + patch, j:j + patch] for i in range(0, a.shape[0] - patch + 1, s)
-                         for j in range(0, a.shape[1] - patch + 1, s)])
+        return np.stack([a[i:i + patch, j:j + patch] for i, j in corners(a, s)])
 
     train = tiles(img[:cut], stride)
     test = tiles(img[cut:], stride // 2).astype(np.float32)
@@ -106,7 +112,7 @@ def texture_tiles(name: str, patch: int = 64, stride: int = 32, test_frac: float
             m[a[0]:a[0] + s, a[1]:a[1] + s] = True
             q[m] = donor[b[0]:b[0] + s, b[1]:b[1] + s].ravel()
         kind[i] = "synthetic_" + k
-    return {"train": train, "test": np.clip(test, 0, 255).astype(np.uint8), "mask": masks, "kind": kind}
+    return {"train": train, "train_box": np.array(corners(img[:cut], stride)), "test": np.clip(test, 0, 255).astype(np.uint8), "mask": masks, "kind": kind}
 
 
 def write_textures(cache_dir: str | Path | None = None, seed: int = 0, unseen_kinds: bool = False) -> Path:
@@ -130,8 +136,11 @@ def write_textures(cache_dir: str | Path | None = None, seed: int = 0, unseen_ki
         for name in TEXTURES:
             t = texture_tiles(name, seed=seed, kinds=UNSEEN_KINDS if unseen_kinds else DEFECT_KINDS)
             (tmp / name / "train" / "good").mkdir(parents=True)
-            for i, tile in enumerate(t["train"]):
+            rows = ["file,source,top,left,height,width"]
+            for i, (tile, (top, left)) in enumerate(zip(t["train"], t["train_box"])):
                 Image.fromarray(tile).save(tmp / name / "train" / "good" / f"{i:03d}.png")
+                rows.append(f"{i:03d}.png,{name},{top},{left},{tile.shape[0]},{tile.shape[1]}")
+            (tmp / name / "train" / TILES_FILE).write_text("\n".join(rows) + "\n")
             for i, (tile, mask, kind) in enumerate(zip(t["test"], t["mask"], t["kind"])):
                 (tmp / name / "test" / kind).mkdir(parents=True, exist_ok=True)
                 Image.fromarray(tile).save(tmp / name / "test" / kind / f"{i:03d}.png")
