@@ -233,3 +233,33 @@ def test_dxmi_fine_tuning_improves_a_few_step_sampler_on_digits():
     tuned = sample_quality(clf, images, det.sample(500, seed=1))
     assert tuned["frechet"] < 0.8 * start["frechet"], (start, tuned)
     assert tuned["recall"] > start["recall"], (start, tuned)
+
+
+def test_cli_pixel_mode_holds_out_a_pixel_disjoint_block_of_tiles(tmp_path, monkeypatch):
+    """With train/tiles.csv, pixel mode calibrates on a block of tiles none of its training tiles overlaps."""
+    from PIL import Image
+
+    good = tmp_path / "parts" / "train" / "good"
+    good.mkdir(parents=True)
+    rows = ["file,source,top,left,height,width"]
+    for i in range(10):  # a strip of tiles, each overlapping the next by half; tile i is the grey level 20 i
+        Image.fromarray(np.full((8, 8), 20 * i, np.uint8)).save(good / f"{i}.png")
+        rows.append(f"{i}.png,strip,0,{4 * i},8,8")
+    (tmp_path / "parts" / "train" / "tiles.csv").write_text("\n".join(rows) + "\n")
+    seen = {}
+
+    def capture(self, images, calibration=None, **kw):
+        seen["train"], seen["cal"] = images, calibration
+        raise KeyboardInterrupt  # stop before training; only the split is under test
+
+    monkeypatch.setattr(PixelDetector, "fit", capture)
+    r = CliRunner().invoke(app, ["train", "--mode", "pixel", "--dataset", "folder", "--data-root",
+                                 str(tmp_path / "parts"), "--calibration-fraction", "0.2", "--out",
+                                 str(tmp_path / "run"), *[x for k, v in TINY.items() for x in ("--set", f"{k}={v}")]])
+    assert "train" in seen, r.output  # (the CLI turns the interrupt into exit status 130)
+
+    def levels(x):
+        return sorted(round(float(np.asarray(im).mean()) * 255 / 20) for im in x)
+
+    assert levels(seen["cal"]) == [8, 9]  # the block: the last tiles in raster order
+    assert levels(seen["train"]) == [0, 1, 2, 3, 4, 5, 6]  # tile 7 overlaps tile 8: not trained on
