@@ -25,6 +25,10 @@ the benchmarks nor selection use (smudge, noise, mirror), so a choice is also ch
 energy map) jointly with the blur; every (blur, top_k) pair's validation and TEST image AUROC for the autoencoder
 alone is printed as a grid (the test figures are reported, never used for the choice).
 
+``--extra-validation noise other`` adds columns ``val noise`` / ``val other``: the validation AUROC of every row
+with the same held-out normals and synthetic anomalies filled from another source (``validation_source``), to see
+which validation ranks the energies as the test's defects do; reported, never used for a choice.
+
 ``--trace-test`` is a DIAGNOSTIC: at every validation point of every DxMI row it also scores the TEST set (mean image
 / pixel AUROC, no blur) and prints the trace beside the validation AUROC, so a reader sees how far the best iterate
 on the test set (an oracle no user has) lies above the start and whether validation follows it. Selection still reads
@@ -173,6 +177,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--n-iter", type=int, default=300, help="DxMI iterations of every variant but the recipe")
     parser.add_argument("--validate-every", type=int, default=50)
+    parser.add_argument("--extra-validation", nargs="*", default=[], choices=["normal", "noise", "other"],
+                        metavar="SOURCE", help="also report the validation AUROC of every row with synthetic anomalies "
+                        "filled from SOURCE (validation_source: normal, noise, other): columns 'val SOURCE', never "
+                        "used for a choice")
     parser.add_argument("--only", nargs="+", default=None, help="variant names (substring match)")
     parser.add_argument("--skip", nargs="+", default=None, help="variant names to leave out (substring match)")
     parser.add_argument("--unseen-kinds", action="store_true",
@@ -244,6 +252,11 @@ def main() -> None:
         det = ImageDetector(cfg0, feats)
         fit_part, val_part = split_calibration(train, cfg0.validation_fraction, seed + 1)
         validate = det._validation(val_part, fit_part, skip_bad_files=False)
+        extra_validate = {}  # the same held-out normals, other anomaly sources: reported, never used for a choice
+        for src in args.extra_validation:
+            det.config = cfg0.replace(validation_source=src)
+            extra_validate[src] = det._validation(val_part, fit_part, skip_bad_files=False)
+        det.config = cfg0
         if test_feats is None:
             test_feats, masks = features_and_masks(test, det._extractor(), feats.image_size)
             if unseen:
@@ -295,6 +308,8 @@ def main() -> None:
                 if tag:
                     out["AUPRO blur"] = mean.get("pixel_AUPRO", np.nan)
                     out["val AUROC"] = validate(model)
+                    for src, extra in extra_validate.items():
+                        out[f"val {src}"] = extra(model)
                 if unseen:  # the same model on defect kinds no choice was made on
                     mean = mean_metrics(model, scoring, "unseen")
                     out[f"unseen image{tag}"] = mean["image_AUROC"]
@@ -367,6 +382,7 @@ def main() -> None:
         print(summary.to_string(float_format=lambda v: f"{v:.4f}"))
     table = pd.DataFrame(rows)
     cols = ["image", "pixel", "image blur", "pixel blur", "AUPRO blur", "val AUROC"]
+    cols += [f"val {src}" for src in args.extra_validation]
     cols += [f"unseen {c}" for c in ("image", "pixel", "image blur", "pixel blur")] if unseen else []
     cols += ["image own", "pixel own"] if args.rechoose else []
     mean = table.groupby("variant", sort=False)[cols].mean()

@@ -20,6 +20,8 @@ from typing import Any
 VAR_TOTAL_SIGNAL = math.prod(1 - (0.01 + 0.095 * i) ** 2 for i in range(10))
 #: What the image models' validation score measures (``DxMIConfig.validation_metric``).
 VALIDATION_METRICS = ("image", "pixel", "image+pixel")
+#: What the image models' SYNTHETIC validation anomalies are filled with (``DxMIConfig.validation_source``).
+VALIDATION_SOURCES = ("normal", "noise", "other")
 
 
 def ddpm_last_alpha_bar(n_steps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> float:
@@ -51,6 +53,7 @@ _CHOICES = {
     "reschedule": ("var", "uniform"),
     "time_cost": ("none", "sigmoid", "linear"),
     "validation_metric": VALIDATION_METRICS,
+    "validation_source": VALIDATION_SOURCES,
 }
 
 
@@ -184,6 +187,11 @@ class DxMIConfig:
             as drawn (5% of the image on average); a fraction in (0, 1] = each mask cut to a square
             window of that fraction of the image side (``dxmi_ad.validation.synthetic_anomalies``, ``region``):
             smaller, local anomalies, a harder validation.
+        validation_source: What fills the masks of those SYNTHETIC anomalies (anomalib's Perlin generator, its
+            colour augmentations included): ``"normal"`` (default) = other normal training images of the same
+            category; ``"noise"`` = anomalib's default source, the Perlin noise pattern itself; ``"other"`` =
+            normal training images of the other categories (foreign content, as DRAEM's texture sources; needs two
+            categories or more).
         validation_metric: What the image models' validation score measures on that split: ``"image"`` (default)
             = image AUROC of ``pred_score``, normal vs SYNTHETIC anomalous images; ``"pixel"`` = pixel AUROC of
             the anomaly map against the synthetic masks (the normal images' pixels all negative), which rewards
@@ -271,6 +279,7 @@ class DxMIConfig:
     validation_blend_high: float = 1.0
     validation_region: float | None = None
     validation_metric: str = "image"
+    validation_source: str = "normal"
     select_energy_only: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -676,7 +676,8 @@ class ImageDetector(CalibratedDetector):
         ``config.validation_metric`` says.
 
         Each held-out normal training image also becomes a synthetic anomaly (:func:`~dxmi_ad.validation.
-        synthetic_anomalies`: a Perlin mask filled from another normal training image of the same category). Only
+        synthetic_anomalies`: a Perlin mask filled, as ``config.validation_source`` says, from another normal
+        training image of the same category, the Perlin noise itself, or a training image of another category). Only
         training images are read; the scorer is the model's (blur included).
 
         Returns:
@@ -703,9 +704,15 @@ class ImageDetector(CalibratedDetector):
         sets = []
         for k, cat in enumerate(sorted({s.category for s in normals})):
             normal = read([s for s in normals if s.category == cat], "validation split")
-            pool = [s for s in others if s.category == cat]
-            sources = read([pool[i] for i in np.random.default_rng(self.config.seed + k).permutation(len(pool))[:32]],
-                           "training set")
+            source = self.config.validation_source  # what fills the synthetic anomalies' masks
+            pool = [s for s in others if (s.category == cat) == (source == "normal")]
+            if source == "other" and not pool:
+                msg = (f"validation_source='other' fills category {cat!r}'s synthetic anomalies with other categories' "
+                       "training images, and there are none: use 'normal' or 'noise'")
+                raise ValueError(msg)
+            sources = None if source == "noise" else read(
+                [pool[i] for i in np.random.default_rng(self.config.seed + k).permutation(len(pool))[:32]],
+                "training set")
             if not len(normal):
                 msg = f"category {cat!r} has no readable held-out validation image"
                 raise ValueError(msg)

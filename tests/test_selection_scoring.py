@@ -328,6 +328,33 @@ def test_validation_metric_pixel_and_mean_on_real_features(tmp_path):
         DxMIConfig(validation_metric="pixels")
 
 
+def test_validation_source_fills_anomalies_from_normal_noise_or_other_categories(tmp_path):
+    """validation_source: the same held-out normals, anomalies filled from same-category images, Perlin noise or the
+    other categories' images: three different validation scores; 'other' with one category is refused, named."""
+    from dxmi_ad.data.mvtec import list_mvtec
+    from dxmi_ad.image import FeatureSettings, ImageDetector, extract_training_features, split_calibration
+    from dxmi_ad.training.fit import train_model
+    from tests.helpers import write_mvtec_tree
+
+    samples = [s for s in list_mvtec(write_mvtec_tree(tmp_path / "mvtec")) if s.split == "train"]
+    fit_part, val_part = split_calibration(samples, 0.25, 1)
+    config = DxMIConfig(**{**TINY_HEAD, "n_iter": 0, "batch_size": 32})
+    det = ImageDetector(config, FeatureSettings(image_size=64))
+    feats, _ = extract_training_features(fit_part, det.features, det._extractor())
+    n, h, w, c = feats.shape
+    model, _ = train_model(torch.from_numpy(np.asarray(feats).reshape(n * h * w, c)), config.replace(dim=c))
+    scores = {}
+    for source in ("normal", "noise", "other"):
+        det.config = config.replace(validation_source=source)
+        scores[source] = det._validation(val_part, fit_part, skip_bad_files=False)(model)
+    assert all(0.0 <= v <= 1.0 for v in scores.values()) and len(set(scores.values())) == 3, scores
+    one = [s for s in fit_part if s.category == "brick"]
+    with pytest.raises(ValueError, match="validation_source='other' fills category 'brick'"):
+        det._validation([s for s in val_part if s.category == "brick"], one, skip_bad_files=False)
+    with pytest.raises(ValueError, match="validation_source must be one of"):
+        DxMIConfig(validation_source="dtd")
+
+
 def test_image_selection_never_reads_the_test_set(tmp_path, monkeypatch):
     """ImageDetector.fit with validate_every > 0 reads only training images and records the selected iteration."""
     import dxmi_ad.image as image_mod
