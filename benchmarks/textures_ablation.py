@@ -128,7 +128,10 @@ def _start_key(config: DxMIConfig, feats: FeatureSettings) -> str:
     the dataset's version, hashed."""
     from dxmi_ad.data import textures
 
-    blob = json.dumps({"config": config.to_dict(), "features": dataclasses.asdict(feats),
+    settings = config.to_dict()
+    if settings.get("validation_source") == "normal":  # added later: at its default, the key of older caches
+        del settings["validation_source"]
+    blob = json.dumps({"config": settings, "features": dataclasses.asdict(feats),
                        "textures": textures._VERSION, "torch": torch.__version__}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
