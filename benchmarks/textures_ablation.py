@@ -129,8 +129,8 @@ def _start_key(config: DxMIConfig, feats: FeatureSettings) -> str:
     from dxmi_ad.data import textures
 
     settings = config.to_dict()
-    if settings.get("validation_source") == "normal":  # added later: at its default, the key of older caches
-        del settings["validation_source"]
+    settings.pop("validation_source", None)  # what fills the validation anomalies never changes the start (and the
+    # switch came after starts were cached: without it in the key, those are found)
     blob = json.dumps({"config": settings, "features": dataclasses.asdict(feats),
                        "textures": textures._VERSION, "torch": torch.__version__}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
