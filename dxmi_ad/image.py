@@ -456,7 +456,9 @@ def split_calibration(samples: Sequence[ImageSample], fraction: float, seed: int
         near = {i for i in order[:-n] if any(samples[i].tile.overlaps(samples[j].tile) for j in block)}
         if len(idx) - n - len(near) < 2:
             msg = (f"category {cat!r}: holding out {n} of {len(idx)} tiles leaves {len(idx) - n - len(near)} that "
-                   "share no pixel with them (train/tiles.csv); lower the fraction or add tiles")
+                   "share no pixel with them (train/tiles.csv); hold out fewer (the calibration fraction, or "
+                   "validation_fraction; model selection holds out at least 1: validate_every=0 turns it off) or add "
+                   "tiles that do not overlap")
             raise ValueError(msg)
         held.update(block)
         dropped.update(near)

@@ -96,13 +96,16 @@ def read_tiles(table: Path, images: list[Path]) -> dict[Path, TileBox]:
     good = table.parent / "good"
     by_name = {p.relative_to(good).as_posix(): p for p in images}
     out: dict[Path, TileBox] = {}
-    with table.open(newline="", encoding="utf-8") as f:
+    with table.open(newline="", encoding="utf-8-sig") as f:  # utf-8-sig: a spreadsheet's byte-order mark is no column
         reader = csv.DictReader(f)
+        if reader.fieldnames:
+            reader.fieldnames = [c.strip().lower() for c in reader.fieldnames]
         missing = [c for c in _TILE_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
             msg = f"{table}: missing column(s) {', '.join(missing)}; the header must be {','.join(_TILE_COLUMNS)}"
             raise ValueError(msg)
-        for line, row in enumerate(reader, start=2):
+        for row in reader:
+            line = reader.line_num
             name = (row["file"] or "").strip()
             if name not in by_name:
                 msg = f"{table}, line {line}: {name!r} is not a training image in {good}"
