@@ -164,6 +164,7 @@ def test_embedded_textures_hold_out_pixel_disjoint_blocks():
     ("file,source,top,left,height,width\n0.png,a,x,0,8,8\n", "line 2: top, left, height and width must be integers"),
     ("file,source,top,left,height,width\n0.png,a,0,0,8,8\n", r"1 training image\(s\) have no row \(1.png\)"),
     ("file,source,top,left,height,width\n\n\nnope.png,a,0,0,8,8\n", "line 4: 'nope.png'"),  # the file's line
+    ("file,source,top,left,height,width\n0.png, ,0,0,8,8\n", "line 2: empty source"),
     ("\ufeffFile, source,top,left,height,width\r\n0.png,a,0,0,8,8\r\n1.png,a,0,0,8,8\r\nx.png,a,0,0,8,8\r\n",
      "line 4: 'x.png'"),  # a byte-order mark, a capital and a space are read past
 ])

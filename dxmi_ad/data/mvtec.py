@@ -9,8 +9,9 @@ category at its root (``ROOT/train/good``, optional ``ROOT/test/...`` and ``ROOT
 Tiles: when the training images are tiles cut from larger pictures, ``<category>/train/tiles.csv`` (optional) says
 where each came from, with the header ``file,source,top,left,height,width``: ``file`` relative to ``train/good``,
 ``source`` a name of the larger picture, the rest the tile's box in that picture's pixels. Hold-outs (calibration,
-model selection) then keep held-out tiles pixel-disjoint from the tiles trained on (``dxmi_ad.image.split_calibration``):
-a held-out tile that overlaps a training tile is partly seen, and scores lower than new normal images do.
+model selection) then keep held-out tiles pixel-disjoint from the tiles trained on
+(``dxmi_ad.image.split_calibration``): a held-out tile that overlaps a training tile is partly seen, and scores
+lower than new normal images do.
 """
 
 from __future__ import annotations
@@ -89,9 +90,9 @@ def read_tiles(table: Path, images: list[Path]) -> dict[Path, TileBox]:
         Image path -> :class:`TileBox`.
 
     Raises:
-        ValueError: A missing column, a row that is not ``top, left >= 0`` and ``height, width >= 1`` integers, a file
-            named twice or not among the training images, or training images without a row (each names the table and
-            the row or file).
+        ValueError: A missing column, an empty source, a row that is not ``top, left >= 0`` and ``height, width >= 1``
+            integers, a file named twice or not among the training images, or training images without a row (each
+            names the table and the row or file).
     """
     good = table.parent / "good"
     by_name = {p.relative_to(good).as_posix(): p for p in images}
@@ -121,7 +122,11 @@ def read_tiles(table: Path, images: list[Path]) -> dict[Path, TileBox]:
             if box[0] < 0 or box[1] < 0 or box[2] < 1 or box[3] < 1:
                 msg = f"{table}, line {line}: need top, left >= 0 and height, width >= 1, got {box}"
                 raise ValueError(msg)
-            out[by_name[name]] = TileBox((row["source"] or "").strip(), *box)
+            source = (row["source"] or "").strip()
+            if not source:
+                msg = f"{table}, line {line}: empty source (the name of the picture {name!r} was cut from)"
+                raise ValueError(msg)
+            out[by_name[name]] = TileBox(source, *box)
     unlisted = [p.name for p in images if p not in out]
     if unlisted:
         msg = (f"{table}: {len(unlisted)} training image(s) have no row ({', '.join(unlisted[:3])}"
