@@ -263,3 +263,4 @@ def test_cli_pixel_mode_holds_out_a_pixel_disjoint_block_of_tiles(tmp_path, monk
 
     assert levels(seen["cal"]) == [8, 9]  # the block: the last tiles in raster order
     assert levels(seen["train"]) == [0, 1, 2, 3, 4, 5, 6]  # tile 7 overlaps tile 8: not trained on
+    assert "block of 2 tiles" in r.output and "the 1 tiles sharing pixels" in " ".join(r.output.split())

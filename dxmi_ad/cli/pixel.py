@@ -316,6 +316,9 @@ def train_pixel(opts: TrainOptions, recipe: dict[str, Any], explicit_keys: set[s
                     fit_s, cal_s = split_calibration(split.train_samples, frac, config.seed)
                     train = split.train[[row[s.path] for s in fit_s]]
                     calibration = split.train[[row[s.path] for s in cal_s]]
+                    console.print(f"calibration: a block of {len(cal_s)} tiles (train/tiles.csv); the "
+                                  f"{len(row) - len(fit_s) - len(cal_s)} tiles sharing pixels with it are not trained "
+                                  f"on ({len(fit_s)} are)", highlight=False)
                 det.fit(train, calibration=calibration, fpr=opts.fpr,
                         fdr=opts.fdr, init_sampler=init, progress=progress)
     except ValueError as err:
