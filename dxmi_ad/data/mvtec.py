@@ -24,7 +24,8 @@ from pathlib import Path
 from dxmi_ad._warn import caller_stacklevel
 from dxmi_ad.data.images import IMAGE_SUFFIXES, find_images, is_hidden, list_images
 
-__all__ = ["MVTEC_HELP", "TILES_FILE", "ImageSample", "TileBox", "list_folder", "list_labelled_dir", "list_mvtec", "list_normal_dir"]
+__all__ = ["MVTEC_HELP", "TILES_FILE", "ImageSample", "TileBox", "list_folder", "list_labelled_dir", "list_mvtec",
+           "list_normal_dir", "read_tiles"]
 
 MVTEC_HELP = (
     "MVTec AD is not downloaded by dxmi-ad. Get it from https://www.mvtec.com/company/research/datasets/mvtec-ad "
