@@ -24,8 +24,8 @@ from pathlib import Path
 from dxmi_ad._warn import caller_stacklevel
 from dxmi_ad.data.images import IMAGE_SUFFIXES, find_images, is_hidden, list_images
 
-__all__ = ["MVTEC_HELP", "TILES_FILE", "ImageSample", "TileBox", "list_folder", "list_labelled_dir", "list_mvtec",
-           "list_normal_dir", "read_tiles"]
+__all__ = ["MVTEC_HELP", "TILES_FILE", "TILE_COLUMNS", "ImageSample", "TileBox", "list_folder", "list_labelled_dir",
+           "list_mvtec", "list_normal_dir", "read_tiles"]
 
 MVTEC_HELP = (
     "MVTec AD is not downloaded by dxmi-ad. Get it from https://www.mvtec.com/company/research/datasets/mvtec-ad "
@@ -36,7 +36,8 @@ MVTEC_HELP = (
 
 TILES_FILE = "tiles.csv"
 """Name of the optional tile table of a category's training images (``<category>/train/tiles.csv``)."""
-_TILE_COLUMNS = ("file", "source", "top", "left", "height", "width")
+TILE_COLUMNS = ("file", "source", "top", "left", "height", "width")
+"""Header of :data:`TILES_FILE`, in order."""
 
 
 @dataclass(frozen=True)
@@ -102,9 +103,9 @@ def read_tiles(table: Path, images: list[Path]) -> dict[Path, TileBox]:
         reader = csv.DictReader(f)
         if reader.fieldnames:
             reader.fieldnames = [c.strip().lower() for c in reader.fieldnames]
-        missing = [c for c in _TILE_COLUMNS if c not in (reader.fieldnames or [])]
+        missing = [c for c in TILE_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
-            msg = f"{table}: missing column(s) {', '.join(missing)}; the header must be {','.join(_TILE_COLUMNS)}"
+            msg = f"{table}: missing column(s) {', '.join(missing)}; the header must be {','.join(TILE_COLUMNS)}"
             raise ValueError(msg)
         for row in reader:
             line = reader.line_num
@@ -116,7 +117,7 @@ def read_tiles(table: Path, images: list[Path]) -> dict[Path, TileBox]:
                 msg = f"{table}, line {line}: {name!r} has a row already"
                 raise ValueError(msg)
             try:
-                box = [int(row[c]) for c in _TILE_COLUMNS[2:]]
+                box = [int(row[c]) for c in TILE_COLUMNS[2:]]
             except (TypeError, ValueError):
                 msg = f"{table}, line {line}: top, left, height and width must be integers, got {row}"
                 raise ValueError(msg) from None

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from dxmi_ad.checkpoint import atomic_directory
-from dxmi_ad.data.mvtec import TILES_FILE
+from dxmi_ad.data.mvtec import TILE_COLUMNS, TILES_FILE
 
 __all__ = ["DEFECT_KINDS", "TEXTURES", "UNSEEN_KINDS", "default_cache_dir", "texture_tiles", "write_textures"]
 
@@ -53,8 +53,8 @@ def texture_tiles(name: str, patch: int = 64, stride: int = 32, test_frac: float
 
     Returns:
         Dict with ``train`` ``(n, patch, patch)`` uint8, ``train_box`` ``(n, 2)`` int (each training tile's top and
-        left pixel in the photo), ``test`` ``(m, patch, patch)`` uint8, ``mask`` ``(m, patch,
-        patch)`` bool, ``kind`` ``(m,)`` str (``good`` or ``synthetic_*``).
+        left pixel in the photo), ``test`` ``(m, patch, patch)`` uint8, ``mask`` ``(m, patch, patch)`` bool,
+        ``kind`` ``(m,)`` str (``good`` or ``synthetic_*``).
 
     Raises:
         ValueError: On an unknown texture name or defect kind.
@@ -80,7 +80,8 @@ def texture_tiles(name: str, patch: int = 64, stride: int = 32, test_frac: float
     def tiles(a: np.ndarray, s: int) -> np.ndarray:
         return np.stack([a[i:i + patch, j:j + patch] for i, j in corners(a, s)])
 
-    train = tiles(img[:cut], stride)
+    boxes = corners(img[:cut], stride)
+    train = np.stack([img[i:i + patch, j:j + patch] for i, j in boxes])
     test = tiles(img[cut:], stride // 2).astype(np.float32)
     masks = np.zeros(test.shape, bool)
     kind = np.array(["good"] * len(test), dtype=object)
@@ -112,7 +113,8 @@ def texture_tiles(name: str, patch: int = 64, stride: int = 32, test_frac: float
             m[a[0]:a[0] + s, a[1]:a[1] + s] = True
             q[m] = donor[b[0]:b[0] + s, b[1]:b[1] + s].ravel()
         kind[i] = "synthetic_" + k
-    return {"train": train, "train_box": np.array(corners(img[:cut], stride)), "test": np.clip(test, 0, 255).astype(np.uint8), "mask": masks, "kind": kind}
+    return {"train": train, "train_box": np.array(boxes), "test": np.clip(test, 0, 255).astype(np.uint8),
+            "mask": masks, "kind": kind}
 
 
 def write_textures(cache_dir: str | Path | None = None, seed: int = 0, unseen_kinds: bool = False) -> Path:
@@ -136,7 +138,7 @@ def write_textures(cache_dir: str | Path | None = None, seed: int = 0, unseen_ki
         for name in TEXTURES:
             t = texture_tiles(name, seed=seed, kinds=UNSEEN_KINDS if unseen_kinds else DEFECT_KINDS)
             (tmp / name / "train" / "good").mkdir(parents=True)
-            rows = ["file,source,top,left,height,width"]
+            rows = [",".join(TILE_COLUMNS)]
             for i, (tile, (top, left)) in enumerate(zip(t["train"], t["train_box"])):
                 Image.fromarray(tile).save(tmp / name / "train" / "good" / f"{i:03d}.png")
                 rows.append(f"{i:03d}.png,{name},{top},{left},{tile.shape[0]},{tile.shape[1]}")
