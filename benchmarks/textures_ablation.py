@@ -129,8 +129,10 @@ def _start_key(config: DxMIConfig, feats: FeatureSettings) -> str:
     from dxmi_ad.data import textures
 
     settings = config.to_dict()
-    settings.pop("validation_source", None)  # what fills the validation anomalies never changes the start (and the
-    # switch came after starts were cached: without it in the key, those are found)
+    # switches that act after the start only (what fills the validation anomalies, the average of the DxMI energy's
+    # iterates) never change it, and came after starts were cached: without them in the key, those are found
+    for name in ("validation_source", "energy_ema"):
+        settings.pop(name, None)
     blob = json.dumps({"config": settings, "features": dataclasses.asdict(feats),
                        "textures": textures._VERSION, "torch": torch.__version__}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -123,6 +123,11 @@ class DxMIConfig:
         negative_l2_weight: Guard (named deviation from the EV trainer, which has no regularizer): MPDR / NAE's
             ``gamma_neg`` (weight 1 there), adding ``negative_l2_weight * E_pi[E(x_T)^2]`` to the energy loss, on the
             negatives only (separate from gamma, which also penalizes the data). 0 = off.
+        negative_phase_weight: Weight ``w`` in [0, 1] of the negative phase ``-E_pi[E(x_T)]`` in the energy loss
+            (1 = Eq. 5). An ablation control, not a method (issue #13): with 0 (and ``negative_l2_weight`` /
+            ``energy_l2_weight`` 0) the sampler's outputs never reach the energy's loss, and the DxMI stage is the
+            energy's own fit to the data continued at ``energy_lr`` with ``energy_grad_clip``: what DxMI adds over a
+            start trained longer at a lower learning rate is the difference between the two.
         health_window: Training-health check: iterations per window; a ``TrainingHealthWarning`` is issued once
             per run when ``E(samples) / E_max`` exceeds ``saturation_threshold`` at every iteration of a window
             (the energy separates samples by a trivial cue; :class:`~dxmi_ad.training.dxdp.DxDPTrainer`).
@@ -142,6 +147,15 @@ class DxMIConfig:
             sampler update at every iteration. 1 = paper (Alg. 1: one energy step per iteration). A research switch
             (issue #13, named deviation, docs/paper_map.md): k > 1 gives the sampler k updates per energy update so
             that it can catch up with the energy (like the ``n_critic`` ratio of GAN training, reversed).
+        energy_ema: Decay ``d`` in [0, 1) of an exponential moving average of the energy's parameters over the
+            DxMI energy updates (0 = paper, off: the last iterate). The average starts at the energy's weights when
+            DxMI starts (the pre-trained start) and moves ``avg += (1 - d) (theta - avg)`` after every energy
+            update; the game (value targets, sampler loss, negatives) plays against the live energy, and the
+            trained model scores with the average (model selection validates the averaged energy). Averaging
+            the iterates of a game damps its oscillation (Polyak averaging; Yazici et al. 2019 for GANs). Issue #13,
+            a named deviation (docs/paper_map.md): after ``k`` energy updates the start keeps weight ``d^k`` in the
+            average (0.99 and 200 updates: 0.13). Not with the shared energy (it is the value net the game
+            uses) nor with ``energy_refit_iter``.
         energy_refit_iter: Energy-only Adam steps after the DxMI stage (0 = paper, off): the sampler is frozen and
             each step pushes ``E`` down on a fresh data batch and up on fresh samples of the final sampler, with the
             game's loss (Eq. 5 with ``gamma`` / ``gamma_neg``) at the energy's learning rate (``value_lr`` for the
@@ -241,6 +255,7 @@ class DxMIConfig:
     velocity_weight: float = 0.01
     energy_l2_weight: float = 0.0
     negative_l2_weight: float = 0.0
+    negative_phase_weight: float = 1.0
     health_window: int = 20
     saturation_threshold: float = 0.95
     avr_momentum: float | None = 0.99
@@ -250,6 +265,7 @@ class DxMIConfig:
     warmup_iter: int = 0
     energy_update_every: int = 1
     energy_refit_iter: int = 0
+    energy_ema: float = 0.0
     sampler_lr: float = 1e-5
     value_lr: float = 1e-5
     energy_lr: float = 1e-4
@@ -335,6 +351,20 @@ class DxMIConfig:
             if int(getattr(self, name)) < 0:
                 msg = f"{name} must be >= 0, got {getattr(self, name)}"
                 raise ValueError(msg)
+        if not 0 <= self.negative_phase_weight <= 1:
+            msg = f"negative_phase_weight must be in [0, 1] (1 = Eq. 5), got {self.negative_phase_weight}"
+            raise ValueError(msg)
+        if not 0 <= self.energy_ema < 1:
+            msg = f"energy_ema must be in [0, 1) (an average's decay; 0 = off), got {self.energy_ema}"
+            raise ValueError(msg)
+        if self.energy_ema and self.energy_model == "shared":
+            msg = ("energy_ema > 0 needs a separate energy (energy_model 'autoencoder' or 'mlp'): the shared energy "
+                   "is the value net the game itself uses")
+            raise ValueError(msg)
+        if self.energy_ema and self.energy_refit_iter:
+            msg = (f"energy_ema={self.energy_ema} and energy_refit_iter={self.energy_refit_iter} both choose the "
+                   "final energy (the average of the game's iterates, or a refit of the last one): set one to 0")
+            raise ValueError(msg)
         if int(self.energy_update_every) < 1:
             msg = f"energy_update_every must be >= 1, got {self.energy_update_every}"
             raise ValueError(msg)

@@ -495,6 +495,8 @@ class ImageDetector(CalibratedDetector):
             decision rule; :class:`~dxmi_ad.decision.CalibratedDetector`), else None; ``threshold`` is its fixed
             threshold on ``pred_score`` (energy units), None under the FDR rule.
         history_: DxMI training diagnostics.
+        selection_split_: What :meth:`fit` held out for model selection (``validate_every > 0``), one sentence with
+            the counts (and the tiles left out of training next to a block of tiles), else None. Not saved.
     """
 
     def __init__(self, config: DxMIConfig, features: FeatureSettings | None = None, runtime: Any = None,
@@ -507,6 +509,7 @@ class ImageDetector(CalibratedDetector):
         self.model_: DxMIModel | None = None
         self.calibration_: Calibration | None = None
         self.history_: list[dict[str, Any]] = []
+        self.selection_split_: str | None = None
         self.categories: list[str] = []
 
     @property
@@ -603,8 +606,14 @@ class ImageDetector(CalibratedDetector):
         extractor = self._extractor()
         validate = None
         if self.config.validate_every:  # honest model selection: held-out normals + synthetic anomalies
+            n_before = len(fit_part)
             fit_part, val_part = split_calibration(fit_part, self.config.validation_fraction, self.config.seed + 1,
                                                    minimum=1)
+            self.selection_split_ = (f"{len(val_part)} of {n_before} training images held out to select the model "
+                                     f"({self.config.validation_fraction:g} per category, seed {self.config.seed + 1})")
+            if len(fit_part) + len(val_part) < n_before:  # tiles (train/tiles.csv): a pixel-disjoint block
+                self.selection_split_ += (f"; a block of tiles, the {n_before - len(fit_part) - len(val_part)} "
+                                          "tiles sharing pixels with it not trained on")
             validate = self._validation(val_part, fit_part, skip_bad_files)
         feats, kept = extract_training_features(fit_part, self.features, extractor, skip_bad_files, cache_dir,
                                                 progress=progress)

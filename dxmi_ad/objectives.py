@@ -21,23 +21,26 @@ def energy_loss(
     energy_samples: torch.Tensor,
     energy_l2_weight: float = 0.0,
     negative_l2_weight: float = 0.0,
+    negative_phase_weight: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """EBM side of the GCD objective (Eq. 5) with its regularizers.
 
-    ``E_p[E] - E_pi[E] + gamma (E_p[E^2] + E_pi[E^2]) + gamma_neg E_pi[E^2]``; the last term is MPDR / NAE's
-    penalty on the energy of the negatives (``gamma_neg``, weight 1 there), a named deviation from DxMI's EV trainer.
+    ``E_p[E] - w E_pi[E] + gamma (E_p[E^2] + E_pi[E^2]) + gamma_neg E_pi[E^2]``; the last term is MPDR / NAE's
+    penalty on the energy of the negatives (``gamma_neg``, weight 1 there), a named deviation from DxMI's EV trainer;
+    ``w`` is 1 in the paper (0 only as an ablation control: the energy then fits the data alone).
 
     Args:
         energy_data: Energies of data, shape ``(B,)`` (pushed down).
         energy_samples: Energies of sampler outputs ``x_T``, shape ``(B',)`` (pushed up).
         energy_l2_weight: gamma >= 0 (paper default 1 for 2-D / images; 0 in the AD trainer).
         negative_l2_weight: gamma_neg >= 0, weight of ``E_pi[E(x_T)^2]`` alone (0 = off).
+        negative_phase_weight: ``w`` in [0, 1], weight of the negative phase ``-E_pi[E]`` (1 = Eq. 5).
 
     Returns:
         Scalar loss and detached diagnostics ``energy_data``, ``energy_samples`` (batch means) and ``energy_gap``
         (``energy_samples - energy_data``).
     """
-    loss = energy_data.mean() - energy_samples.mean()
+    loss = energy_data.mean() - negative_phase_weight * energy_samples.mean()
     if energy_l2_weight:
         loss = loss + energy_l2_weight * (energy_data.pow(2).mean() + energy_samples.pow(2).mean())
     if negative_l2_weight:

@@ -264,3 +264,38 @@ def test_cli_pixel_mode_holds_out_a_pixel_disjoint_block_of_tiles(tmp_path, monk
     assert levels(seen["cal"]) == [8, 9]  # the block: the last tiles in raster order
     assert levels(seen["train"]) == [0, 1, 2, 3, 4, 5, 6]  # tile 7 overlaps tile 8: not trained on
     assert "block of 2 tiles" in r.output and "the 1 tiles sharing pixels" in " ".join(r.output.split())
+
+
+def test_cli_pixel_mode_holds_out_blocks_only_where_a_category_has_tiles(tmp_path, monkeypatch):
+    """One category with train/tiles.csv, one without: the first gets a block, the second a random draw."""
+    from PIL import Image
+
+    root = tmp_path / "root"
+    for cat, level in (("strip", 0), ("plain", 200)):
+        good = root / cat / "train" / "good"
+        good.mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(np.full((8, 8), level + i, np.uint8)).save(good / f"{i}.png")
+    rows = ["file,source,top,left,height,width", *(f"{i}.png,strip,0,{4 * i},8,8" for i in range(10))]
+    (root / "strip" / "train" / "tiles.csv").write_text("\n".join(rows) + "\n")
+    seen = {}
+
+    def capture(self, images, calibration=None, **kw):
+        seen["train"], seen["cal"] = images, calibration
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PixelDetector, "fit", capture)
+    r = CliRunner().invoke(app, ["train", "--mode", "pixel", "--dataset", "mvtec", "--data-root", str(root),
+                                 "--category", "strip,plain", "--calibration-fraction", "0.2", "--out",
+                                 str(tmp_path / "run"), *[x for k, v in TINY.items() for x in ("--set", f"{k}={v}")]])
+    assert "train" in seen, r.output
+
+    def levels(x):
+        return sorted(round(float(np.asarray(im).mean()) * 255) for im in x)
+
+    cal, train = levels(seen["cal"]), levels(seen["train"])
+    assert [v for v in cal if v < 100] == [8, 9]  # the strip's block
+    assert len([v for v in cal if v >= 200]) == 2  # a random 2 of the plain category's 10
+    assert [v for v in train if v < 100] == list(range(7))  # tile 7 overlaps the block: not trained on
+    assert len([v for v in train if v >= 200]) == 8
+    assert "a random draw in the others" in " ".join(r.output.split())

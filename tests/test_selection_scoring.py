@@ -386,6 +386,9 @@ def test_image_selection_never_reads_the_test_set(tmp_path, monkeypatch):
 
     assert selection_of(det.history_) == (final["selected_iteration"], final["best_val_auroc"])
     assert selection_of([{"iteration": 3, "val_auroc": 0.5}]) is None
+    # what the CLI prints: the counts of the split (no tile table here, so no block)
+    assert "training images held out to select the model" in det.selection_split_
+    assert "block" not in det.selection_split_
 
 
 @pytest.mark.parametrize("variant", [1, 2])

@@ -430,6 +430,8 @@ def train_images(opts: TrainOptions, recipe: dict[str, Any], console: Any, progr
     if validation is not None:
         det.calibrate(fpr=opts.fpr, validation=validation, skip_bad_files=opts.skip_bad_files)
     seconds = time.perf_counter() - t0
+    if det.selection_split_ is not None:
+        console.print(f"model selection: {det.selection_split_}", highlight=False)
     print_calibration(det, console)
     info = {"train_seconds": round(seconds, 2), "dataset": opts.dataset,
             "data_root": str(opts.data_root) if opts.data_root else None, "category": opts.category}

@@ -309,16 +309,19 @@ def train_pixel(opts: TrainOptions, recipe: dict[str, Any], explicit_keys: set[s
                 if frac is None:  # generation runs (all classes, no test split) keep every image for training
                     frac = 0.0 if not len(split.test) else 0.2
                 train, calibration = split.train, frac
-                if frac and split.train_samples and all(s.tile is not None for s in split.train_samples):
+                if frac and split.train_samples and any(s.tile is not None for s in split.train_samples):
                     from dxmi_ad.image import split_calibration  # tiles: a pixel-disjoint block, not a random draw
 
                     row = {s.path: i for i, s in enumerate(split.train_samples)}
                     fit_s, cal_s = split_calibration(split.train_samples, frac, config.seed)
                     train = split.train[[row[s.path] for s in fit_s]]
                     calibration = split.train[[row[s.path] for s in cal_s]]
-                    console.print(f"calibration: a block of {len(cal_s)} tiles (train/tiles.csv); the "
-                                  f"{len(row) - len(fit_s) - len(cal_s)} tiles sharing pixels with it are not trained "
-                                  f"on ({len(fit_s)} are)", highlight=False)
+                    held = (f"a block of {len(cal_s)} tiles (train/tiles.csv)"
+                            if all(s.tile is not None for s in split.train_samples) else
+                            f"{len(cal_s)} training images (a block of tiles in each category with train/tiles.csv, "
+                            "a random draw in the others)")
+                    console.print(f"calibration: {held}; the {len(row) - len(fit_s) - len(cal_s)} tiles sharing "
+                                  f"pixels with it are not trained on ({len(fit_s)} are)", highlight=False)
                 det.fit(train, calibration=calibration, fpr=opts.fpr,
                         fdr=opts.fdr, init_sampler=init, progress=progress)
     except ValueError as err:

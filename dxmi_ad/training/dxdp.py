@@ -125,7 +125,8 @@ def energy_step(model: DxMIModel, config: DxMIConfig, opt: torch.optim.Optimizer
     opt.zero_grad(set_to_none=True)
     e = energy(torch.cat([x_data, x_T]))
     n = x_data.shape[0]
-    loss, diag = energy_loss(e[:n], e[n:], config.energy_l2_weight, config.negative_l2_weight)
+    loss, diag = energy_loss(e[:n], e[n:], config.energy_l2_weight, config.negative_l2_weight,
+                             config.negative_phase_weight)
     if health is not None:
         health(diag)
     if update:
@@ -168,6 +169,9 @@ class DxDPTrainer:
         self.iteration = 0
         self._saturation: list[torch.Tensor] = []  # E(samples) / E_max of the current health window
         self.saturation_warned = False
+        # energy_ema: the average of the energy's iterates, from the weights the game starts with
+        self.energy_average: list[torch.Tensor] | None = (
+            [p.detach().clone() for p in model.energy_params()] if c.energy_ema else None)
 
     # ------------------------------------------------------------------ helpers
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -177,6 +181,8 @@ class DxDPTrainer:
             for idx, st in opt.state_dict()["state"].items():
                 for key, value in st.items():
                     out[f"opt.{name}.{idx}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+        for idx, avg in enumerate(self.energy_average or []):
+            out[f"opt.ema_energy.{idx}"] = avg
         return out
 
     def state_meta(self) -> dict[str, Any]:
@@ -206,7 +212,29 @@ class DxDPTrainer:
             sd["state"] = state
             sd["param_groups"] = [{**g, "params": own["params"]} for g, own in zip(groups, sd["param_groups"])]
             opt.load_state_dict(sd)
+        if self.energy_average is not None:
+            keys = [f"opt.ema_energy.{idx}" for idx in range(len(self.energy_average))]
+            if not all(k in tensors for k in keys):
+                msg = "the checkpoint has no average of the energy (energy_ema was off when it was written)"
+                raise ValueError(msg)
+            for avg, key in zip(self.energy_average, keys):
+                avg.copy_(tensors[key])
         self.iteration = int(meta["iteration"])
+
+    @torch.no_grad()
+    def swap_energy_average(self) -> bool:
+        """Exchange the energy's parameters with their average (``energy_ema``); a second call swaps back.
+
+        Returns:
+            False (nothing done) when ``energy_ema`` is off.
+        """
+        if self.energy_average is None:
+            return False
+        for p, avg in zip(self.model.energy_params(), self.energy_average):
+            live = p.detach().clone()
+            p.copy_(avg)
+            avg.copy_(live)
+        return True
 
     def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
         opts = {"sampler": self.opt_sampler, "value": self.opt_value}
@@ -296,9 +324,13 @@ class DxDPTrainer:
         s2 = m.velocity_scale_sq if c.avr_momentum is not None else torch.ones_like(m.velocity_scale_sq)
         diag: dict[str, torch.Tensor] = {}
         # 3. Energy step: push E(data) down and E(x_T) up (Eq. 5).
-        diag.update(energy_step(m, c, self.opt_energy, x_data, traj[-1], self.sync,
-                                update=c.updates_energy_at(self.iteration),
+        updated = c.updates_energy_at(self.iteration)
+        diag.update(energy_step(m, c, self.opt_energy, x_data, traj[-1], self.sync, update=updated,
                                 health=lambda d: self._health(energy, traj[-1], d["energy_samples"], d)))
+        if updated and self.energy_average is not None:  # energy_ema: avg += (1 - d) (theta - avg)
+            with torch.no_grad():
+                for avg, p in zip(self.energy_average, m.energy_params()):
+                    avg.lerp_(p.detach(), 1 - c.energy_ema)
         # 4. Value TD steps, backward in time (Eq. 10).
         value_losses = []
         for t in range(T - 1, -1, -1):

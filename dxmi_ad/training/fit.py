@@ -460,13 +460,18 @@ def _train(
         """Validate the current state (every rank: the same model and data) and keep it if it is the best so far."""
         nonlocal best
         model.eval()
-        score = float(validate(model))
+        averaged = trainer.swap_energy_average()  # energy_ema: the averaged energy is the candidate
+        try:
+            score = float(validate(model))
+            if math.isfinite(score) and (best is None or score > best[0]):
+                best = (score, iteration, {k: v.detach().clone() for k, v in model.checkpoint_tensors().items()
+                                           if k.startswith(kept)})
+        finally:
+            if averaged:
+                trainer.swap_energy_average()
         history.append({"iteration": iteration, "val_auroc": score})
         if progress is not None:
             progress("dxmi", max(iteration, 1), config.n_iter, {"val_auroc": score})
-        if math.isfinite(score) and (best is None or score > best[0]):
-            best = (score, iteration, {k: v.detach().clone() for k, v in model.checkpoint_tensors().items()
-                                       if k.startswith(kept)})
 
     if resume_from is not None:
         best = load_selection(resume_from)  # the best state so far travels with the checkpoint: exact resume
@@ -503,6 +508,8 @@ def _train(
                     progress("energy refit", j + 1, refit, {"energy_gap": float(diag["energy_gap"])})
         if validate is not None:
             select(stop)  # the refitted model is the last iterate's candidate
+    if trainer.swap_energy_average():  # energy_ema: the trained model scores with the average of the iterates
+        history.append({"iteration": stop, "energy_ema": config.energy_ema})
     if best is not None:
         if best[1] != stop:  # a partial state (select_energy_only) completes with the last iterate's other tensors
             current = model.checkpoint_tensors()
