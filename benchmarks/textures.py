@@ -9,7 +9,14 @@ the full stride-2..16 stack at stride-2 resolution is out of reach for PaDiM's c
 coreset on 2 CPU cores); PatchCore's memory bank is a 10% k-center coreset of 20,000 randomly drawn patch vectors
 (docs/paper_map.md: k-center greedy over all 1.5M patches would take hours on the CPU).
 
+``--hold-out F`` trains every row on the training tiles that a held-out block of the fraction F leaves (the
+textures' ``train/tiles.csv``; :func:`dxmi_ad.image.split_calibration`): 0.1 is the training set of
+``textures_ablation.py``'s rows (its validation split), 0.2 the one ``dxmi-ad train`` fits on (its calibration
+split), so peers and DxMI are compared on the same tiles. ``--repeats N`` runs each row N times (anomalib's coreset
+draws from unseeded generators, so PatchCore moves from run to run).
+
     python benchmarks/textures.py [--backbone tf_efficientnet_lite2] [--only PatchCore PaDiM] [--peer-inputs]
+        [--hold-out 0.1] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from dxmi_ad.data.mvtec import list_mvtec
 from dxmi_ad.data.textures import write_textures
 from dxmi_ad.evaluation import metrics_table
 from dxmi_ad.features.extractor import efficientnet_lite_state_dict
-from dxmi_ad.image import FeatureSettings, ImageDetector, iter_batches
+from dxmi_ad.image import FeatureSettings, ImageDetector, iter_batches, split_calibration
 from dxmi_ad.scoring import ScoringSettings
 
 RECIPE = Path(__file__).resolve().parents[1] / "dxmi_ad" / "recipes" / "textures.yaml"
@@ -112,6 +119,11 @@ def main() -> None:
     parser.add_argument("--backbone", choices=[f"tf_efficientnet_lite{v}" for v in range(3)], default=None,
                         help="the offline backbone of every row, DxMI's and the peers' (default: the recipe's)")
     parser.add_argument("--only", nargs="+", default=None, help="rows to run (substring match, e.g. PatchCore)")
+    parser.add_argument("--hold-out", type=float, default=0.0,
+                        help="train every row on what a held-out block of this fraction leaves (0.1: the ablation's "
+                             "training tiles, 0.2: dxmi-ad train's); 0 = every training tile")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the --hold-out split (the ablation's seed 0 + 1)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each row (mean and std printed)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     recipe = yaml.safe_load(args.recipe.read_text())
@@ -120,6 +132,12 @@ def main() -> None:
     scoring = recipe.get("scoring")
     samples = list_mvtec(write_textures())
     test = [s for s in samples if s.split == "test"]
+    train = [s for s in samples if s.split == "train"]
+    if args.hold_out:
+        train = split_calibration(train, args.hold_out, args.seed)[0]
+    samples = train + test
+    print(f"{len(train)} training tiles (--hold-out {args.hold_out:g}, seed {args.seed}), {len(test)} test tiles",
+          flush=True)
     rows = {}
     peer = yaml.safe_load((RECIPE.parent / "textures_patchcore_inputs.yaml").read_text())
     peer_feats = {**peer["features"], "out_indices": tuple(peer["features"]["out_indices"]),
@@ -139,20 +157,29 @@ def main() -> None:
     }
     runs = {k: v for k, v in runs.items() if not args.only or any(o in k for o in args.only)}
     for name, run in runs.items():
-        table, train_s, ips = run()
-        per = table.set_index("category")
-        row = {f"{c} img": per.loc[c, "image_AUROC"] for c in per.index}
-        row.update({f"{c} pix": per.loc[c, "pixel_AUROC"] for c in per.index})
-        row.update({"train s": train_s, "score img/s": ips})
-        rows[name] = row
-        print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()), flush=True)
+        repeats = []
+        for r in range(args.repeats):
+            table, train_s, ips = run()
+            per = table.set_index("category")
+            row = {f"{c} img": per.loc[c, "image_AUROC"] for c in per.index}
+            row.update({f"{c} pix": per.loc[c, "pixel_AUROC"] for c in per.index})
+            row.update({"train s": train_s, "score img/s": ips})
+            repeats.append(row)
+            print(f"{name} (run {r + 1} of {args.repeats}): " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()),
+                  flush=True)
+        runs_df = pd.DataFrame(repeats)
+        rows[name] = runs_df.mean().to_dict()
+        if args.repeats > 1:  # the spread of the mean over textures, run to run
+            for kind in ("img", "pix"):
+                rows[name][f"mean {kind} std"] = float(runs_df[f"mean {kind}"].std(ddof=1))
     backbone = _backbone_ips(test, feats)
     table = pd.DataFrame(rows).T
     order = [c for c in table.columns if c.endswith(" img")] + [c for c in table.columns if c.endswith(" pix")]
     print(f"\nTextures (real CC0 photos, SYNTHETIC defects); AUROC fractions; recipe={args.recipe.name}; "
           f"backbone {feats['backbone']} (peers: its blocks 1 + 2); "
           f"image size {feats['image_size']}; torch threads={args.threads}")
-    print(table[[*order, "train s", "score img/s"]].to_string(float_format=lambda v: f"{v:.3f}"))
+    spread = [c for c in table.columns if c.endswith(" std")]
+    print(table[[*order, *spread, "train s", "score img/s"]].to_string(float_format=lambda v: f"{v:.3f}"))
     print(f"backbone only ({feats['backbone']}, stages {feats['out_indices']}): {backbone:.1f} images/s")
 
 

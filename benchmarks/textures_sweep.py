@@ -83,7 +83,7 @@ def main() -> None:
             det.model_ = model
             scored = {**det.score_feature_maps(test_feats, size), "gt_mask": masks}
             mean = metrics_table(test, scored).set_index("category").loc["mean"]
-            last = history[-1] if history else {}
+            last = next((h for h in reversed(history) if "energy_samples" in h), {})  # the last training record
             rows.append({"variant": name, "seed": seed, "image AUROC": mean["image_AUROC"],
                          "pixel AUROC": mean["pixel_AUROC"], "E(data)": last.get("energy_data", np.nan),
                          "E(samples)": last.get("energy_samples", np.nan), "seconds": seconds})

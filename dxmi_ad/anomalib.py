@@ -160,6 +160,11 @@ class Dxmi(AnomalibModule):
             msg = (f"energy_refit_iter={self.dxmi_config.energy_refit_iter}: the energy refit runs in `dxmi-ad train` "
                    "and DxMIDetector, not in anomalib's Engine; set it to 0 in the recipe or model_overrides")
             raise ValueError(msg)
+        if self.dxmi_config.energy_ema:  # the averaged energy is swapped in at the end of train_model only
+            msg = (f"energy_ema={self.dxmi_config.energy_ema}: the average of the energy's iterates is used by "
+                   "`dxmi-ad train` and DxMIDetector, not by anomalib's Engine; set it to 0 in the recipe or "
+                   "model_overrides")
+            raise ValueError(msg)
         if self.dxmi_config.energy_model == "autoencoder":  # bottleneck < feature channels, refused before any training
             from dxmi_ad.nn.energy import autoencoder_latent_dim
 

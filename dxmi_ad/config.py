@@ -125,9 +125,10 @@ class DxMIConfig:
             negatives only (separate from gamma, which also penalizes the data). 0 = off.
         negative_phase_weight: Weight ``w`` in [0, 1] of the negative phase ``-E_pi[E(x_T)]`` in the energy loss
             (1 = Eq. 5). An ablation control, not a method (issue #13): with 0 (and ``negative_l2_weight`` /
-            ``energy_l2_weight`` 0) the sampler's outputs never reach the energy's loss, and the DxMI stage is the
-            energy's own fit to the data continued at ``energy_lr`` with ``energy_grad_clip``: what DxMI adds over a
-            start trained longer at a lower learning rate is the difference between the two.
+            ``energy_l2_weight`` 0) the sampler's outputs never reach the energy's loss, and for the autoencoder
+            energy the DxMI stage is its own fit to the data (the reconstruction error) continued at ``energy_lr``
+            with ``energy_grad_clip``: what DxMI adds over a start trained longer at a lower learning rate is the
+            difference between the two. (An MLP energy has no lower bound: alone, ``E_p[E]`` only falls.)
         health_window: Training-health check: iterations per window; a ``TrainingHealthWarning`` is issued once
             per run when ``E(samples) / E_max`` exceeds ``saturation_threshold`` at every iteration of a window
             (the energy separates samples by a trivial cue; :class:`~dxmi_ad.training.dxdp.DxDPTrainer`).

@@ -578,6 +578,7 @@ class ImageDetector(CalibratedDetector):
             dxmi_ad.calibration.CalibrationError: A calibration split too small for a requested rate.
         """
         check_rates(fpr, fdr)  # ranges before any feature extraction or training
+        self.selection_split_ = None
         train = [s for s in samples if s.split == "train"]
         if not train:
             msg = "no training images"

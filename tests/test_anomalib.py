@@ -86,6 +86,8 @@ def test_energy_refit_is_refused_with_a_clear_error():
     # the refit runs after train_model's last DxMI iteration; anomalib's Engine has no such stage
     with pytest.raises(ValueError, match="energy_refit_iter=5"):
         Dxmi(model_overrides={**SMALL, "energy_refit_iter": 5}, image_size=96)
+    with pytest.raises(ValueError, match="energy_ema=0.99"):  # the Engine would score the last iterate instead
+        Dxmi(model_overrides={**SMALL, "energy_ema": 0.99}, image_size=96)
 
 
 def test_anomalib_cli_accepts_the_class_path(tmp_path):

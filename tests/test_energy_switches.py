@@ -109,7 +109,7 @@ def test_off_is_the_last_iterate():
 def test_without_the_negative_phase_the_energy_never_sees_the_sampler():
     X = _digits0()
     control = CFG.replace(negative_phase_weight=0.0)
-    a, hist = train_model(X, control)
+    a, _ = train_model(X, control)
     b, _ = train_model(X, control.replace(sampler_lr=1e-2, value_lr=1e-2))  # another game, same energy
     assert any(not torch.equal(x, y) for x, y in zip(a.sampler.parameters(), b.sampler.parameters()))
     for x, y in zip(a.energy.parameters(), b.energy.parameters()):
@@ -121,3 +121,19 @@ def test_without_the_negative_phase_the_energy_never_sees_the_sampler():
         assert float(a.energy(X[:64]).mean()) < float(start.energy(X[:64]).mean())
     with pytest.raises(ValueError, match=r"negative_phase_weight must be in \[0, 1\]"):
         CFG.replace(negative_phase_weight=1.5)
+
+
+def test_the_average_starts_at_the_pretrained_energy():
+    """The average begins when DxMI does: a start-only run (n_iter = 0) keeps its pre-trained energy, and with
+    iterations the average differs from the random initialisation's blend."""
+    X = _digits0()
+    start, _ = train_model(X, CFG.replace(n_iter=0))
+    start_ema, _ = train_model(X, CFG.replace(n_iter=0, energy_ema=0.9))
+    for a, b in zip(start.energy.parameters(), start_ema.energy.parameters()):
+        assert torch.equal(a, b)
+    # with one energy update, avg = 0.9 start + 0.1 theta_1 exactly (no trace of the random initialisation)
+    one = CFG.replace(n_iter=3, warmup_iter=2, energy_ema=0.9)
+    live, _ = train_model(X, one.replace(energy_ema=0.0))
+    averaged, _ = train_model(X, one)
+    for s, t, a in zip(start.energy.parameters(), live.energy.parameters(), averaged.energy.parameters()):
+        torch.testing.assert_close(a, 0.9 * s + 0.1 * t)

@@ -321,7 +321,8 @@ def train_pixel(opts: TrainOptions, recipe: dict[str, Any], explicit_keys: set[s
                             f"{len(cal_s)} training images (a block of tiles in each category with train/tiles.csv, "
                             "a random draw in the others)")
                     console.print(f"calibration: {held}; the {len(row) - len(fit_s) - len(cal_s)} tiles sharing "
-                                  f"pixels with it are not trained on ({len(fit_s)} are)", highlight=False)
+                                  f"pixels with the held-out tiles are not trained on ({len(fit_s)} images are)",
+                                  highlight=False)
                 det.fit(train, calibration=calibration, fpr=opts.fpr,
                         fdr=opts.fdr, init_sampler=init, progress=progress)
     except ValueError as err:

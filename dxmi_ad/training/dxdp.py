@@ -222,6 +222,15 @@ class DxDPTrainer:
         self.iteration = int(meta["iteration"])
 
     @torch.no_grad()
+    def reset_energy_average(self) -> None:
+        """Restart the average (``energy_ema``) at the energy's current weights: called when DxMI starts, after the
+        pre-training stages, so the average begins at the pre-trained start, not at the random initialisation.
+        """
+        if self.energy_average is not None:
+            for avg, p in zip(self.energy_average, self.model.energy_params()):
+                avg.copy_(p.detach())
+
+    @torch.no_grad()
     def swap_energy_average(self) -> bool:
         """Exchange the energy's parameters with their average (``energy_ema``); a second call swaps back.
 

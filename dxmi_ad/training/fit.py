@@ -434,6 +434,7 @@ def _train(
         staged = StagedTraining(model, config, stages, sync, trainer, pretrained=not fresh)
         staged.pretrain(lambda: random_batch(data, config.batch_size, generator), generator,
                         report)
+        trainer.reset_energy_average()  # energy_ema: the average starts at the pre-trained energy
 
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None  # model selection: (score, iteration, state)
     # the tensors selection keeps: every one, or the energy's (the shared energy is the value net)
