@@ -169,7 +169,8 @@ class DxDPTrainer:
         self.iteration = 0
         self._saturation: list[torch.Tensor] = []  # E(samples) / E_max of the current health window
         self.saturation_warned = False
-        # energy_ema: the average of the energy's iterates, from the weights the game starts with
+        # energy_ema: the average of the energy's iterates, from the current weights (train_model restarts it after
+        # the pre-training stages: reset_energy_average)
         self.energy_average: list[torch.Tensor] | None = (
             [p.detach().clone() for p in model.energy_params()] if c.energy_ema else None)
 
