@@ -125,6 +125,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1, help="seed of the --hold-out split (the ablation's seed 0 + 1)")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each row (mean and std printed)")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
     torch.set_num_threads(args.threads)
     recipe = yaml.safe_load(args.recipe.read_text())
     feats = {**recipe["features"], "out_indices": tuple(recipe["features"]["out_indices"])}

@@ -149,6 +149,11 @@ class DxDPTrainer:
         sync: Data-parallel hook: ``sync(flat)`` replaces a 1-D tensor in place by its mean over all processes
             (e.g. Fabric's ``all_reduce``). Called on the gradients of every update (before clipping) and on the AVR
             statistic, so all ranks apply identical updates to identical parameters. None: single process.
+
+    Attributes:
+        energy_average: With ``energy_ema > 0``, the moving average of the energy's parameters (one tensor per
+            parameter of ``model.energy_params()``, same shapes), updated after every energy update and saved in
+            :meth:`state_tensors`; None when ``energy_ema`` is 0. :meth:`swap_energy_average` puts it in the model.
     """
 
     def __init__(self, model: DxMIModel, config: DxMIConfig | None = None, n_iter: int | None = None,
