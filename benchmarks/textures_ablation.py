@@ -33,6 +33,11 @@ which validation ranks the energies as the test's defects do; reported, never us
 / pixel AUROC, no blur) and prints the trace beside the validation AUROC, so a reader sees how far the best iterate
 on the test set (an oracle no user has) lies above the start and whether validation follows it. Selection still reads
 only the validation split; the test figures are printed, never used.
+
+``--probe-negatives`` adds columns on what the game's negatives look like at the end of training, on 4096 training
+vectors (the same seeded rows for every row of a seed): ``|x0-x|`` (start from its data row), ``|xT-x0|`` (how far
+the sampler moved it), ``|xT-x|`` (the negative from its data row), all mean Euclidean norms of unit vectors, and
+the mean energies ``E(x)``, ``E(x0)``, ``E(xT)`` under the trained energy and ``E0(xT)`` under the frozen start.
 """
 
 from __future__ import annotations
@@ -139,6 +144,34 @@ def _start_key(config: DxMIConfig, feats: FeatureSettings) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+@torch.no_grad()
+def probe_negatives(model: DxMIModel, vectors: torch.Tensor, seed: int, n: int = 4096) -> dict[str, float]:
+    """Distances and energies of ``model``'s negatives on ``n`` seeded rows of ``vectors`` (``--probe-negatives``).
+
+    Args:
+        model: A trained model with a data-perturbing start (``initial="autoencoder"`` or ``"feature_noise"``).
+        vectors: ``(N, D)`` training vectors (unit norm for spherical features).
+        seed: Seed of the rows and of the start's and sampler's noise.
+        n: Rows probed (all when ``N < n``).
+
+    Returns:
+        Mean ``|x0-x|``, ``|xT-x0|``, ``|xT-x|`` (Euclidean) and mean ``E(x)``, ``E(x0)``, ``E(xT)`` (trained energy),
+        ``E0(xT)`` (the frozen start's energy; NaN without one).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    x = vectors[torch.randperm(len(vectors), generator=gen)[:n]]
+    was = model.training
+    model.eval()
+    x0 = model.initial_states(len(x), x, gen)
+    xt = model.sampler.sample(x0, gen)[-1]
+    out = {"|x0-x|": (x0 - x).norm(dim=1).mean().item(), "|xT-x0|": (xt - x0).norm(dim=1).mean().item(),
+           "|xT-x|": (xt - x).norm(dim=1).mean().item(), "E(x)": model.score(x).mean().item(),
+           "E(x0)": model.score(x0).mean().item(), "E(xT)": model.score(xt).mean().item(),
+           "E0(xT)": model.initial_ae(xt).mean().item() if model.initial_ae is not None else float("nan")}
+    model.train(was)
+    return out
+
+
 def pretrained_start(vectors: torch.Tensor, config: DxMIConfig, feats: FeatureSettings,
                      cache: Path | None) -> tuple[DxMIModel, float, str]:
     """The autoencoder start of ``config`` (its ``n_iter`` set to 0): read from ``cache`` when a run with the same
@@ -195,6 +228,8 @@ def main() -> None:
     parser.add_argument("--trace-test", action="store_true",
                         help="diagnostic: also score the test set at every validation point and print the trace "
                              "(never used for a choice)")
+    parser.add_argument("--probe-negatives", action="store_true",
+                        help="diagnostic: report the distances and energies of the game's negatives at the end")
     parser.add_argument("--blurs", type=float, nargs="+", default=list(BLURS),
                         help=f"candidate scoring.blur_sigma values, chosen on validation (default: {BLURS})")
     parser.add_argument("--top-k", type=int, nargs="+", default=None,
@@ -326,6 +361,8 @@ def main() -> None:
                 out["image own"], out["pixel own"] = mean["image_AUROC"], mean["pixel_AUROC"]
                 out["own scoring"] = f"{best.blur_sigma:g}/{best.top_k}"
                 det.scoring = chosen
+            if args.probe_negatives and model is not base:
+                out.update(probe_negatives(model, vectors, seed))
             energies = [r for r in history if "energy_samples" in r]
             out["E(data)"] = energies[-1]["energy_data"] if energies else np.nan
             out["E(samples)"] = energies[-1]["energy_samples"] if energies else np.nan
