@@ -157,6 +157,9 @@ def probe_negatives(model: DxMIModel, vectors: torch.Tensor, seed: int, n: int =
     Returns:
         Mean ``|x0-x|``, ``|xT-x0|``, ``|xT-x|`` (Euclidean) and mean ``E(x)``, ``E(x0)``, ``E(xT)`` (trained energy),
         ``E0(xT)`` (the frozen start's energy; NaN without one).
+
+    Raises:
+        ValueError: From :meth:`DxMIModel.initial_states` if the model's start cannot perturb the probed rows.
     """
     gen = torch.Generator().manual_seed(seed)
     x = vectors[torch.randperm(len(vectors), generator=gen)[:n]]
