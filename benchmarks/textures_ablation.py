@@ -135,9 +135,10 @@ def _start_key(config: DxMIConfig, feats: FeatureSettings) -> str:
 
     settings = config.to_dict()
     # switches that act after the start only (what fills the validation anomalies, the average of the DxMI energy's
-    # iterates, the negative phase's weight) never change it, and came after starts were cached: without them in the
+    # iterates, the negative phase's weight, the noise negatives) never change it, and came after starts were cached: without them in the
     # key, those are found
-    for name in ("validation_source", "energy_ema", "negative_phase_weight"):
+    for name in ("validation_source", "energy_ema", "negative_phase_weight", "noise_negative_fraction",
+                 "noise_negative_low", "noise_negative_high"):
         settings.pop(name, None)
     blob = json.dumps({"config": settings, "features": dataclasses.asdict(feats),
                        "textures": textures._VERSION, "torch": torch.__version__}, sort_keys=True, default=str)

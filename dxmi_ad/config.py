@@ -129,6 +129,14 @@ class DxMIConfig:
             energy the DxMI stage is its own fit to the data (the reconstruction error) continued at ``energy_lr``
             with ``energy_grad_clip``: what DxMI adds over a start trained longer at a lower learning rate is the
             difference between the two. (An MLP energy has no lower bound: alone, ``E_p[E]`` only falls.)
+        noise_negative_fraction: Fraction ``f`` in [0, 1) of the energy step's negatives replaced by feature-space
+            noise negatives ``x + s eps`` of the data batch (re-projected to the sphere when ``spherical``), ``s``
+            uniform in ``[noise_negative_low, noise_negative_high]`` per row (named deviation, issue #13: the
+            NAE / MPDR energies of this autoencoder class learn from noise-started negatives; here the first
+            ``round(f B)`` of the ``B`` sampler outputs ``x_T`` are swapped for such rows in Eq. 5 only: the value
+            target and the sampler loss still see every ``x_T``). 0 = off (the paper).
+        noise_negative_low, noise_negative_high: Range of the std ``s`` of those noise negatives (per feature; with
+            192 features ``s = 0.2`` is already about 70 degrees from the data row on the sphere).
         health_window: Training-health check: iterations per window; a ``TrainingHealthWarning`` is issued once
             per run when ``E(samples) / E_max`` exceeds ``saturation_threshold`` at every iteration of a window
             (the energy separates samples by a trivial cue; :class:`~dxmi_ad.training.dxdp.DxDPTrainer`).
@@ -257,6 +265,9 @@ class DxMIConfig:
     energy_l2_weight: float = 0.0
     negative_l2_weight: float = 0.0
     negative_phase_weight: float = 1.0
+    noise_negative_fraction: float = 0.0
+    noise_negative_low: float = 0.2
+    noise_negative_high: float = 1.0
     health_window: int = 20
     saturation_threshold: float = 0.95
     avr_momentum: float | None = 0.99
@@ -354,6 +365,14 @@ class DxMIConfig:
                 raise ValueError(msg)
         if not 0 <= self.negative_phase_weight <= 1:
             msg = f"negative_phase_weight must be in [0, 1] (1 = Eq. 5), got {self.negative_phase_weight}"
+            raise ValueError(msg)
+        if not 0 <= self.noise_negative_fraction < 1:
+            msg = (f"noise_negative_fraction must be in [0, 1) (the share of the energy's negatives that are noise; "
+                   f"0 = off), got {self.noise_negative_fraction}")
+            raise ValueError(msg)
+        if not 0 <= self.noise_negative_low <= self.noise_negative_high:
+            msg = ("need 0 <= noise_negative_low <= noise_negative_high, got "
+                   f"{self.noise_negative_low}, {self.noise_negative_high}")
             raise ValueError(msg)
         if not 0 <= self.energy_ema < 1:
             msg = f"energy_ema must be in [0, 1) (an average's decay; 0 = off), got {self.energy_ema}"

@@ -363,3 +363,37 @@ def test_with_config_applies_construction_time_switches(pretrained):
     back = with_config(noise, base)  # a start copy again: made from the pre-trained energy, not left random
     for a, b in zip(back.initial_ae.state_dict().values(), model.energy.state_dict().values()):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------- noise negatives
+def test_noise_negatives_replace_the_first_sampler_outputs_in_the_energy_step(monkeypatch):
+    import dxmi_ad.training.dxdp as dxdp
+
+    seen = []
+    real = dxdp.energy_step
+
+    def spy(model, config, opt, x_data, x_T, *args, **kwargs):
+        seen.append((x_data.clone(), x_T.clone()))
+        return real(model, config, opt, x_data, x_T, *args, **kwargs)
+
+    monkeypatch.setattr(dxdp, "energy_step", spy)
+    data = _unit(32, seed=5)
+    cfg = dict(project_samples=True, initial="feature_noise", init_noise_low=0.01, init_noise_high=0.02,
+               noise_negative_low=0.5, noise_negative_high=1.0)
+    for fraction in (0.0, 0.25):
+        DxDPTrainer(build_model(_cfg(noise_negative_fraction=fraction, **cfg))).step(data, torch.Generator().manual_seed(0))
+    (x0, neg0), (x1, neg1) = seen
+    assert neg1.shape == neg0.shape == (32, D)
+    assert _max_norm_error([neg1]) < 1e-5  # the noise rows are put back on the sphere too
+    # the sampler's outputs stay close to their data rows (start noise 0.01-0.02); the 8 noise rows do not
+    near = (neg0 - x0).norm(dim=-1)
+    far = (neg1[:8] - x1[:8]).norm(dim=-1)
+    assert float(near.max()) < 0.5 < float(far.min())
+    assert torch.allclose((neg1[8:] - x1[8:]).norm(dim=-1).max(), near.max(), atol=0.3)
+
+
+def test_noise_negative_settings_are_checked():
+    with pytest.raises(ValueError, match="noise_negative_fraction must be in"):
+        _cfg(noise_negative_fraction=1.0)
+    with pytest.raises(ValueError, match="noise_negative_low <= noise_negative_high"):
+        _cfg(noise_negative_low=0.5, noise_negative_high=0.1)

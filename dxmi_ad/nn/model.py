@@ -127,14 +127,32 @@ class DxMIModel(nn.Module):
                                 keep_residual=c.init_keep_residual)
                 ae.train(was_training)
             else:  # feature_noise
-                std = c.init_noise_low + (c.init_noise_high - c.init_noise_low) * torch.rand(
-                    (n, 1), generator=generator, device=data.device, dtype=data.dtype)
-                x0 = data + std * torch.randn(data.shape, generator=generator, device=data.device, dtype=data.dtype)
-                if c.spherical:
-                    x0 = F.normalize(x0, dim=-1)
+                x0 = self.feature_noise(data, c.init_noise_low, c.init_noise_high, generator)
         if c.init_input_steps:
             x0 = self.input_steps(x0, data, generator)
         return x0
+
+    @torch.no_grad()
+    def feature_noise(self, data: torch.Tensor, low: float, high: float,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """Feature-space noise around data rows: ``x + s eps``, ``eps ~ N(0, I)``, ``s ~ U[low, high]`` per row.
+
+        The ``"feature_noise"`` start (``initial``) and the noise negatives (``noise_negative_fraction``), both
+        named deviations (``docs/paper_map.md``). Re-projected onto the unit sphere when ``spherical``.
+
+        Args:
+            data: Rows of shape ``(n, D)``.
+            low, high: Range of the per-row noise std ``s`` (per feature), ``0 <= low <= high``.
+            generator: Optional torch generator.
+
+        Returns:
+            Noisy rows of shape ``(n, D)``.
+        """
+        n = data.shape[0]
+        std = low + (high - low) * torch.rand((n, *([1] * (data.dim() - 1))), generator=generator,
+                                              device=data.device, dtype=data.dtype)
+        x = data + std * torch.randn(data.shape, generator=generator, device=data.device, dtype=data.dtype)
+        return F.normalize(x, dim=-1) if self.config.spherical else x
 
     def input_steps(
         self, x: torch.Tensor, data: torch.Tensor | None = None, generator: torch.Generator | None = None

@@ -340,8 +340,13 @@ class DxDPTrainer:
         diag: dict[str, torch.Tensor] = {}
         # 3. Energy step: push E(data) down and E(x_T) up (Eq. 5).
         updated = c.updates_energy_at(self.iteration)
-        diag.update(energy_step(m, c, self.opt_energy, x_data, traj[-1], self.sync, update=updated,
-                                health=lambda d: self._health(energy, traj[-1], d["energy_samples"], d)))
+        negatives = traj[-1]
+        n_noise = round(c.noise_negative_fraction * B)
+        if n_noise:  # named deviation: the first n_noise negatives of Eq. 5 are feature-noise rows of the data
+            noise = m.feature_noise(x_data[:n_noise], c.noise_negative_low, c.noise_negative_high, generator)
+            negatives = torch.cat([noise, traj[-1][n_noise:]])
+        diag.update(energy_step(m, c, self.opt_energy, x_data, negatives, self.sync, update=updated,
+                                health=lambda d: self._health(energy, negatives, d["energy_samples"], d)))
         if updated and self.energy_average is not None:  # energy_ema: avg += (1 - d) (theta - avg)
             with torch.no_grad():
                 for avg, p in zip(self.energy_average, m.energy_params()):
