@@ -333,3 +333,5 @@ def test_shipped_texture_recipes_resolve(name):
         assert (model["init_sigma"], model["init_keep_residual"]) == (1e-3, True)
         assert (model["init_noise_low"], model["init_noise_high"]) == (0.05, 0.3)
         assert shown["scoring"] == {"blur_sigma": 0.5, "top_k": 3}
+        assert (model["noise_negative_fraction"], model["noise_negative_low"], model["noise_negative_high"]) == (
+            0.5, 0.2, 1.0)

@@ -142,7 +142,8 @@ class DxMIModel(nn.Module):
 
         Args:
             data: Rows of shape ``(n, D)``.
-            low, high: Range of the per-row noise std ``s`` (per feature), ``0 <= low <= high``.
+            low: Smallest per-row noise std ``s`` (per feature), ``>= 0``.
+            high: Largest per-row noise std ``s``, ``>= low``.
             generator: Optional torch generator.
 
         Returns:
