@@ -135,8 +135,8 @@ def _start_key(config: DxMIConfig, feats: FeatureSettings) -> str:
 
     settings = config.to_dict()
     # switches that act after the start only (what fills the validation anomalies, the average of the DxMI energy's
-    # iterates, the negative phase's weight, the noise negatives) never change it, and came after starts were cached: without them in the
-    # key, those are found
+    # iterates, the negative phase's weight, the noise negatives) never change it, and came after starts were
+    # cached: without them in the key, those are found
     for name in ("validation_source", "energy_ema", "negative_phase_weight", "noise_negative_fraction",
                  "noise_negative_low", "noise_negative_high"):
         settings.pop(name, None)

@@ -134,7 +134,8 @@ class DxMIConfig:
             uniform in ``[noise_negative_low, noise_negative_high]`` per row (named deviation, issue #13: the
             NAE / MPDR energies of this autoencoder class learn from noise-started negatives; here the first
             ``round(f B)`` of the ``B`` sampler outputs ``x_T`` are swapped for such rows in Eq. 5 only: the value
-            target and the sampler loss still see every ``x_T``). 0 = off (the paper).
+            target and the sampler loss still see every ``x_T``; the training log's ``E(samples)`` is then the mean
+            over all negatives of Eq. 5). 0 = off (the paper).
         noise_negative_low, noise_negative_high: Range of the std ``s`` of those noise negatives (per feature; with
             192 features ``s = 0.2`` is already about 70 degrees from the data row on the sphere).
         health_window: Training-health check: iterations per window; a ``TrainingHealthWarning`` is issued once
