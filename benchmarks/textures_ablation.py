@@ -157,7 +157,8 @@ def probe_negatives(model: DxMIModel, vectors: torch.Tensor, seed: int, n: int =
 
     Returns:
         Mean ``|x0-x|``, ``|xT-x0|``, ``|xT-x|`` (Euclidean) and mean ``E(x)``, ``E(x0)``, ``E(xT)`` (trained energy),
-        ``E0(xT)`` (the frozen start's energy; NaN without one).
+        ``E0(xT)`` (the frozen start's energy; NaN without one). The sampler's negatives only: the feature-noise
+        negatives of ``noise_negative_fraction`` are not probed.
 
     Raises:
         ValueError: From :meth:`DxMIModel.initial_states` if the model's start cannot perturb the probed rows.
@@ -374,7 +375,9 @@ def main() -> None:
             out["E(samples)/Emax"] = energies[-1].get("energy_saturation", np.nan) if energies else np.nan
             out["seconds"] = seconds
             rows.append(out)
-            print(pd.DataFrame([out]).to_string(index=False, header=len(rows) == 1,
+            # a header again whenever the columns change (DxMI rows add the probe and own-scoring columns)
+            new_columns = len(rows) == 1 or list(out) != list(rows[-2])
+            print(pd.DataFrame([out]).to_string(index=False, header=new_columns,
                                                 float_format=lambda v: f"{v:.3f}"), flush=True)
 
         def test_auroc(model) -> dict[str, float]:
